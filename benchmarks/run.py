@@ -1,0 +1,65 @@
+"""`make bench`: run every benchmarks/bench_*.py and write their figures to benchmarks/results.md.
+
+Each benchmark module has `run() -> list[dict]`; every dict is one measured row and names its
+settings. Rows are grouped by module and stamped with the machine they ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA), {os.cpu_count()} CPU cores"
+    return f"CPU only: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="*", help="benchmark names (bench_<name>.py); default: all")
+    parser.add_argument("--out", default=str(HERE / "results.md"))
+    args = parser.parse_args()
+    names = args.names or sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
+    stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, torch {torch.__version__}"
+    sections = []
+    for name in names:
+        print(f"== bench {name}", flush=True)
+        rows = importlib.import_module(f"benchmarks.bench_{name}").run()
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        sections.append(_table(name, rows))
+    out = Path(args.out)
+    text = f"# Benchmark results\n\n{stamp}\n\n" + "\n".join(sections)
+    out.write_text(text)
+    (out.with_suffix(".json")).write_text(json.dumps({"machine": stamp, "benchmarks": names}, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _table(name: str, rows: list[dict]) -> str:
+    if not rows:
+        return f"## {name}\n\n(no rows)\n"
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    lines = [f"## {name}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(k, "")) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic import write_synthetic_store
+
+SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
+
+
+@pytest.fixture
+def synthetic_store(tmp_path: Path) -> Path:
+    """A 2000-sample store of layer 'mixed4c' (16 channels, 10 classes, 5 clusters)."""
+    return write_synthetic_store(tmp_path / "store.h5")
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample() -> Path:
+    """../shared/data/imagenet-sample (1000 real photos), skipped where it is absent."""
+    if not SAMPLE.is_dir():
+        pytest.skip("../shared/data/imagenet-sample is not beside the checkout")
+    return SAMPLE
