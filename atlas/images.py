@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from atlas import AtlasError
+from atlas.classes import squash_name
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 WNID = re.compile(r"^(n\d{8})")
@@ -63,7 +64,7 @@ def _folder_images(root: Path, class_names: list[str]) -> list[ImageRecord]:
     # ImageFolder convention: a top-level sub-folder is a class; its index is the model's class when the
     # name is a WordNet id or a class name, else its position among the sorted sub-folders
     folders = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
-    by_name = {_squash(name): i for i, name in enumerate(class_names)}
+    by_name = {squash_name(name): i for i, name in enumerate(class_names)}
     folder_label = {}
     for i, folder in enumerate(folders):
         label = _label_from_name(folder, by_name)
@@ -76,10 +77,6 @@ def _folder_images(root: Path, class_names: list[str]) -> list[ImageRecord]:
     return records
 
 
-def _squash(name: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", name).strip().lower()
-
-
 def _label_from_name(name: str, by_name: dict[str, int]) -> int:
     """Class index from a WordNet-id prefix (`n01484850_great_white_shark`) or an exact class name."""
     match = WNID.match(Path(name).name)
@@ -88,7 +85,7 @@ def _label_from_name(name: str, by_name: dict[str, int]) -> int:
             return imagenet_wnids().index(match.group(1))
         except ValueError:
             return -1
-    return by_name.get(_squash(name), -1)
+    return by_name.get(squash_name(name), -1)
 
 
 def demo_images() -> list[ImageRecord]:

@@ -1,0 +1,35 @@
+"""Class names: resolve what a user types ("Great White Shark", "great_white_shark", "2") to an index."""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from atlas import AtlasError
+
+
+def squash_name(name: str) -> str:
+    """Lower case, with runs of spaces, '_' and '-' as one space: how names are compared."""
+    return re.sub(r"[\s_\-]+", " ", name).strip().lower()
+
+
+def resolve_class(name_or_index: str | int, class_names: list[str]) -> int:
+    """Index of a class given by index or by name (case, spaces, '_' and '-' are ignored).
+
+    An unknown name gets an AtlasError with the closest names as suggestions.
+    """
+    text = str(name_or_index).strip()
+    if re.fullmatch(r"-?\d+", text):
+        index = int(text)
+        if not 0 <= index < len(class_names):
+            raise AtlasError(f"class index {index} is out of range 0..{len(class_names) - 1}")
+        return index
+    squashed = [squash_name(c) for c in class_names]
+    wanted = squash_name(text)
+    if wanted in squashed:
+        return squashed.index(wanted)
+    close = difflib.get_close_matches(wanted, squashed, n=5, cutoff=0.6)
+    contains = [c for c in squashed if wanted in c][:5]
+    suggestions = list(dict.fromkeys(close + contains))[:5]
+    hint = "; did you mean " + ", ".join(f"{class_names[squashed.index(s)]!r}" for s in suggestions) + "?"
+    raise AtlasError(f"unknown class {text!r}" + (hint if suggestions else ""))
