@@ -1,0 +1,315 @@
+"""Stage 1, collect: activation vectors at random positions and their attributions to every class.
+
+For each image and layer, K random interior positions (never the border row or column, where
+padding distorts activations) are sampled from a generator seeded by (seed, image row, layer), so a
+rerun, a resumed run or a run split across workers samples the same positions. At each position we
+keep the activation vector h and its attribution to every logit, h . d logit / d h, which is the
+Jacobian-vector product of the logits with the tangent h placed at that position: one forward-mode
+pass (`torch.func.jvp`) per position, vectorised over the K positions with `torch.func.vmap` so the
+network up to the layer runs once. Max pools pass the average-pool derivative (the paper's relaxed
+max-pool gradient).
+
+Work is written batch by batch into `<out>.parts/` (one .npz per batch, written atomically), then
+merged into the store; a killed run resumes from the finished batches, and the merged store has
+exactly the rows of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+from torch.func import jvp, vmap
+from tqdm import tqdm
+
+from atlas import AtlasError, __version__
+from atlas.images import ImageDataset, ImageRecord, collate
+from atlas.models import Classifier, capture
+from atlas.store import ROW_CHUNK, STR
+
+log = logging.getLogger(__name__)
+
+
+# positions and attributions (pure functions over tensors) ---------------------------------------------
+def sample_positions(image_row: int, layer: str, height: int, width: int, count: int, seed: int) -> np.ndarray:
+    """`count` distinct interior (y, x) positions of an image, reproducible from (seed, row, layer).
+
+    Interior means rows 1..height-2 and columns 1..width-2. With count >= the interior size, all of
+    them in row-major order.
+    """
+    ys, xs = np.mgrid[1 : height - 1, 1 : width - 1]
+    interior = np.stack([ys.ravel(), xs.ravel()], axis=1).astype(np.int32)
+    if len(interior) == 0:
+        raise AtlasError(f"layer {layer} is {height}x{width}: too small to have interior positions")
+    if count >= len(interior):
+        return interior
+    rng = np.random.default_rng([seed, image_row, zlib.crc32(layer.encode())])
+    return interior[np.sort(rng.choice(len(interior), size=count, replace=False))]
+
+
+class _RelaxedMaxPool:
+    """Max pool forward, average-pool derivative: the paper's continuous relaxation for attributions."""
+
+    def __init__(self, pool: nn.MaxPool2d):
+        self.pool = pool
+
+    def __call__(self, _module: nn.Module, inputs: tuple[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        p = self.pool
+        average = nn.functional.avg_pool2d(inputs[0], p.kernel_size, p.stride, p.padding, p.ceil_mode)
+        return out.detach() + average - average.detach()
+
+
+def attributions(
+    model: Classifier,
+    images: torch.Tensor,
+    layer: str,
+    activations: torch.Tensor,
+    positions: torch.Tensor,
+    max_rows: int = 512,
+) -> torch.Tensor:
+    """h . grad_h logit_c for every class, at `positions` [B, K, 2] of `layer`: returns [B, K, classes].
+
+    `activations` is the layer's output for `images` [B, C, H, W]. `max_rows` bounds B x (positions
+    per pass), i.e. the memory of one vectorised pass.
+    """
+    module = model.layer_module(layer)
+    batch, count = positions.shape[:2]
+    rows = torch.arange(batch, device=images.device)
+    zero = torch.zeros_like(activations)
+
+    def logits_with(delta: torch.Tensor) -> torch.Tensor:
+        hook = module.register_forward_hook(lambda _m, _i, out: out + delta)
+        try:
+            return model(images)
+        finally:
+            hook.remove()
+
+    def tangent(k: torch.Tensor) -> torch.Tensor:
+        ys, xs = positions[:, k, 0], positions[:, k, 1]
+        t = torch.zeros_like(activations)
+        t[rows, :, ys, xs] = activations[rows, :, ys, xs]
+        return t
+
+    per_pass = max(1, max_rows // batch)
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    relax = [pool.register_forward_hook(_RelaxedMaxPool(pool)) for pool in pools]
+    try:
+        parts = []
+        for start in range(0, count, per_pass):
+            ks = torch.arange(start, min(count, start + per_pass), device=images.device)
+            tangents = torch.stack([tangent(k) for k in ks])
+            parts.append(vmap(lambda t: jvp(logits_with, (zero,), (t,))[1])(tangents))
+        return torch.cat(parts).transpose(0, 1)
+    finally:
+        for hook in relax:
+            hook.remove()
+
+
+def collect_batch(
+    model: Classifier,
+    images: torch.Tensor,
+    rows: list[int],
+    layers: dict[str, tuple[int, int, int]],
+    positions: int,
+    seed: int,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Activations, positions and attributions of one batch for every layer (one forward pass for all layers)."""
+    with torch.no_grad(), capture(model, list(layers)) as acts:
+        model(images)
+        acts = dict(acts)
+    out = {}
+    for layer, (_channels, height, width) in layers.items():
+        where = np.stack([sample_positions(row, layer, height, width, positions, seed) for row in rows])
+        where_t = torch.from_numpy(where).to(images.device).long()
+        act = acts[layer]
+        with torch.no_grad():
+            attr = attributions(model, images, layer, act, where_t)
+        b = torch.arange(len(rows), device=images.device)[:, None]
+        vectors = act.permute(0, 2, 3, 1)[b, where_t[..., 0], where_t[..., 1]]  # [B, K, C]
+        count = where.shape[1]
+        out[layer] = {
+            "activations": vectors.reshape(len(rows) * count, -1).float().cpu().numpy(),
+            "image_index": np.repeat(np.asarray(rows, dtype=np.int64), count),
+            "position": where.reshape(-1, 2).astype(np.int32),
+            "attributions": attr.reshape(len(rows) * count, -1).float().cpu().numpy(),
+        }
+    return out
+
+
+# the stage ----------------------------------------------------------------------------------------------
+def collect(
+    model: Classifier,
+    records: list[ImageRecord],
+    out: str | Path,
+    layers: list[str] | None = None,
+    positions: int = 1,
+    seed: int = 0,
+    batch_size: int = 32,
+    workers: int | None = None,
+    device: str | torch.device = "cpu",
+    dataset: str = "",
+) -> Path:
+    """Collect activations and attributions of `records` into the HDF5 store `out`; resumable.
+
+    Defaults follow the paper: one random position per image (`positions=1`).
+    """
+    out = Path(out)
+    names = [model.resolve_layer(name) for name in (layers or [model.default_layer])]
+    shapes = {name: shape for name, *shape in model.layer_shapes() if name in names}
+    layer_shapes = {name: tuple(shapes[name]) for name in names}
+    meta = {
+        "model": model.name,
+        "weights": model.weights,
+        "input_size": model.input_size,
+        "layers": names,
+        "positions": positions,
+        "seed": seed,
+        "dataset": dataset,
+        "classes": len(model.class_names),
+        "images": len(records),
+        "images_sha1": hashlib.sha1("\n".join(r.path for r in records).encode()).hexdigest(),
+        "batch_size": batch_size,
+    }
+    if _complete(out, meta):
+        log.info("%s is already complete for these inputs; nothing to do", out)
+        return out
+    if out.exists():
+        raise AtlasError(f"{out} exists and holds a different collection; remove it or choose another --out")
+    parts = _parts_dir(out, meta)
+    batches = [list(range(i, min(i + batch_size, len(records)))) for i in range(0, len(records), batch_size)]
+    pending = [b for b in batches if not (parts / _shard_name(b[0])).exists()]
+    if len(pending) < len(batches):
+        log.info("resuming: %d of %d batches already done in %s", len(batches) - len(pending), len(batches), parts)
+    model = model.to(device).eval()
+    for rows, stacked, skipped in _load_batches(model, records, pending, workers):
+        result = collect_batch(model, stacked.to(device), rows, layer_shapes, positions, seed) if rows else {}
+        first = min(rows + [row for row, _ in skipped])
+        _write_shard(parts / _shard_name(first), result, skipped)
+    merge_parts(parts, out, records, meta, layer_shapes)
+    return out
+
+
+def _load_batches(
+    model: Classifier, records: list[ImageRecord], pending: list[list[int]], workers: int | None
+) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    dataset = ImageDataset(records, model.resize_size, model.input_size)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=pending, num_workers=workers, collate_fn=collate, persistent_workers=False
+    )
+    total = len(pending)
+    yield from tqdm(loader, total=total, desc="collect", unit="batch", disable=total == 0 or None)
+
+
+def _shard_name(first_row: int) -> str:
+    return f"batch-{first_row:09d}.npz"
+
+
+def _parts_dir(out: Path, meta: dict) -> Path:
+    parts = out.with_name(out.name + ".parts")
+    meta_file = parts / "meta.json"
+    if parts.exists() and meta_file.exists():
+        if json.loads(meta_file.read_text()) != meta:
+            raise AtlasError(
+                f"{parts} holds an unfinished collection with other settings; rerun it with the same "
+                f"arguments, or delete {parts} to start over"
+            )
+        return parts
+    parts.mkdir(parents=True, exist_ok=True)
+    tmp = meta_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_file)
+    return parts
+
+
+def _write_shard(path: Path, result: dict, skipped: list[tuple[int, str]]) -> None:
+    arrays = {f"{layer}/{key}": value for layer, fields in result.items() for key, value in fields.items()}
+    arrays["skipped_rows"] = np.array([row for row, _ in skipped], dtype=np.int64)
+    arrays["skipped_reasons"] = np.array([reason for _, reason in skipped], dtype=str)
+    for row, reason in skipped:
+        log.warning("skipped image %d: %s", row, reason)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # atomic: a shard is either complete or absent
+
+
+def _complete(out: Path, meta: dict) -> bool:
+    if not out.exists():
+        return False
+    try:
+        with h5py.File(out, "r") as f:
+            return json.loads(f.attrs.get("collect_meta", "{}")) == meta
+    except OSError:
+        return False
+
+
+def merge_parts(
+    parts: Path, out: Path, records: list[ImageRecord], meta: dict, layer_shapes: dict[str, tuple[int, int, int]]
+) -> None:
+    """Join the batch shards in row order into the store (streamed: one shard in memory at a time)."""
+    shards = sorted(parts.glob("batch-*.npz"))
+    tmp = out.with_name(out.name + ".tmp")
+    skipped: list[str] = []
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update({k: meta[k] for k in ("model", "weights", "input_size", "seed", "dataset", "positions")})
+        f.attrs.update(code_version=__version__, collect_meta=json.dumps(meta))
+        images = f.create_group("images")
+        images.create_dataset("path", data=np.array([r.path for r in records], dtype=object), dtype=STR)
+        images.create_dataset("label", data=np.array([r.label for r in records], dtype=np.int64))
+        datasets: dict[str, dict[str, h5py.Dataset]] = {}
+        for layer, (channels, height, width) in layer_shapes.items():
+            group = f.create_group(layer)
+            group.attrs.update(channels=channels, height=height, width=width)
+            datasets[layer] = {}
+        for shard in tqdm(shards, desc="merge", unit="batch", disable=None):
+            with np.load(shard) as data:
+                skipped += [
+                    f"{records[r].path}: {why}"
+                    for r, why in zip(data["skipped_rows"], data["skipped_reasons"], strict=True)
+                ]
+                for layer in layer_shapes:
+                    for key in ("activations", "image_index", "position", "attributions"):
+                        name = f"{layer}/{key}"
+                        if name in data:
+                            _append(f[layer], datasets[layer], key, data[name])
+        for layer, (channels, _h, _w) in layer_shapes.items():
+            for key, tail, dtype in (
+                ("activations", (channels,), np.float32),
+                ("image_index", (), np.int64),
+                ("position", (2,), np.int32),
+                ("attributions", (meta["classes"],), np.float32),
+            ):
+                if key not in datasets[layer]:  # every image was skipped
+                    _append(f[layer], datasets[layer], key, np.zeros((0, *tail), dtype=dtype))
+        images.create_dataset("skipped", data=np.array(skipped, dtype=object), dtype=STR)
+    os.replace(tmp, out)
+    shutil.rmtree(parts)
+    if skipped:
+        log.warning(
+            "%d of %d images could not be read and were skipped (listed in /images/skipped)", len(skipped), len(records)
+        )
+
+
+def _append(group: h5py.Group, made: dict[str, h5py.Dataset], key: str, rows: np.ndarray) -> None:
+    if key not in made:
+        made[key] = group.create_dataset(
+            key,
+            shape=(0, *rows.shape[1:]),
+            maxshape=(None, *rows.shape[1:]),
+            dtype=rows.dtype,
+            chunks=(ROW_CHUNK, *rows.shape[1:]),
+        )
+    dset = made[key]
+    start = dset.shape[0]
+    dset.resize(start + len(rows), axis=0)
+    dset[start:] = rows

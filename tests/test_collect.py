@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from atlas import AtlasError
+from atlas.collect import attributions, collect, sample_positions
+from atlas.images import list_images, load_rgb, to_model_input
+from atlas.models import capture, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_model("efficientnet-lite0")
+
+
+@pytest.fixture(scope="module")
+def sample_records(imagenet_sample):
+    return list_images(imagenet_sample)[:6]
+
+
+def test_positions_are_interior_distinct_and_reproducible():
+    for row in range(50):
+        where = sample_positions(row, "mixed4c", 14, 14, 5, seed=3)
+        assert len({tuple(p) for p in where}) == 5
+        assert where.min() >= 1 and where.max() <= 12
+        np.testing.assert_array_equal(where, sample_positions(row, "mixed4c", 14, 14, 5, seed=3))
+    everything = sample_positions(0, "mixed4c", 14, 14, 500, seed=3)
+    assert len(everything) == 12 * 12
+    assert not np.array_equal(sample_positions(0, "a", 14, 14, 5, 0), sample_positions(1, "a", 14, 14, 5, 0))
+
+
+def test_store_schema_and_attribution_matches_autograd(tmp_path, lite0, sample_records):
+    out = collect(lite0, sample_records, tmp_path / "s.h5", positions=2, batch_size=4, workers=0, dataset="sample")
+    with h5py.File(out) as f:
+        layer = f["_blocks.10"]
+        n = len(sample_records) * 2
+        assert layer["activations"].shape == (n, 112)
+        assert layer["attributions"].shape == (n, 1000)
+        assert layer["position"].shape == (n, 2)
+        assert list(layer["image_index"][:]) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+        assert f["images/path"].asstr()[0] == sample_records[0].path
+        assert list(f["images/label"][:]) == [r.label for r in sample_records]
+        assert f["images/skipped"].shape == (0,)
+        assert f.attrs["model"] == "efficientnet-lite0" and f.attrs["seed"] == 0 and f.attrs["input_size"] == 224
+        assert layer.attrs["height"] == 14 and layer["activations"].chunks is not None
+        row = 5  # image 2, second position
+        image, (y, x) = int(layer["image_index"][row]), layer["position"][row]
+        stored_act, stored_attr = layer["activations"][row], layer["attributions"][row]
+
+    # direct computation: replace the layer output by a leaf tensor and differentiate each logit
+    pixels = to_model_input(load_rgb(sample_records[image].path), lite0.resize_size, 224)[None]
+    with torch.no_grad(), capture(lite0, ["_blocks.10"]) as acts:
+        lite0(pixels)
+    leaf = acts["_blocks.10"].clone().requires_grad_(True)
+    hook = lite0.layer_module("_blocks.10").register_forward_hook(lambda _m, _i, _o: leaf)
+    logits = lite0(pixels)
+    hook.remove()
+    np.testing.assert_allclose(stored_act, leaf[0, :, y, x].detach().numpy(), rtol=1e-4, atol=1e-5)
+    for c in (2, 147, int(logits.argmax())):
+        (grad,) = torch.autograd.grad(logits[0, c], leaf, retain_graph=True)
+        expected = float((grad[0, :, y, x] * leaf[0, :, y, x]).sum().detach())
+        assert stored_attr[c] == pytest.approx(expected, rel=1e-3, abs=1e-5)
+
+
+def test_same_seed_same_store_and_other_seed_other_positions(tmp_path, lite0, sample_records):
+    a = collect(lite0, sample_records[:3], tmp_path / "a.h5", positions=2, seed=1, workers=0)
+    b = collect(lite0, sample_records[:3], tmp_path / "b.h5", positions=2, seed=1, batch_size=2, workers=1)
+    c = collect(lite0, sample_records[:3], tmp_path / "c.h5", positions=2, seed=2, workers=0)
+    with h5py.File(a) as fa, h5py.File(b) as fb, h5py.File(c) as fc:
+        for key in ("activations", "image_index", "position"):
+            np.testing.assert_array_equal(fa["_blocks.10"][key][:], fb["_blocks.10"][key][:])
+        np.testing.assert_allclose(fa["_blocks.10/attributions"][:], fb["_blocks.10/attributions"][:], atol=1e-5)
+        assert not np.array_equal(fa["_blocks.10/position"][:], fc["_blocks.10/position"][:])
+
+
+def test_rerun_is_a_no_op_and_other_settings_do_not_overwrite(tmp_path, lite0, sample_records):
+    out = collect(lite0, sample_records[:2], tmp_path / "s.h5", workers=0)
+    stamp = out.stat().st_mtime_ns
+    collect(lite0, sample_records[:2], out, workers=0)
+    assert out.stat().st_mtime_ns == stamp
+    with pytest.raises(AtlasError, match="different collection"):
+        collect(lite0, sample_records[:2], out, positions=3, workers=0)
+
+
+def test_odd_and_broken_images(tmp_path, lite0, imagenet_sample):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    photo = Image.open(next(imagenet_sample.glob("*great_white_shark*")))
+    photo.convert("L").save(folder / "gray.png")
+    photo.convert("RGBA").save(folder / "rgba.png")
+    photo.convert("CMYK").save(folder / "cmyk.jpg")
+    photo.convert("P").save(folder / "palette.gif")
+    photo.resize((3, 5)).save(folder / "tiny.png")
+    Image.fromarray((np.random.default_rng(0).random((40, 30)) * 65535).astype(np.uint16)).save(folder / "deep.png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "truncated.jpg").write_bytes((imagenet_sample / "n01440764_tench.JPEG").read_bytes()[:2000])
+    records = list_images(folder)
+    out = collect(lite0, records, tmp_path / "odd.h5", workers=0)
+    with h5py.File(out) as f:
+        skipped = sorted(s.split(":")[0] for s in f["images/skipped"].asstr()[:])
+        assert [Path(s).name for s in skipped] == ["empty.jpg", "notes.png", "truncated.jpg"]
+        assert f["_blocks.10/activations"].shape[0] == 6
+        assert np.isfinite(f["_blocks.10/activations"][:]).all()
+
+
+def test_labels_from_wordnet_ids_and_class_folders(tmp_path, imagenet_sample):
+    records = list_images(imagenet_sample)
+    assert len(records) == 1000
+    assert {r.label for r in records} == set(range(1000))
+    shark = next(r for r in records if "great_white_shark" in r.path)
+    assert shark.label == 2
+    for name in ("great white shark", "my_own_class"):
+        (tmp_path / "folders" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "folders" / name / "a.png")
+    labels = {
+        Path(r.path).parent.name: r.label
+        for r in list_images(tmp_path / "folders", load_model("inceptionv1", "random").class_names)
+    }
+    assert labels == {"great white shark": 2, "my_own_class": 1}
+
+
+def test_several_layers_and_relaxed_maxpool_attributions():
+    torch.manual_seed(0)
+    model = load_model("inceptionv1", weights="random")
+    images = torch.rand(2, 3, 224, 224)
+    with torch.no_grad(), capture(model, ["mixed4c"]) as acts:
+        model(images)
+    act = acts["mixed4c"]
+    where = torch.tensor([[[3, 4], [7, 7]], [[1, 12], [5, 2]]])
+    with torch.no_grad():
+        fast = attributions(model, images, "mixed4c", act, where)
+    # backward-mode reference with the same relaxation: max-pool value, average-pool derivative
+    pools = [m for m in model.modules() if isinstance(m, torch.nn.MaxPool2d)]
+
+    def relaxed(pool, inputs, out):
+        avg = torch.nn.functional.avg_pool2d(inputs[0], pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode)
+        return out.detach() + avg - avg.detach()
+
+    hooks = [p.register_forward_hook(relaxed) for p in pools]
+    leaf = act.clone().requires_grad_(True)
+    hooks.append(model.layer_module("mixed4c").register_forward_hook(lambda _m, _i, _o: leaf))
+    logits = model(images)
+    for h in hooks:
+        h.remove()
+    for c in (0, 500):
+        (grad,) = torch.autograd.grad(logits[:, c].sum(), leaf, retain_graph=True)
+        for b in range(2):
+            for k in range(2):
+                y, x = where[b, k]
+                expected = float((grad[b, :, y, x] * act[b, :, y, x]).sum())
+                assert float(fast[b, k, c]) == pytest.approx(expected, rel=1e-3, abs=1e-9)
+
+
+def test_unknown_layer_lists_close_matches(lite0):
+    with pytest.raises(AtlasError, match="did you mean"):
+        lite0.resolve_layer("_blocks.1O")
+
+
+def test_killed_collection_resumes_to_the_same_store(tmp_path, imagenet_sample):
+    data = tmp_path / "list.txt"
+    data.write_text("\n".join(str(p) for p in sorted(imagenet_sample.glob("*.JPEG"))[:10]))
+    command = [sys.executable, "-m", "atlas.cli", "collect", "--data", str(data), "--positions", "2",
+               "--batch-size", "1", "--workers", "0", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([*command, "--out", str(tmp_path / "whole.h5")], check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed.h5"
+    proc = subprocess.Popen([*command, "--out", str(killed)], env=env, stderr=subprocess.DEVNULL)
+    parts = killed.with_name("killed.h5.parts")
+    deadline = time.time() + 120
+    while len(list(parts.glob("batch-*.npz"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not killed.exists(), "the run was meant to be killed before it finished"
+    assert 3 <= len(list(parts.glob("batch-*.npz"))) < 10
+    subprocess.run([*command, "--out", str(killed)], check=True, env=env, capture_output=True)
+    assert not parts.exists()
+    with h5py.File(tmp_path / "whole.h5") as whole, h5py.File(killed) as resumed:
+        for key in ("activations", "image_index", "position", "attributions"):
+            np.testing.assert_array_equal(whole["_blocks.10"][key][:], resumed["_blocks.10"][key][:])
+        assert list(whole["images/path"].asstr()[:]) == list(resumed["images/path"].asstr()[:])
+
+
+def test_layers_command_lists_paper_names():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "atlas.cli", "layers", "inceptionv1"]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    rows = {line.split("\t")[0]: line.split("\t")[1:] for line in out.splitlines()}
+    assert rows["mixed4c"] == ["512", "14", "14"]
+    assert rows["mixed5b"] == ["1024", "7", "7"]
+    assert "inception4c.branch1" in rows  # torchvision's own module paths are listed too
