@@ -1,0 +1,64 @@
+"""Run configuration: YAML files in configs/, checked against the stage functions they feed.
+
+A config names the model, layer and data, and has one section per stage (`collect`, `project`,
+`grid`, `render`, `compose`) whose keys are keyword arguments of that stage's function, so an unknown
+or misspelt key is caught before any work starts. `layers: {NAME: {stage: {...}}}` overrides sections
+for one layer (the paper's early layers use other UMAP settings).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from atlas import AtlasError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_MODEL = "efficientnet-lite0"
+TOP_KEYS = {"model", "layer", "data", "weights", "layers", "collect", "project", "grid", "render", "compose"}
+
+
+def config_path(model: str | None) -> Path:
+    """configs/<model>.yaml when it exists, else the offline default's config."""
+    path = CONFIG_DIR / f"{model or DEFAULT_MODEL}.yaml"
+    return path if path.exists() else CONFIG_DIR / f"{DEFAULT_MODEL}.yaml"
+
+
+def load_config(path: str | Path, stages: dict[str, Callable], layer: str | None = None) -> dict:
+    """Read a config, apply the per-layer overrides for `layer`, and check every key.
+
+    `stages` maps section name to the function whose keyword arguments that section may set.
+    """
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise AtlasError(f"cannot read config {path}: {str(err).splitlines()[0]}") from err
+    if not isinstance(config, dict):
+        raise AtlasError(f"config {path} must be a mapping of settings, not {type(config).__name__}")
+    _check_keys(config, TOP_KEYS, str(path))
+    overrides = (config.get("layers") or {}).get(layer or config.get("layer"), {})
+    merged = copy.deepcopy(config)
+    for section, values in overrides.items():
+        merged.setdefault(section, {}).update(values)
+    for section, function in stages.items():
+        values = merged.setdefault(section, {}) or {}
+        if not isinstance(values, dict):
+            raise AtlasError(f"config {path}: section {section!r} must be a mapping")
+        accepted = set(inspect.signature(function).parameters)
+        _check_keys(values, accepted, f"{path} ({section}:)")
+        merged[section] = values
+    return merged
+
+
+def _check_keys(values: dict, accepted: set[str], where: str) -> None:
+    for key in values:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, sorted(accepted), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(accepted))}"
+            raise AtlasError(f"unknown key {key!r} in {where}{hint}")

@@ -1,0 +1,33 @@
+"""Shared benchmark helpers: run a measurement in a fresh process so its peak memory is its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
+
+
+def in_subprocess(module: str, function: str, **kwargs: object) -> dict:
+    """Call `module.function(**kwargs)` in a new Python process; return its dict plus `peak_rss_mib`.
+
+    The function returns a JSON-serialisable dict; peak RSS is the child's maximum resident set size.
+    """
+    code = (
+        "import json, resource, sys, importlib\n"
+        f"result = importlib.import_module({module!r}).{function}(**json.loads(sys.argv[1]))\n"
+        "result['peak_rss_mib'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)\n"
+        "print('@@' + json.dumps(result))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)], env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        raise RuntimeError(f"{module}.{function} failed:\n{done.stderr[-3000:]}")
+    line = next(line for line in done.stdout.splitlines() if line.startswith("@@"))
+    return json.loads(line[2:])

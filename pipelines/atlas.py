@@ -1,0 +1,142 @@
+"""`make atlas`: collect -> project -> grid -> render -> compose, into one run folder.
+
+The run folder holds `store.h5` (the stages' HDF5 contract), the composed atlas and its viewer.
+Each stage's parameters and its upstream are fingerprinted in `pipeline.json`; a stage whose
+fingerprint has not changed since it last finished is skipped, so an interrupted or repeated run
+only does what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from atlas import AtlasError, collect, compose, grid, project, render
+from atlas.cli import default_device
+from atlas.config import config_path, load_config
+from atlas.images import list_images
+from atlas.models import load_model
+
+log = logging.getLogger("pipelines.atlas")
+STAGES = {
+    "collect": collect.collect,
+    "project": project.project_store,
+    "grid": grid.grid_store,
+    "render": render.render_store,
+    "compose": compose.compose_run,
+}
+
+
+class Fingerprints:
+    """pipeline.json: for each finished stage, a hash of its parameters and of its upstream's hash."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        self.upstream = ""
+
+    def run(self, stage: str, params: dict, work: Callable[[], object]) -> None:
+        key = hashlib.sha1(json.dumps([self.upstream, stage, params], sort_keys=True, default=str).encode()).hexdigest()
+        self.upstream = key
+        if self.done.get(stage) == key:
+            log.info("%s: up to date, skipped", stage)
+            return
+        started = time.perf_counter()
+        log.info("%s: running", stage)
+        work()
+        self.done[stage] = key
+        self.path.write_text(json.dumps(self.done, indent=1))
+        log.info("%s: done in %.1f s", stage, time.perf_counter() - started)
+
+
+def run_atlas(
+    config_file: Path,
+    model_name: str | None = None,
+    layer: str | None = None,
+    data: str | None = None,
+    limit: int | None = None,
+    device: str | None = None,
+    out: Path | None = None,
+    weights: str | None = None,
+) -> Path:
+    """Build the atlas of one model layer; returns the viewer's index.html."""
+    base = load_config(config_file, {}, None)
+    same_model = model_name in (None, base.get("model"))
+    model_name = model_name or base["model"]
+    config = load_config(config_file, STAGES, layer or (base.get("layer") if same_model else None))
+    weights = weights or (config.get("weights") if same_model else None)
+    data = data or config.get("data") or "demo"
+    device = device or default_device()
+
+    model = load_model(model_name, weights=weights, device=device)
+    layer = model.resolve_layer(layer or (config.get("layer") if same_model else None) or model.default_layer)
+    run_dir = Path(out) if out else Path("data/runs") / f"{model_name}-{layer}{f'-n{limit}' if limit else ''}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = run_dir / "store.h5"
+    log.info("model %s, layer %s, data %s -> %s", model_name, layer, data, run_dir)
+
+    steps = Fingerprints(run_dir / "pipeline.json")
+    records = list_images(data, model.class_names)[:limit]
+    collect_args = {**config["collect"], "layers": [layer], "device": device, "dataset": str(data)}
+    steps.run(
+        "collect",
+        {**collect_args, "model": model_name, "weights": model.weights, "images": [r.path for r in records]},
+        lambda: collect.collect(model, records, store, **collect_args),
+    )
+    steps.run("project", config["project"], lambda: project.project_store(store, layer=layer, **config["project"]))
+    steps.run("grid", config["grid"], lambda: grid.grid_store(store, layer=layer, **config["grid"]))
+    sizes = list(config["grid"].get("sizes", grid.DEFAULT_SIZES))
+    render_args = {**config["render"], "device": device}
+    steps.run(
+        "render",
+        {**render_args, "sizes": sizes},
+        lambda: [render.render_store(store, layer=layer, grid=size, model=model, **render_args) for size in sizes],
+    )
+    index = run_dir / "index.html"
+    steps.run(
+        "compose", config["compose"], lambda: compose.compose_run(store, run_dir, layers=[layer], **config["compose"])
+    )
+    return index
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="config file (default: configs/<model>.yaml, else the offline default's)")
+    parser.add_argument("--model")
+    parser.add_argument("--layer")
+    parser.add_argument("--data", help="image folder, text file of paths, or 'demo'")
+    parser.add_argument("--limit", type=int, help="use the first N images only")
+    parser.add_argument("--device")
+    parser.add_argument("--weights", help="weights file, or 'random'")
+    parser.add_argument("--out", type=Path, help="run folder (default: data/runs/<model>-<layer>)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        index = run_atlas(
+            Path(args.config) if args.config else config_path(args.model),
+            args.model,
+            args.layer,
+            args.data,
+            args.limit,
+            args.device,
+            args.out,
+            args.weights,
+        )
+    except AtlasError as err:
+        print(f"make atlas: error: {err}", file=sys.stderr)
+        return 2
+    folder = index.parent
+    pngs = sorted(folder.glob("*.png"))
+    print(f"\natlas images: {', '.join(str(p) for p in pngs) or '(none)'}")
+    print(f"viewer:       {index}  (serve it with `make view OUT={folder}` or `atlas view {folder}`)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
