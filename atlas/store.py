@@ -20,9 +20,14 @@ these.
         count              [G, G] int64     samples per cell
         mean               [G, G, C] float32  mean activation (zeros where empty)
         attribution        [G, G, K] float32  mean attribution (zeros where empty)
-        icons              [G, G, PX, PX, 3] uint8   written by `render`
-        icon_cosine        [G, G] float32   cosine(icon activation, target); NaN where empty
+        top_classes        [G, G, 5] int64    classes of the 5 (or K if fewer) largest mean attributions,
+                                              best first; -1 where empty
+        top_attributions   [G, G, 5] float32  those mean attributions; NaN where empty
+        icons              [G, G, PX, PX, 3] uint8   written by `render`: icon [y, x] is cell y * G + x;
+                                              white (255) where empty; attrs: the render settings
+        icon_cosine        [G, G] float32   cosine(icon's centre activation, cell mean); NaN where empty
         icon_objective     [G, G] float32   final objective of the kept attempt; NaN where empty
+        icon_done          [G, G] bool      icons rendered so far (a rerun of `render` renders the rest)
 
 A cell is "empty" when its count is below the grid's min_count. Layer names are module paths
 (`_blocks.10`, `inception4c`) or a model's aliases (`mixed4c`); they are stored as given by the

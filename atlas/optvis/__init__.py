@@ -1,0 +1,181 @@
+"""Feature visualisation (after lucid's optvis): images optimised so that a Classifier maximises an objective.
+
+Split as in lucid: `param` (how an image is parameterised), `transform` (random transforms that make
+the result robust), `objectives` (what to maximise, one value per image). This module runs the
+optimisation; `visualize` is the one-call entry point:
+
+    from atlas.optvis import objectives, visualize
+    images, values = visualize(model, objectives.channel("mixed4c", [447, 3]), batch=2, size=128)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from atlas.models import Classifier, capture
+from atlas.optvis.objectives import LOGITS, Activations, Objective
+from atlas.optvis.param import ImageParam, image
+from atlas.optvis.transform import ImageRandom, Transform, collapse_alpha, compose, image_key, preset
+
+LEARNING_RATE = 0.05  # lucid's Adam(0.05), also used by the atlas recipe (reference 1.5, 2.1)
+
+
+class _StopForwardError(Exception):
+    """Raised by a hook once every layer an objective reads is recorded, so later layers are not computed."""
+
+
+def forward(model: Classifier, images: torch.Tensor, layers: Sequence[str]) -> Activations:
+    """Run `model` on [0, 1] `images` and return the activations of `layers` (and `LOGITS` when asked).
+
+    Without LOGITS the forward pass stops after the last layer needed, as lucid's graphs compute only
+    what the objective depends on.
+    """
+    wanted = [name for name in dict.fromkeys(layers) if name != LOGITS]
+    with capture(model, wanted) as acts:
+        stops = []
+        if LOGITS not in layers:
+
+            def stop_when_complete(*_):
+                if len(acts) == len(wanted):
+                    raise _StopForwardError
+
+            # registered after capture's hooks, so each module records before it is checked
+            stops = [model.layer_module(name).register_forward_hook(stop_when_complete) for name in wanted]
+        try:
+            logits = model(images)
+        except _StopForwardError:
+            logits = None
+        finally:
+            for hook in stops:
+                hook.remove()
+        recorded = dict(acts)
+    if logits is not None:
+        recorded[LOGITS] = logits
+    return recorded
+
+
+def evaluate(model: Classifier, objectives: Sequence[Objective], images: torch.Tensor) -> list[torch.Tensor]:
+    """Values [B] of `objectives` on untransformed `images`, in float32 and without gradients."""
+    layers = [name for objective in objectives for name in objective.layers]
+    with torch.no_grad():
+        acts = forward(model, images, layers)
+        return [objective(acts) for objective in objectives]
+
+
+def optimize(
+    model: Classifier,
+    objective: Objective,
+    param: ImageParam,
+    rand: ImageRandom,
+    *,
+    transforms: Sequence[Transform],
+    steps: int,
+    lr: float = LEARNING_RATE,
+    mixed_precision: bool = False,
+) -> None:
+    """Maximise the sum over the batch of `objective` by Adam on `param`; every image follows its own value.
+
+    The network runs under bfloat16 autocast when `mixed_precision`; the image, transforms and
+    objective stay in float32.
+    """
+    transform = compose(([collapse_alpha] if param.alpha else []) + list(transforms))
+    optimizer = torch.optim.Adam(param.parameters(), lr=lr)
+    inputs = list(param.parameters())
+    device_type = param.tensor.device.type
+    for _ in range(steps):
+        images = transform(param(), rand)
+        autocast = torch.autocast(device_type, dtype=torch.bfloat16) if mixed_precision else contextlib.nullcontext()
+        with autocast:
+            acts = forward(model, images, objective.layers)
+        loss = -objective(acts).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=inputs)  # gradients for the image only, none for the model's weights
+        optimizer.step()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, C, H, W] in [0, 1] -> [B, H, W, C] uint8."""
+    return (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def uint8_to_tensor(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """[B, H, W, C] uint8 -> [B, C, H, W] float32 in [0, 1]: what the model sees of a stored image."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def optimize_images(
+    model: Classifier,
+    objective: Objective,
+    keys: Sequence[int],
+    *,
+    size: int,
+    steps: int,
+    transforms: Sequence[Transform],
+    fft: bool = True,
+    decorrelate: bool = True,
+    alpha: bool = False,
+    lr: float = LEARNING_RATE,
+    mixed_precision: bool = False,
+    measures: Sequence[Objective] = (),
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Optimise one image per random key; returns (uint8 [B, H, W, 3 or 4], values of [objective, *measures]).
+
+    The values are measured on the final images as stored (quantised, untransformed); with alpha, over black.
+    """
+    device = model_device(model)
+    rand = ImageRandom(keys, device)
+    param = image(size, rand, fft=fft, decorrelate=decorrelate, alpha=alpha)
+    optimize(model, objective, param, rand, transforms=transforms, steps=steps, lr=lr, mixed_precision=mixed_precision)
+    final = to_uint8(param())
+    seen = uint8_to_tensor(final, device)
+    if alpha:
+        seen = seen[:, :3] * seen[:, 3:]
+    values = evaluate(model, [objective, *measures], seen)
+    return final, [value.cpu().numpy() for value in values]
+
+
+def visualize(
+    model: Classifier,
+    objective: Objective,
+    *,
+    size: int = 128,  # lucid's default image size
+    batch: int = 1,
+    steps: int = 512,  # lucid's render_vis default threshold
+    transforms: str | Sequence[Transform] = "standard",
+    fft: bool = True,
+    decorrelate: bool = True,
+    alpha: bool = False,
+    lr: float = LEARNING_RATE,
+    seed: int = 0,
+    mixed_precision: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Optimise `batch` images of `size` px to maximise `objective`, on the model's device.
+
+    Returns (images uint8 [B, H, W, 3 or 4], final objective [B], measured as in `optimize_images`).
+    Image b starts from the random key (seed, b), so a batch of one repeats the first image of a larger
+    batch. mixed_precision: bfloat16 autocast; by default on CUDA only.
+    """
+    if mixed_precision is None:
+        mixed_precision = model_device(model).type == "cuda"
+    images, (values,) = optimize_images(
+        model,
+        objective,
+        [image_key(seed, index) for index in range(batch)],
+        size=size,
+        steps=steps,
+        transforms=preset(transforms, size),
+        fft=fft,
+        decorrelate=decorrelate,
+        alpha=alpha,
+        lr=lr,
+        mixed_precision=mixed_precision,
+    )
+    return images, values

