@@ -40,6 +40,10 @@ atlas: install
 		$(if $(LAYER),--layer $(LAYER)) $(if $(DATA),--data $(DATA)) $(if $(N),--limit $(N)) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT))
 
+view: install
+	@test -n "$(OUT)" || { echo "usage: make view OUT=<run folder written by atlas compose>"; exit 2; }
+	$(PY) -m atlas.cli view $(OUT)
+
 bench: install
 	$(PY) -m benchmarks.run
 

@@ -1,0 +1,530 @@
+"""Composition: rendered icons -> atlas images, a deep-zoom pyramid, cell metadata and the viewer (stage 5).
+
+A run folder holds any number of atlases; `atlases.json` lists them and the viewer reads only that, so
+other atlas kinds (class atlases) can be added beside the layer atlases later:
+
+    index.html, viewer.js, viewer.css, vendor/    the static viewer (copied from atlas/viewer)
+    atlases.json                                  {"atlases": [entry, ...]}: id, kind, layer, class, title, paths
+    <atlas id>/grid-<G>/atlas.png                 the atlas of grid size G: one icon per cell, sized by density
+    <atlas id>/grid-<G>/cells.json                cells of grid G: count, top classes, icon quality, examples
+    <atlas id>/tiles.dzi, tiles_files/            Deep Zoom pyramid across the grid sizes (OpenSeadragon reads it)
+    patches/<layer>/<sample>.jpg                  dataset example patches, shared by all atlases of a layer
+
+Rows of an atlas are the grid's y, columns its x (cell = y * G + x, as in the store).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from atlas import AtlasError
+from atlas.images import load_rgb, to_model_input
+from atlas.store import grid_group, iter_rows, layer_group, open_store
+from atlas.store import layers as store_layers
+
+log = logging.getLogger(__name__)
+
+VIEWER = Path(__file__).with_name("viewer")
+MANIFEST = "atlases.json"
+BACKGROUND = 255  # white canvas, empty cells stay white (lucid's make_canvas, reference 1.6)
+LABEL_SPACING_PX = 80  # about one label per 80 px of atlas; the paper's front-end draws one every ~40-60 px
+LABEL_FONT_PX = 11
+LABEL_STROKE_PX = 2  # white outline: labels stay legible over any icon
+TOP_CLASSES = 5
+
+
+@dataclass
+class Grid:
+    """One grid size of an atlas, read from the store and ready to draw."""
+
+    size: int
+    min_count: int
+    count: np.ndarray  # [G, G]
+    cell: np.ndarray  # [N] cell of each sample
+    top_classes: np.ndarray  # [G, G, T] class index, best first
+    top_attributions: np.ndarray  # [G, G, T]
+    icon_cosine: np.ndarray  # [G, G], NaN where empty
+    icon_objective: np.ndarray  # [G, G]
+    image: Image.Image  # the atlas without labels, G * icon size square
+
+
+def class_names(num_classes: int) -> list[str]:
+    """ImageNet names for 1000-way models, else "class <k>"."""
+    if num_classes == 1000:
+        from atlas.models import imagenet_classes
+
+        return imagenet_classes()
+    return [f"class {k}" for k in range(num_classes)]
+
+
+def density_scale(count: np.ndarray, min_count: int) -> np.ndarray:
+    """Icon side per cell as a fraction of the icon size: min(1, sqrt(n / average n)), 0 where empty.
+
+    The paper's front-end (reference 1.6: "Grid cells are also sized according to the density").
+    """
+    average = count.sum() / count.size
+    scale = np.minimum(1.0, np.sqrt(count / max(average, 1e-12)))
+    return np.where(count >= min_count, scale, 0.0)
+
+
+def atlas_canvas(icons: h5py.Dataset | np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Place each cell's icon, scaled by `scale` and centred in its cell, on a white G*PX square canvas."""
+    size, icon_px = icons.shape[0], icons.shape[2]
+    canvas = np.full((size * icon_px, size * icon_px, 3), BACKGROUND, np.uint8)
+    for y in range(size):
+        drawn = np.flatnonzero(scale[y] > 0)
+        if not len(drawn):
+            continue
+        row = icons[y]  # one read per row of cells keeps HDF5 access sequential
+        for x in drawn:
+            side = max(1, round(icon_px * scale[y, x]))
+            icon = row[x]
+            if side != icon_px:
+                icon = np.asarray(Image.fromarray(icon).resize((side, side), Image.LANCZOS))
+            top, left = y * icon_px + (icon_px - side) // 2, x * icon_px + (icon_px - side) // 2
+            canvas[top : top + side, left : left + side] = icon
+    return canvas
+
+
+@lru_cache(maxsize=8192)
+def label_image(name: str, width: int) -> Image.Image:
+    """`name` cut with an ellipsis to fit `width` px: black text with a white outline on a transparent ground.
+
+    Cached: an atlas repeats a few hundred class names over thousands of cells and pyramid levels.
+    """
+    font = ImageFont.load_default(size=LABEL_FONT_PX)
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    text = name
+    if measure.textlength(text, font=font) > width:
+        while text and measure.textlength(text + "…", font=font) > width:
+            text = text[:-1]
+        text = text + "…" if text else ""
+    left, top, right, bottom = measure.textbbox((0, 0), text, font=font, stroke_width=LABEL_STROKE_PX)
+    label = Image.new("RGBA", (right - left, bottom - top), (0, 0, 0, 0))
+    ImageDraw.Draw(label).text(
+        (-left, -top), text, font=font, fill=(0, 0, 0, 255), stroke_width=LABEL_STROKE_PX, stroke_fill=(255,) * 4
+    )
+    return label
+
+
+def draw_labels(image: Image.Image, grid: Grid, names: list[str]) -> None:
+    """Write the top class of about one cell per LABEL_SPACING_PX (the densest of each block) at its bottom."""
+    cell_px = image.width / grid.size
+    step = max(1, math.ceil(LABEL_SPACING_PX / cell_px))
+    for block_y in range(0, grid.size, step):
+        for block_x in range(0, grid.size, step):
+            block = grid.count[block_y : block_y + step, block_x : block_x + step]
+            dy, dx = np.unravel_index(np.argmax(block), block.shape)
+            if block[dy, dx] < grid.min_count:
+                continue
+            y, x = block_y + dy, block_x + dx
+            label = label_image(names[grid.top_classes[y, x, 0]], int(step * cell_px) - 4)
+            # centred under its cell, but kept inside the block so that neighbouring labels never overlap
+            block_left, block_right = block_x * cell_px + 2, min(block_x + step, grid.size) * cell_px - 2
+            left = np.clip((x + 0.5) * cell_px - label.width / 2, block_left, block_right - label.width)
+            image.paste(label, (round(left), round((y + 1) * cell_px - label.height)), label)
+
+
+def level_grids(sizes: list[int], icon_px: int, min_cell_fraction: float = 0.5) -> list[int]:
+    """The grid size drawn at each Deep Zoom level (level 0 is 1 px wide, the last is the finest grid's atlas).
+
+    A level shows the finest grid whose cells are at least `min_cell_fraction` of the icon size there, else
+    the coarsest: zooming in switches to finer grids, as in the paper's front-end (reference 1.6).
+    """
+    full = max(sizes) * icon_px
+    top = math.ceil(math.log2(full))
+    grids = []
+    for level in range(top + 1):
+        width = math.ceil(full / 2 ** (top - level))
+        legible = [size for size in sizes if width / size >= min_cell_fraction * icon_px]
+        grids.append(max(legible) if legible else min(sizes))
+    return grids
+
+
+def write_dzi(
+    grids: list[Grid],
+    stem: Path,
+    draw: Callable[[Image.Image, Grid], None] | None = None,
+    tile_size: int = 254,  # Deep Zoom's customary tile and overlap (Microsoft's tools, deepzoom.py)
+    overlap: int = 1,
+    tile_format: str = "jpg",
+    min_cell_fraction: float = 0.5,
+) -> list[int]:
+    """Write `stem`.dzi and `stem`_files/<level>/<col>_<row>.<format>; return the grid size of each level.
+
+    `draw(image, grid)` adds labels to levels where that grid's cells are legible.
+    """
+    by_size = {grid.size: grid for grid in grids}
+    icon_px = grids[0].image.width // grids[0].size
+    per_level = level_grids(sorted(by_size), icon_px, min_cell_fraction)
+    full = max(by_size) * icon_px
+    folder = stem.parent / f"{stem.name}_files"
+    if folder.exists():
+        shutil.rmtree(folder)  # a previous run may have had more levels
+    base, base_size = None, None
+    for level in range(len(per_level) - 1, -1, -1):
+        width = math.ceil(full / 2 ** (len(per_level) - 1 - level))
+        grid = by_size[per_level[level]]
+        # halve the level above while the grid stays the same; start from the grid's own atlas when it changes
+        source = base if base_size == grid.size else grid.image
+        base, base_size = source.resize((width, width), Image.LANCZOS, reducing_gap=3.0), grid.size
+        picture = base
+        if draw is not None and width / grid.size >= min_cell_fraction * icon_px:
+            picture = base.copy()
+            draw(picture, grid)
+        _write_tiles(picture, folder / str(level), tile_size, overlap, tile_format)
+    stem.with_suffix(".dzi").write_text(
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="{tile_format}" Overlap="{overlap}" '
+        f'TileSize="{tile_size}">\n  <Size Width="{full}" Height="{full}"/>\n</Image>\n'
+    )
+    return per_level
+
+
+def _write_tiles(image: Image.Image, folder: Path, tile_size: int, overlap: int, tile_format: str) -> None:
+    folder.mkdir(parents=True)
+    for row in range(math.ceil(image.height / tile_size)):
+        for col in range(math.ceil(image.width / tile_size)):
+            box = (
+                max(0, col * tile_size - overlap),
+                max(0, row * tile_size - overlap),
+                min(image.width, (col + 1) * tile_size + overlap),
+                min(image.height, (row + 1) * tile_size + overlap),
+            )
+            image.crop(box).save(folder / f"{col}_{row}.{tile_format}", quality=90)
+
+
+def pick_examples(activations: h5py.Dataset, cell: np.ndarray, mean: np.ndarray, per_cell: int) -> np.ndarray:
+    """Per cell, the `per_cell` samples whose activation is closest (cosine) to the cell's mean; [cells, per_cell]
+    sample indices, -1 where a cell has fewer samples."""
+    mean = mean.reshape(-1, mean.shape[-1])
+    if per_cell == 0:
+        return np.zeros((len(mean), 0), np.int64)
+    mean_unit = mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    score = np.empty(len(cell), np.float32)
+    for start, rows in iter_rows(activations, chunk=16384):
+        rows = rows.astype(np.float32)
+        cells = cell[start : start + len(rows)]
+        norm = np.maximum(np.linalg.norm(rows, axis=1), 1e-12)
+        score[start : start + len(rows)] = np.einsum("nc,nc->n", rows, mean_unit[cells]) / norm
+    order = np.lexsort((-score, cell))  # by cell, best first within a cell
+    sorted_cells = cell[order]
+    rank = np.arange(len(order)) - np.searchsorted(sorted_cells, sorted_cells)
+    keep = rank < per_cell
+    picked = np.full((len(mean), per_cell), -1, np.int64)
+    picked[sorted_cells[keep], rank[keep]] = order[keep]
+    return picked
+
+
+def patch_box(y: int, x: int, height: int, width: int, size: int, context: float = 3.0) -> tuple[int, int, int, int]:
+    """Square (left, top, right, bottom) in the model's input around activation position (y, x), `context` cells
+    wide, moved inside the image."""
+    side = min(size, round(context * size / min(height, width)))
+    centre_y, centre_x = (y + 0.5) * size / height, (x + 0.5) * size / width
+    top = int(np.clip(round(centre_y - side / 2), 0, size - side))
+    left = int(np.clip(round(centre_x - side / 2), 0, size - side))
+    return left, top, left + side, top + side
+
+
+def write_patches(
+    samples: np.ndarray,
+    image_index: np.ndarray,
+    position: np.ndarray,
+    image_paths: list[str],
+    activation_shape: tuple[int, int],
+    input_size: int,
+    folder: Path,
+    workers: int = min(8, os.cpu_count() or 1),
+) -> set[int]:
+    """Save the input patch around each sample as `folder`/<sample>.jpg, seen as the model saw the image
+    (resize to round(input_size * 256 / 224), centre crop). Returns the samples written; unreadable images
+    are skipped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    resize = round(input_size * 256 / 224)
+    by_image: dict[int, list[int]] = {}
+    for sample in samples.tolist():
+        by_image.setdefault(int(image_index[sample]), []).append(sample)
+
+    def one_image(item: tuple[int, list[int]]) -> list[int]:
+        image, image_samples = item
+        try:
+            picture = to_model_input(load_rgb(image_paths[image], min_side=resize), resize, input_size)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return []
+        pixels = Image.fromarray((picture.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        for sample in image_samples:
+            box = patch_box(*position[sample], *activation_shape, input_size)
+            pixels.crop(box).save(folder / f"{sample}.jpg", quality=90)
+        return image_samples
+
+    with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
+        done = list(pool.map(one_image, by_image.items()))
+    unreadable = sum(not written for written in done)
+    if unreadable:
+        log.warning("%d of %d example images could not be read; their cells show no patches", unreadable, len(done))
+    return {sample for written in done for sample in written}
+
+
+def check_grid(layer: h5py.Group, size: int) -> None:
+    """Raise AtlasError unless `layer`'s grid `size` has everything composition reads, with matching shapes."""
+    group = grid_group(layer, size)
+    missing = [
+        name
+        for name in ("count", "cell", "attribution", "mean", "icons", "icon_cosine", "icon_objective")
+        if name not in group
+    ]
+    if missing:
+        stage = "render" if {"icons", "icon_cosine", "icon_objective"} & set(missing) else "grid"
+        raise AtlasError(f"{group.name} lacks {', '.join(missing)} (run `atlas {stage}`)")
+    icons = group["icons"].shape
+    if (
+        group["count"].shape != (size, size)
+        or icons[:2] != (size, size)
+        or len(icons) != 5
+        or icons[2:] != (icons[2], icons[2], 3)
+    ):
+        raise AtlasError(f"{group.name}: count {group['count'].shape} or icons {icons} do not fit a {size}x{size} grid")
+    if group["cell"].shape[0] != layer["image_index"].shape[0]:
+        raise AtlasError(
+            f"{group.name}/cell has {group['cell'].shape[0]} rows for {layer['image_index'].shape[0]} samples"
+        )
+
+
+def read_grid(group: h5py.Group) -> Grid:
+    """Read one grid of the store and draw its atlas (without labels)."""
+    count = group["count"][()]
+    size = count.shape[0]
+    cell = group["cell"][()].astype(np.int64)
+    if cell.size and (cell.min() < 0 or cell.max() >= size * size):
+        raise AtlasError(f"{group.name}/cell has cells outside the {size}x{size} grid")
+    if not np.array_equal(np.bincount(cell, minlength=size * size).reshape(size, size), count):
+        raise AtlasError(f"{group.name}: count does not match the cells of the samples (rerun `atlas grid`)")
+    if "top_classes" in group and "top_attributions" in group:
+        top, top_values = group["top_classes"][()], group["top_attributions"][()]
+    else:
+        attribution = group["attribution"][()]
+        top = np.argsort(-attribution, axis=-1, kind="stable")[..., :TOP_CLASSES]
+        top_values = np.take_along_axis(attribution, top, axis=-1)
+    min_count = int(group.attrs.get("min_count", 1))
+    scale = density_scale(count, min_count)
+    if "icon_done" in group:  # `render` stopped early: cells it has not reached stay blank until it is rerun
+        unfinished = (scale > 0) & ~group["icon_done"][()]
+        if unfinished.any():
+            log.warning(
+                "%s: %d of %d icons are not rendered yet (rerun `atlas render`); left blank",
+                group.name,
+                unfinished.sum(),
+                (scale > 0).sum(),
+            )
+        scale = np.where(unfinished, 0.0, scale)
+    canvas = atlas_canvas(group["icons"], scale)
+    return Grid(
+        size=size,
+        min_count=min_count,
+        count=count,
+        cell=cell,
+        top_classes=top,
+        top_attributions=top_values,
+        icon_cosine=group["icon_cosine"][()],
+        icon_objective=group["icon_objective"][()],
+        image=Image.fromarray(canvas),
+    )
+
+
+def _number(value: float) -> float | None:
+    """JSON-friendly: 4 significant digits, None for NaN."""
+    return float(f"{value:.4g}") if np.isfinite(value) else None
+
+
+def cells_json(grid: Grid, names: list[str], examples: np.ndarray, example_info: dict[int, dict]) -> dict:
+    """What the viewer shows for each cell that has samples (cells below min_count are marked empty: no icon)."""
+    cells = []
+    for y, x in zip(*np.nonzero(grid.count), strict=True):
+        empty = grid.count[y, x] < grid.min_count  # too few samples for a mean: no icon, no classes
+        ranked = zip(grid.top_classes[y, x], grid.top_attributions[y, x], strict=True)
+        top = [{"class": int(k), "name": names[k], "attribution": _number(v)} for k, v in ranked if k >= 0]
+        cells.append(
+            {
+                "x": int(x),
+                "y": int(y),
+                "count": int(grid.count[y, x]),
+                "empty": bool(empty),
+                "top": [] if empty else top,
+                "icon_cosine": _number(grid.icon_cosine[y, x]),
+                "icon_objective": _number(grid.icon_objective[y, x]),
+                "examples": [example_info[s] for s in examples[y * grid.size + x].tolist() if s >= 0],
+            }
+        )
+    return {"grid": grid.size, "min_count": grid.min_count, "total": int(grid.count.sum()), "cells": cells}
+
+
+def compose_atlas(
+    store: h5py.File,
+    layer: str,
+    sizes: list[int],
+    out_dir: Path,
+    folder: str,
+    labels: bool = True,
+    examples: int = 4,
+    tile_format: str = "jpg",
+) -> dict:
+    """Write one atlas (its grids of `layer` at `sizes`) under `out_dir`/`folder`; return its manifest paths."""
+    group = store[layer]
+    atlas_dir = out_dir / folder
+    grids = []
+    for size in sizes:
+        grids.append(read_grid(grid_group(group, size)))
+        log.info("%s grid %d: atlas drawn", layer, size)
+    names = class_names(grid_group(group, sizes[0])["attribution"].shape[-1])
+
+    label = partial(draw_labels, names=names)
+    picked = {
+        grid.size: pick_examples(group["activations"], grid.cell, grid_group(group, grid.size)["mean"][()], examples)
+        for grid in grids
+    }
+    samples = np.unique(np.concatenate([p[p >= 0] for p in picked.values()]))
+    image_index, position = group["image_index"][()], group["position"][()]
+    paths = store["images/path"].asstr()[()].tolist()
+    patch_dir = f"patches/{layer}"
+    written = write_patches(
+        samples,
+        image_index,
+        position,
+        paths,
+        (int(group.attrs["height"]), int(group.attrs["width"])),
+        int(store.attrs["input_size"]),
+        out_dir / patch_dir,
+    )
+    example_info = {
+        s: {
+            "image": paths[image_index[s]],
+            "position": position[s].tolist(),
+            "patch": f"{patch_dir}/{s}.jpg" if s in written else None,
+        }
+        for s in samples.tolist()
+    }
+    entry_grids = []
+    for grid in grids:
+        grid_dir = atlas_dir / f"grid-{grid.size}"
+        grid_dir.mkdir(parents=True, exist_ok=True)
+        picture = grid.image.copy()
+        if labels:
+            label(picture, grid)
+        picture.save(grid_dir / "atlas.png", compress_level=3)  # fast enough for 12800 px atlases, still small
+        cells = cells_json(grid, names, picked[grid.size], example_info)
+        (grid_dir / "cells.json").write_text(json.dumps(cells, separators=(",", ":")))
+        entry_grids.append(
+            {
+                "size": grid.size,
+                "min_count": grid.min_count,
+                "image": f"{folder}/grid-{grid.size}/atlas.png",
+                "cells": f"{folder}/grid-{grid.size}/cells.json",
+            }
+        )
+    per_level = write_dzi(grids, atlas_dir / "tiles", draw=label if labels else None, tile_format=tile_format)
+    log.info("%s: %d Deep Zoom levels written", layer, len(per_level))
+    return {
+        "icon_size": grids[0].image.width // grids[0].size,
+        "grids": entry_grids,
+        "tiles": {"dzi": f"{folder}/tiles.dzi", "level_grids": per_level},
+    }
+
+
+def install_viewer(out_dir: Path) -> Path:
+    """Copy the static viewer (page, script, style, vendored OpenSeadragon) into the run folder."""
+    shutil.copytree(VIEWER, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    return out_dir / "index.html"
+
+
+def update_manifest(out_dir: Path, entries: list[dict]) -> None:
+    """Add or replace `entries` (by id) in the run folder's atlases.json, keeping other atlases."""
+    path = out_dir / MANIFEST
+    atlases = []
+    if path.exists():
+        try:
+            atlases = json.loads(path.read_text())["atlases"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise AtlasError(f"{path} is not an atlas manifest ({err}); remove it to start afresh") from err
+    new = {entry["id"]: entry for entry in entries}
+    atlases = [new.pop(old["id"], old) for old in atlases] + list(new.values())
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps({"atlases": atlases}, indent=1))
+    temporary.replace(path)
+
+
+def compose_run(
+    store_path: str | Path,
+    out_dir: str | Path,
+    layers: list[str] | None = None,
+    grids: list[int] | None = None,
+    labels: bool = True,
+    examples: int = 4,
+    tile_format: str = "jpg",
+) -> Path:
+    """Compose the layer atlases of a store into the run folder `out_dir`; return its index.html.
+
+    layers: default every layer with rendered grids. grids: default every rendered grid size of each
+    layer. Re-running adds to or overwrites the folder; atlases of other kinds in it are kept.
+    """
+    out_dir = Path(out_dir)
+    if tile_format not in ("jpg", "png"):
+        raise AtlasError(f"tile format {tile_format!r} is not jpg or png")
+    if examples < 0:
+        raise AtlasError(f"examples per cell must be >= 0, not {examples}")
+    with open_store(store_path) as store:
+        plan = _plan(store, layers, grids)  # validate everything before writing anything
+        entries = []
+        for layer, sizes in plan.items():
+            paths = compose_atlas(store, layer, sizes, out_dir, f"layer-{layer}", labels, examples, tile_format)
+            entries.append(
+                {
+                    "id": f"layer-{layer}",
+                    "kind": "layer",
+                    "layer": layer,
+                    "class": None,
+                    "title": layer,
+                    "model": str(store.attrs.get("model", "")),
+                    **paths,
+                }
+            )
+    index = install_viewer(out_dir)
+    update_manifest(out_dir, entries)
+    return index
+
+
+def _plan(store: h5py.File, layers: list[str] | None, grids: list[int] | None) -> dict[str, list[int]]:
+    """Layer -> grid sizes to compose, checked."""
+
+    def rendered(layer: str) -> list[int]:
+        group = store[layer]
+        return sorted(int(size) for size in group.get("grid", {}) if "icons" in group[f"grid/{size}"])
+
+    names = layers or [layer for layer in store_layers(store) if rendered(layer)]
+    if not names:
+        raise AtlasError("the store has no rendered grids (run `atlas render` first)")
+    plan = {}
+    for name in names:
+        group = layer_group(store, name)
+        sizes = sorted(set(grids)) if grids else rendered(name)
+        if not sizes:
+            raise AtlasError(f"layer {name!r} has no rendered grids (run `atlas render` first)")
+        for size in sizes:
+            check_grid(group, size)
+        icon_sizes = {group[f"grid/{size}/icons"].shape[2] for size in sizes}
+        if len(icon_sizes) > 1:
+            raise AtlasError(f"layer {name!r}: grids {sizes} have different icon sizes {sorted(icon_sizes)}")
+        plan[name] = sizes
+    return plan

@@ -1,0 +1,276 @@
+// The atlas viewer. It reads atlases.json (written by `atlas compose`) and shows one atlas at a time;
+// OpenSeadragon pans, zooms and loads the Deep Zoom tiles, this file adds the atlas and grid switches and
+// the cell panel. No build step: served as-is from the run folder.
+"use strict";
+
+(function () {
+  const byId = (id) => document.getElementById(id);
+  const state = {
+    atlases: [], // entries of atlases.json
+    atlas: null, // the entry shown
+    grid: "auto", // "auto": the grid the pyramid shows at this zoom; else a grid size (its atlas.png)
+    cells: new Map(), // cells.json url -> Promise of Map "y,x" -> cell
+    pointer: null, // last pointer position over the atlas, in viewer pixels
+    pinned: null, // {grid, x, y} kept by a click
+  };
+
+  const viewer = OpenSeadragon({
+    id: "atlas",
+    prefixUrl: "vendor/openseadragon/images/",
+    showNavigator: true,
+    navigatorPosition: "BOTTOM_LEFT",
+    maxZoomPixelRatio: 4,
+    drawer: "canvas", // plain image tiles draw as fast in 2D, and WebGL is slow where the GPU is emulated
+    visibilityRatio: 0.5,
+    gestureSettingsMouse: { clickToZoom: false }, // a click pins a cell instead
+  });
+  window.atlasViewer = viewer; // for tests and the browser console
+
+  const highlight = document.createElement("div");
+  highlight.className = "cell-highlight";
+  let highlightPlaced = false;
+
+  function el(tag, props, ...children) {
+    const node = Object.assign(document.createElement(tag), props);
+    node.append(...children);
+    return node;
+  }
+
+  function number(value) {
+    return value === null || value === undefined ? "–" : Number(value).toPrecision(3);
+  }
+
+  function fillSelect(select, options, value) {
+    select.replaceChildren(...options.map(([key, text]) => new Option(text, key, false, key === value)));
+  }
+
+  function gridEntry(size) {
+    return state.atlas.grids.find((grid) => grid.size === size);
+  }
+
+  function showControls() {
+    const layers = [...new Set(state.atlases.map((atlas) => atlas.layer))];
+    fillSelect(byId("layer"), layers.map((layer) => [layer, layer]), state.atlas.layer);
+    const siblings = state.atlases.filter((atlas) => atlas.layer === state.atlas.layer);
+    byId("class-choice").hidden = siblings.length < 2;
+    const className = (atlas) => (atlas.kind === "layer" ? "all samples" : atlas.class ?? atlas.title);
+    fillSelect(byId("class"), siblings.map((atlas) => [atlas.id, className(atlas)]), state.atlas.id);
+    const grids = state.atlas.grids.map((grid) => [String(grid.size), `${grid.size} × ${grid.size}`]);
+    fillSelect(byId("grid"), [["auto", "by zoom"], ...grids], state.grid);
+  }
+
+  function open(atlas, grid) {
+    const keepView = state.atlas && state.atlas.id === atlas.id ? viewer.viewport.getBounds() : null;
+    Object.assign(state, { atlas, grid, pinned: null });
+    showControls();
+    history.replaceState(null, "", "#" + new URLSearchParams({ atlas: atlas.id, grid })); // a linkable view
+    document.title = `${atlas.title} · activation atlas`;
+    byId("title").textContent = atlas.model ? `${atlas.model} · ${atlas.title}` : atlas.title;
+    document.body.dataset.ready = "";
+    viewer.addOnceHandler("open", () => {
+      highlightPlaced = false; // opening clears the overlays
+      if (keepView) viewer.viewport.fitBounds(keepView, true);
+      showStatus();
+      document.body.dataset.ready = "1";
+    });
+    const entry = gridEntry(Number(grid));
+    viewer.open(entry ? { type: "image", url: entry.image, buildPyramid: false } : atlas.tiles.dzi);
+    showHint();
+  }
+
+  // The grid on screen. The pyramid's levels each come from one grid (tiles.level_grids); OpenSeadragon
+  // draws the highest level whose pixels still cover minPixelRatio screen pixels, so the same rule finds it.
+  function shownGrid() {
+    if (state.grid !== "auto") return Number(state.grid);
+    const item = viewer.world.getItemAt(0);
+    const levels = state.atlas.tiles.level_grids;
+    const full = item.getContentSize().x;
+    const screen = item.viewportToImageZoom(viewer.viewport.getZoom(true)) * full;
+    let level = 0;
+    for (let candidate = 0; candidate < levels.length; candidate++) {
+      const width = Math.ceil(full / 2 ** (levels.length - 1 - candidate));
+      if (screen / width >= viewer.minPixelRatio) level = candidate;
+    }
+    return levels[level];
+  }
+
+  function cellAt(position) {
+    const item = viewer.world.getItemAt(0);
+    if (!item || !position) return null;
+    const size = item.getContentSize();
+    const point = item.viewerElementToImageCoordinates(position);
+    const u = point.x / size.x;
+    const v = point.y / size.y;
+    if (!(u >= 0 && u < 1 && v >= 0 && v < 1)) return null;
+    const grid = shownGrid();
+    return { grid, x: Math.floor(u * grid), y: Math.floor(v * grid) };
+  }
+
+  function cellsOf(grid) {
+    const url = gridEntry(grid).cells;
+    if (!state.cells.has(url)) {
+      const request = fetch(url)
+        .then((response) => {
+          if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+          return response.json();
+        })
+        .then((data) => new Map(data.cells.map((cell) => [`${cell.y},${cell.x}`, cell])));
+      request.catch(() => state.cells.delete(url)); // retry on the next hover
+      state.cells.set(url, request);
+    }
+    return state.cells.get(url);
+  }
+
+  function placeHighlight(target) {
+    const item = viewer.world.getItemAt(0);
+    const size = item.getContentSize();
+    const side = size.x / target.grid;
+    const rect = item.imageToViewportRectangle(target.x * side, target.y * side, side, side);
+    highlight.classList.toggle("pinned", Boolean(state.pinned));
+    if (highlightPlaced) viewer.updateOverlay(highlight, rect);
+    else viewer.addOverlay(highlight, rect);
+    highlightPlaced = true;
+  }
+
+  function removeHighlight() {
+    if (highlightPlaced) viewer.removeOverlay(highlight);
+    highlightPlaced = false;
+  }
+
+  let ticket = 0; // answers to older hovers are dropped
+  async function show(target) {
+    const mine = ++ticket;
+    if (!target) {
+      removeHighlight();
+      showHint();
+      return;
+    }
+    try {
+      const cells = await cellsOf(target.grid);
+      if (mine !== ticket) return;
+      placeHighlight(target);
+      showCell(target, cells.get(`${target.y},${target.x}`));
+    } catch (error) {
+      showError(`Cannot read the cells of grid ${target.grid}: ${error.message}`);
+    }
+  }
+
+  function showHint() {
+    const info = byId("info");
+    delete info.dataset.grid;
+    info.replaceChildren(
+      el("p", { className: "hint" }, "Scroll to zoom, drag to pan. Hover over a cell to see what it holds; click to keep it.")
+    );
+  }
+
+  function showError(message) {
+    byId("info").replaceChildren(el("p", { className: "error" }, message));
+  }
+
+  function showCell(target, cell) {
+    const info = byId("info");
+    Object.assign(info.dataset, { grid: target.grid, x: target.x, y: target.y, count: cell ? cell.count : 0 });
+    const parts = [el("h2", {}, `Cell (x ${target.x}, y ${target.y}) of ${target.grid} × ${target.grid}`)];
+    if (!cell) {
+      parts.push(el("p", { className: "note" }, "No samples fell in this cell."));
+      info.replaceChildren(...parts);
+      return;
+    }
+    parts.push(
+      el(
+        "dl",
+        {},
+        el("dt", {}, "samples"),
+        el("dd", { className: "count" }, String(cell.count)),
+        el("dt", {}, "icon cosine"),
+        el("dd", { title: "cosine of the icon's activation with the cell's direction" }, number(cell.icon_cosine)),
+        el("dt", {}, "icon objective"),
+        el("dd", {}, number(cell.icon_objective))
+      )
+    );
+    if (cell.empty) {
+      const minimum = gridEntry(target.grid).min_count;
+      parts.push(el("p", { className: "note" }, `Fewer than ${minimum} samples: no icon is drawn.`));
+    }
+    const largest = Math.max(1e-12, ...cell.top.map((top) => Math.abs(top.attribution ?? 0)));
+    const classes = cell.top.map((top) => {
+      const bar = el("span", { className: "bar" });
+      bar.style.width = `${(100 * Math.max(0, top.attribution ?? 0)) / largest}%`;
+      return el("li", {}, el("span", { className: "name" }, top.name), el("span", { className: "value" }, number(top.attribution)), bar);
+    });
+    if (classes.length) {
+      parts.push(el("h3", {}, "Top classes (mean attribution)"), el("ol", { className: "classes" }, ...classes));
+    }
+    if (cell.examples.length) {
+      const figures = cell.examples.map((example) => {
+        const where = `${example.image} at (y ${example.position[0]}, x ${example.position[1]})`;
+        const picture = example.patch
+          ? el("img", { src: example.patch, alt: where, title: where })
+          : el("div", { className: "missing", title: where }, "image not readable");
+        return el("figure", {}, picture, el("figcaption", { title: where }, example.image.split(/[\\/]/).pop()));
+      });
+      parts.push(el("h3", {}, "Dataset examples (closest to the cell's mean)"), el("div", { className: "examples" }, ...figures));
+    }
+    info.replaceChildren(...parts);
+  }
+
+  function showStatus() {
+    const grid = viewer.world.getItemAt(0) ? shownGrid() : null;
+    byId("status").textContent = grid ? `showing the ${grid} × ${grid} grid` : "";
+    byId("status").dataset.grid = grid ?? "";
+  }
+
+  new OpenSeadragon.MouseTracker({
+    element: viewer.canvas,
+    moveHandler: (event) => {
+      state.pointer = event.position;
+      if (!state.pinned) show(cellAt(event.position));
+    },
+    leaveHandler: () => {
+      state.pointer = null;
+      if (!state.pinned) show(null);
+    },
+  });
+
+  viewer.addHandler("canvas-click", (event) => {
+    if (!event.quick) return; // a drag, not a click
+    const target = cellAt(event.position);
+    const same = state.pinned && target && ["grid", "x", "y"].every((key) => state.pinned[key] === target[key]);
+    state.pinned = same ? null : target;
+    show(target);
+  });
+
+  viewer.addHandler("animation-finish", () => {
+    showStatus();
+    if (!state.pinned && state.pointer) show(cellAt(state.pointer)); // the grid may have changed with the zoom
+  });
+
+  byId("layer").addEventListener("change", (event) => {
+    const layer = event.target.value;
+    const atlases = state.atlases.filter((atlas) => atlas.layer === layer);
+    open(atlases.find((atlas) => atlas.kind === "layer") ?? atlases[0], "auto");
+  });
+  byId("class").addEventListener("change", (event) => {
+    const atlas = state.atlases.find((candidate) => candidate.id === event.target.value);
+    open(atlas, atlas.grids.some((grid) => String(grid.size) === state.grid) ? state.grid : "auto");
+  });
+  byId("grid").addEventListener("change", (event) => open(state.atlas, event.target.value));
+
+  fetch("atlases.json")
+    .then((response) => {
+      if (!response.ok) throw new Error(`atlases.json: HTTP ${response.status}`);
+      return response.json();
+    })
+    .then((manifest) => {
+      state.atlases = manifest.atlases;
+      if (!state.atlases.length) throw new Error("atlases.json lists no atlases");
+      const wanted = new URLSearchParams(location.hash.slice(1));
+      const atlas = state.atlases.find((candidate) => candidate.id === wanted.get("atlas")) ?? state.atlases[0];
+      const grid = atlas.grids.some((entry) => String(entry.size) === wanted.get("grid")) ? wanted.get("grid") : "auto";
+      open(atlas, grid);
+    })
+    .catch((error) => {
+      const hint = location.protocol === "file:" ? " Browsers do not let a file:// page read its data: run `atlas view <run folder>`." : "";
+      showError(`Cannot load the atlases: ${error.message}.${hint}`);
+    });
+})();
