@@ -28,6 +28,12 @@ def _add_layers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+CLUSTER_HELP = (
+    "run on dask: 'local' (a LocalCluster: one worker per GPU, else a few CPU workers; --workers N sets how many) "
+    "or a scheduler address tcp://HOST:PORT (--workers N waits for N workers); needs a shared file system"
+)
+
+
 def _add_collect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collect", help="stage 1: activations and attributions of a dataset into an HDF5 store")
     p.add_argument("--model", default="efficientnet-lite0", help="model name (see `atlas layers`)")
@@ -39,14 +45,38 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--positions", type=int, default=1, help="random interior positions per image (paper: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, help="image-loading processes (default: up to 4)")
+    p.add_argument(
+        "--workers", type=int, help="image-loading processes (default: up to 4); with --cluster: dask workers"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--cluster", help=CLUSTER_HELP)
 
     def run(args: argparse.Namespace) -> None:
         from atlas.collect import collect
         from atlas.images import list_images
         from atlas.models import load_model
 
+        if args.cluster:
+            from atlas.cluster import collect_on_cluster, connect
+
+            names = load_model(args.model, weights="random").class_names  # names only: no weights needed
+            records = list_images(args.data, names)[: args.limit]
+            with connect(args.cluster, args.workers) as client:
+                out = collect_on_cluster(
+                    client,
+                    args.model,
+                    records,
+                    args.out,
+                    weights=args.weights,
+                    layers=args.layer,
+                    positions=args.positions,
+                    seed=args.seed,
+                    batch_size=args.batch_size,
+                    device=args.device,
+                    dataset=str(args.data),
+                )
+            print(out)
+            return
         device = args.device or default_device()
         model = load_model(args.model, weights=args.weights, device=device)
         records = list_images(args.data, model.class_names)[: args.limit]
@@ -156,7 +186,264 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-COMMANDS = [_add_layers, _add_collect, _add_patch]
+def _add_render(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("render", help="stage 4: one feature-visualisation icon per grid cell")
+    p.add_argument("store", help="HDF5 store with grids (`atlas grid`)")
+    p.add_argument("--layer", help="the store's layer (default: its only one)")
+    p.add_argument("--grid", type=int, required=True, help="grid size G to render")
+    p.add_argument("--size", type=int, default=80, help="icon size in px (paper: 80)")
+    p.add_argument("--steps", type=int, default=1024, help="optimisation steps (paper: 1024)")
+    p.add_argument("--attempts", type=int, default=4, help="attempts per icon, best kept (paper: 4)")
+    p.add_argument(
+        "--batch-size", type=int, help="icon attempts optimised together (default: fit GPU memory; 16 on CPU)"
+    )
+    p.add_argument("--cossim-pow", type=float, default=4, help="exponent of the cosine in the objective")
+    p.add_argument("--transforms", default="atlas", help="atlas (paper), standard (lucid) or none")
+    p.add_argument("--no-whiten", dest="whiten", action="store_false", help="do not whiten the target direction")
+    p.add_argument("--model", help="override the store's model")
+    p.add_argument("--weights", help="override the store's weights: a file, or 'random'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--cluster", help=CLUSTER_HELP)
+    p.add_argument("--workers", type=int, help="with --cluster: dask workers")
+
+    def run(args: argparse.Namespace) -> None:
+        from atlas.render import render_store
+
+        options = dict(
+            layer=args.layer,
+            grid=args.grid,
+            size=args.size,
+            steps=args.steps,
+            attempts=args.attempts,
+            batch_size=args.batch_size,
+            cossim_pow=args.cossim_pow,
+            transforms=args.transforms,
+            whiten=args.whiten,
+            device=args.device,
+            seed=args.seed,
+            model=args.model,
+            weights=args.weights,
+        )
+        if args.cluster:
+            from atlas.cluster import connect, render_on_cluster
+
+            with connect(args.cluster, args.workers) as client:
+                summary = render_on_cluster(client, args.store, **options)
+        else:
+            summary = render_store(args.store, **options)
+        print(
+            f"{summary['layer']} grid {summary['grid']}: rendered {summary['rendered']} icons "
+            f"({summary['already_done']} already done) in {summary['seconds']:.0f} s"
+        )
+
+    p.set_defaults(run=run)
+
+
+def _add_compose(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compose", help="stage 5: atlas images, zoomable tiles, cell metadata and the viewer")
+    p.add_argument("store", help="HDF5 store with rendered icons")
+    p.add_argument("--out", required=True, help="run folder to write (re-running adds to it)")
+    p.add_argument("--layer", action="append", help="layer to compose (repeatable; default: all rendered)")
+    p.add_argument("--grid", type=int, action="append", help="grid size (repeatable; default: all rendered)")
+    p.add_argument("--no-labels", action="store_true", help="do not write top-class labels on the atlas")
+    p.add_argument("--examples", type=int, default=4, help="dataset example patches per cell (0: none)")
+    p.add_argument("--tile-format", choices=["jpg", "png"], default="jpg")
+
+    def run(args: argparse.Namespace) -> None:
+        from atlas.compose import compose_run
+
+        index = compose_run(
+            args.store,
+            args.out,
+            layers=args.layer,
+            grids=args.grid,
+            labels=not args.no_labels,
+            examples=args.examples,
+            tile_format=args.tile_format,
+        )
+        print(f"{index}  (view it: atlas view {args.out})")
+
+    p.set_defaults(run=run)
+
+
+def _add_view(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("view", help="serve a run folder's viewer on 127.0.0.1 and print its URL")
+    p.add_argument("run_dir", help="run folder written by `atlas compose`")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+
+    def run(args: argparse.Namespace) -> None:
+        from atlas.view import serve
+
+        serve(args.run_dir, port=args.port)
+
+    p.set_defaults(run=run)
+
+
+def _add_project(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("project", help="stage 2: 2-D layout of a layer's activations (UMAP or t-SNE), in [0, 1]")
+    p.add_argument("store", help="HDF5 store with activations (`atlas collect`)")
+    p.add_argument("--layer", help="the store's layer (default: its only one)")
+    p.add_argument("--method", choices=["umap", "tsne"], default="umap")
+    p.add_argument("--n-neighbors", type=int, default=50, help="UMAP neighbours (paper: 50; mixed3a/3b: 200)")
+    p.add_argument("--min-dist", type=float, default=0.05, help="UMAP min_dist (paper: 0.05)")
+    p.add_argument("--metric", default="cosine", help="distance (paper: cosine; mixed3a/3b: euclidean)")
+    p.add_argument("--perplexity", type=float, default=50.0, help="t-SNE perplexity (lucid notebooks: 50)")
+    p.add_argument(
+        "--knn",
+        choices=["auto", "umap-learn", "nndescent", "exact"],
+        default="auto",
+        help="UMAP's neighbour search: umap-learn's own, pynndescent on all cores, or exact in torch on --device "
+        "(default: exact on a GPU or for small inputs, else umap-learn's)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda, for the exact kNN search (default: cuda if there)")
+
+    def run(args: argparse.Namespace) -> None:
+        from atlas.project import project_store
+
+        layout = project_store(
+            args.store,
+            layer=args.layer,
+            method=args.method,
+            n_neighbors=args.n_neighbors,
+            min_dist=args.min_dist,
+            metric=args.metric,
+            perplexity=args.perplexity,
+            knn=args.knn,
+            seed=args.seed,
+            device=args.device or default_device(),
+        )
+        print(f"{args.store}: layout of {len(layout)} samples ({args.method})")
+
+    p.set_defaults(run=run)
+
+
+def _add_grid(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("grid", help="stage 3: per-cell mean activations and attributions, and the whitening matrix")
+    p.add_argument("store", help="HDF5 store with a layout (`atlas project`)")
+    p.add_argument("--layer", help="the store's layer (default: its only one)")
+    p.add_argument("--sizes", default="20,40,80", help="comma-separated grid sizes (paper: 20,40,80,160; 320)")
+    p.add_argument("--min-count", type=int, default=6, help="samples a cell needs (lucid: more than 5)")
+
+    def run(args: argparse.Namespace) -> None:
+        from atlas.grid import grid_store
+
+        try:
+            sizes = [int(size) for size in args.sizes.split(",")]
+        except ValueError as err:
+            raise AtlasError(f"--sizes wants comma-separated integers, not {args.sizes!r}") from err
+        counts = grid_store(args.store, layer=args.layer, sizes=sizes, min_count=args.min_count)
+        for size, count in counts.items():
+            print(f"grid {size}: {(count >= args.min_count).sum()} of {size * size} cells hold >= {args.min_count}")
+
+    p.set_defaults(run=run)
+
+
+def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("class-atlas", help="class activation atlas of one class, or a two-class comparison (--vs)")
+    p.add_argument("store", help="HDF5 store with activations and attributions (`atlas collect`)")
+    p.add_argument("--layer", help="the store's layer (default: its only one)")
+    p.add_argument("--class", dest="class_name", required=True, help="class name (case and spacing free) or index")
+    p.add_argument("--vs", help="second class: lay the samples out by attribution difference (--class left)")
+    p.add_argument("--out", required=True, help="run folder (other atlases in it are kept)")
+    p.add_argument("--config", help="settings file (default: configs/<the store's model>.yaml, class_atlas:)")
+    p.add_argument("--method", choices=["tsne", "umap"], help="class atlas layout (default t-SNE, the article's)")
+    p.add_argument("--top", type=int, help="magnitude filter: top N positive attributions (paper: 3000; --vs: 2000)")
+    p.add_argument("--size", type=int, help="icon size in px (paper: 80)")
+    p.add_argument("--steps", type=int, help="optimisation steps (paper: 1056)")
+    p.add_argument("--attempts", type=int, help="attempts per icon, best kept (paper: 3)")
+    p.add_argument("--batch-size", type=int, help="icon attempts optimised together")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    def run(args: argparse.Namespace) -> None:
+        import time
+        from pathlib import Path
+
+        from pipelines.class_atlas import print_written, run_class_atlas
+
+        chosen = {
+            "select": {"top": args.top},
+            "project": {"method": args.method},
+            "render": {
+                "size": args.size,
+                "steps": args.steps,
+                "attempts": args.attempts,
+                "batch_size": args.batch_size,
+            },
+        }
+        overrides = {section: {k: v for k, v in values.items() if v is not None} for section, values in chosen.items()}
+        started = time.perf_counter()
+        entries = run_class_atlas(
+            args.store, args.out, args.class_name, args.vs, args.layer, args.config, args.device, overrides
+        )
+        print_written(entries, Path(args.out), time.perf_counter() - started)
+
+    p.set_defaults(run=run)
+
+
+def _add_microscope(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "microscope", help="a page per unit of a layer: feature visualisation, dataset examples, atlas cell"
+    )
+    p.add_argument("--model", default="efficientnet-lite0", help="model name (see `atlas layers`)")
+    p.add_argument("--weights", help="weights file, or 'random' (default: the model's ImageNet weights)")
+    p.add_argument("--layer", help="layer (default: the model's atlas layer)")
+    p.add_argument("--data", default="demo", help="image folder, text file of image paths, or 'demo'")
+    p.add_argument("--units", help="N (the first N units) or a list such as 3,7,10-20 (default: every unit)")
+    p.add_argument("--out", required=True, help="site folder (rerunning adds to it and reuses what is done)")
+    p.add_argument("--steps", type=int, default=512, help="optimisation steps (lucid: 512)")
+    p.add_argument("--size", type=int, default=128, help="visualisation size in px (lucid: 128)")
+    p.add_argument("--top-k", type=int, default=8, help="dataset examples per unit")
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--photos", action="append", help="photo to caricature (repeatable; default: some from --data)")
+    p.add_argument("--caricatures", type=int, default=4, help="photos from --data to caricature without --photos")
+    p.add_argument("--atlas", help="run folder with this layer's atlas to link units to (default: --out)")
+    p.add_argument("--store", help="that atlas's HDF5 store (default: ATLAS/store.h5)")
+    p.add_argument("--batch-size", type=int, help="units optimised together (default: fit GPU memory; 16 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, help="image-loading processes (default: up to 4)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    def run(args: argparse.Namespace) -> None:
+        from atlas.microscope import microscope
+
+        summary = microscope(
+            args.model,
+            args.out,
+            layer=args.layer,
+            data=args.data,
+            units=args.units,
+            steps=args.steps,
+            size=args.size,
+            top_k=args.top_k,
+            limit=args.limit,
+            photos=args.photos,
+            caricatures=args.caricatures,
+            atlas=args.atlas,
+            store=args.store,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            workers=args.workers,
+            device=args.device,
+            weights=args.weights,
+        )
+        print(
+            f"{summary['model']} {summary['layer']}: {summary['units']} unit pages, {summary['rendered']} units "
+            f"rendered ({summary['reused']} reused) in {summary['units_s']:.0f} s; dataset examples "
+            f"{summary['examples_s']:.0f} s{'' if summary['dataset_pass'] else ' (reused)'}; DeepDream and "
+            f"caricatures {summary['layer_s']:.0f} s; site {summary['site_s']:.0f} s"
+            f"{'; linked to the atlas' if summary['atlas'] else ''}\n{summary['index']}"
+        )
+
+    p.set_defaults(run=run)
+
+
+COMMANDS = [
+    *(_add_layers, _add_collect, _add_patch, _add_render, _add_compose, _add_view, _add_project, _add_grid),
+    _add_class_atlas,
+    _add_microscope,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ import os
 import shutil
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -164,6 +165,35 @@ def collect(
     Defaults follow the paper: one random position per image (`positions=1`).
     """
     out = Path(out)
+    plan = plan_collection(model, records, out, layers, positions, seed, batch_size, dataset)
+    if plan is not None:
+        write_batches(model, records, plan.pending, plan.parts, plan.layer_shapes, positions, seed, workers, device)
+        merge_parts(plan.parts, out, records, plan.meta, plan.layer_shapes)
+    return out
+
+
+@dataclass(frozen=True)
+class CollectionPlan:
+    """What is left to do: the settings record, the layers' shapes, the parts folder and its missing batches."""
+
+    meta: dict
+    layer_shapes: dict[str, tuple[int, int, int]]
+    parts: Path
+    batches: list[list[int]]  # the fixed partition of the image rows by batch_size
+    pending: list[list[int]]  # the batches without a shard yet
+
+
+def plan_collection(
+    model: Classifier,
+    records: list[ImageRecord],
+    out: Path,
+    layers: list[str] | None,
+    positions: int,
+    seed: int,
+    batch_size: int,
+    dataset: str,
+) -> CollectionPlan | None:
+    """Check the settings against `out` and its parts folder (made when new); None when `out` already holds them."""
     names = [model.resolve_layer(name) for name in (layers or [model.default_layer])]
     shapes = {name: shape for name, *shape in model.layer_shapes() if name in names}
     layer_shapes = {name: tuple(shapes[name]) for name in names}
@@ -182,33 +212,66 @@ def collect(
     }
     if _complete(out, meta):
         log.info("%s is already complete for these inputs; nothing to do", out)
-        return out
+        return None
     if out.exists():
         raise AtlasError(f"{out} exists and holds a different collection; remove it or choose another --out")
     parts = _parts_dir(out, meta)
     batches = [list(range(i, min(i + batch_size, len(records)))) for i in range(0, len(records), batch_size)]
-    pending = [b for b in batches if not (parts / _shard_name(b[0])).exists()]
+    pending = missing_batches(parts, batches)
     if len(pending) < len(batches):
         log.info("resuming: %d of %d batches already done in %s", len(batches) - len(pending), len(batches), parts)
+    return CollectionPlan(meta, layer_shapes, parts, batches, pending)
+
+
+def missing_batches(parts: Path, batches: list[list[int]]) -> list[list[int]]:
+    """The batches that have no finished shard in `parts`."""
+    return [b for b in batches if not (parts / _shard_name(b[0])).exists()]
+
+
+def write_batches(
+    model: Classifier,
+    records: list[ImageRecord],
+    batches: list[list[int]],
+    parts: Path,
+    layer_shapes: dict[str, tuple[int, int, int]],
+    positions: int,
+    seed: int,
+    workers: int | None,
+    device: str | torch.device,
+    start: int = 0,
+    progress: bool | None = None,
+) -> None:
+    """Collect `batches` (rows of the whole image list) into one shard each in `parts`.
+
+    `records` holds the rows from `start` on, so a cluster task needs only its own slice of the list.
+    """
     model = model.to(device).eval()
-    for rows, stacked, skipped in _load_batches(model, records, pending, workers):
+    for rows, stacked, skipped in _load_batches(model, records, batches, workers, start, progress):
         result = collect_batch(model, stacked.to(device), rows, layer_shapes, positions, seed) if rows else {}
         first = min(rows + [row for row, _ in skipped])
         _write_shard(parts / _shard_name(first), result, skipped)
-    merge_parts(parts, out, records, meta, layer_shapes)
-    return out
 
 
 def _load_batches(
-    model: Classifier, records: list[ImageRecord], pending: list[list[int]], workers: int | None
+    model: Classifier,
+    records: list[ImageRecord],
+    pending: list[list[int]],
+    workers: int | None,
+    start: int = 0,
+    progress: bool | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
-    dataset = ImageDataset(records, model.resize_size, model.input_size)
+    dataset = ImageDataset(records, model.resize_size, model.input_size, start=start)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=pending, num_workers=workers, collate_fn=collate, persistent_workers=False
+        dataset,
+        batch_sampler=[[row - start for row in batch] for batch in pending],
+        num_workers=workers,
+        collate_fn=collate,
+        persistent_workers=False,
     )
     total = len(pending)
-    yield from tqdm(loader, total=total, desc="collect", unit="batch", disable=total == 0 or None)
+    disable = total == 0 or (None if progress is None else not progress)  # None: a bar only on a terminal
+    yield from tqdm(loader, total=total, desc="collect", unit="batch", disable=disable)
 
 
 def _shard_name(first_row: int) -> str:
@@ -238,7 +301,9 @@ def _write_shard(path: Path, result: dict, skipped: list[tuple[int, str]]) -> No
     arrays["skipped_reasons"] = np.array([reason for _, reason in skipped], dtype=str)
     for row, reason in skipped:
         log.warning("skipped image %d: %s", row, reason)
-    tmp = path.with_suffix(".tmp.npz")
+    # the temporary name is outside merge_parts' "batch-*.npz" and unique to this process, so a killed writer's
+    # leftover is never merged and two workers that happen to run the same batch do not clash
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)  # atomic: a shard is either complete or absent
 

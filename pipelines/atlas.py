@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make atlas: error: {err}", file=sys.stderr)
         return 2
     folder = index.parent
-    pngs = sorted(folder.glob("*.png"))
+    pngs = sorted(folder.glob("layer-*/grid-*/atlas.png"))
     print(f"\natlas images: {', '.join(str(p) for p in pngs) or '(none)'}")
     print(f"viewer:       {index}  (serve it with `make view OUT={folder}` or `atlas view {folder}`)")
     return 0
