@@ -15,6 +15,9 @@ OUT ?=
 CONFIG ?=
 CLASS ?= great white shark
 VS ?=
+STORE ?=
+UNITS ?=
+STEPS ?=
 
 .PHONY: install test lint atlas class-atlas microscope view bench clean
 
@@ -39,6 +42,18 @@ atlas: install
 	$(PY) -m pipelines.atlas $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) \
 		$(if $(LAYER),--layer $(LAYER)) $(if $(DATA),--data $(DATA)) $(if $(N),--limit $(N)) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT))
+
+# a class atlas (or with VS, a two-class comparison) from STORE (default: `make atlas`'s) into OUT (default: its folder)
+class-atlas: install
+	$(PY) -m pipelines.class_atlas --class "$(CLASS)" $(if $(VS),--vs "$(VS)") $(if $(STORE),--store $(STORE)) \
+		$(if $(OUT),--out $(OUT)) $(if $(LAYER),--layer $(LAYER)) $(if $(CONFIG),--config $(CONFIG)) \
+		$(if $(DEVICE),--device $(DEVICE))
+
+# Microscope pages for the units of one layer into OUT (default data/microscope); reruns reuse finished units
+microscope: install
+	$(PY) -m atlas.cli microscope $(if $(MODEL),--model $(MODEL)) $(if $(LAYER),--layer $(LAYER)) \
+		$(if $(DATA),--data $(DATA)) $(if $(UNITS),--units $(UNITS)) $(if $(STEPS),--steps $(STEPS)) \
+		$(if $(N),--limit $(N)) $(if $(DEVICE),--device $(DEVICE)) --out $(or $(OUT),data/microscope)
 
 view: install
 	@test -n "$(OUT)" || { echo "usage: make view OUT=<run folder written by atlas compose>"; exit 2; }

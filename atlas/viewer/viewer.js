@@ -59,23 +59,45 @@
     fillSelect(byId("grid"), [["auto", "by zoom"], ...grids], state.grid);
   }
 
-  function open(atlas, grid) {
+  // focus: a cell {grid, x, y} of the fixed grid to zoom to and pin once the atlas is open
+  function open(atlas, grid, focus = null) {
     const keepView = state.atlas && state.atlas.id === atlas.id ? viewer.viewport.getBounds() : null;
     Object.assign(state, { atlas, grid, pinned: null });
     showControls();
-    history.replaceState(null, "", "#" + new URLSearchParams({ atlas: atlas.id, grid })); // a linkable view
+    const params = { atlas: atlas.id, grid, ...(focus ? { cell: `${focus.x},${focus.y}` } : {}) };
+    history.replaceState(null, "", "#" + new URLSearchParams(params)); // a linkable view
     document.title = `${atlas.title} · activation atlas`;
     byId("title").textContent = atlas.model ? `${atlas.model} · ${atlas.title}` : atlas.title;
     document.body.dataset.ready = "";
     viewer.addOnceHandler("open", () => {
       highlightPlaced = false; // opening clears the overlays
       if (keepView) viewer.viewport.fitBounds(keepView, true);
+      if (focus) focusCell(focus);
       showStatus();
       document.body.dataset.ready = "1";
     });
     const entry = gridEntry(Number(grid));
     viewer.open(entry ? { type: "image", url: entry.image, buildPyramid: false } : atlas.tiles.dzi);
     showHint();
+  }
+
+  // `cell=x,y` in the URL names a cell of the fixed grid (the microscope's unit pages link to cells this way)
+  function parseCell(grid, value) {
+    const size = Number(grid);
+    const [x, y] = (value ?? "").split(",").map((part) => (part.trim() === "" ? NaN : Number(part)));
+    const inside = (v) => Number.isInteger(v) && v >= 0 && v < size;
+    return inside(x) && inside(y) ? { grid: size, x, y } : null;
+  }
+
+  function focusCell(target) {
+    const item = viewer.world.getItemAt(0);
+    const side = item.getContentSize().x / target.grid;
+    const context = 2; // cells shown on each side of it
+    const span = (2 * context + 1) * side;
+    const rect = item.imageToViewportRectangle((target.x - context) * side, (target.y - context) * side, span, span);
+    viewer.viewport.fitBounds(rect, true);
+    state.pinned = target;
+    show(target);
   }
 
   // The grid on screen. The pyramid's levels each come from one grid (tiles.level_grids); OpenSeadragon
@@ -267,7 +289,7 @@
       const wanted = new URLSearchParams(location.hash.slice(1));
       const atlas = state.atlases.find((candidate) => candidate.id === wanted.get("atlas")) ?? state.atlases[0];
       const grid = atlas.grids.some((entry) => String(entry.size) === wanted.get("grid")) ? wanted.get("grid") : "auto";
-      open(atlas, grid);
+      open(atlas, grid, parseCell(grid, wanted.get("cell")));
     })
     .catch((error) => {
       const hint = location.protocol === "file:" ? " Browsers do not let a file:// page read its data: run `atlas view <run folder>`." : "";

@@ -1,0 +1,225 @@
+"""Microscope: dataset examples against brute force, atlas cells, unit pages and reuse on rerun."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from atlas import AtlasError, microscope
+from atlas.cli import main
+from atlas.compose import compose_run
+from atlas.images import ImageDataset, ImageRecord, collate
+from atlas.microscope import RESULTS, TopK, best_cells, merge_top_k, parse_units, top_activating, unit_maxima
+from atlas.models import Classifier, capture
+from tests.test_compose import write_rendered_store
+
+LAYER = "mixed4c"  # the tiny model's alias, as in write_rendered_store's atlas
+CHANNELS = 8
+TINY = "tests.test_microscope:tiny_classifier"
+FAST = ["--steps", "4", "--size", "32", "--top-k", "3", "--caricatures", "2", "--workers", "0"]
+
+
+def tiny_classifier() -> Classifier:
+    """Three stride-2 convolutions: `mixed4c` is 8 channels at 4 x 4 for its 32 px input (the tiny atlas's layer)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, 2, 1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, 2, 1),
+        nn.ReLU(),
+        nn.Conv2d(8, CHANNELS, 3, 2, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(CHANNELS, 10),
+    )
+    names = [f"class {k}" for k in range(10)]
+    return Classifier("tiny", net, nn.Identity(), 32, names, "5", "seeded", aliases={LAYER: "5"})
+
+
+def write_photos(folder: Path, count: int = 9, seed: int = 0) -> Path:
+    """`count` random photos of different sizes and one file that is no image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = rng.integers(0, 256, size=(30 + 7 * i, 50 - 2 * i, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def build_site(folder: Path, units: str = "4", with_atlas: bool = True) -> Path:
+    """A tiny atlas run folder (write_rendered_store + compose) with the microscope written into it."""
+    run = folder / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    if with_atlas:
+        compose_run(write_rendered_store(folder, sizes=(4, 8), n=400), run, examples=1)
+        (folder / "store.h5").rename(run / "store.h5")
+    photos = write_photos(folder / "photos")
+    assert main(["microscope", "--model", TINY, "--layer", LAYER, "--data", str(photos), "--units", units,
+                 "--out", str(run), *FAST]) == 0  # fmt: skip
+    return run
+
+
+def test_top_k_examples_equal_brute_force(tmp_path: Path) -> None:
+    model = tiny_classifier()
+    folder = write_photos(tmp_path / "photos", count=11)
+    records = [ImageRecord(str(p)) for p in sorted(folder.iterdir())]
+    best = top_activating(model, LAYER, records, top_k=4, batch_size=3, workers=0, progress=False)
+
+    items = [ImageDataset(records, model.resize_size, model.input_size)[i] for i in range(len(records))]
+    rows, images, skipped = collate(items)
+    assert [records[row].path for row, _ in skipped] == [str(folder / "broken.png")]
+    with torch.no_grad(), capture(model, [LAYER]) as acts:
+        model(images)
+    maps = acts[LAYER].numpy()  # [N, C, 4, 4]
+    interior = np.zeros(maps.shape[2:], bool)
+    interior[1:-1, 1:-1] = True  # the border row and column are left out, as collect leaves them out
+    for unit in range(CHANNELS):
+        maxima = [max(image[unit][interior]) for image in maps]
+        order = np.argsort(-np.asarray(maxima), kind="stable")[:4]
+        np.testing.assert_array_equal(best.row[unit], np.asarray(rows)[order])
+        np.testing.assert_allclose(best.value[unit], np.asarray(maxima)[order], rtol=1e-5)
+        for row, (y, x) in zip(order, best.position[unit], strict=True):
+            assert interior[y, x] and maps[row, unit, y, x] == maxima[row]
+
+
+def test_unit_maxima_leave_out_the_border_unless_the_map_has_no_interior() -> None:
+    acts = torch.zeros(1, 1, 4, 4)
+    acts[0, 0, 0, 3], acts[0, 0, 2, 1] = 9.0, 5.0  # the larger one on the border
+    value, position = unit_maxima(acts)
+    assert value.tolist() == [[5.0]] and position.tolist() == [[[2, 1]]]
+    value, position = unit_maxima(acts[..., :2, 2:])
+    assert value.tolist() == [[9.0]] and position.tolist() == [[[0, 1]]]
+
+
+def test_merge_top_k_breaks_ties_by_the_earlier_row() -> None:
+    best = TopK.empty(2)
+    for rows in ([0, 1], [2, 3], [4]):  # every image gives both units the same maximum
+        value = np.ones((len(rows), 2), np.float32)
+        position = np.zeros((len(rows), 2, 2), np.int32)
+        best = merge_top_k(best, value, np.array(rows), position, k=3)
+    assert best.row.tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_top_k_pads_when_fewer_images_than_k(tmp_path: Path) -> None:
+    folder = write_photos(tmp_path / "photos", count=2)
+    records = [ImageRecord(str(p)) for p in sorted(folder.iterdir())]
+    best = top_activating(tiny_classifier(), LAYER, records, top_k=3, workers=0, progress=False)
+    assert (best.row[:, 2] == -1).all() and np.isnan(best.value[:, 2]).all()
+    assert sorted(best.row[0, :2]) == [1, 2]  # row 0 is the broken file
+    with pytest.raises(AtlasError, match="none of the 1 images"):
+        top_activating(tiny_classifier(), LAYER, records[:1], workers=0, progress=False)
+
+
+def test_best_cells_is_the_highest_cosine_non_empty_cell() -> None:
+    rng = np.random.default_rng(1)
+    size, channels, min_count = 5, 6, 3
+    mean = rng.gamma(2.0, 1.0, size=(size, size, channels))
+    count = rng.integers(0, 6, size=(size, size))
+    units = [4, 0, 2]
+    y, x, cosine = best_cells(mean, count, min_count, units)
+    for i, unit in enumerate(units):
+        scores = {
+            (cy, cx): mean[cy, cx, unit] / np.linalg.norm(mean[cy, cx])
+            for cy in range(size)
+            for cx in range(size)
+            if count[cy, cx] >= min_count
+        }
+        cell = max(scores, key=scores.get)
+        assert (y[i], x[i]) == cell
+        assert cosine[i] == pytest.approx(scores[cell])
+    assert not np.isfinite(best_cells(mean, np.zeros_like(count), 1, [0])[2]).any()
+
+
+def test_parse_units() -> None:
+    assert parse_units(None, 3) == [0, 1, 2]
+    assert parse_units("2", 8) == [0, 1]
+    assert parse_units("5,1-3,5", 8) == [5, 1, 2, 3]
+    for bad in ("9", "1,x", "3-10", ","):
+        with pytest.raises(AtlasError):
+            parse_units(bad, 8)
+
+
+def test_a_page_per_unit_and_rerun_reuses_finished_units(tmp_path: Path, monkeypatch) -> None:
+    run = build_site(tmp_path, units="3", with_atlas=False)
+    layer_dir = run / "tiny" / LAYER
+    assert (run / "index.html").is_file() and (run / "tiny" / "index.html").is_file()
+    assert sorted(p.name for p in layer_dir.glob("unit-*.html")) == [f"unit-{u}.html" for u in range(3)]
+    assert (layer_dir / "layer" / "deepdream.png").is_file() and (layer_dir / "layer" / "caricature-1.png").is_file()
+    unit_page = (layer_dir / "unit-1.html").read_text()
+    assert 'rel="prev" href="unit-0.html"' in unit_page and 'rel="next" href="unit-2.html"' in unit_page
+    examples = re.findall(r'src="(examples/[^"]+)"', unit_page)
+    assert len(examples) == 3 and all((layer_dir / src).is_file() for src in examples)
+    wholes = re.findall(r'src="\.\./\.\./(tiny/images/[^"]+)"', unit_page)
+    assert len(wholes) == 3 and all((run / src).is_file() for src in wholes)
+    with h5py.File(run / RESULTS) as f:
+        group = f[f"tiny/{LAYER}/units/{f[f'tiny/{LAYER}/units'].attrs['latest']}"]
+        first = group["images"][:3]
+        assert group["done"][()].tolist() == [True] * 3 + [False] * 5
+
+    rendered: list[int] = []
+    original = microscope.optimize_images
+
+    def spy(model, objective, keys, **kwargs):
+        rendered.append(len(keys))
+        return original(model, objective, keys, **kwargs)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the dataset pass should be reused")
+
+    monkeypatch.setattr(microscope, "optimize_images", spy)
+    monkeypatch.setattr(microscope, "top_activating", no_pass)
+    photos = str(tmp_path / "photos")
+    assert main(["microscope", "--model", TINY, "--layer", LAYER, "--data", photos, "--units", "5", "--out",
+                 str(run), *FAST]) == 0  # fmt: skip
+    assert rendered == [2]  # units 3 and 4 only: no unit again, no DeepDream or caricature again
+    assert sorted(p.name for p in layer_dir.glob("unit-*.html")) == [f"unit-{u}.html" for u in range(5)]
+    with h5py.File(run / RESULTS) as f:
+        group = f[f"tiny/{LAYER}/units/{f[f'tiny/{LAYER}/units'].attrs['latest']}"]
+        np.testing.assert_array_equal(group["images"][:3], first)
+
+    rendered.clear()  # other settings are other results: all five units again, kept beside the first ones
+    assert main(["microscope", "--model", TINY, "--layer", LAYER, "--data", photos, "--units", "5", "--out",
+                 str(run), *FAST[2:], "--steps", "2"]) == 0  # fmt: skip
+    assert sorted(rendered) == [1, 2, 5]
+    with h5py.File(run / RESULTS) as f:
+        assert len(f[f"tiny/{LAYER}/units"]) == 2
+
+
+def test_units_link_to_their_best_atlas_cell(tmp_path: Path) -> None:
+    run = build_site(tmp_path, units="2")
+    assert (run / "atlas.html").read_text() == (Path(microscope.__file__).parent / "viewer/index.html").read_text()
+    assert "atlas.html" in (run / "index.html").read_text()
+    with h5py.File(run / "store.h5") as f:
+        grids = {size: (f[f"{LAYER}/grid/{size}/mean"][()], f[f"{LAYER}/grid/{size}/count"][()]) for size in (4, 8)}
+    for unit in range(2):
+        page = (run / "tiny" / LAYER / f"unit-{unit}.html").read_text()
+        links = re.findall(r'class="atlas-cell" href="([^"]+)"', page)
+        expected = []
+        for size, (mean, count) in grids.items():
+            y, x, _ = best_cells(mean, count, 3, [unit])
+            expected.append(f"../../atlas.html#atlas=layer-{LAYER}&amp;grid={size}&amp;cell={x[0]},{y[0]}")
+        assert links == expected
+
+
+def test_bad_input_is_one_line_error(tmp_path: Path, capsys) -> None:
+    photos = str(write_photos(tmp_path / "photos", count=1))
+    base = ["microscope", "--model", TINY, "--data", photos, "--out", str(tmp_path / "out")]
+    assert main([*base, "--layer", LAYER, "--units", "0-20"]) == 2
+    assert "outside the layer's 8 channels" in capsys.readouterr().err
+    assert main([*base, "--layer", "mixed9z"]) == 2
+    assert "unknown layer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # validated before anything is written
+    manifest = tmp_path / "out" / "atlases.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"atlases": []}))
+    assert microscope.find_layer_atlas(manifest.parent, "tiny", LAYER) is None
