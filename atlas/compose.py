@@ -9,6 +9,10 @@ other atlas kinds (class atlases) can be added beside the layer atlases later:
     <atlas id>/grid-<G>/cells.json                cells of grid G: count, top classes, icon quality, examples
     <atlas id>/tiles.dzi, tiles_files/            Deep Zoom pyramid across the grid sizes (OpenSeadragon reads it)
     patches/<layer>/<sample>.jpg                  dataset example patches, shared by all atlases of a layer
+    patches/<atlas id>/<sample>.jpg               those of an atlas from a subset store (class atlases)
+
+Kinds in the manifest: "layer"; "heatmap", a layer atlas with each cell's opacity its attribution to one
+class (`heatmap_class`); and those of other stores, e.g. "class" and "comparison" (atlas.class_atlas).
 
 Rows of an atlas are the grid's y, columns its x (cell = y * G + x, as in the store).
 """
@@ -19,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from atlas import AtlasError
+from atlas.class_atlas import heatmap_opacity
 from atlas.images import load_rgb, to_model_input
 from atlas.store import grid_group, iter_rows, layer_group, open_store
 from atlas.store import layers as store_layers
@@ -371,6 +377,17 @@ def cells_json(grid: Grid, names: list[str], examples: np.ndarray, example_info:
     return {"grid": grid.size, "min_count": grid.min_count, "total": int(grid.count.sum()), "cells": cells}
 
 
+def fade_cells(image: Image.Image, opacity: np.ndarray) -> Image.Image:
+    """Blend each cell of an atlas toward the white background by its opacity [G, G] in [0, 1] (1: as drawn)."""
+    pixels = np.asarray(image).copy()
+    cell_px = image.width // opacity.shape[0]
+    for y, row in enumerate(opacity.astype(np.float32)):  # a row of cells at a time: no full-size float copy
+        band = pixels[y * cell_px : (y + 1) * cell_px].astype(np.float32)
+        alpha = np.repeat(row, cell_px)[None, :, None]
+        pixels[y * cell_px : (y + 1) * cell_px] = np.round(BACKGROUND - (BACKGROUND - band) * alpha)
+    return Image.fromarray(pixels)
+
+
 def compose_atlas(
     store: h5py.File,
     layer: str,
@@ -380,13 +397,23 @@ def compose_atlas(
     labels: bool = True,
     examples: int = 4,
     tile_format: str = "jpg",
+    heatmap_class: int | None = None,
+    patch_dir: str | None = None,
 ) -> dict:
-    """Write one atlas (its grids of `layer` at `sizes`) under `out_dir`/`folder`; return its manifest paths."""
+    """Write one atlas (its grids of `layer` at `sizes`) under `out_dir`/`folder`; return its manifest paths.
+
+    heatmap_class: fade each cell by its attribution to this class (atlas.class_atlas.heatmap_opacity).
+    patch_dir: the example patches' folder in `out_dir`, default patches/<layer>.
+    """
     group = store[layer]
     atlas_dir = out_dir / folder
     grids = []
     for size in sizes:
-        grids.append(read_grid(grid_group(group, size)))
+        grid = read_grid(grid_group(group, size))
+        if heatmap_class is not None:
+            attribution = grid_group(group, size)["attribution"][:, :, heatmap_class]
+            grid.image = fade_cells(grid.image, heatmap_opacity(attribution, grid.count, grid.min_count))
+        grids.append(grid)
         log.info("%s grid %d: atlas drawn", layer, size)
     names = class_names(grid_group(group, sizes[0])["attribution"].shape[-1])
 
@@ -398,7 +425,7 @@ def compose_atlas(
     samples = np.unique(np.concatenate([p[p >= 0] for p in picked.values()]))
     image_index, position = group["image_index"][()], group["position"][()]
     paths = store["images/path"].asstr()[()].tolist()
-    patch_dir = f"patches/{layer}"
+    patch_dir = patch_dir or f"patches/{layer}"
     written = write_patches(
         samples,
         image_index,
@@ -445,7 +472,9 @@ def compose_atlas(
 
 def install_viewer(out_dir: Path) -> Path:
     """Copy the static viewer (page, script, style, vendored OpenSeadragon) into the run folder."""
-    shutil.copytree(VIEWER, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    # microscope/ holds the templates of `atlas microscope`'s pages, not part of the atlas viewer
+    ignore = shutil.ignore_patterns("__pycache__", "microscope")
+    shutil.copytree(VIEWER, out_dir, dirs_exist_ok=True, ignore=ignore)
     return out_dir / "index.html"
 
 
@@ -473,11 +502,16 @@ def compose_run(
     labels: bool = True,
     examples: int = 4,
     tile_format: str = "jpg",
+    heatmap_class: int | None = None,
+    atlas: dict | None = None,
 ) -> Path:
     """Compose the layer atlases of a store into the run folder `out_dir`; return its index.html.
 
     layers: default every layer with rendered grids. grids: default every rendered grid size of each
     layer. Re-running adds to or overwrites the folder; atlases of other kinds in it are kept.
+    heatmap_class: compose each layer's attribution heat-map for this class instead (kind "heatmap").
+    atlas: manifest fields (at least id and kind) of the one atlas a store of another kind holds, e.g. a
+    class atlas's subset store; its example patches go to patches/<id>/, its sample numbers being its own.
     """
     out_dir = Path(out_dir)
     if tile_format not in ("jpg", "png"):
@@ -486,23 +520,46 @@ def compose_run(
         raise AtlasError(f"examples per cell must be >= 0, not {examples}")
     with open_store(store_path) as store:
         plan = _plan(store, layers, grids)  # validate everything before writing anything
+        if atlas is not None and (heatmap_class is not None or len(plan) != 1):
+            raise AtlasError("an atlas of another kind comes from one layer of its store, with no heat-map")
+        heads = {layer: _manifest_entry(store, layer, heatmap_class, atlas) for layer in plan}
         entries = []
         for layer, sizes in plan.items():
-            paths = compose_atlas(store, layer, sizes, out_dir, f"layer-{layer}", labels, examples, tile_format)
-            entries.append(
-                {
-                    "id": f"layer-{layer}",
-                    "kind": "layer",
-                    "layer": layer,
-                    "class": None,
-                    "title": layer,
-                    "model": str(store.attrs.get("model", "")),
-                    **paths,
-                }
+            head = heads[layer]
+            patch_dir = f"patches/{head['id']}" if atlas is not None else None
+            paths = compose_atlas(
+                store, layer, sizes, out_dir, head["id"], labels, examples, tile_format, heatmap_class, patch_dir
             )
+            entries.append({**head, **paths})
     index = install_viewer(out_dir)
     update_manifest(out_dir, entries)
     return index
+
+
+def _manifest_entry(store: h5py.File, layer: str, heatmap_class: int | None, atlas: dict | None) -> dict:
+    """The manifest fields of one atlas but its paths: a layer atlas, its heat-map for a class, or `atlas`."""
+    entry = {
+        "id": f"layer-{layer}",
+        "kind": "layer",
+        "layer": layer,
+        "class": None,
+        "title": layer,
+        "model": str(store.attrs.get("model", "")),
+    }
+    if heatmap_class is not None:
+        classes = store[layer]["attributions"].shape[1]
+        if not 0 <= heatmap_class < classes:
+            raise AtlasError(f"heat-map class {heatmap_class} is not in 0..{classes - 1}")
+        name = class_names(classes)[heatmap_class]
+        entry.update(id=f"heatmap-{layer}-{heatmap_class}", kind="heatmap", title=f"{layer}: attribution to {name}")
+        entry.update({"class": f"{name} (heat-map)", "class_index": heatmap_class})
+    elif atlas is not None:
+        if not {"id", "kind"} <= set(atlas):
+            raise AtlasError(f"an atlas of another kind needs an id and a kind, not {sorted(atlas)}")
+        entry.update(atlas)
+        if not re.fullmatch(r"[\w.\-]+", str(entry["id"])) or entry["id"] in (".", ".."):
+            raise AtlasError(f"atlas id {entry['id']!r} is not a folder name")
+    return entry
 
 
 def _plan(store: h5py.File, layers: list[str] | None, grids: list[int] | None) -> dict[str, list[int]]:

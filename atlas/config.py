@@ -20,7 +20,10 @@ from atlas import AtlasError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "efficientnet-lite0"
-TOP_KEYS = {"model", "layer", "data", "weights", "layers", "collect", "project", "grid", "render", "compose"}
+TOP_KEYS = {
+    *("model", "layer", "data", "weights", "layers", "collect", "project", "grid", "render", "compose"),
+    "class_atlas",  # its sub-sections are checked by pipelines.class_atlas
+}
 
 
 def config_path(model: str | None) -> Path:
@@ -47,13 +50,16 @@ def load_config(path: str | Path, stages: dict[str, Callable], layer: str | None
     for section, values in overrides.items():
         merged.setdefault(section, {}).update(values)
     for section, function in stages.items():
-        values = merged.setdefault(section, {}) or {}
-        if not isinstance(values, dict):
-            raise AtlasError(f"config {path}: section {section!r} must be a mapping")
-        accepted = set(inspect.signature(function).parameters)
-        _check_keys(values, accepted, f"{path} ({section}:)")
-        merged[section] = values
+        merged[section] = check_section(merged.setdefault(section, {}) or {}, function, f"{path} ({section}:)")
     return merged
+
+
+def check_section(values: object, function: Callable, where: str) -> dict:
+    """A config section, checked: a mapping whose keys are keyword arguments of `function`."""
+    if not isinstance(values, dict):
+        raise AtlasError(f"config {where} must be a mapping")
+    _check_keys(values, set(inspect.signature(function).parameters), where)
+    return values
 
 
 def _check_keys(values: dict, accepted: set[str], where: str) -> None:

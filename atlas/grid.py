@@ -1,0 +1,275 @@
+"""Stage 3, `atlas grid`: bin the layout into G x G cells and average activations and attributions per cell.
+
+One streamed pass over `/<layer>/activations` and `/<layer>/attributions` (row blocks, so memory holds
+one block plus the per-cell sums, never N x C) fills every grid size at once and the covariance for the
+whitening matrix. Each block is scattered into per-cell sums with one `index_add_` (float32 within a block,
+float64 across blocks); there is no loop over cells. A size that divides a larger one (20, 40, 80 of 160)
+takes block sums of the larger grid's cells instead of its own pass: the cells nest exactly.
+
+Cells: x = layout[:, 0], y = layout[:, 1], column floor(x G), row floor(y G), points at exactly 1.0 go in
+the last column/row, cell id y * G + x. A cell is empty when count < min_count; the default 6 is the lucid
+recipe's rule (a cell is kept when count > 5).
+
+Whitening: S = (Sigma + r I)^-1 with Sigma the centred covariance and r = ridge x the mean channel variance,
+estimated from at most `whitening_rows` evenly strided samples. Lucid inverts the uncentred second moment
+with no ridge, which blows up on near-dead ReLU channels. The renderer turns a target direction v into S v.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from atlas import AtlasError
+from atlas.store import iter_rows, layer_group, open_store, replace_dataset
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZES = (20, 40, 80)  # the paper's zoom levels; production adds 160 (and 320 for mixed5a/5b)
+DEFAULT_MIN_COUNT = 6  # lucid recipe: a cell is kept when count > 5
+TOP_CLASSES = 5
+RIDGE = 0.01  # fraction of the mean channel variance added to the covariance's diagonal
+WHITENING_ROWS = 262_144  # a covariance of C <= 1024 channels is settled long before this many samples
+CHUNK_ROWS = 65536  # rows per streamed block
+
+
+def cell_ids(layout: np.ndarray, size: int) -> np.ndarray:
+    """Row-major cell y * size + x of every [x, y] point of a layout in [0, 1] (1.0 goes to the last cell)."""
+    scaled = np.floor(np.asarray(layout, dtype=np.float64) * size).astype(np.int64)  # exact for float32 layouts
+    np.clip(scaled, 0, size - 1, out=scaled)
+    return (scaled[:, 1] * size + scaled[:, 0]).astype(np.int32)
+
+
+class CovarianceSums:
+    """Streamed sums for a covariance, of every `stride`-th row in file order.
+
+    Rows are shifted by the first block's mean against cancellation; the sums are float64 across blocks.
+    """
+
+    def __init__(self, channels: int, stride: int = 1):
+        self.stride = stride
+        self.second_moment, self.total, self.samples = np.zeros((channels, channels)), np.zeros(channels), 0
+        self.shift: np.ndarray | None = None
+
+    def add(self, rows: np.ndarray, start: int) -> None:
+        """Add a block of rows that starts at row `start` of the dataset."""
+        if self.shift is None:
+            self.shift = rows.mean(axis=0)
+        sample = torch.from_numpy(rows[(-start) % self.stride :: self.stride] - self.shift)
+        self.second_moment += (sample.T @ sample).numpy()
+        self.total += sample.sum(dim=0).numpy()
+        self.samples += len(sample)
+
+    def whitening(self, ridge: float = RIDGE) -> np.ndarray:
+        """S = (Sigma + r I)^-1, r = ridge x the mean channel variance (module docstring)."""
+        mean = self.total / self.samples
+        covariance = (self.second_moment - self.samples * np.outer(mean, mean)) / max(self.samples - 1, 1)
+        eigenvalues, eigenvectors = np.linalg.eigh((covariance + covariance.T) / 2)
+        floor = ridge * max(float(np.trace(covariance)) / len(covariance), 0.0)
+        if floor <= 0:
+            raise AtlasError(
+                "activations have no variance: cannot whiten (is the layer dead, or are all samples equal?)"
+            )
+        inverse = (eigenvectors / (np.clip(eigenvalues, 0.0, None) + floor)) @ eigenvectors.T
+        return inverse.astype(np.float32)
+
+
+def _stride(n: int, whitening_rows: int | None) -> int:
+    return 1 if not whitening_rows else math.ceil(n / whitening_rows)
+
+
+def top_classes(attribution: np.ndarray, top: int = TOP_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the `top` largest entries of each row, largest first."""
+    top = min(top, attribution.shape[1])
+    chosen = np.argpartition(-attribution, top - 1, axis=1)[:, :top]
+    values = np.take_along_axis(attribution, chosen, axis=1)
+    order = np.argsort(-values, axis=1, kind="stable")
+    return np.take_along_axis(chosen, order, axis=1), np.take_along_axis(values, order, axis=1)
+
+
+def _add_rows(sums: np.ndarray, cell: np.ndarray, rows: np.ndarray, scratch: torch.Tensor) -> None:
+    """sums[cell[i]] += rows[i] for every row of a block: summed in float32 within the block, float64 across.
+
+    `scratch` is a float32 array of the sums' shape: scattering into it and adding it whole is far faster
+    than adding into only the occupied cells with fancy indexing.
+    """
+    scratch.zero_()
+    scratch.index_add_(0, torch.from_numpy(cell), torch.from_numpy(rows))
+    np.add(sums, scratch.numpy(), out=sums)
+
+
+def _coarsen(sums: np.ndarray, fine: int, coarse: int) -> np.ndarray:
+    """Per-cell sums of a coarse grid from those of a fine one whose size is a multiple of it.
+
+    Cells nest exactly: floor(x fine) // m == floor(x coarse) for m = fine / coarse, and x fine is exact in
+    float64 for a float32 x, so these are the sums of the very samples that `cell_ids(layout, coarse)` puts there.
+    """
+    m = fine // coarse
+    return sums.reshape(coarse, m, coarse, m, -1).sum(axis=(1, 3)).reshape(coarse * coarse, -1)
+
+
+def _first_non_finite(dataset: h5py.Dataset) -> str:
+    for start, rows in iter_rows(dataset):
+        finite = np.isfinite(rows).all(axis=1)
+        if not finite.all():
+            return f"{dataset.name} contains NaN or infinite values (first in sample {start + np.argmin(finite)})"
+    return f"{dataset.name} has values too large to sum in float32"
+
+
+def _check_sizes(sizes: Iterable[int], min_count: int) -> list[int]:
+    sizes = sorted({int(size) for size in sizes})
+    if not sizes or sizes[0] < 1:
+        raise AtlasError(f"grid sizes must be positive integers, not {sizes}")
+    if min_count < 1:
+        raise AtlasError(f"min_count must be at least 1, not {min_count}")
+    return sizes
+
+
+def _read_layout(group: h5py.Group, n: int) -> np.ndarray:
+    if "layout" not in group:
+        raise AtlasError(f"{group.name} has no layout: run `atlas project` first")
+    layout = group["layout"][:]
+    if layout.shape != (n, 2):
+        raise AtlasError(f"{group.name}/layout has shape {layout.shape} for {n} samples: rerun `atlas project`")
+    if not (np.isfinite(layout).all() and layout.min() >= 0.0 and layout.max() <= 1.0):
+        raise AtlasError(f"{group.name}/layout is not within [0, 1]: rerun `atlas project`")
+    return layout
+
+
+def _stream_sums(
+    group: h5py.Group, cells: dict[int, np.ndarray], covariance: CovarianceSums | None, chunk_rows: int
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """One pass over the rows: per-cell sums of activations and attributions for each grid in `cells`, and
+    the covariance sums when asked.
+
+    Non-finite input is not checked row by row: it makes its cell's sum non-finite, which `grid_store` checks.
+    """
+    activations, attributions = group["activations"], group["attributions"]
+    n, channels = activations.shape
+    classes = attributions.shape[1]
+    activation_sums = {size: np.zeros((size * size, channels)) for size in cells}
+    attribution_sums = {size: np.zeros((size * size, classes)) for size in cells}
+    # buffers reused for every block: fresh pages for each block cost more than the sums
+    block_rows = min(chunk_rows, n)
+    rows, attribution_rows = np.empty((block_rows, channels), np.float32), np.empty((block_rows, classes), np.float32)
+    scratch = {size: torch.empty(sums.shape) for size, sums in activation_sums.items()}  # float32
+    attribution_scratch = {size: torch.empty(sums.shape) for size, sums in attribution_sums.items()}
+    for start in range(0, n, chunk_rows):
+        count = min(chunk_rows, n - start)
+        activations.read_direct(rows, np.s_[start : start + count], np.s_[:count])
+        attributions.read_direct(attribution_rows, np.s_[start : start + count], np.s_[:count])
+        for size, cell in cells.items():
+            block_cells = cell[start : start + count]
+            _add_rows(activation_sums[size], block_cells, rows[:count], scratch[size])
+            _add_rows(attribution_sums[size], block_cells, attribution_rows[:count], attribution_scratch[size])
+        if covariance is not None:
+            covariance.add(rows[:count], start)
+    return activation_sums, attribution_sums
+
+
+def _grid_arrays(
+    cell: np.ndarray, activation_sum: np.ndarray, attribution_sum: np.ndarray, size: int, min_count: int
+) -> dict[str, np.ndarray]:
+    """The datasets of one `/<layer>/grid/<G>` group (schema: atlas.store)."""
+    count = np.bincount(cell, minlength=size * size)
+    kept = (count >= min_count)[:, None]
+    divisor = np.maximum(count, 1)[:, None]
+    mean = np.where(kept, activation_sum / divisor, 0.0).astype(np.float32)
+    attribution = np.where(kept, attribution_sum / divisor, 0.0).astype(np.float32)
+    classes, values = top_classes(attribution)
+    return {
+        "cell": cell,
+        "count": count.reshape(size, size),
+        "mean": mean.reshape(size, size, -1),
+        "attribution": attribution.reshape(size, size, -1),
+        "top_classes": np.where(kept, classes, -1).reshape(size, size, -1),
+        "top_attributions": np.where(kept, values, np.nan).astype(np.float32).reshape(size, size, -1),
+    }
+
+
+def layer_whitening(
+    group: h5py.Group, ridge: float = RIDGE, whitening_rows: int | None = WHITENING_ROWS, chunk_rows: int = CHUNK_ROWS
+) -> tuple[np.ndarray, int]:
+    """(S, samples used) of a layer, computed as `grid_store` does but without a layout or grids."""
+    activations = group["activations"]
+    covariance = CovarianceSums(activations.shape[1], _stride(activations.shape[0], whitening_rows))
+    for start, rows in iter_rows(activations, chunk_rows):
+        covariance.add(rows, start)
+    if not np.isfinite(covariance.total).all():
+        raise AtlasError(_first_non_finite(activations))
+    return covariance.whitening(ridge), covariance.samples
+
+
+def grid_store(
+    path: str | Path,
+    layer: str | None = None,
+    sizes: Iterable[int] = DEFAULT_SIZES,
+    min_count: int = DEFAULT_MIN_COUNT,
+    ridge: float = RIDGE,
+    whitening_rows: int | None = WHITENING_ROWS,
+    chunk_rows: int = CHUNK_ROWS,
+    whitening: bool = True,
+) -> dict[int, np.ndarray]:
+    """Grid a layer at every size and write `/<layer>/grid/<G>/...` and `/<layer>/whitening` (schema: atlas.store).
+
+    `whitening_rows` caps the samples (evenly strided) that go into the covariance; None uses all.
+    `whitening=False` leaves `/<layer>/whitening` as it is: a class atlas's subset store holds the whole layer's
+    (the paper renders class-atlas icons with S of all samples, reference 1.7).
+    Everything is read and checked before the store is written; a failure leaves it as it was.
+    Returns the [G, G] counts per size.
+    """
+    sizes = _check_sizes(sizes, min_count)
+    started = time.perf_counter()
+    with open_store(path) as store:
+        group = layer_group(store, layer)
+        layer = group.name.strip("/")
+        n = group["activations"].shape[0]
+        if n < 2:
+            raise AtlasError(f"{group.name} has {n} samples: too few to grid")
+        if "attributions" not in group or group["attributions"].shape[0] != n:
+            raise AtlasError(f"{group.name} lacks one attribution vector per sample: rerun `atlas collect`")
+        cells = {size: cell_ids(_read_layout(group, n), size) for size in sizes}
+        # sums are made for the sizes that no larger size is a multiple of; the others are block sums of those
+        source = {size: max(other for other in sizes if other % size == 0) for size in sizes}
+        covariance = CovarianceSums(group["activations"].shape[1], _stride(n, whitening_rows)) if whitening else None
+        activation_sums, attribution_sums = _stream_sums(
+            group, {size: cells[size] for size in set(source.values())}, covariance, chunk_rows
+        )
+        for sums, dataset in ((activation_sums, group["activations"]), (attribution_sums, group["attributions"])):
+            if not all(np.isfinite(block).all() for block in sums.values()):
+                raise AtlasError(_first_non_finite(dataset))
+    matrix = covariance.whitening(ridge) if covariance is not None else None
+    grids = {
+        size: _grid_arrays(
+            cells[size],
+            _coarsen(activation_sums[source[size]], source[size], size),
+            _coarsen(attribution_sums[source[size]], source[size], size),
+            size,
+            min_count,
+        )
+        for size in sizes
+    }
+    with open_store(path, "r+") as store:
+        group = store[layer]
+        if matrix is not None:
+            replace_dataset(group, "whitening", matrix, ridge=ridge, samples=covariance.samples, centred=True)
+        for size, arrays in grids.items():
+            key = f"grid/{size}"
+            if key in group:
+                del group[key]  # its icons belong to the old means
+            grid = group.create_group(key)
+            grid.attrs.update(min_count=min_count)
+            for name, data in arrays.items():
+                replace_dataset(grid, name, data)
+    for size, arrays in grids.items():
+        filled = int((arrays["count"] >= min_count).sum())
+        log.info("grid %d: %d of %d cells hold >= %d samples", size, filled, size * size, min_count)
+    log.info("gridded %d samples of %s at sizes %s in %.1f s", n, layer, sizes, time.perf_counter() - started)
+    return {size: arrays["count"] for size, arrays in grids.items()}

@@ -1,0 +1,309 @@
+"""Stage 2, `atlas project`: lay the activation vectors out in 2-D (UMAP or t-SNE) and normalise to [0, 1].
+
+UMAP runs in three parts: the k-nearest-neighbour graph, umap-learn's fuzzy graph and spectral init, and
+umap-learn's layout SGD. The kNN graph is chosen by `knn`:
+- "umap-learn": umap-learn finds it itself (pynndescent; exact below 4096 samples). Seeded, umap-learn runs
+  it on one thread.
+- "nndescent": the same pynndescent search on all CPU cores. pynndescent gives every thread its own seeded
+  random stream over a fixed block of rows, so a seeded run is repeatable for a given thread count. Faster
+  on idle cores; slower than one thread when the cores are oversubscribed (OpenMP threads spin-wait).
+- "exact": brute-force search in torch, in blocks of query rows, on `device`: the GPU path (1M x 512 is
+  5e14 multiply-adds). On the CPU it is quicker than NN-descent only for small inputs.
+- "auto" (default): "exact" on an accelerator and for small inputs on the CPU (N^2 C up to 2e11, e.g.
+  20k x 512: seconds, where pynndescent's numba code alone takes 30-100 s to compile in each new process
+  and umap-learn's own small-input path is slower too), otherwise "umap-learn".
+"exact" and "nndescent" graphs are handed to umap-learn through `precomputed_knn`. The spectral init and
+the SGD stay on the CPU; seeded, umap-learn runs the SGD on one thread (its parallel SGD is not
+repeatable), and `seed=None` trades repeatability for all cores.
+
+Output: `/<layer>/layout` [N, 2] float32 in [0, 1], attrs: the method and every parameter used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atlas import AtlasError
+from atlas.store import layer_group, open_store, replace_dataset
+
+log = logging.getLogger(__name__)
+
+METHODS = ("umap", "tsne")
+KNN_SEARCHES = ("auto", "umap-learn", "nndescent", "exact")
+EXACT_METRICS = ("cosine", "euclidean")
+EXACT_KNN_MAX_WORK = 2e11  # N^2 C multiply-adds up to which 'auto' searches exactly on the CPU
+
+
+def normalize_layout(
+    layout: np.ndarray,
+    min_percentile: float = 1.0,
+    max_percentile: float = 99.0,
+    relative_margin: float = 0.1,
+) -> np.ndarray:
+    """Clip each axis to its [1st, 99th] percentile widened by 10 % of that range, then rescale it to [0, 1].
+
+    The paper's `normalize_layout` (lucid recipe); lucid widens the upper bound from the already widened lower
+    one (an 11 % margin), here both margins are 10 %. An axis with no spread maps to 0.5.
+    """
+    layout = np.asarray(layout, dtype=np.float64)
+    low, high = np.percentile(layout, [min_percentile, max_percentile], axis=0)
+    margin = relative_margin * (high - low)
+    low, high = low - margin, high + margin
+    span = np.where(high > low, high - low, 1.0)
+    scaled = np.where(high > low, (np.clip(layout, low, high) - low) / span, 0.5)
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+
+
+def exact_knn(
+    x: np.ndarray,
+    n_neighbors: int,
+    metric: str = "cosine",
+    device: str = "cpu",
+    block_bytes: int = 1 << 30,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours of every row (itself first), by blocks of queries against all rows in torch.
+
+    Returns (indices [N, k] int32, distances [N, k] float32) as umap-learn's `precomputed_knn` wants them.
+    Distances are umap-learn's: 1 - cosine similarity, or euclidean. `block_bytes` bounds the distance block.
+    """
+    if metric not in EXACT_METRICS:
+        raise AtlasError(f"exact kNN supports metrics {EXACT_METRICS}, not {metric!r}")
+    data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    n = data.shape[0]
+    if metric == "cosine":
+        data = torch.nn.functional.normalize(data, dim=1)
+    squared_norms = (data * data).sum(dim=1)
+    rows_per_block = max(1, block_bytes // (4 * n))
+    indices = np.empty((n, n_neighbors), dtype=np.int32)
+    distances = np.empty((n, n_neighbors), dtype=np.float32)
+    for start in range(0, n, rows_per_block):
+        stop = min(start + rows_per_block, n)
+        block = data[start:stop] @ data.T  # turned into distances in place: one block in memory
+        if metric == "cosine":
+            block.mul_(-1.0).add_(1.0)
+        else:
+            block.mul_(-2.0).add_(squared_norms[start:stop, None]).add_(squared_norms[None, :]).clamp_min_(0.0)
+        rows = torch.arange(stop - start, device=data.device)
+        block[rows, rows + start] = -1.0  # each point is its own first neighbour, even among duplicates
+        nearest, where = torch.topk(block, n_neighbors, dim=1, largest=False, sorted=True)
+        nearest[:, 0] = 0.0
+        if metric == "euclidean":
+            nearest = nearest.sqrt_()
+        indices[start:stop] = where.cpu().numpy()
+        distances[start:stop] = nearest.clamp_min_(0.0).cpu().numpy()
+    return indices, distances
+
+
+def embed(
+    x: np.ndarray,
+    method: str = "umap",
+    n_components: int = 2,
+    n_neighbors: int = 50,
+    min_dist: float = 0.05,
+    metric: str = "cosine",
+    n_epochs: int | None = None,
+    perplexity: float = 50.0,
+    learning_rate: float | str = "auto",
+    seed: int | None = 0,
+    device: str = "cpu",
+    knn: str = "auto",
+) -> np.ndarray:
+    """Raw (unnormalised) embedding [N, n_components] float32 of the rows of `x`, by UMAP or t-SNE.
+
+    Used for a layer's layout and for any other array (class-atlas subsets; 1-D t-SNE with n_components=1).
+    Defaults are the paper's: UMAP n_neighbors 50, min_dist 0.05, cosine (production configs for mixed4a-5b;
+    early layers use 200 / 0.05 / euclidean); t-SNE perplexity 50 and cosine as in lucid's notebooks, whose
+    learning rate of 10 suits their few thousand points only, hence sklearn's 'auto'. `n_epochs` None is
+    umap-learn's default (200 above 10k samples, else 500), as the paper's notebooks used.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise AtlasError(f"expected a 2-D array of samples, got shape {x.shape}")
+    check_settings(x.shape[0], method, n_components, n_neighbors, min_dist, metric, perplexity, device, knn)
+    _check_finite(x)
+    started = time.perf_counter()
+    if method == "tsne":
+        result = _tsne(x, n_components, perplexity, learning_rate, metric, seed)
+    else:
+        result = _umap(x, n_components, n_neighbors, min_dist, metric, n_epochs, seed, device, knn)
+    log.info("%s of %d x %d in %.1f s", method, *x.shape, time.perf_counter() - started)
+    return result.astype(np.float32)
+
+
+def check_settings(
+    n_samples: int,
+    method: str,
+    n_components: int,
+    n_neighbors: int,
+    min_dist: float,
+    metric: str,
+    perplexity: float,
+    device: str,
+    knn: str,
+) -> None:
+    """Raise AtlasError on a setting that cannot work, before any data is loaded."""
+    if method not in METHODS:
+        raise AtlasError(f"unknown projection method {method!r}; choose one of {METHODS}")
+    if n_components not in (1, 2):
+        raise AtlasError(f"n_components must be 1 or 2, not {n_components}")
+    if method == "umap":
+        from pynndescent.distances import named_distances
+
+        if knn not in KNN_SEARCHES:
+            raise AtlasError(f"unknown knn search {knn!r}; choose one of {KNN_SEARCHES}")
+        if knn == "exact" and metric not in EXACT_METRICS:
+            raise AtlasError(f"exact kNN supports metrics {EXACT_METRICS}, not {metric!r} (use knn='nndescent')")
+        if metric not in named_distances:
+            raise AtlasError(f"unknown metric {metric!r} for UMAP")
+        if n_neighbors < 2:
+            raise AtlasError(f"n_neighbors must be at least 2, not {n_neighbors}")
+        if not 0.0 <= min_dist <= 1.0:
+            raise AtlasError(f"min_dist must be in [0, 1] (UMAP's spread is 1), not {min_dist}")
+        if n_samples <= n_neighbors:
+            raise AtlasError(f"{n_samples} samples are too few for n_neighbors={n_neighbors}; collect more or lower it")
+    else:
+        from sklearn.neighbors import VALID_METRICS
+
+        if metric not in VALID_METRICS["brute"]:
+            raise AtlasError(f"unknown metric {metric!r} for t-SNE")
+        if n_samples <= perplexity:
+            raise AtlasError(f"{n_samples} samples are too few for perplexity={perplexity}; collect more or lower it")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise AtlasError(f"unknown device {device!r}") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise AtlasError(f"device {device!r} asked for, but CUDA is not available here")
+
+
+def resolve_knn(knn: str, metric: str, device: str, shape: tuple[int, int]) -> str:
+    """The kNN search that `knn` means for an [N, C] input on `device` (see the module docstring for 'auto')."""
+    if knn != "auto":
+        return knn
+    n, channels = shape
+    small = n * n * channels <= EXACT_KNN_MAX_WORK
+    return "exact" if metric in EXACT_METRICS and (small or torch.device(device).type != "cpu") else "umap-learn"
+
+
+def _check_finite(x: np.ndarray, rows: int = 65536) -> None:
+    # by blocks: a full-size boolean mask would be a quarter of the data's size
+    for start in range(0, x.shape[0], rows):
+        if not np.isfinite(x[start : start + rows]).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(x[start : start + rows]).all(axis=1))[0])
+            raise AtlasError(f"activations contain NaN or infinite values (first in sample {bad})")
+
+
+def _umap(
+    x: np.ndarray,
+    n_components: int,
+    n_neighbors: int,
+    min_dist: float,
+    metric: str,
+    n_epochs: int | None,
+    seed: int | None,
+    device: str,
+    knn: str,
+) -> np.ndarray:
+    import umap
+    from umap.umap_ import nearest_neighbors
+
+    knn = resolve_knn(knn, metric, device, x.shape)
+    precomputed = (None, None, None)
+    if knn != "umap-learn":
+        started = time.perf_counter()
+        if knn == "exact":
+            precomputed = exact_knn(x, n_neighbors, metric=metric, device=device)
+        else:
+            precomputed = nearest_neighbors(x, n_neighbors, metric, {}, angular=False, random_state=seed, n_jobs=-1)
+        log.info("kNN graph (%s, k=%d, %s) in %.1f s", knn, n_neighbors, metric, time.perf_counter() - started)
+    reducer = umap.UMAP(
+        n_components=n_components,
+        n_neighbors=n_neighbors,
+        min_dist=min_dist,
+        metric=metric,
+        n_epochs=n_epochs,
+        random_state=seed,
+        n_jobs=1 if seed is not None else -1,  # umap-learn's parallel SGD is not repeatable
+        precomputed_knn=precomputed,
+    )
+    with warnings.catch_warnings():
+        # without a search index umap-learn cannot `transform` new points: not needed here
+        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]")
+        return reducer.fit_transform(x)
+
+
+def _tsne(
+    x: np.ndarray, n_components: int, perplexity: float, learning_rate: float | str, metric: str, seed: int | None
+) -> np.ndarray:
+    from sklearn.manifold import TSNE
+
+    tsne = TSNE(
+        n_components=n_components,
+        perplexity=perplexity,
+        learning_rate=learning_rate,
+        metric=metric,
+        init="pca",
+        random_state=seed,
+        n_jobs=-1,  # processes for the neighbour search
+    )
+    return tsne.fit_transform(x)
+
+
+def project_store(
+    path: str | Path,
+    layer: str | None = None,
+    method: str = "umap",
+    n_neighbors: int = 50,
+    min_dist: float = 0.05,
+    metric: str = "cosine",
+    seed: int | None = 0,
+    device: str = "cpu",
+    knn: str = "auto",
+    n_epochs: int | None = None,
+    perplexity: float = 50.0,
+    learning_rate: float | str = "auto",
+) -> np.ndarray:
+    """Lay out a layer's activations, normalise to [0, 1], and write `/<layer>/layout` [N, 2] with its parameters.
+
+    Everything is checked before the store is written; a failure leaves it as it was. Returns the layout.
+    """
+    with open_store(path) as store:
+        group = layer_group(store, layer)
+        layer = group.name.strip("/")
+        activations = group["activations"]
+        check_settings(activations.shape[0], method, 2, n_neighbors, min_dist, metric, perplexity, device, knn)
+        x = activations[:]  # UMAP needs all of it in memory
+    layout = normalize_layout(
+        embed(
+            x,
+            method=method,
+            n_neighbors=n_neighbors,
+            min_dist=min_dist,
+            metric=metric,
+            n_epochs=n_epochs,
+            perplexity=perplexity,
+            learning_rate=learning_rate,
+            seed=seed,
+            device=device,
+            knn=knn,
+        )
+    )
+    if method == "umap":
+        params = {"n_neighbors": n_neighbors, "min_dist": min_dist, "n_epochs": n_epochs or "default"}
+        params["knn"] = resolve_knn(knn, metric, device, x.shape)
+    else:
+        params = {"perplexity": perplexity, "learning_rate": learning_rate}
+    seed_attr = "none" if seed is None else seed
+    with open_store(path, "r+") as store:
+        group = store[layer]
+        if "grid" in group:
+            log.warning("%s has grids made from its previous layout: rerun `atlas grid`", layer)
+        replace_dataset(group, "layout", layout, method=method, metric=metric, seed=seed_attr, device=device, **params)
+    log.info("wrote /%s/layout %s", layer, layout.shape)
+    return layout

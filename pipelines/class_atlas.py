@@ -1,0 +1,230 @@
+"""`make class-atlas` and `atlas class-atlas`: a class activation atlas, or a two-class comparison (reference 1.7).
+
+From a collected store (the parent) into a run folder, beside the atlases already there:
+select (winner and magnitude filters -> a subset store holding the whole layer's whitening) -> layout (t-SNE or
+UMAP; for a comparison, attribution difference x 1-D t-SNE) -> grid (keeping that whitening) -> render -> compose.
+When the parent's layer has rendered grids (a layer atlas), the attribution heat-map of each class is composed too.
+
+Subset stores are <out>/stores/<atlas id>.h5. As in pipelines.atlas, each stage's parameters and upstream are
+fingerprinted (<out>/stores/<atlas id>.json) and a repeated run skips the stages that are up to date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from atlas import AtlasError
+from atlas.class_atlas import comparison_layout_store, fit_perplexity, select_samples, write_subset_store
+from atlas.classes import resolve_class
+from atlas.compose import MANIFEST, class_names, compose_run
+from atlas.config import check_section, config_path, load_config
+from atlas.grid import RIDGE, grid_store
+from atlas.project import project_store
+from atlas.render import render_store
+from atlas.store import layer_group, open_store
+from pipelines.atlas import Fingerprints
+
+log = logging.getLogger("pipelines.class_atlas")
+
+# The paper's class-atlas settings (reference 1.7 and 5): grid 8 with >= 4 samples a cell, 1056 steps, 3 attempts;
+# production laid class atlases out with UMAP 20 / 0.02 / cosine, but the article found t-SNE better for them.
+# Comparisons: 2000 samples per class, grid 10, and the class-gradient plots' 90 px, 1024 steps, 4 attempts.
+# A config's `class_atlas:` section overrides these (configs/efficientnet-lite0.yaml: CPU-sized renders).
+DEFAULTS = {
+    "select": {"winner": True, "top": 3000},
+    "project": {"method": "tsne", "metric": "cosine", "perplexity": 50, "n_neighbors": 20, "min_dist": 0.02},
+    "grid": {"sizes": [8], "min_count": 4},
+    "render": {"size": 80, "steps": 1056, "attempts": 3},
+    "compose": {},
+    "compare": {
+        "select": {"winner": True, "top": 2000},
+        "layout": {"metric": "cosine", "perplexity": 50},
+        "grid": {"sizes": [10], "min_count": 4},
+        "render": {"size": 90, "steps": 1024, "attempts": 4},
+    },
+}
+SECTIONS = {
+    "select": select_samples,
+    "project": project_store,
+    "layout": comparison_layout_store,
+    "grid": grid_store,
+    "render": render_store,
+    "compose": compose_run,
+}
+MIN_SAMPLES = 5
+
+
+def class_settings(config_file: Path, layer: str, comparison: bool, overrides: dict | None = None) -> dict:
+    """The sections (select, project or layout, grid, render, compose) for a class atlas or a comparison:
+    DEFAULTS, then the config's `class_atlas:` (with its per-layer overrides), then `overrides`; checked."""
+    section = load_config(config_file, {}, layer).get("class_atlas") or {}
+    if not isinstance(section, dict) or not isinstance(section.get("compare") or {}, dict):
+        raise AtlasError(f"config {config_file}: class_atlas and its compare must be mappings")
+    compare = section.get("compare") or {}
+    unknown = (set(section) - set(DEFAULTS)) | (set(compare) - set(DEFAULTS["compare"]))
+    if unknown:
+        raise AtlasError(f"unknown key(s) {sorted(unknown)} in {config_file} (class_atlas:)")
+    own = ("select", "layout", "grid", "render") if comparison else ("select", "project", "grid", "render")
+    settings = {}
+    for name in (*own, "compose"):
+        nested = comparison and name != "compose"
+        configured, defaults = (compare, DEFAULTS["compare"]) if nested else (section, DEFAULTS)
+        where = f"{config_file} (class_atlas: {'compare: ' if nested else ''}{name}:)"
+        values = {**defaults[name], **(configured.get(name) or {}), **(overrides or {}).get(name, {})}
+        settings[name] = check_section(values, SECTIONS[name], where)
+    return settings
+
+
+def run_class_atlas(
+    store: str | Path,
+    out: str | Path,
+    class_name: str | int,
+    vs: str | int | None = None,
+    layer: str | None = None,
+    config_file: str | Path | None = None,
+    device: str | None = None,
+    overrides: dict | None = None,
+) -> list[dict]:
+    """Build the class atlas of `class_name` (or, with `vs`, the comparison of the two) into the run folder `out`,
+    plus the classes' heat-maps when the parent layer has a rendered atlas. Returns the manifest entries written.
+
+    overrides: {section: {key: value}} over the config, e.g. {"render": {"steps": 64}}.
+    """
+    from atlas.cli import default_device
+
+    store, out = Path(store), Path(out)
+    with open_store(store) as parent:
+        group = layer_group(parent, layer)
+        layer = group.name.strip("/")
+        names = class_names(group["attributions"].shape[1])
+        model_name = str(parent.attrs.get("model", ""))
+        whitening = group.get("whitening")
+        parent_id = {
+            "store": str(store.resolve()),
+            "layer": layer,
+            "rows": group["activations"].shape[0],
+            "collection": str(parent.attrs.get("collect_meta", "")),
+            "whitening_ridge": float(whitening.attrs.get("ridge", RIDGE)) if whitening is not None else RIDGE,
+        }
+        layer_atlas = "grid" in group and any("icons" in grid for grid in group["grid"].values())
+    classes = [resolve_class(name, names) for name in ([class_name] if vs is None else [class_name, vs])]
+    if len(set(classes)) != len(classes):
+        raise AtlasError(f"--class and --vs are the same class ({names[classes[0]]})")
+    comparison = vs is not None
+    settings = class_settings(Path(config_file or config_path(model_name)), layer, comparison, overrides)
+    device = device or default_device()
+
+    if comparison:
+        a, b = classes
+        head = {
+            "id": f"compare-{layer}-{a}-{b}",
+            "kind": "comparison",
+            "class": f"{names[a]} vs {names[b]}",
+            "classes": classes,
+            "title": f"{layer}: {names[a]} (left) vs {names[b]} (right)",
+        }
+    else:
+        head = {"id": f"class-{layer}-{classes[0]}", "kind": "class", "class": names[classes[0]]}
+        head.update(class_index=classes[0], title=f"{layer}: {names[classes[0]]}")
+    work = out / "stores"
+    work.mkdir(parents=True, exist_ok=True)
+    subset = work / f"{head['id']}.h5"
+    steps = Fingerprints(work / f"{head['id']}.json")
+    if not subset.exists():
+        steps.done.clear()  # the fingerprints describe a store that is gone
+
+    def select() -> None:
+        with open_store(store) as parent:
+            rows = select_samples(parent[layer]["attributions"], classes, **settings["select"])
+        if len(rows) < MIN_SAMPLES:
+            raise AtlasError(
+                f"only {len(rows)} samples attribute to {', '.join(names[c] for c in classes)}: too few for an atlas "
+                f"(collect more images or positions)"
+            )
+        write_subset_store(store, subset, rows, layer, kind=head["kind"], classes=classes)
+
+    steps.run("select", {**parent_id, "classes": classes, **settings["select"]}, select)
+    with open_store(subset) as made:
+        samples = made[layer]["activations"].shape[0]
+    if comparison:
+        layout = settings["layout"]  # lowers the perplexity itself when there are few samples
+        steps.run("layout", layout, lambda: comparison_layout_store(subset, *classes, layer=layer, **layout))
+    else:
+        project = dict(settings["project"])
+        project["perplexity"] = fit_perplexity(samples, project.get("perplexity", 50))
+        project["n_neighbors"] = min(project.get("n_neighbors", 20), samples - 1)
+        steps.run("project", project, lambda: project_store(subset, layer=layer, device=device, **project))
+    grid = settings["grid"]
+    steps.run("grid", grid, lambda: grid_store(subset, layer=layer, whitening=False, **grid))
+    sizes = [int(size) for size in grid.get("sizes", [8])]
+    render = {"device": device, **settings["render"]}
+    steps.run(
+        "render",
+        {**render, "sizes": sizes},
+        lambda: [render_store(subset, layer=layer, grid=size, **render) for size in sizes],
+    )
+    compose = settings["compose"]
+    head = {**head, "samples": samples}
+    steps.run("compose", {**compose, **head}, lambda: compose_run(subset, out, layers=[layer], atlas=head, **compose))
+    written = [head["id"]]
+    if layer_atlas:
+        for c in classes:
+            heat = Fingerprints(work / f"heatmap-{layer}-{c}.json")
+            stat = store.stat()
+            parent_state = {**parent_id, "modified": stat.st_mtime_ns, "bytes": stat.st_size}
+            heat.run(
+                "compose",
+                {**parent_state, "class": c, **compose},
+                lambda c=c: compose_run(store, out, layers=[layer], heatmap_class=c, **compose),
+            )
+            written.append(f"heatmap-{layer}-{c}")
+    else:
+        log.info("%s has no rendered layer atlas in %s: no heat-map composed", layer, store)
+    manifest = json.loads((out / MANIFEST).read_text())["atlases"]
+    return [entry for entry in manifest if entry["id"] in written]
+
+
+def default_store() -> Path:
+    """The store `make atlas` writes with the default config: data/runs/<model>-<layer>/store.h5."""
+    config = load_config(config_path(None), {})
+    return Path("data/runs") / f"{config['model']}-{config['layer']}" / "store.h5"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--class", dest="class_name", required=True, help="class name or index")
+    parser.add_argument("--vs", help="second class: a two-class comparison (--class left, --vs right)")
+    parser.add_argument("--store", type=Path, help="collected store (default: that of `make atlas`)")
+    parser.add_argument("--out", type=Path, help="run folder (default: the store's folder)")
+    parser.add_argument("--layer", help="the store's layer (default: its only one)")
+    parser.add_argument("--config", help="settings (default: configs/<the store's model>.yaml, class_atlas:)")
+    parser.add_argument("--device")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    store = args.store or default_store()
+    out = args.out or store.parent
+    started = time.perf_counter()
+    try:
+        entries = run_class_atlas(store, out, args.class_name, args.vs, args.layer, args.config, args.device)
+    except AtlasError as err:
+        print(f"make class-atlas: error: {err}", file=sys.stderr)
+        return 2
+    print_written(entries, out, time.perf_counter() - started)
+    return 0
+
+
+def print_written(entries: list[dict], out: Path, seconds: float) -> None:
+    """The atlas images written and how to view them."""
+    for entry in entries:
+        images = ", ".join(str(out / grid["image"]) for grid in entry["grids"])
+        print(f"{entry['kind']:<10} {entry['class']}: {images}")
+    print(f"viewer: {out / 'index.html'}  (serve it with `atlas view {out}`), {seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
