@@ -33,6 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     names = args.names or sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
     stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, torch {torch.__version__}"
+    out = Path(args.out)
     sections = []
     for name in names:
         print(f"== bench {name}", flush=True)
@@ -40,10 +41,8 @@ def main() -> None:
         for row in rows:
             print(json.dumps(row), flush=True)
         sections.append(_table(name, rows))
-    out = Path(args.out)
-    text = f"# Benchmark results\n\n{stamp}\n\n" + "\n".join(sections)
-    out.write_text(text)
-    (out.with_suffix(".json")).write_text(json.dumps({"machine": stamp, "benchmarks": names}, indent=1))
+        # written after every benchmark, so an interrupted `make bench` keeps what it measured
+        out.write_text(f"# Benchmark results\n\n{stamp}\n\n" + "\n".join(sections))
     print(f"wrote {out}", file=sys.stderr)
 
 
