@@ -6,69 +6,44 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
-
-from atlas.view import serve_in_thread
+from tests.browser import ARTIFACTS, needs_chromium, served_page
 from tests.test_microscope import LAYER, build_site
-from tests.test_viewer_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 
 ALL_IMAGES_LOADED = "[...document.images].every(img => img.complete && img.naturalWidth > 0)"
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason="chromium is not installed (apt-get install -y chromium)")
+@needs_chromium
 def test_unit_pages_show_their_lenses_and_link_to_the_atlas_cell(tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
     run = build_site(tmp_path, units="4")
-    server, url = serve_in_thread(run)
-    errors: list[str] = []
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch_persistent_context(
-                str(tmp_path / "chromium-profile"),
-                executable_path=CHROMIUM,
-                headless=True,
-                args=CHROMIUM_ARGS,
-                viewport={"width": 1200, "height": 900},
-            )
-            page = browser.new_page()
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-            page.goto(url)
-            page.get_by_role("link", name="tiny").click()
-            page.get_by_role("link", name=LAYER).click()
-            page.wait_for_url(re.compile(rf"/tiny/{LAYER}/index\.html$"))
-            assert page.locator("#units a.unit").count() == 4
-            page.wait_for_function(ALL_IMAGES_LOADED)  # unit thumbnails, DeepDream, photos and caricatures
-            assert page.locator(".caricature img").count() == 4
-
-            page.fill("#jump input", "2")  # the filter keeps unit 2 only; Enter opens it
-            assert page.locator("#units a.unit:visible").count() == 1
-            page.press("#jump input", "Enter")
-            page.wait_for_url(re.compile(r"/unit-2\.html$"))
-            page.wait_for_function(ALL_IMAGES_LOADED)  # visualisation, whole images and patches
-            assert page.locator(".example").count() == 3
-            assert page.locator(".example .box").count() == 3
-            screenshot = tmp_path / "microscope.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            shutil.copy(screenshot, ARTIFACTS / "microscope-unit.png")
-
-            page.keyboard.press("ArrowRight")
-            page.wait_for_url(re.compile(r"/unit-3\.html$"))
-            page.keyboard.press("ArrowLeft")
-            page.wait_for_url(re.compile(r"/unit-2\.html$"))
-
-            link = page.locator("a.atlas-cell").last  # the finest grid's cell
-            grid, x, y = re.search(r"grid=(\d+)&cell=(\d+),(\d+)$", link.get_attribute("href")).groups()
-            link.click()
-            page.wait_for_url(re.compile(r"/atlas\.html#"))
-            page.locator(f'#info[data-grid="{grid}"][data-x="{x}"][data-y="{y}"]').wait_for()
-            page.locator(".cell-highlight.pinned").wait_for()
-            assert page.locator("#grid").input_value() == grid
-            assert f"cell={x}%2C{y}" in page.url or f"cell={x},{y}" in page.url  # the hash keeps the cell
-            browser.close()
-    finally:
-        server.shutdown()
-        server.server_close()
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 900}) as (page, url, errors):
+        page.goto(url)
+        page.get_by_role("link", name="tiny").click()
+        page.get_by_role("link", name=LAYER).click()
+        page.wait_for_url(re.compile(rf"/tiny/{LAYER}/index\.html$"))
+        assert page.locator("#units a.unit").count() == 4
+        page.wait_for_function(ALL_IMAGES_LOADED)  # unit thumbnails, DeepDream, photos and caricatures
+        assert page.locator(".caricature img").count() == 4
+        page.fill("#jump input", "2")  # the filter keeps unit 2 only; Enter opens it
+        assert page.locator("#units a.unit:visible").count() == 1
+        page.press("#jump input", "Enter")
+        page.wait_for_url(re.compile(r"/unit-2\.html$"))
+        page.wait_for_function(ALL_IMAGES_LOADED)  # visualisation, whole images and patches
+        assert page.locator(".example").count() == 3
+        assert page.locator(".example .box").count() == 3
+        screenshot = tmp_path / "microscope.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, ARTIFACTS / "microscope-unit.png")
+        page.keyboard.press("ArrowRight")
+        page.wait_for_url(re.compile(r"/unit-3\.html$"))
+        page.keyboard.press("ArrowLeft")
+        page.wait_for_url(re.compile(r"/unit-2\.html$"))
+        link = page.locator("a.atlas-cell").last  # the finest grid's cell
+        grid, x, y = re.search(r"grid=(\d+)&cell=(\d+),(\d+)$", link.get_attribute("href")).groups()
+        link.click()
+        page.wait_for_url(re.compile(r"/atlas\.html#"))
+        page.locator(f'#info[data-grid="{grid}"][data-x="{x}"][data-y="{y}"]').wait_for()
+        page.locator(".cell-highlight.pinned").wait_for()
+        assert page.locator("#grid").input_value() == grid
+        assert f"cell={x}%2C{y}" in page.url or f"cell={x},{y}" in page.url  # the hash keeps the cell
     assert not errors, errors

@@ -8,31 +8,16 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 
 from atlas.compose import compose_run
-from atlas.view import serve_in_thread
+from tests.browser import ARTIFACTS, needs_chromium, served_page
 from tests.test_compose import write_rendered_store
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "data" / "test-artifacts"
-# flags that keep a test browser offline and quiet (the profile is a fresh folder per test)
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 COARSE, FINE, ICON_PX = 10, 40, 80  # 3200 px atlas: the home view is small enough to show the coarse grid
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason="chromium is not installed (apt-get install -y chromium)")
+@needs_chromium
 def test_viewer_zooms_and_shows_the_hovered_cell(tmp_path: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
     store = write_rendered_store(tmp_path, sizes=(COARSE, FINE), n=3000, icon_px=ICON_PX)
     run = tmp_path / "run"
     compose_run(store, run, examples=2)
@@ -46,75 +31,54 @@ def test_viewer_zooms_and_shows_the_hovered_cell(tmp_path: Path) -> None:
     with h5py.File(store) as f:
         grid = f[f"mixed4c/grid/{FINE}"]
         count, top, min_count = grid["count"][()], grid["top_classes"][()], grid.attrs["min_count"]
-    server, url = serve_in_thread(run)
-    errors: list[str] = []
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch_persistent_context(
-                str(tmp_path / "chromium-profile"),
-                executable_path=CHROMIUM,
-                headless=True,
-                args=CHROMIUM_ARGS,
-                viewport={"width": 1200, "height": 800},
-            )
-            page = browser.new_page()
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-            page.goto(url)
-            page.wait_for_function("document.body.dataset.ready === '1'")
-            page.wait_for_function("window.atlasViewer.world.getItemAt(0).getFullyLoaded()")
-            assert page.locator("#status").get_attribute("data-grid") == str(COARSE)
-            assert page.locator("#class option").all_inner_texts() == ["all samples", "class 3"]
-
-            box = page.locator("#atlas").bounding_box()
-            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            for _ in range(6):  # scroll-zoom in until the pyramid switches to the fine grid
-                page.mouse.wheel(0, -300)
-                page.wait_for_timeout(150)
-            page.wait_for_function(f"document.getElementById('status').dataset.grid === '{FINE}'", timeout=10_000)
-            page.wait_for_function("window.atlasViewer.world.getItemAt(0).getFullyLoaded()")
-
-            # hover the centre of the non-empty fine cell closest to the middle of the view
-            centre = page.evaluate(
-                "() => { const v = window.atlasViewer, item = v.world.getItemAt(0);"
-                " const p = item.viewportToImageCoordinates(v.viewport.getCenter(true)); return [p.x, p.y]; }"
-            )
-            side = ICON_PX
-            ys, xs = np.nonzero(count >= min_count)
-            nearest = np.argmin((xs + 0.5 - centre[0] / side) ** 2 + (ys + 0.5 - centre[1] / side) ** 2)
-            y, x = int(ys[nearest]), int(xs[nearest])
-            point = page.evaluate(
-                "([x, y]) => { const item = window.atlasViewer.world.getItemAt(0);"
-                " const p = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));"
-                " const r = window.atlasViewer.canvas.getBoundingClientRect(); return [r.left + p.x, r.top + p.y]; }",
-                [(x + 0.5) * side, (y + 0.5) * side],
-            )
-            page.mouse.move(*point)
-            info = page.locator(f'#info[data-grid="{FINE}"][data-x="{x}"][data-y="{y}"]')
-            info.wait_for()
-            assert info.locator(".count").inner_text() == str(count[y, x])
-            names = info.locator(".classes .name").all_inner_texts()
-            assert names == [f"class {k}" for k in top[y, x]]
-            page.wait_for_function("[...document.querySelectorAll('#info .examples img')].every(img => img.complete)")
-            loaded = page.evaluate("[...document.querySelectorAll('#info .examples img')].map(i => i.naturalWidth)")
-            assert all(width > 0 for width in loaded)
-
-            screenshot = tmp_path / "viewer.png"
-            page.screenshot(path=str(screenshot))
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            shutil.copy(screenshot, ARTIFACTS / "viewer.png")
-
-            # a fixed grid shows that grid's atlas.png and its cells
-            page.select_option("#grid", str(COARSE))
-            page.wait_for_function("document.body.dataset.ready === '1'")
-            page.mouse.move(*point)
-            page.locator(f'#info[data-grid="{COARSE}"][data-x="{x * COARSE // FINE}"]').wait_for()
-            page.select_option("#class", "class-3")
-            page.wait_for_function("document.body.dataset.ready === '1'")
-            assert page.locator("#title").inner_text() == "tiny · class 3"
-            assert page.locator("#grid").input_value() == str(COARSE)  # the grid choice is kept
-            browser.close()
-    finally:
-        server.shutdown()
-        server.server_close()
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("window.atlasViewer.world.getItemAt(0).getFullyLoaded()")
+        assert page.locator("#status").get_attribute("data-grid") == str(COARSE)
+        assert page.locator("#class option").all_inner_texts() == ["all samples", "class 3"]
+        box = page.locator("#atlas").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        for _ in range(6):  # scroll-zoom in until the pyramid switches to the fine grid
+            page.mouse.wheel(0, -300)
+            page.wait_for_timeout(150)
+        page.wait_for_function(f"document.getElementById('status').dataset.grid === '{FINE}'", timeout=10_000)
+        page.wait_for_function("window.atlasViewer.world.getItemAt(0).getFullyLoaded()")
+        # hover the centre of the non-empty fine cell closest to the middle of the view
+        centre = page.evaluate(
+            "() => { const v = window.atlasViewer, item = v.world.getItemAt(0);"
+            " const p = item.viewportToImageCoordinates(v.viewport.getCenter(true)); return [p.x, p.y]; }"
+        )
+        side = ICON_PX
+        ys, xs = np.nonzero(count >= min_count)
+        nearest = np.argmin((xs + 0.5 - centre[0] / side) ** 2 + (ys + 0.5 - centre[1] / side) ** 2)
+        y, x = int(ys[nearest]), int(xs[nearest])
+        point = page.evaluate(
+            "([x, y]) => { const item = window.atlasViewer.world.getItemAt(0);"
+            " const p = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));"
+            " const r = window.atlasViewer.canvas.getBoundingClientRect(); return [r.left + p.x, r.top + p.y]; }",
+            [(x + 0.5) * side, (y + 0.5) * side],
+        )
+        page.mouse.move(*point)
+        info = page.locator(f'#info[data-grid="{FINE}"][data-x="{x}"][data-y="{y}"]')
+        info.wait_for()
+        assert info.locator(".count").inner_text() == str(count[y, x])
+        names = info.locator(".classes .name").all_inner_texts()
+        assert names == [f"class {k}" for k in top[y, x]]
+        page.wait_for_function("[...document.querySelectorAll('#info .examples img')].every(img => img.complete)")
+        loaded = page.evaluate("[...document.querySelectorAll('#info .examples img')].map(i => i.naturalWidth)")
+        assert all(width > 0 for width in loaded)
+        screenshot = tmp_path / "viewer.png"
+        page.screenshot(path=str(screenshot))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, ARTIFACTS / "viewer.png")
+        # a fixed grid shows that grid's atlas.png and its cells
+        page.select_option("#grid", str(COARSE))
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.mouse.move(*point)
+        page.locator(f'#info[data-grid="{COARSE}"][data-x="{x * COARSE // FINE}"]').wait_for()
+        page.select_option("#class", "class-3")
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        assert page.locator("#title").inner_text() == "tiny · class 3"
+        assert page.locator("#grid").input_value() == str(COARSE)  # the grid choice is kept
     assert not errors, errors
