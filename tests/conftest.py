@@ -3,6 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from threadpoolctl import threadpool_limits
 
 from tests.synthetic import write_synthetic_store
 
@@ -21,3 +23,13 @@ def imagenet_sample() -> Path:
     if not SAMPLE.is_dir():
         pytest.skip("../shared/data/imagenet-sample is not beside the checkout")
     return SAMPLE
+
+
+@pytest.fixture
+def one_thread():
+    """For tests on tiny inputs: more threads only wait on each other (torch, OpenMP), worst on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
+from torch import nn
 
+from atlas.models import Classifier, imagenet_classes
 from atlas.store import STR
+
+
+def tiny_classifier(classes: list[str] | None = None, name: str = "tiny") -> Classifier:
+    """Three seeded random stride-2 convolutions: 'relu3' has 16 channels at 1/8 of the 32-px input.
+
+    Without arguments it is a `package.module:factory` model (`tests.synthetic:tiny_classifier`), so worker
+    processes can load it by name.
+    """
+    classes = classes or list("abcdefghij")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        layers = OrderedDict()
+        for i, (c_in, c_out) in enumerate([(3, 16), (16, 32), (32, 16)], start=1):
+            layers[f"conv{i}"] = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
+            layers[f"relu{i}"] = nn.ReLU()
+        layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(16, len(classes)))
+    return Classifier(name, nn.Sequential(layers), nn.Identity(), 32, classes, "relu3", "random")
+
+
+def tiny_imagenet_classifier() -> Classifier:
+    """`tiny_classifier` with the 1000 ImageNet logits, loadable as `tests.synthetic:tiny_imagenet_classifier`."""
+    return tiny_classifier(imagenet_classes())
 
 
 def write_synthetic_store(

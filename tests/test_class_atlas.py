@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from threadpoolctl import threadpool_limits
-from torch import nn
 
 from atlas import AtlasError
 from atlas.class_atlas import (
@@ -25,42 +21,23 @@ from atlas.class_atlas import (
 from atlas.cli import main
 from atlas.compose import compose_run
 from atlas.grid import grid_store
-from atlas.models import Classifier, imagenet_classes
 from atlas.render import render_store
 from pipelines.class_atlas import class_settings, run_class_atlas
-from tests.synthetic import write_synthetic_store
+from tests.synthetic import tiny_imagenet_classifier, write_synthetic_store
 from tests.test_compose import write_rendered_store
 
 SHARK, TIGER_SHARK = 2, 3  # ImageNet classes favoured by blobs 2 and 3 of the synthetic store
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Inputs here are tiny: more threads only wait on each other (t-SNE's OpenMP, torch), worst on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model() -> Classifier:
-    """Three random stride-2 convolutions ('relu3': 16 channels at 1/8 of the 32-px input), 1000 ImageNet logits."""
-    torch.manual_seed(0)
-    layers = OrderedDict()
-    for i, (c_in, c_out) in enumerate([(3, 16), (16, 32), (32, 16)], start=1):
-        layers[f"conv{i}"] = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
-        layers[f"relu{i}"] = nn.ReLU()
-    layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(16, 1000))
-    return Classifier("tiny", nn.Sequential(layers), nn.Identity(), 32, imagenet_classes(), "relu3", "random")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
-    """300 samples of 'relu3' in 5 blobs whose attributions favour ImageNet classes 0-4; the model is `tiny_model`."""
+    """300 samples of 'relu3' in 5 blobs favouring ImageNet classes 0-4 (model: tiny_imagenet_classifier)."""
     path = write_synthetic_store(tmp_path / "store.h5", n=300, channels=16, classes=1000, layer="relu3")
     with h5py.File(path, "r+") as f:
-        f.attrs.update(model="tests.test_class_atlas:tiny_model", weights="random", input_size=32)
+        f.attrs.update(model="tests.synthetic:tiny_imagenet_classifier", weights="random", input_size=32)
     return path
 
 
@@ -263,7 +240,7 @@ def test_class_atlas_adds_the_heatmap_when_the_layer_has_an_atlas(store, tmp_pat
     with h5py.File(store, "r+") as f:
         f["relu3/layout"] = np.random.default_rng(0).uniform(size=(300, 2)).astype(np.float32)
     grid_store(store, sizes=[4], min_count=2)
-    render_store(store, grid=4, size=32, steps=1, attempts=1, model=tiny_model(), progress=False)
+    render_store(store, grid=4, size=32, steps=1, attempts=1, model=tiny_imagenet_classifier(), progress=False)
     tiny = {"select": {"top": 20}, "render": {"size": 32, "steps": 2, "attempts": 1}}
     entries = run_class_atlas(store, tmp_path / "run", "great white shark", device="cpu", overrides=tiny)
     assert [(e["id"], e["kind"]) for e in entries] == [("class-relu3-2", "class"), ("heatmap-relu3-2", "heatmap")]

@@ -4,7 +4,6 @@ import os
 import signal
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import dask
@@ -12,7 +11,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from atlas import AtlasError
 from atlas.cli import main
@@ -21,6 +19,7 @@ from atlas.collect import _shard_name, collect, plan_collection
 from atlas.images import list_images
 from atlas.models import Classifier, load_model
 from atlas.render import render_store
+from tests import synthetic
 from tests.synthetic import write_synthetic_store
 
 IMAGES = 4
@@ -147,15 +146,8 @@ TINY = "tests.test_cluster:tiny_classifier"
 
 
 def tiny_classifier() -> Classifier:
-    """Three seeded random stride-2 convolutions ('relu3': 16 channels), loadable by name on every worker."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        layers = OrderedDict()
-        for i, (c_in, c_out) in enumerate([(3, 16), (16, 32), (32, 16)], start=1):
-            layers[f"conv{i}"] = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
-            layers[f"relu{i}"] = nn.ReLU()
-        layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(16, 10))
-    return Classifier(TINY, nn.Sequential(layers), nn.Identity(), 32, list("abcdefghij"), "relu3", "random")
+    """The shared tiny classifier under a name that dask workers can load it by."""
+    return synthetic.tiny_classifier(name=TINY)
 
 
 def grid_store(path: Path) -> Path:

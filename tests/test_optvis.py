@@ -25,14 +25,7 @@ from atlas.optvis.transform import (
     random_scale,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread costs more in hand-offs than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_classifier(detector: nn.Conv2d) -> Classifier:

@@ -2,43 +2,27 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-import torch
-from torch import nn
 
 from atlas import AtlasError, render
 from atlas.cli import main
 from atlas.models import Classifier
 from atlas.render import render_icons, render_store
-from tests.synthetic import write_synthetic_store
+from tests.synthetic import tiny_classifier, write_synthetic_store
 
 EMPTY = [(0, 0), (1, 2)]  # cells below min_count in the test grids
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread costs more in hand-offs than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def small_model() -> Classifier:
-    """Three random (default-initialised) stride-2 convolutions: 'relu3' has 16 channels at 1/8 of the input."""
-    torch.manual_seed(0)
-    layers = OrderedDict()
-    for i, (c_in, c_out) in enumerate([(3, 16), (16, 32), (32, 16)], start=1):
-        layers[f"conv{i}"] = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1)
-        layers[f"relu{i}"] = nn.ReLU()
-    layers.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(16, 10))
-    return Classifier("small", nn.Sequential(layers), nn.Identity(), 32, list("abcdefghij"), "relu3", "random")
+    return tiny_classifier(name="small")
 
 
 def grid_store(
