@@ -15,12 +15,14 @@ SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
 def in_subprocess(module: str, function: str, **kwargs: object) -> dict:
     """Call `module.function(**kwargs)` in a new Python process; return its dict plus `peak_rss_mib`.
 
-    The function returns a JSON-serialisable dict; peak RSS is the child's maximum resident set size.
+    The function returns a JSON-serialisable dict; peak RSS is the child's own resident high-water mark (Linux).
     """
     code = (
-        "import json, resource, sys, importlib\n"
+        "import json, re, sys, importlib\n"
         f"result = importlib.import_module({module!r}).{function}(**json.loads(sys.argv[1]))\n"
-        "result['peak_rss_mib'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)\n"
+        # VmHWM is this process's own high-water mark; ru_maxrss would carry the parent's across fork and exec
+        "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+        "result['peak_rss_mib'] = round(int(hwm) / 1024, 1)\n"
         "print('@@' + json.dumps(result))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -89,7 +89,11 @@ def run_atlas(
         {**collect_args, "model": model_name, "weights": model.weights, "images": [r.path for r in records]},
         lambda: collect.collect(model, records, store, **collect_args),
     )
-    steps.run("project", config["project"], lambda: project.project_store(store, layer=layer, device=device, **config["project"]))
+    steps.run(
+        "project",
+        config["project"],
+        lambda: project.project_store(store, layer=layer, device=device, **config["project"]),
+    )
     steps.run("grid", config["grid"], lambda: grid.grid_store(store, layer=layer, **config["grid"]))
     sizes = list(config["grid"].get("sizes", grid.DEFAULT_SIZES))
     render_args = {**config["render"], "device": device}
