@@ -37,8 +37,8 @@ from tqdm import tqdm
 from atlas import AtlasError
 from atlas.collect import merge_parts, missing_batches, plan_collection, write_batches
 from atlas.images import ImageRecord
-from atlas.models import Classifier, load_model
-from atlas.render import IconsDone, _weights_from_label, render_icons, render_store
+from atlas.models import Classifier, load_model, weights_argument
+from atlas.render import IconsDone, render_icons, render_store
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def _render_on_cluster(
     **options,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A stand-in for `render_icons` (same arguments and results) that spreads the directions over the workers."""
-    weights = _weights_from_label(model.weights)
+    weights = weights_argument(model.weights)
     workers = max(1, len(client.scheduler_info()["workers"]))
     spread = math.ceil(len(directions) / (TASKS_PER_WORKER * workers))
     per_task = cells_per_task or max(1, min(MAX_CELLS_PER_TASK, spread))

@@ -246,13 +246,13 @@ def write_batches(
     `records` holds the rows from `start` on, so a cluster task needs only its own slice of the list.
     """
     model = model.to(device).eval()
-    for rows, stacked, skipped in _load_batches(model, records, batches, workers, start, progress):
+    for rows, stacked, skipped in load_batches(model, records, batches, workers, start, progress):
         result = collect_batch(model, stacked.to(device), rows, layer_shapes, positions, seed) if rows else {}
         first = min(rows + [row for row, _ in skipped])
         _write_shard(parts / _shard_name(first), result, skipped)
 
 
-def _load_batches(
+def load_batches(
     model: Classifier,
     records: list[ImageRecord],
     pending: list[list[int]],

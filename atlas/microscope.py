@@ -55,7 +55,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from atlas import AtlasError
-from atlas.collect import _load_batches
+from atlas.collect import load_batches
 from atlas.compose import MANIFEST, VIEWER, patch_box
 from atlas.images import ImageRecord, list_images, load_rgb, to_model_input
 from atlas.models import Classifier, load_model
@@ -204,7 +204,7 @@ def top_activating(
     device = model_device(model)
     batches = [list(range(i, min(i + batch_size, len(records)))) for i in range(0, len(records), batch_size)]
     best, skipped = None, 0
-    for rows, images, unreadable in _load_batches(model, records, batches, workers, progress=progress):
+    for rows, images, unreadable in load_batches(model, records, batches, workers, progress=progress):
         for row, reason in unreadable:
             log.warning("skipped image %s: %s", records[row].path, reason)
         skipped += len(unreadable)

@@ -179,6 +179,13 @@ def _torchvision_weights(builder_name: str, net_factory: Callable[..., nn.Module
         ) from err
 
 
+def weights_argument(label: str) -> str | None:
+    """The `weights` argument of load_model for a `Classifier.weights` label: random, a file, or the model's own."""
+    if label == "random" or Path(label).is_file():
+        return label
+    return None  # a description of the model's default weights, e.g. "torchvision GoogLeNet_Weights.IMAGENET1K_V1"
+
+
 # factories ----------------------------------------------------------------------------------------
 INCEPTIONV1_ALIASES = {
     "conv2d0": "conv1",

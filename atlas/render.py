@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from atlas import AtlasError
-from atlas.models import Classifier, load_model
+from atlas.models import Classifier, load_model, weights_argument
 from atlas.optvis import LEARNING_RATE, forward, model_device, optimize_images, visualize
 from atlas.optvis.objectives import atlas_direction, direction_cosine
 from atlas.optvis.transform import Transform, image_key, preset
@@ -171,13 +171,6 @@ def render_icons(
 
 
 # the stage ----------------------------------------------------------------------------------------------
-def _weights_from_label(label: str) -> str | None:
-    """The `weights` argument of load_model for a store's `weights` attr: random, a file, or the model's own."""
-    if label == "random" or Path(label).is_file():
-        return label
-    return None  # a description of the model's default weights, e.g. "torchvision GoogLeNet_Weights.IMAGENET1K_V1"
-
-
 def _check_layer(model: Classifier, layer: str, channels: int, size: int) -> None:
     """The layer must give the cell means' channel count and a spatial map at the icon size."""
     try:
@@ -263,7 +256,7 @@ def render_store(
                 )
             whitening = group["whitening"][()]
         model_name = str(store.attrs.get("model", "")) if model is None else model
-        weights = weights if weights is not None else _weights_from_label(str(store.attrs.get("weights", "")))
+        weights = weights if weights is not None else weights_argument(str(store.attrs.get("weights", "")))
 
     if isinstance(model_name, Classifier):
         net = model_name

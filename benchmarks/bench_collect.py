@@ -17,7 +17,7 @@ from benchmarks.common import SAMPLE, in_subprocess
 
 
 def input_pipeline(images: int, batch_size: int, workers: int) -> dict:
-    from atlas.collect import _load_batches
+    from atlas.collect import load_batches
     from atlas.images import list_images
     from atlas.models import load_model
 
@@ -25,7 +25,7 @@ def input_pipeline(images: int, batch_size: int, workers: int) -> dict:
     records = list_images(SAMPLE)[:images]
     batches = [list(range(i, min(i + batch_size, images))) for i in range(0, images, batch_size)]
     start = time.perf_counter()
-    for _ in _load_batches(model, records, batches, workers):
+    for _ in load_batches(model, records, batches, workers):
         pass
     return {"images_per_s": images / (time.perf_counter() - start)}
 
