@@ -296,8 +296,20 @@ def _add_project(sub: argparse._SubParsersAction) -> None:
         help="UMAP's neighbour search: umap-learn's own, pynndescent on all cores, or exact in torch on --device "
         "(default: exact on a GPU or for small inputs, else umap-learn's)",
     )
+    p.add_argument(
+        "--sgd",
+        choices=["torch", "umap-learn"],
+        default="torch",
+        help="UMAP's layout SGD: umap-learn's schedule vectorised in torch on --device, or umap-learn's own (CPU)",
+    )
+    p.add_argument(
+        "--init",
+        choices=["spectral", "pca"],
+        default="spectral",
+        help="UMAP's initial layout (default: spectral, as umap-learn and the paper)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda, for the exact kNN search (default: cuda if there)")
+    p.add_argument("--device", default=None, help="cpu or cuda, for kNN search and layout (default: cuda if there)")
 
     def run(args: argparse.Namespace) -> None:
         from atlas.project import project_store
@@ -311,6 +323,8 @@ def _add_project(sub: argparse._SubParsersAction) -> None:
             metric=args.metric,
             perplexity=args.perplexity,
             knn=args.knn,
+            sgd=args.sgd,
+            init=args.init,
             seed=args.seed,
             device=args.device or default_device(),
         )

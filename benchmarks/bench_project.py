@@ -1,5 +1,10 @@
 """Projection (`atlas project`): our UMAP path beside plain `umap.UMAP(...).fit_transform`, same data, same run.
 
+Cases: plain umap-learn seeded (as the paper's notebooks ran it: one thread) and unseeded (all cores, not
+repeatable); our default path (exact or all-core NN-descent kNN, torch SGD); and at 100k our path with
+umap-learn's SGD, to separate the two changes. On a CUDA machine, 1M x 512 adds our path on the GPU (both
+inits) against plain umap-learn on all the machine's CPU cores.
+
 Data: N x 512 synthetic activations, a mixture of 100 Gaussian clusters of unequal size on a 32-dim
 subspace plus noise, through ReLU (about half the entries are zero, as in a post-ReLU layer). Both paths use
 the paper's settings (n_neighbors 50, min_dist 0.05, cosine) and seed 0. Quality: trustworthiness
@@ -21,6 +26,7 @@ SIZES = (10_000, 100_000)
 CHANNELS = 512
 SETTINGS = {"n_neighbors": 50, "min_dist": 0.05, "metric": "cosine"}  # the paper's, mixed4a-5b
 SUBSAMPLE = 3000
+INITS = ("spectral", "pca")
 
 
 def clustered_activations(n: int, channels: int = CHANNELS, clusters: int = 100, seed: int = 0) -> np.ndarray:
@@ -53,18 +59,26 @@ def measure(function, *args, **kwargs) -> tuple[object, float, float]:
 def plain_umap(x: np.ndarray, **extra: object) -> np.ndarray:
     import umap
 
+    extra = {"random_state": 0, **extra}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="n_jobs value")  # umap-learn drops to one thread when seeded
-        return umap.UMAP(**SETTINGS, random_state=0, **extra).fit_transform(x)
+        return umap.UMAP(**SETTINGS, **extra).fit_transform(x)
 
 
 def our_umap(x: np.ndarray, **extra: object) -> np.ndarray:
     from atlas.project import embed
 
-    return embed(x, **SETTINGS, seed=0, device="cpu", **extra)
+    return embed(x, **SETTINGS, **{"seed": 0, "device": "cpu", **extra})
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 def run() -> list[dict]:
+    import torch
     from sklearn.manifold import trustworthiness
 
     from atlas.project import resolve_knn
@@ -74,25 +88,35 @@ def run() -> list[dict]:
         lambda: [plain_umap(small, n_epochs=5)] + [our_umap(small, n_epochs=5, knn=k) for k in ("nndescent", "exact")]
     )
     rows = [{"case": "numba compile (once per process, both paths)", "device": "cpu", "seconds": compile_seconds}]
-    for n in SIZES:
+    sizes = SIZES + ((1_000_000,) if torch.cuda.is_available() else ())
+    for n in sizes:
         x = clustered_activations(n)
         subsample = np.random.default_rng(0).choice(n, SUBSAMPLE, replace=False)
-        cases = [("plain umap-learn", plain_umap, {}), ("atlas.project.embed", our_umap, {})]
-        if n >= 100_000:  # where NN-descent dominates: the same search on all cores
-            cases.append(("atlas.project.embed", our_umap, {"knn": "nndescent"}))
+        cases = [("plain umap-learn", plain_umap, {}), ("plain umap-learn", plain_umap, {"random_state": None})]
+        if n < 1_000_000:
+            cases.append(("atlas.project.embed", our_umap, {}))
+        if n == 100_000:
+            cases.append(("atlas.project.embed", our_umap, {"sgd": "umap-learn"}))
+        if n == 1_000_000:  # the GPU path; plain umap-learn seeded would run its SGD on one core for an hour
+            cases = [cases[1]] + [("atlas.project.embed", our_umap, {"device": "cuda", "init": i}) for i in INITS]
         for name, function, extra in cases:
             embedding, seconds, peak = measure(function, x, **extra)
+            device = extra.get("device", "cpu")
             if function is plain_umap:
-                knn = "umap-learn (1 thread when seeded)"
+                knn, sgd, init = "umap-learn (1 thread when seeded)", "umap-learn", "spectral"
             else:
-                knn = resolve_knn(extra.get("knn", "auto"), "cosine", "cpu", x.shape)
+                knn = resolve_knn(extra.get("knn", "auto"), "cosine", device, x.shape)
+                sgd, init = extra.get("sgd", "torch"), extra.get("init", "spectral")
             rows.append(
                 {
                     "case": name,
-                    "device": "cpu",
+                    "device": device_name(device),
                     "n": n,
                     "channels": CHANNELS,
                     "knn": knn,
+                    "sgd": sgd,
+                    "init": init,
+                    "seeded": extra.get("random_state", 0) is not None,
                     "seconds": seconds,
                     "peak_extra_mib": round(peak),
                     "trustworthiness": trustworthiness(

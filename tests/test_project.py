@@ -11,7 +11,14 @@ from threadpoolctl import threadpool_limits
 
 from atlas import AtlasError
 from atlas.cli import main
-from atlas.project import embed, exact_knn, normalize_layout, project_store, resolve_knn
+from atlas.project import (
+    embed,
+    exact_knn,
+    normalize_layout,
+    optimize_layout,
+    project_store,
+    resolve_knn,
+)
 from tests.synthetic import write_synthetic_store
 
 FAST = {"n_neighbors": 15, "n_epochs": 60}  # small settings: the tests check plumbing and invariants, not beauty
@@ -60,16 +67,64 @@ def test_exact_knn_puts_each_point_first_among_duplicates():
     assert (indices[:, 0] == np.arange(30)).all()
 
 
-def test_auto_knn_is_exact_for_small_inputs_and_on_accelerators():
+def test_auto_knn_is_exact_for_small_inputs_and_on_accelerators_else_nndescent():
     assert resolve_knn("auto", "cosine", "cpu", (2000, 512)) == "exact"
-    assert resolve_knn("auto", "cosine", "cpu", (100_000, 512)) == "umap-learn"
+    assert resolve_knn("auto", "cosine", "cpu", (100_000, 512)) == "nndescent"
     assert resolve_knn("auto", "euclidean", "cuda", (100_000, 512)) == "exact"
-    assert resolve_knn("auto", "correlation", "cpu", (2000, 512)) == "umap-learn"  # no exact search for it
+    assert resolve_knn("auto", "correlation", "cpu", (2000, 512)) == "nndescent"  # no exact search for it
     assert resolve_knn("nndescent", "cosine", "cpu", (2000, 512)) == "nndescent"
 
 
-def test_project_store_writes_a_seeded_normalised_layout(synthetic_store):
-    layout = project_store(synthetic_store, seed=3, **FAST)
+def umap_step(start: np.ndarray, other: np.ndarray, a: float, b: float) -> np.ndarray:
+    """umap-learn's attractive step for one edge, written out in numpy: -2ab d^(2b-2) / (1 + a d^(2b)) (x_i - x_j)."""
+    squared = ((start - other) ** 2).sum()
+    coefficient = -2 * a * b * squared ** (b - 1) / (1 + a * squared**b)
+    return np.clip(coefficient * (start - other), -4, 4)
+
+
+def test_optimize_layout_first_sampled_epoch_is_umap_learns_attraction():
+    # pairs 0-1 and 2-3, both directions as in UMAP's symmetric graph. As in umap-learn, an edge sampled every
+    # epoch is first sampled in epoch 1 (learning rate 1 - 1/2), and one negative sample every 10 epochs gives
+    # none yet: each end moves by the attraction alone, once for each direction of its edge
+    start = np.array([[0.0, 0.0], [1.0, 0.5], [5.0, 5.0], [5.2, 4.9]], dtype=np.float32)
+    head, tail = np.array([0, 1, 2, 3]), np.array([1, 0, 3, 2])
+    a, b = 1.577, 0.895  # umap-learn's find_ab_params(1.0, 0.05)
+    moved = optimize_layout(start, head, tail, np.ones(4), n_epochs=2, a=a, b=b, negative_sample_rate=0.1)
+    steps = np.stack([umap_step(start[i], start[j], a, b) for i, j in zip(head, tail, strict=True)])
+    np.testing.assert_allclose(moved, start + 2 * 0.5 * steps, rtol=1e-5)
+    assert np.abs(moved - start).max() > 0.1
+
+
+def test_optimize_layout_pulls_neighbours_together_and_pushes_the_rest_apart():
+    # two cliques of 20 vertices with no edge between them, from one random cloud
+    members = np.arange(40) // 20
+    head, tail = np.nonzero((members[:, None] == members[None, :]) & ~np.eye(40, dtype=bool))
+    start = np.random.default_rng(0).uniform(0, 10, size=(40, 2)).astype(np.float32)
+    layout = optimize_layout(start, head, tail, np.ones(len(head)), n_epochs=100, a=1.577, b=0.895, seed=1)
+    distance = np.linalg.norm(layout[:, None] - layout[None, :], axis=-1)
+    same = members[:, None] == members[None, :]
+    assert distance[same].mean() * 3 < distance[~same].mean()
+    np.testing.assert_array_equal(
+        layout, optimize_layout(start, head, tail, np.ones(len(head)), n_epochs=100, a=1.577, b=0.895, seed=1)
+    )
+
+
+def test_torch_sgd_matches_umap_learns_quality():
+    from sklearn.manifold import trustworthiness
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(6, 24)) * 3
+    x = np.maximum(centres[np.arange(1200) % 6] + rng.normal(size=(1200, 24)), 0).astype(np.float32)
+    scores = {
+        sgd: trustworthiness(x, embed(x, n_neighbors=15, seed=0, sgd=sgd), n_neighbors=10, metric="cosine")
+        for sgd in ("torch", "umap-learn")
+    }
+    assert scores["torch"] > scores["umap-learn"] - 0.01, scores
+
+
+@pytest.mark.parametrize("engine", [{"sgd": "torch"}, {"sgd": "umap-learn", "init": "pca"}])
+def test_project_store_writes_a_seeded_normalised_layout(synthetic_store, engine):
+    layout = project_store(synthetic_store, seed=3, **FAST, **engine)
     with h5py.File(synthetic_store) as f:
         stored = f["mixed4c/layout"]
         assert stored.shape == (2000, 2) and stored.dtype == np.float32
@@ -77,14 +132,15 @@ def test_project_store_writes_a_seeded_normalised_layout(synthetic_store):
         np.testing.assert_array_equal(stored[:], layout)
         clusters = f["images/label"][:]  # the synthetic store's cluster of each sample
     assert attrs["method"] == "umap" and attrs["metric"] == "cosine" and attrs["n_neighbors"] == 15
-    assert attrs["seed"] == 3 and attrs["knn"] == "exact"
+    assert attrs["seed"] == 3 and attrs["knn"] == "exact" and attrs["sgd"] == engine["sgd"]
+    assert attrs["init"] == engine.get("init", "spectral")
     assert layout.min() >= 0.0 and layout.max() <= 1.0
     # the layout keeps the clusters apart: a sample's nearest layout neighbour is in its cluster
     _, nearest = NearestNeighbors(n_neighbors=2).fit(layout).kneighbors(layout)
     assert (clusters[nearest[:, 1]] == clusters).mean() > 0.95
-    again = project_store(synthetic_store, seed=3, **FAST)
+    again = project_store(synthetic_store, seed=3, **FAST, **engine)
     np.testing.assert_array_equal(again, layout)
-    assert not np.array_equal(project_store(synthetic_store, seed=4, **FAST), layout)
+    assert not np.array_equal(project_store(synthetic_store, seed=4, **FAST, **engine), layout)
 
 
 def test_tsne_layout_in_one_and_two_dimensions():
@@ -138,6 +194,8 @@ def test_non_finite_activations_are_an_error(synthetic_store, bad):
         ({"metric": "nonsense"}, "unknown metric"),
         ({"knn": "exact", "metric": "correlation"}, "exact kNN supports"),
         ({"min_dist": 2.0}, "min_dist"),
+        ({"sgd": "numba"}, "unknown layout sgd"),
+        ({"init": "random"}, "unknown UMAP init"),
         ({"device": "cuda:7"}, "CUDA is not available|unknown device"),
     ],
 )
