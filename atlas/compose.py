@@ -49,6 +49,7 @@ BACKGROUND = 255  # white canvas, empty cells stay white (lucid's make_canvas, r
 LABEL_SPACING_PX = 80  # about one label per 80 px of atlas; the paper's front-end draws one every ~40-60 px
 LABEL_FONT_PX = 11
 LABEL_STROKE_PX = 2  # white outline: labels stay legible over any icon
+LABEL_MIN_OPACITY = 0.5  # on a heat-map, only cells at least half shown are labelled: faded ones are not the class's
 TOP_CLASSES = 5
 
 
@@ -65,6 +66,7 @@ class Grid:
     icon_cosine: np.ndarray  # [G, G], NaN where empty
     icon_objective: np.ndarray  # [G, G]
     image: Image.Image  # the atlas without labels, G * icon size square
+    opacity: np.ndarray | None = None  # [G, G] on a heat-map: how far each cell is shown (atlas.class_atlas)
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -127,12 +129,16 @@ def label_image(name: str, width: int) -> Image.Image:
 
 
 def draw_labels(image: Image.Image, grid: Grid, names: list[str]) -> None:
-    """Write the top class of about one cell per LABEL_SPACING_PX (the densest of each block) at its bottom."""
+    """Write the top class of about one cell per LABEL_SPACING_PX (the densest of each block) at its bottom.
+
+    On a heat-map only cells shown at LABEL_MIN_OPACITY or more are candidates.
+    """
     cell_px = image.width / grid.size
     step = max(1, math.ceil(LABEL_SPACING_PX / cell_px))
+    count = grid.count if grid.opacity is None else np.where(grid.opacity >= LABEL_MIN_OPACITY, grid.count, 0)
     for block_y in range(0, grid.size, step):
         for block_x in range(0, grid.size, step):
-            block = grid.count[block_y : block_y + step, block_x : block_x + step]
+            block = count[block_y : block_y + step, block_x : block_x + step]
             dy, dx = np.unravel_index(np.argmax(block), block.shape)
             if block[dy, dx] < grid.min_count:
                 continue
@@ -412,7 +418,8 @@ def compose_atlas(
         grid = read_grid(grid_group(group, size))
         if heatmap_class is not None:
             attribution = grid_group(group, size)["attribution"][:, :, heatmap_class]
-            grid.image = fade_cells(grid.image, heatmap_opacity(attribution, grid.count, grid.min_count))
+            grid.opacity = heatmap_opacity(attribution, grid.count, grid.min_count)
+            grid.image = fade_cells(grid.image, grid.opacity)
         grids.append(grid)
         log.info("%s grid %d: atlas drawn", layer, size)
     names = class_names(grid_group(group, sizes[0])["attribution"].shape[-1])
