@@ -54,6 +54,15 @@ TOP_CLASSES = 5
 
 
 @dataclass
+class Heatmap:
+    """One class's heat-map over a grid: each cell's mean attribution to the class, and the opacity shown."""
+
+    class_index: int
+    attribution: np.ndarray  # [G, G]
+    opacity: np.ndarray  # [G, G] in [0, 1] (atlas.class_atlas.heatmap_opacity)
+
+
+@dataclass
 class Grid:
     """One grid size of an atlas, read from the store and ready to draw."""
 
@@ -66,7 +75,7 @@ class Grid:
     icon_cosine: np.ndarray  # [G, G], NaN where empty
     icon_objective: np.ndarray  # [G, G]
     image: Image.Image  # the atlas without labels, G * icon size square
-    opacity: np.ndarray | None = None  # [G, G] on a heat-map: how far each cell is shown (atlas.class_atlas)
+    heatmap: Heatmap | None = None  # set on a class's heat-map atlas
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -135,7 +144,7 @@ def draw_labels(image: Image.Image, grid: Grid, names: list[str]) -> None:
     """
     cell_px = image.width / grid.size
     step = max(1, math.ceil(LABEL_SPACING_PX / cell_px))
-    count = grid.count if grid.opacity is None else np.where(grid.opacity >= LABEL_MIN_OPACITY, grid.count, 0)
+    count = grid.count if grid.heatmap is None else np.where(grid.heatmap.opacity >= LABEL_MIN_OPACITY, grid.count, 0)
     for block_y in range(0, grid.size, step):
         for block_x in range(0, grid.size, step):
             block = count[block_y : block_y + step, block_x : block_x + step]
@@ -380,6 +389,12 @@ def cells_json(grid: Grid, names: list[str], examples: np.ndarray, example_info:
                 "examples": [example_info[s] for s in examples[y * grid.size + x].tolist() if s >= 0],
             }
         )
+        if grid.heatmap is not None:
+            cells[-1]["heatmap"] = {
+                "class": names[grid.heatmap.class_index],
+                "attribution": _number(grid.heatmap.attribution[y, x]),
+                "opacity": _number(grid.heatmap.opacity[y, x]),
+            }
     return {"grid": grid.size, "min_count": grid.min_count, "total": int(grid.count.sum()), "cells": cells}
 
 
@@ -418,8 +433,9 @@ def compose_atlas(
         grid = read_grid(grid_group(group, size))
         if heatmap_class is not None:
             attribution = grid_group(group, size)["attribution"][:, :, heatmap_class]
-            grid.opacity = heatmap_opacity(attribution, grid.count, grid.min_count)
-            grid.image = fade_cells(grid.image, grid.opacity)
+            opacity = heatmap_opacity(attribution, grid.count, grid.min_count)
+            grid.heatmap = Heatmap(heatmap_class, attribution, opacity)
+            grid.image = fade_cells(grid.image, opacity)
         grids.append(grid)
         log.info("%s grid %d: atlas drawn", layer, size)
     names = class_names(grid_group(group, sizes[0])["attribution"].shape[-1])

@@ -177,11 +177,20 @@ def test_compose_heatmap_fades_cells_by_attribution(tmp_path):
     faded = np.asarray(Image.open(run / "heatmap-mixed4c-3/grid-4/atlas.png"), np.float64)
     with h5py.File(store) as f:
         grid = f["mixed4c/grid/4"]
-        opacity = heatmap_opacity(grid["attribution"][:, :, 3], grid["count"][()], int(grid.attrs["min_count"]))
+        grid_attribution = grid["attribution"][:, :, 3]
+        opacity = heatmap_opacity(grid_attribution, grid["count"][()], int(grid.attrs["min_count"]))
     assert (opacity == 1).any() and (opacity == 0).any() and ((opacity > 0) & (opacity < 1)).any()
     for y, x in np.ndindex(4, 4):
         cell = np.s_[y * 16 : (y + 1) * 16, x * 16 : (x + 1) * 16]
         np.testing.assert_allclose(faded[cell], 255 - (255 - plain[cell]) * opacity[y, x], atol=0.51)
+    # the viewer's info panel reads each cell's attribution to the class and its opacity (4 digits) from cells.json
+    cells = json.loads((run / "heatmap-mixed4c-3/grid-4/cells.json").read_text())
+    for cell in cells["cells"]:
+        y, x = cell["y"], cell["x"]
+        assert cell["heatmap"]["class"] == "class 3"
+        assert cell["heatmap"]["attribution"] == pytest.approx(grid_attribution[y, x], rel=1e-3)
+        assert cell["heatmap"]["opacity"] == pytest.approx(opacity[y, x], rel=1e-3)
+    assert "heatmap" not in json.loads((run / "layer-mixed4c/grid-4/cells.json").read_text())["cells"][0]
     with pytest.raises(AtlasError, match="not in 0..9"):
         compose_run(store, run, heatmap_class=10)
     for atlas in ({"id": "class-1"}, {"id": "../up", "kind": "class"}):  # an atlas of another kind: checked first

@@ -15,7 +15,7 @@ from PIL import Image
 
 from atlas import AtlasError
 from atlas.cli import main
-from atlas.compose import Grid, compose_run, density_scale, draw_labels, level_grids, patch_box, write_dzi
+from atlas.compose import Grid, Heatmap, compose_run, density_scale, draw_labels, level_grids, patch_box, write_dzi
 from atlas.store import STR
 from atlas.view import serve_in_thread
 
@@ -124,12 +124,12 @@ def test_heatmap_labels_only_cells_that_are_shown() -> None:
         4, 1, np.full((4, 4), 10), np.zeros(0, np.int64), np.zeros((4, 4, 5), np.int64), np.zeros((4, 4, 5)),
         np.zeros((4, 4)), np.zeros((4, 4)), Image.new("RGB", (320, 320), "white"),
     )  # fmt: skip
-    grid.opacity = np.array([[1.0, 0.5, 0.49, 0.0]] * 4)
+    grid.heatmap = Heatmap(0, np.zeros((4, 4)), np.array([[1.0, 0.5, 0.49, 0.0]] * 4))
     image = grid.image.copy()
     draw_labels(image, grid, names=["tench"] * 5)
     inked = (np.asarray(image).min(axis=-1) < 128).reshape(4, 80, 4, 80).any(axis=(1, 3))
     np.testing.assert_array_equal(inked, np.array([[True, True, False, False]] * 4))
-    grid.opacity = None  # a layer atlas labels every populated cell
+    grid.heatmap = None  # a layer atlas labels every populated cell
     image = grid.image.copy()
     draw_labels(image, grid, names=["tench"] * 5)
     assert (np.asarray(image).min(axis=-1) < 128).reshape(4, 80, 4, 80).any(axis=(1, 3)).all()

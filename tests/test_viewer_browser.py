@@ -82,3 +82,21 @@ def test_viewer_zooms_and_shows_the_hovered_cell(tmp_path: Path) -> None:
         assert page.locator("#title").inner_text() == "tiny · class 3"
         assert page.locator("#grid").input_value() == str(COARSE)  # the grid choice is kept
     assert not errors, errors
+
+
+@needs_chromium
+def test_viewer_shows_a_heatmap_cells_attribution_to_its_class(tmp_path: Path) -> None:
+    store = write_rendered_store(tmp_path, sizes=(4,))
+    run = tmp_path / "run"
+    compose_run(store, run, examples=0, heatmap_class=3)
+    cells = json.loads((run / "heatmap-mixed4c-3/grid-4/cells.json").read_text())["cells"]
+    cell = next(c for c in cells if not c["empty"])
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1000, "height": 700}) as (page, url, errors):
+        page.goto(f"{url}#atlas=heatmap-mixed4c-3&grid=4&cell={cell['x']},{cell['y']}")  # a linked, pinned cell
+        info = page.locator(f'#info[data-grid="4"][data-x="{cell["x"]}"][data-y="{cell["y"]}"]')
+        info.wait_for()
+        assert info.locator("dt").all_inner_texts()[-1] == "attribution to class 3"
+        value = page.evaluate("v => Number(v).toPrecision(3)", cell["heatmap"]["attribution"])  # the viewer's format
+        opacity = page.evaluate("v => Math.round(100 * v)", cell["heatmap"]["opacity"])
+        assert info.locator(".heat").inner_text() == f"{value} (shown at {opacity} %)"
+    assert not errors, errors

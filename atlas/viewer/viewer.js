@@ -207,7 +207,17 @@
         el("dt", {}, "icon cosine"),
         el("dd", { title: "cosine of the icon's activation with the cell's direction" }, number(cell.icon_cosine)),
         el("dt", {}, "icon objective"),
-        el("dd", {}, number(cell.icon_objective))
+        el("dd", {}, number(cell.icon_objective)),
+        ...(cell.heatmap
+          ? [
+              el("dt", {}, `attribution to ${cell.heatmap.class}`),
+              el(
+                "dd",
+                { className: "heat", title: "the cell's mean attribution to the class; the heat-map shows the cell at this share" },
+                `${number(cell.heatmap.attribution)} (shown at ${Math.round(100 * (cell.heatmap.opacity ?? 0))} %)`
+              ),
+            ]
+          : [])
       )
     );
     if (cell.empty) {
