@@ -7,6 +7,7 @@ other atlas kinds (class atlases) can be added beside the layer atlases later:
     atlases.json                                  {"atlases": [entry, ...]}: id, kind, layer, class, title, paths
     <atlas id>/grid-<G>/atlas.png                 the atlas of grid size G: one icon per cell, sized by density
     <atlas id>/grid-<G>/cells.json                cells of grid G: count, top classes, icon quality, examples
+                                                  (and on a heat-map: attribution to its class, opacity)
     <atlas id>/tiles.dzi, tiles_files/            Deep Zoom pyramid across the grid sizes (OpenSeadragon reads it)
     patches/<layer>/<sample>.jpg                  dataset example patches, shared by all atlases of a layer
     patches/<atlas id>/<sample>.jpg               those of an atlas from a subset store (class atlases)
