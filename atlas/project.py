@@ -19,8 +19,11 @@ The layout SGD is chosen by `sgd`:
   trustworthiness within 0.003. Seeded, it repeats exactly.
 - "umap-learn": umap-learn's numba SGD on the CPU, edge after edge, as the paper ran it. Seeded, it runs on
   one thread (its parallel SGD is not repeatable); `seed=None` trades repeatability for all cores.
-The fuzzy graph and the initial layout (`init`: "spectral", umap-learn's default and the paper's, or "pca")
-come from umap-learn in both cases.
+The fuzzy graph comes from umap-learn in both cases, and so does the initial layout (`init`):
+- "pca" (default): the first two principal components. At 100k x 512 it took 0.35 s against 11.3 s for the
+  spectral init, and the layout's trustworthiness was 0.9847 against 0.9827; at 1M samples the spectral
+  init ran for more than 9 minutes on 2 cores before it was stopped (ARPACK with 1000 Lanczos vectors).
+- "spectral": umap-learn's default, the paper's: the graph Laplacian's eigenvectors.
 
 Output: `/<layer>/layout` [N, 2] float32 in [0, 1], attrs: the method and every parameter used.
 """
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 METHODS = ("umap", "tsne")
 KNN_SEARCHES = ("auto", "umap-learn", "nndescent", "exact")
 SGD_ENGINES = ("torch", "umap-learn")
-INITS = ("spectral", "pca")
+INITS = ("pca", "spectral")
 EXACT_METRICS = ("cosine", "euclidean")
 EXACT_KNN_MAX_WORK = 2e11  # N^2 C multiply-adds up to which 'auto' searches exactly on the CPU
 
@@ -123,7 +126,7 @@ def embed(
     device: str = "cpu",
     knn: str = "auto",
     sgd: str = "torch",
-    init: str = "spectral",
+    init: str = "pca",
 ) -> np.ndarray:
     """Raw (unnormalised) embedding [N, n_components] float32 of the rows of `x`, by UMAP or t-SNE.
 
@@ -158,7 +161,7 @@ def check_settings(
     device: str,
     knn: str,
     sgd: str = "torch",
-    init: str = "spectral",
+    init: str = "pca",
 ) -> None:
     """Raise AtlasError on a setting that cannot work, before any data is loaded."""
     if method not in METHODS:
@@ -408,7 +411,7 @@ def project_store(
     device: str = "cpu",
     knn: str = "auto",
     sgd: str = "torch",
-    init: str = "spectral",
+    init: str = "pca",
     n_epochs: int | None = None,
     perplexity: float = 50.0,
     learning_rate: float | str = "auto",
