@@ -81,16 +81,21 @@ def test_cell_means_match_a_direct_computation(laid_out_store):
         assert 0 < (counts[20] < 4).sum() < 400  # both kinds of cell are exercised
 
 
+def assert_whitening(whitening: np.ndarray, activations: np.ndarray, ridge: float) -> None:
+    """`whitening` is the inverse of the centred covariance plus `ridge` x its mean variance, in numpy."""
+    covariance = np.cov(activations, rowvar=False)
+    ridge = ridge * np.trace(covariance) / len(covariance)
+    want = np.linalg.inv(covariance + ridge * np.eye(len(covariance)))
+    np.testing.assert_allclose(whitening, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
 def test_whitening_is_the_ridged_inverse_of_the_centred_covariance(laid_out_store):
     grid_store(laid_out_store, sizes=(4,), ridge=0.05, whitening_rows=None, chunk_rows=700)
     with h5py.File(laid_out_store) as f:
         whitening = f["mixed4c/whitening"][:]
         activations = f["mixed4c/activations"][:].astype(np.float64)
         assert f["mixed4c/whitening"].attrs["samples"] == 2000
-    covariance = np.cov(activations, rowvar=False)
-    ridge = 0.05 * np.trace(covariance) / len(covariance)
-    want = np.linalg.inv(covariance + ridge * np.eye(len(covariance)))
-    np.testing.assert_allclose(whitening, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert_whitening(whitening, activations, ridge=0.05)
 
 
 def test_whitening_from_a_strided_subsample(laid_out_store):
@@ -99,10 +104,7 @@ def test_whitening_from_a_strided_subsample(laid_out_store):
         whitening = f["mixed4c/whitening"][:]
         activations = f["mixed4c/activations"][::4].astype(np.float64)  # every 4th row: ceil(2000 / 500)
         assert f["mixed4c/whitening"].attrs["samples"] == 500
-    covariance = np.cov(activations, rowvar=False)
-    ridge = 0.01 * np.trace(covariance) / len(covariance)
-    want = np.linalg.inv(covariance + ridge * np.eye(len(covariance)))
-    np.testing.assert_allclose(whitening, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert_whitening(whitening, activations, ridge=0.01)
 
 
 def test_layer_whitening_is_what_grid_writes_and_whitening_false_keeps_it(laid_out_store):
