@@ -357,7 +357,9 @@ def optimize_layout(
             if sampled.numel() == 0:
                 continue
             heads = head.index_select(0, sampled)
-            offset = layout.index_select(1, heads) - layout.index_select(1, tail.index_select(0, sampled))
+            tails = tail.index_select(0, sampled)
+            # gathered one coordinate row at a time: on the CPU, 1-D index_select beats selecting along dim 1
+            offset = torch.stack([row.index_select(0, heads) - row.index_select(0, tails) for row in layout])
             squared = (offset * offset).sum(0)
             power = squared.pow(b)
             pull = (-2.0 * a * b) * power / (squared * (a * power + 1.0))
@@ -373,7 +375,7 @@ def optimize_layout(
             next_negatives.index_add_(0, sampled, counts * negative_period)
             sources = heads.repeat_interleave(counts)
             others = torch.randint(n_vertices, sources.shape, generator=generator, device=dev)
-            offset = layout.index_select(1, sources) - layout.index_select(1, others)
+            offset = torch.stack([row.index_select(0, sources) - row.index_select(0, others) for row in layout])
             squared = (offset * offset).sum(0)
             push = (2.0 * repulsion_strength * b) / ((0.001 + squared) * (a * squared.pow(b) + 1.0))
             push = torch.where(squared > 0, push, 0.0)
