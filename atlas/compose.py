@@ -495,11 +495,16 @@ def compose_atlas(
 
 
 def install_viewer(out_dir: Path) -> Path:
-    """Copy the static viewer (page, script, style, vendored OpenSeadragon) into the run folder."""
+    """Copy the static viewer (page, script, style, vendored OpenSeadragon) into the run folder; return its page.
+
+    The page is index.html, or atlas.html where `atlas microscope` made the folder's index.html its home page.
+    """
+    page = out_dir / ("atlas.html" if (out_dir / "atlas.html").is_file() else "index.html")
     # microscope/ holds the templates of `atlas microscope`'s pages, not part of the atlas viewer
-    ignore = shutil.ignore_patterns("__pycache__", "microscope")
+    ignore = shutil.ignore_patterns("__pycache__", "microscope", "index.html")
     shutil.copytree(VIEWER, out_dir, dirs_exist_ok=True, ignore=ignore)
-    return out_dir / "index.html"
+    shutil.copyfile(VIEWER / "index.html", page)
+    return page
 
 
 def update_manifest(out_dir: Path, entries: list[dict]) -> None:
@@ -529,7 +534,7 @@ def compose_run(
     heatmap_class: int | None = None,
     atlas: dict | None = None,
 ) -> Path:
-    """Compose the layer atlases of a store into the run folder `out_dir`; return its index.html.
+    """Compose the layer atlases of a store into the run folder `out_dir`; return the viewer's page.
 
     layers: default every layer with rendered grids. grids: default every rendered grid size of each
     layer. Re-running adds to or overwrites the folder; atlases of other kinds in it are kept.

@@ -209,6 +209,12 @@ def test_units_link_to_their_best_atlas_cell(tmp_path: Path) -> None:
             y, x, _ = best_cells(mean, count, 3, [unit])
             expected.append(f"../../atlas.html#atlas=layer-{LAYER}&amp;grid={size}&amp;cell={x[0]},{y[0]}")
         assert links == expected
+    # composing the folder again refreshes the atlas viewer in atlas.html and keeps the microscope's home page
+    home = (run / "index.html").read_text()
+    (run / "atlas.html").write_text("stale")
+    assert compose_run(run / "store.h5", run, labels=False, examples=0) == run / "atlas.html"
+    assert (run / "index.html").read_text() == home
+    assert (run / "atlas.html").read_text() == (Path(microscope.__file__).parent / "viewer/index.html").read_text()
 
 
 def test_bad_input_is_one_line_error(tmp_path: Path, capsys) -> None:
