@@ -294,7 +294,7 @@ def _add_project(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "umap-learn", "nndescent", "exact"],
         default="auto",
         help="UMAP's neighbour search: umap-learn's own, pynndescent on all cores, or exact in torch on --device "
-        "(default: exact on a GPU or for small inputs, else umap-learn's)",
+        "(default: exact on a GPU or for small inputs, else pynndescent on all cores)",
     )
     p.add_argument(
         "--sgd",

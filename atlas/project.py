@@ -160,8 +160,8 @@ def check_settings(
     perplexity: float,
     device: str,
     knn: str,
-    sgd: str = "torch",
-    init: str = "pca",
+    sgd: str,
+    init: str,
 ) -> None:
     """Raise AtlasError on a setting that cannot work, before any data is loaded."""
     if method not in METHODS:
