@@ -77,6 +77,17 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
+def cases(n: int) -> list[tuple[str, object, dict]]:
+    """(name, function, keyword arguments) of each measurement at N samples."""
+    unseeded = ("plain umap-learn", plain_umap, {"random_state": None})
+    if n >= 1_000_000:  # the GPU path; plain umap-learn seeded would run its SGD on one core for an hour
+        return [unseeded] + [("atlas.project.embed", our_umap, {"device": "cuda", "init": i}) for i in INITS]
+    ours = [("atlas.project.embed", our_umap, {})]
+    if n == 100_000:  # our kNN and start with umap-learn's SGD: the two changes apart
+        ours.append(("atlas.project.embed", our_umap, {"sgd": "umap-learn"}))
+    return [("plain umap-learn", plain_umap, {}), unseeded, *ours]
+
+
 def run() -> list[dict]:
     import torch
     from sklearn.manifold import trustworthiness
@@ -92,14 +103,7 @@ def run() -> list[dict]:
     for n in sizes:
         x = clustered_activations(n)
         subsample = np.random.default_rng(0).choice(n, SUBSAMPLE, replace=False)
-        cases = [("plain umap-learn", plain_umap, {}), ("plain umap-learn", plain_umap, {"random_state": None})]
-        if n < 1_000_000:
-            cases.append(("atlas.project.embed", our_umap, {}))
-        if n == 100_000:
-            cases.append(("atlas.project.embed", our_umap, {"sgd": "umap-learn"}))
-        if n == 1_000_000:  # the GPU path; plain umap-learn seeded would run its SGD on one core for an hour
-            cases = [cases[1]] + [("atlas.project.embed", our_umap, {"device": "cuda", "init": i}) for i in INITS]
-        for name, function, extra in cases:
+        for name, function, extra in cases(n):
             embedding, seconds, peak = measure(function, x, **extra)
             device = extra.get("device", "cpu")
             if function is plain_umap:
