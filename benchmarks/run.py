@@ -1,7 +1,8 @@
 """`make bench`: run every benchmarks/bench_*.py and write their figures to benchmarks/results.md.
 
 Each benchmark module has `run() -> list[dict]`; every dict is one measured row and names its
-settings. Rows are grouped by module and stamped with the machine they ran on.
+settings. Rows are grouped by module, one `## name` section each, stamped with the time and machine
+they ran on. Running some benchmarks replaces their sections and keeps the others' earlier figures.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -34,23 +36,31 @@ def main() -> None:
     names = args.names or sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
     stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, torch {torch.__version__}"
     out = Path(args.out)
-    sections = []
+    sections = read_sections(out)
     for name in names:
         print(f"== bench {name}", flush=True)
         rows = importlib.import_module(f"benchmarks.bench_{name}").run()
         for row in rows:
             print(json.dumps(row), flush=True)
-        sections.append(_table(name, rows))
+        sections[name] = f"{stamp}\n\n" + _table(rows)
         # written after every benchmark, so an interrupted `make bench` keeps what it measured
-        out.write_text(f"# Benchmark results\n\n{stamp}\n\n" + "\n".join(sections))
+        out.write_text("# Benchmark results\n\n" + "\n".join(f"## {k}\n\n{v.strip()}\n" for k, v in sections.items()))
     print(f"wrote {out}", file=sys.stderr)
 
 
-def _table(name: str, rows: list[dict]) -> str:
+def read_sections(path: Path) -> dict[str, str]:
+    """The `## name` sections of an earlier results file, in order (empty when there is none)."""
+    if not path.exists():
+        return {}
+    parts = re.split(r"^## (\S+)\n", path.read_text(), flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def _table(rows: list[dict]) -> str:
     if not rows:
-        return f"## {name}\n\n(no rows)\n"
+        return "(no rows)\n"
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    lines = [f"## {name}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(k, "")) for k in keys) + " |")
     return "\n".join(lines) + "\n"
