@@ -132,20 +132,16 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         from atlas import patch as lab
-        from atlas.classes import resolve_class
-        from atlas.images import list_images
-        from atlas.models import load_model
-        from atlas.store import open_store
+        from pipelines.patch import run_patch_experiment, suggest_patches
 
         if args.suggest:
             if not args.store:
                 raise AtlasError("--suggest needs --store, a store with grids")
-            with open_store(args.store) as f:
-                model_name = args.model or str(f.attrs.get("model", ""))
-            names = load_model(model_name, weights="random").class_names  # names only: no weights needed
-            source, target = (resolve_class(name, names) for name in args.suggest)
+            cells = suggest_patches(
+                args.store, *args.suggest, model_name=args.model, layer=args.layer, grid=args.grid, top=args.top
+            )
             print("cell\tcount\tscore\tpatch")
-            for c in lab.suggest_cells(args.store, source, target, layer=args.layer, grid=args.grid, top=args.top):
+            for c in cells:
                 print(f"{c['cell'][0]},{c['cell'][1]}\t{c['count']}\t{c['score']:.4g}\t{c['spec']}")
             return
         missing = [flag for flag in ("patch", "data", "target", "out") if not getattr(args, flag)]
@@ -155,28 +151,23 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
             sizes = tuple(float(v) for v in args.sizes.split(",")) if args.sizes else lab.SEARCH_RATIOS
         except ValueError as err:
             raise AtlasError(f"--sizes {args.sizes!r} is not a comma-separated list of fractions") from err
-        device = args.device or default_device()
-        model = load_model(args.model or "efficientnet-lite0", weights=args.weights, device=device)
-        target = resolve_class(args.target, model.class_names)
-        source = resolve_class(args.source, model.class_names) if args.source else None
-        patch = lab.load_patch(args.patch)
-        records = list_images(args.data, model.class_names)
-        records = lab.select_records(records, target, source, exclude=lab.patch_file(args.patch))[: args.limit]
-        report, examples = lab.measure_patch(
-            model,
-            patch,
-            records,
-            target,
-            source,
+        report, path = run_patch_experiment(
+            args.patch,
+            args.data,
+            args.target,
+            args.out,
+            model_name=args.model or "efficientnet-lite0",
+            weights=args.weights,
+            source=args.source,
             ratios=sizes if args.search else (args.size or lab.DEFAULT_RATIO,),
             corners=tuple(lab.CORNERS) if args.search else (args.corner,),
-            batch_size=args.batch_size,
-            device=device,
-            seed=args.seed,
+            limit=args.limit,
             examples=args.examples,
+            seed=args.seed,
+            batch_size=args.batch_size,
             workers=args.workers,
+            device=args.device or default_device(),
         )
-        path = lab.write_report(report, examples, patch, args.out, patch_spec=args.patch)
         print(
             f"{report['n']} images correct before: flip to {report['target']} {report['flip_rate']:.1%} "
             f"(noise {report['noise_flip_rate']:.1%}), leave source {report['leave_rate']:.1%} "
@@ -420,9 +411,9 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.microscope import microscope
+        from pipelines.microscope import run_microscope
 
-        summary = microscope(
+        summary = run_microscope(
             args.model,
             args.out,
             layer=args.layer,

@@ -20,6 +20,7 @@ Rows of an atlas are the grid's y, columns its x (cell = y * G + x, as in the st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -262,42 +263,49 @@ def patch_box(y: int, x: int, height: int, width: int, size: int, context: float
 
 
 def write_patches(
-    samples: np.ndarray,
-    image_index: np.ndarray,
-    position: np.ndarray,
+    wanted: dict[int, list[tuple[str, tuple[int, int]]]],
     image_paths: list[str],
     activation_shape: tuple[int, int],
     input_size: int,
+    resize_size: int,
     folder: Path,
+    whole_images: Path | None = None,
     workers: int = min(8, os.cpu_count() or 1),
 ) -> set[int]:
-    """Save the input patch around each sample as `folder`/<sample>.jpg, seen as the model saw the image
-    (resize to round(input_size * 256 / 224), centre crop). Returns the samples written; unreadable images
-    are skipped."""
-    folder.mkdir(parents=True, exist_ok=True)
-    resize = round(input_size * 256 / 224)
-    by_image: dict[int, list[int]] = {}
-    for sample in samples.tolist():
-        by_image.setdefault(int(image_index[sample]), []).append(sample)
+    """Save input patches as the model saw the images (resize to `resize_size`, centre crop to `input_size`).
 
-    def one_image(item: tuple[int, list[int]]) -> list[int]:
-        image, image_samples = item
+    wanted: image index -> [(file name in `folder`, (y, x) activation position)]: the patch around each
+    position. whole_images: also save each image whole there, as <image_id>.jpg, unless it is there already.
+    Returns the images that could be read; unreadable ones are skipped.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if whole_images is not None:
+        whole_images.mkdir(parents=True, exist_ok=True)
+
+    def one_image(item: tuple[int, list[tuple[str, tuple[int, int]]]]) -> int | None:
+        image, patches = item
         try:
-            picture = to_model_input(load_rgb(image_paths[image], min_side=resize), resize, input_size)
+            picture = to_model_input(load_rgb(image_paths[image], min_side=resize_size), resize_size, input_size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return []
+            return None
         pixels = Image.fromarray((picture.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-        for sample in image_samples:
-            box = patch_box(*position[sample], *activation_shape, input_size)
-            pixels.crop(box).save(folder / f"{sample}.jpg", quality=90)
-        return image_samples
+        if whole_images is not None and not (whole := whole_images / f"{image_id(image_paths[image])}.jpg").exists():
+            pixels.save(whole, quality=90)
+        for name, (y, x) in patches:
+            pixels.crop(patch_box(y, x, *activation_shape, input_size)).save(folder / name, quality=90)
+        return image
 
     with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
-        done = list(pool.map(one_image, by_image.items()))
-    unreadable = sum(not written for written in done)
-    if unreadable:
-        log.warning("%d of %d example images could not be read; their cells show no patches", unreadable, len(done))
-    return {sample for written in done for sample in written}
+        done = list(pool.map(one_image, wanted.items()))
+    read = {image for image in done if image is not None}
+    if len(read) < len(done):
+        log.warning("%d of %d example images could not be read; they show no patches", len(done) - len(read), len(done))
+    return read
+
+
+def image_id(path: str) -> str:
+    """The file name of a dataset image on a site: stable across runs and image lists."""
+    return hashlib.sha1(path.encode()).hexdigest()[:16]
 
 
 def check_grid(layer: h5py.Group, size: int) -> None:
@@ -450,20 +458,23 @@ def compose_atlas(
     image_index, position = group["image_index"][()], group["position"][()]
     paths = store["images/path"].asstr()[()].tolist()
     patch_dir = patch_dir or f"patches/{layer}"
-    written = write_patches(
-        samples,
-        image_index,
-        position,
+    wanted: dict[int, list[tuple[str, tuple[int, int]]]] = {}
+    for sample in samples.tolist():
+        wanted.setdefault(int(image_index[sample]), []).append((f"{sample}.jpg", tuple(position[sample])))
+    input_size = int(store.attrs["input_size"])
+    read = write_patches(
+        wanted,
         paths,
         (int(group.attrs["height"]), int(group.attrs["width"])),
-        int(store.attrs["input_size"]),
+        input_size,
+        round(input_size * 256 / 224),
         out_dir / patch_dir,
     )
     example_info = {
         s: {
             "image": paths[image_index[s]],
             "position": position[s].tolist(),
-            "patch": f"{patch_dir}/{s}.jpg" if s in written else None,
+            "patch": f"{patch_dir}/{s}.jpg" if int(image_index[s]) in read else None,
         }
         for s in samples.tolist()
     }

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from atlas import AtlasError
 from atlas.models import Classifier, load_model, weights_argument
-from atlas.optvis import LEARNING_RATE, forward, model_device, optimize_images, visualize
+from atlas.optvis import LEARNING_RATE, layer_map, model_device, optimize_images, visualize
 from atlas.optvis.objectives import atlas_direction, direction_cosine
 from atlas.optvis.transform import Transform, image_key, preset
 from atlas.store import grid_group, layer_group, open_store
@@ -173,16 +173,10 @@ def render_icons(
 # the stage ----------------------------------------------------------------------------------------------
 def _check_layer(model: Classifier, layer: str, channels: int, size: int) -> None:
     """The layer must give the cell means' channel count and a spatial map at the icon size."""
-    try:
-        acts = forward(model, torch.zeros(1, 3, size, size, device=model_device(model)), [layer])
-    except RuntimeError as err:
-        raise AtlasError(f"icon size {size} px is too small for {model.name} layer {layer}: {err}") from err
-    shape = tuple(acts[layer].shape)
-    if len(shape) != 4:
-        raise AtlasError(f"layer {layer} of {model.name} gives {shape}, not a [B, C, H, W] activation map")
-    if shape[1] != channels:
+    found = layer_map(model, layer, size)[0]
+    if found != channels:
         raise AtlasError(
-            f"layer {layer} of {model.name} has {shape[1]} channels but the store's cell means have {channels}; "
+            f"layer {layer} of {model.name} has {found} channels but the store's cell means have {channels}; "
             f"was the store collected with another model?"
         )
 

@@ -13,11 +13,22 @@ import torch
 from PIL import Image
 from torch import nn
 
-from atlas import AtlasError, microscope
+from atlas import AtlasError
 from atlas.cli import main
-from atlas.compose import compose_run
+from atlas.compose import VIEWER, compose_run
 from atlas.images import ImageDataset, ImageRecord, collate
-from atlas.microscope import RESULTS, TopK, best_cells, merge_top_k, parse_units, top_activating, unit_maxima
+from atlas.microscope import (
+    RESULTS,
+    TopK,
+    best_cells,
+    find_layer_atlas,
+    lenses,
+    merge_top_k,
+    parse_units,
+    top_activating,
+    unit_maxima,
+)
+from atlas.microscope import examples as example_lens
 from atlas.models import Classifier, capture
 from tests.test_compose import write_rendered_store
 
@@ -167,7 +178,7 @@ def test_a_page_per_unit_and_rerun_reuses_finished_units(tmp_path: Path, monkeyp
         assert group["done"][()].tolist() == [True] * 3 + [False] * 5
 
     rendered: list[int] = []
-    original = microscope.optimize_images
+    original = lenses.optimize_images
 
     def spy(model, objective, keys, **kwargs):
         rendered.append(len(keys))
@@ -176,8 +187,8 @@ def test_a_page_per_unit_and_rerun_reuses_finished_units(tmp_path: Path, monkeyp
     def no_pass(*args, **kwargs):
         raise AssertionError("the dataset pass should be reused")
 
-    monkeypatch.setattr(microscope, "optimize_images", spy)
-    monkeypatch.setattr(microscope, "top_activating", no_pass)
+    monkeypatch.setattr(lenses, "optimize_images", spy)
+    monkeypatch.setattr(example_lens, "top_activating", no_pass)
     photos = str(tmp_path / "photos")
     assert main(["microscope", "--model", TINY, "--layer", LAYER, "--data", photos, "--units", "5", "--out",
                  str(run), *FAST]) == 0  # fmt: skip
@@ -197,7 +208,7 @@ def test_a_page_per_unit_and_rerun_reuses_finished_units(tmp_path: Path, monkeyp
 
 def test_units_link_to_their_best_atlas_cell(tmp_path: Path) -> None:
     run = build_site(tmp_path, units="2")
-    assert (run / "atlas.html").read_text() == (Path(microscope.__file__).parent / "viewer/index.html").read_text()
+    assert (run / "atlas.html").read_text() == (VIEWER / "index.html").read_text()
     assert "atlas.html" in (run / "index.html").read_text()
     with h5py.File(run / "store.h5") as f:
         grids = {size: (f[f"{LAYER}/grid/{size}/mean"][()], f[f"{LAYER}/grid/{size}/count"][()]) for size in (4, 8)}
@@ -214,7 +225,7 @@ def test_units_link_to_their_best_atlas_cell(tmp_path: Path) -> None:
     (run / "atlas.html").write_text("stale")
     assert compose_run(run / "store.h5", run, labels=False, examples=0) == run / "atlas.html"
     assert (run / "index.html").read_text() == home
-    assert (run / "atlas.html").read_text() == (Path(microscope.__file__).parent / "viewer/index.html").read_text()
+    assert (run / "atlas.html").read_text() == (VIEWER / "index.html").read_text()
 
 
 def test_bad_input_is_one_line_error(tmp_path: Path, capsys) -> None:
@@ -228,4 +239,4 @@ def test_bad_input_is_one_line_error(tmp_path: Path, capsys) -> None:
     manifest = tmp_path / "out" / "atlases.json"
     manifest.parent.mkdir()
     manifest.write_text(json.dumps({"atlases": []}))
-    assert microscope.find_layer_atlas(manifest.parent, "tiny", LAYER) is None
+    assert find_layer_atlas(manifest.parent, "tiny", LAYER) is None

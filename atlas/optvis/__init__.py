@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from atlas import AtlasError
 from atlas.models import Classifier, capture
 from atlas.optvis.objectives import LOGITS, Activations, Objective
 from atlas.optvis.param import ImageParam, image
@@ -56,6 +57,17 @@ def forward(model: Classifier, images: torch.Tensor, layers: Sequence[str]) -> A
     if logits is not None:
         recorded[LOGITS] = logits
     return recorded
+
+
+def layer_map(model: Classifier, layer: str, size: int) -> tuple[int, int, int]:
+    """(channels, height, width) of `layer` for a `size` px input; AtlasError when it is no activation map."""
+    try:
+        acts = forward(model, torch.zeros(1, 3, size, size, device=model_device(model)), [layer])[layer]
+    except RuntimeError as err:
+        raise AtlasError(f"{size} px is too small for {model.name} layer {layer}: {err}") from err
+    if acts.dim() != 4:
+        raise AtlasError(f"layer {layer} of {model.name} gives {tuple(acts.shape)}, not a [B, C, H, W] activation map")
+    return tuple(acts.shape[1:])
 
 
 def evaluate(model: Classifier, objectives: Sequence[Objective], images: torch.Tensor) -> list[torch.Tensor]:

@@ -1,0 +1,157 @@
+"""Dataset examples: the top-k images of every unit, found in one streaming pass with a running top-k."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+
+from atlas import AtlasError
+from atlas.collect import load_batches
+from atlas.images import ImageRecord
+from atlas.microscope.results import lens_group
+from atlas.models import Classifier
+from atlas.optvis import forward, layer_map, model_device
+from atlas.store import STR
+
+log = logging.getLogger(__name__)
+
+TOP_K = 8  # dataset examples per unit: one row on a unit page
+BORDER = 1  # map rows and columns at the edge that dataset examples leave out, as `collect` does
+
+
+@dataclass
+class TopK:
+    """A running top-k per unit, best first: value [C, k], row [C, k] in the image list, position [C, k, 2]."""
+
+    value: np.ndarray
+    row: np.ndarray
+    position: np.ndarray
+
+    @classmethod
+    def empty(cls, channels: int) -> TopK:
+        return cls(
+            np.zeros((channels, 0), np.float32), np.zeros((channels, 0), np.int64), np.zeros((channels, 0, 2), np.int32)
+        )
+
+    def padded(self, k: int) -> TopK:
+        """Exactly k columns: NaN values and -1 rows and positions where fewer images were seen."""
+        missing = k - self.value.shape[1]
+        return TopK(
+            np.pad(self.value, ((0, 0), (0, missing)), constant_values=np.nan).astype(np.float32),
+            np.pad(self.row, ((0, 0), (0, missing)), constant_values=-1).astype(np.int64),
+            np.pad(self.position, ((0, 0), (0, missing), (0, 0)), constant_values=-1).astype(np.int32),
+        )
+
+
+def unit_maxima(acts: torch.Tensor, border: int = BORDER) -> tuple[np.ndarray, np.ndarray]:
+    """[B, C, H, W] -> each unit's maximum over positions [B, C] and where it is, (y, x) [B, C, 2].
+
+    Positions within `border` of the edge are left out, as `collect` leaves them out: there the
+    convolutions' zero padding, not the image, makes many maxima. Maps too small to have an interior
+    use every position. The first maximum in row-major order wins a tie.
+    """
+    height, width = acts.shape[-2:]
+    if min(height, width) <= 2 * border:
+        border = 0
+    inside = acts[..., border : height - border, border : width - border]
+    flat = inside.flatten(2).float()
+    index = flat.argmax(2)
+    value = flat.gather(2, index[..., None])[..., 0]
+    inner_width = inside.shape[-1]
+    position = torch.stack([index // inner_width, index % inner_width], -1) + border
+    return value.cpu().numpy(), position.cpu().numpy().astype(np.int32)
+
+
+def merge_top_k(best: TopK, value: np.ndarray, rows: np.ndarray, position: np.ndarray, k: int) -> TopK:
+    """Add one batch (value [B, C], rows [B], position [B, C, 2]) to a running top-k.
+
+    Batches come in row order and the sort is stable, so ties keep the earlier image, as a sort of the
+    whole dataset would.
+    """
+    channels = value.shape[1]
+    values = np.concatenate([best.value, value.T], 1)
+    all_rows = np.concatenate([best.row, np.broadcast_to(np.asarray(rows, np.int64), (channels, len(rows)))], 1)
+    positions = np.concatenate([best.position, position.transpose(1, 0, 2)], 1)
+    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    return TopK(
+        np.take_along_axis(values, order, 1),
+        np.take_along_axis(all_rows, order, 1),
+        np.take_along_axis(positions, order[..., None], 1),
+    )
+
+
+def top_activating(
+    model: Classifier,
+    layer: str,
+    records: list[ImageRecord],
+    *,
+    top_k: int = TOP_K,
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> TopK:
+    """The top-k images of every unit of `layer` by its maximum over interior positions, in one streaming pass.
+
+    Images are read as `collect` reads them (resize, centre crop); unreadable ones are skipped. Returns
+    exactly k columns (padded as in `TopK.padded`).
+    """
+    device = model_device(model)
+    batches = [list(range(i, min(i + batch_size, len(records)))) for i in range(0, len(records), batch_size)]
+    best, skipped = None, 0
+    for rows, images, unreadable in load_batches(model, records, batches, workers, progress=progress):
+        for row, reason in unreadable:
+            log.warning("skipped image %s: %s", records[row].path, reason)
+        skipped += len(unreadable)
+        if not rows:
+            continue
+        with torch.no_grad():
+            value, position = unit_maxima(forward(model, images.to(device), [layer])[layer])
+        best = merge_top_k(best or TopK.empty(value.shape[1]), value, np.asarray(rows), position, top_k)
+    if best is None:
+        raise AtlasError(f"none of the {len(records)} images could be read")
+    if skipped:
+        log.warning("%d of %d images could not be read and were skipped", skipped, len(records))
+    return best.padded(top_k)
+
+
+def dataset_examples(
+    results: h5py.File,
+    model: Classifier,
+    layer: str,
+    records: list[ImageRecord],
+    *,
+    top_k: int,
+    batch_size: int = 32,
+    workers: int | None = None,
+) -> bool:
+    """Store the top-k examples of every unit of `layer`; False (and nothing done) when they are stored already."""
+    paths = [r.path for r in records]
+    settings = {
+        "model": model.name,
+        "weights": model.weights,
+        "layer": layer,
+        "top_k": top_k,
+        "border": BORDER,
+        "input_size": model.input_size,
+        "resize_size": model.resize_size,
+        "images": len(paths),
+        "images_sha1": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
+    }
+    group = lens_group(results, model.name, layer, "examples", settings)
+    if "value" in group:
+        log.info("%s: dataset examples of these %d images are stored already", layer, len(paths))
+        return False
+    log.info("%s: top %d images of every unit over %d images", layer, top_k, len(paths))
+    best = top_activating(model, layer, records, top_k=top_k, batch_size=batch_size, workers=workers)
+    group.attrs["map_size"] = layer_map(model, layer, model.input_size)[1:]  # where the positions lie
+    group.create_dataset("paths", data=np.array(paths, dtype=object), dtype=STR)
+    group.create_dataset("row", data=best.row)
+    group.create_dataset("position", data=best.position)
+    group.create_dataset("value", data=best.value)  # last: its presence marks the group complete
+    results.flush()
+    return True

@@ -1,0 +1,180 @@
+"""The optimised lenses: each unit's feature visualisation, and the layer's DeepDream and caricatures."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from atlas import AtlasError
+from atlas.images import ImageRecord, load_rgb, to_model_input
+from atlas.microscope.results import lens_group
+from atlas.models import Classifier
+from atlas.optvis import forward, model_device, optimize_images
+from atlas.optvis.objectives import caricature, channel, deepdream
+from atlas.optvis.transform import image_key, preset
+from atlas.render import choose_batch_size
+from atlas.store import STR
+
+log = logging.getLogger(__name__)
+
+SIZE = 128  # lucid's default image size, param.image(128)
+STEPS = 512  # lucid's render_vis threshold (reference 2.1)
+TRANSFORMS = "standard"  # lucid's feature-visualisation recipe (reference 2.5)
+CARICATURES = 4  # photos caricatured per layer when none are given
+
+
+def parse_units(spec: str | int | None, channels: int) -> list[int]:
+    """None: every unit; "N" (or an int): the first N; "3,7,10-20": those units, in the order given."""
+    if spec is None:
+        return list(range(channels))
+    text = str(spec).strip()
+    try:
+        if re.fullmatch(r"\d+", text):
+            units = list(range(int(text)))
+        else:
+            units = []
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                first, _, last = part.partition("-")
+                units += list(range(int(first), int(last or first) + 1))
+    except ValueError as err:
+        raise AtlasError(f"--units {spec!r} is not a count or a list such as 3,7,10-20") from err
+    units = list(dict.fromkeys(units))
+    if not units:
+        raise AtlasError(f"--units {spec!r} selects no unit")
+    outside = [u for u in units if not 0 <= u < channels]
+    if outside:
+        raise AtlasError(f"units {outside[:5]} are outside the layer's {channels} channels (0..{channels - 1})")
+    return units
+
+
+def render_units(
+    group: h5py.Group,
+    model: Classifier,
+    layer: str,
+    units: Sequence[int],
+    channels: int,
+    *,
+    size: int,
+    steps: int,
+    transforms: str,
+    lr: float,
+    seed: int,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> int:
+    """Render the channel visualisation of each of `units` not yet done in `group`; returns how many it rendered.
+
+    Unit u always starts from the random key (seed, u), so its image does not depend on which run or
+    batch renders it. Results are written and flushed after every batch.
+    """
+    if "done" not in group:
+        group.create_dataset(
+            "images", shape=(channels, size, size, 3), dtype=np.uint8, chunks=(1, size, size, 3), fillvalue=255
+        )
+        group.create_dataset("objective", data=np.full(channels, np.nan, np.float32))
+        group.create_dataset("done", data=np.zeros(channels, bool))
+    done = group["done"][()]
+    todo = [u for u in units if not done[u]]
+    log.info("%s: %d of %d units to visualise (%d done before)", layer, len(todo), len(units), len(units) - len(todo))
+    if not todo:
+        return 0
+    mixed_precision = model_device(model).type == "cuda"
+    stack = preset(transforms, size)
+    batch_size = batch_size or choose_batch_size(model, layer, channels, size, stack, mixed_precision)
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    for batch in tqdm(batches, desc=f"units {layer}", unit="batch", disable=not progress):
+        images, (values,) = optimize_images(
+            model,
+            channel(layer, batch),
+            [image_key(seed, unit) for unit in batch],
+            size=size,
+            steps=steps,
+            transforms=stack,
+            lr=lr,
+            mixed_precision=mixed_precision,
+        )
+        for unit, image in zip(batch, images, strict=True):
+            group["images"][unit] = image
+        objective = group["objective"][()]
+        objective[batch] = values
+        group["objective"][...] = objective
+        done[batch] = True
+        group["done"][...] = done  # last, so a unit is marked done only once its image is stored
+        group.file.flush()
+    return len(todo)
+
+
+def photo_inputs(paths: Sequence[str], model: Classifier, size: int) -> torch.Tensor:
+    """Photos [P, 3, size, size] as the model sees them, scaled to `size` px so a caricature's map lines up."""
+    resize = round(model.resize_size * size / model.input_size)
+    return torch.stack([to_model_input(load_rgb(path, min_side=resize), resize, size) for path in paths])
+
+
+def layer_lenses(
+    results: h5py.File,
+    model: Classifier,
+    layer: str,
+    photos: Sequence[str],
+    *,
+    size: int,
+    steps: int,
+    transforms: str,
+    lr: float,
+    seed: int,
+) -> int:
+    """DeepDream of `layer` and caricatures of `photos` (lucid's recipe, reference 2.5); stored unless they are.
+
+    Returns the number of images rendered (0 when both were stored already).
+    """
+    common = {"model": model.name, "weights": model.weights, "layer": layer, "size": size, "steps": steps}
+    common |= {"transforms": transforms, "lr": lr, "seed": seed}
+    stack = preset(transforms, size)
+    options = dict(size=size, steps=steps, transforms=stack, lr=lr, mixed_precision=model_device(model).type == "cuda")
+    rendered = 0
+    dream = lens_group(results, model.name, layer, "deepdream", common)
+    if "image" not in dream:
+        log.info("%s: DeepDream", layer)
+        images, (values,) = optimize_images(model, deepdream(layer), [image_key(seed, 0)], **options)
+        dream.attrs["objective"] = float(values[0])
+        dream.create_dataset("image", data=images[0])
+        rendered += 1
+    cartoons = lens_group(results, model.name, layer, "caricature", {**common, "photos": list(photos)})
+    if photos and "images" not in cartoons:
+        log.info("%s: caricatures of %d photos", layer, len(photos))
+        inputs = photo_inputs(photos, model, size).to(model_device(model))
+        with torch.no_grad():
+            reference = forward(model, inputs, [layer])[layer].float()
+        keys = [image_key(seed, index) for index in range(len(photos))]
+        images, (values,) = optimize_images(model, caricature(layer, reference), keys, **options)
+        cartoons.create_dataset("photos", data=np.array(list(photos), dtype=object), dtype=STR)
+        cartoons.create_dataset(
+            "inputs", data=(inputs.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        )
+        cartoons.create_dataset("objective", data=values.astype(np.float32))
+        cartoons.create_dataset("images", data=images)  # last: marks the group complete
+        rendered += len(photos)
+    results.flush()
+    return rendered
+
+
+def default_photos(records: list[ImageRecord], count: int) -> list[str]:
+    """`count` readable photos spread evenly over the image list (unreadable ones are passed over)."""
+    chosen: list[str] = []
+    for index in np.linspace(0, len(records), num=min(count, len(records)), endpoint=False).astype(int):
+        for record in records[index:] + records[:index]:
+            if record.path in chosen:
+                continue
+            try:
+                load_rgb(record.path, min_side=64)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                continue
+            chosen.append(record.path)
+            break
+    return chosen
