@@ -32,7 +32,7 @@ import numpy as np
 from atlas import AtlasError
 from atlas.grid import layer_whitening
 from atlas.project import embed, normalize_layout
-from atlas.store import iter_rows, layer_group, open_store, replace_dataset
+from atlas.store import CLASSES, iter_rows, layer_group, open_store, replace_dataset
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ def write_subset_store(
             subset.attrs.update(source.attrs)
             subset.attrs["parent_store"] = str(Path(parent).resolve())
             source.copy(source["images"], subset, "images")
+            if CLASSES in source:
+                source.copy(source[CLASSES], subset, CLASSES)
             target = subset.create_group(layer)
             target.attrs.update(group.attrs)
             target.attrs.update(attrs)

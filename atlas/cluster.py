@@ -245,7 +245,7 @@ def collect_on_cluster(
     left = missing_batches(plan.parts, plan.batches)
     if left:
         raise AtlasError(f"{len(left)} batches have no shard in {plan.parts} after the cluster run; rerun to go on")
-    merge_parts(plan.parts, out, records, plan.meta, plan.layer_shapes)
+    merge_parts(plan.parts, out, records, plan.meta, plan.layer_shapes, planner.class_names)
     return out
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from atlas import AtlasError, __version__
 from atlas.images import ImageDataset, ImageRecord, collate
 from atlas.models import Classifier, capture
-from atlas.store import ROW_CHUNK, STR
+from atlas.store import CLASSES, ROW_CHUNK, STR
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def collect(
     plan = plan_collection(model, records, out, layers, positions, seed, batch_size, dataset)
     if plan is not None:
         write_batches(model, records, plan.pending, plan.parts, plan.layer_shapes, positions, seed, workers, device)
-        merge_parts(plan.parts, out, records, plan.meta, plan.layer_shapes)
+        merge_parts(plan.parts, out, records, plan.meta, plan.layer_shapes, model.class_names)
     return out
 
 
@@ -201,6 +201,7 @@ def plan_collection(
         "model": model.name,
         "weights": model.weights,
         "input_size": model.input_size,
+        "resize_size": model.resize_size,
         "layers": names,
         "positions": positions,
         "seed": seed,
@@ -319,14 +320,22 @@ def _complete(out: Path, meta: dict) -> bool:
 
 
 def merge_parts(
-    parts: Path, out: Path, records: list[ImageRecord], meta: dict, layer_shapes: dict[str, tuple[int, int, int]]
+    parts: Path,
+    out: Path,
+    records: list[ImageRecord],
+    meta: dict,
+    layer_shapes: dict[str, tuple[int, int, int]],
+    class_names: list[str],
 ) -> None:
     """Join the batch shards in row order into the store (streamed: one shard in memory at a time)."""
     shards = sorted(parts.glob("batch-*.npz"))
     tmp = out.with_name(out.name + ".tmp")
     skipped: list[str] = []
     with h5py.File(tmp, "w") as f:
-        f.attrs.update({k: meta[k] for k in ("model", "weights", "input_size", "seed", "dataset", "positions")})
+        f.attrs.update(
+            {k: meta[k] for k in ("model", "weights", "input_size", "resize_size", "seed", "dataset", "positions")}
+        )
+        f.create_dataset(CLASSES, data=np.array(class_names, dtype=object), dtype=STR)
         f.attrs.update(code_version=__version__, collect_meta=json.dumps(meta))
         images = f.create_group("images")
         images.create_dataset("path", data=np.array([r.path for r in records], dtype=object), dtype=STR)

@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw, ImageFont
 from atlas import AtlasError
 from atlas.class_atlas import heatmap_opacity
 from atlas.images import load_rgb, to_model_input
-from atlas.store import grid_group, iter_rows, layer_group, open_store
+from atlas.store import class_names, grid_group, iter_rows, layer_group, open_store
 from atlas.store import layers as store_layers
 
 log = logging.getLogger(__name__)
@@ -78,15 +78,6 @@ class Grid:
     icon_objective: np.ndarray  # [G, G]
     image: Image.Image  # the atlas without labels, G * icon size square
     heatmap: Heatmap | None = None  # set on a class's heat-map atlas
-
-
-def class_names(num_classes: int) -> list[str]:
-    """ImageNet names for 1000-way models, else "class <k>"."""
-    if num_classes == 1000:
-        from atlas.models import imagenet_classes
-
-        return imagenet_classes()
-    return [f"class {k}" for k in range(num_classes)]
 
 
 def density_scale(count: np.ndarray, min_count: int) -> np.ndarray:
@@ -447,7 +438,7 @@ def compose_atlas(
             grid.image = fade_cells(grid.image, opacity)
         grids.append(grid)
         log.info("%s grid %d: atlas drawn", layer, size)
-    names = class_names(grid_group(group, sizes[0])["attribution"].shape[-1])
+    names = class_names(store, grid_group(group, sizes[0])["attribution"].shape[-1])
 
     label = partial(draw_labels, names=names)
     picked = {
@@ -467,7 +458,7 @@ def compose_atlas(
         paths,
         (int(group.attrs["height"]), int(group.attrs["width"])),
         input_size,
-        round(input_size * 256 / 224),
+        int(store.attrs["resize_size"]) if "resize_size" in store.attrs else round(input_size * 256 / 224),
         out_dir / patch_dir,
     )
     example_info = {
@@ -590,7 +581,7 @@ def _manifest_entry(store: h5py.File, layer: str, heatmap_class: int | None, atl
         classes = store[layer]["attributions"].shape[1]
         if not 0 <= heatmap_class < classes:
             raise AtlasError(f"heat-map class {heatmap_class} is not in 0..{classes - 1}")
-        name = class_names(classes)[heatmap_class]
+        name = class_names(store, classes)[heatmap_class]
         entry.update(id=f"heatmap-{layer}-{heatmap_class}", kind="heatmap", title=f"{layer}: attribution to {name}")
         entry.update({"class": f"{name} (heat-map)", "class_index": heatmap_class})
     elif atlas is not None:

@@ -4,7 +4,9 @@ Every stage reads and writes one HDF5 file with this layout (N samples, M images
 K classes, G grid size, PX icon size). Names are stable; stages may add datasets but never change
 these.
 
-    /                      attrs: model, weights, input_size, seed, dataset, code_version, positions
+    /                      attrs: model, weights, input_size, resize_size, seed, dataset, code_version, positions
+                           (images are resized to resize_size, then centre-cropped to input_size)
+    /classes               [K] str      the model's class names, in logit order
     /images/path           [M] str      image path (or demo name), in collection order
     /images/label          [M] int64    class index, -1 when unknown
     /images/skipped        [S] str      images that could not be read, "path: reason"
@@ -45,6 +47,7 @@ import numpy as np
 from atlas import AtlasError
 
 STR = h5py.string_dtype("utf-8")
+CLASSES = "classes"
 ROW_CHUNK = 4096  # rows per HDF5 chunk: large enough to stream fast, small enough to read one cheaply
 
 
@@ -101,3 +104,18 @@ def iter_rows(dset: h5py.Dataset, chunk: int = 65536) -> Iterator[tuple[int, np.
     """Yield (start, rows) blocks of a dataset so that memory does not grow with N."""
     for start in range(0, dset.shape[0], chunk):
         yield start, dset[start : start + chunk]
+
+
+def class_names(store: h5py.File, count: int) -> list[str]:
+    """The `count` class names of a store's logits: /classes, else (a store written by other tools) ImageNet's
+    names for 1000 classes and "class <k>" otherwise."""
+    if CLASSES in store:
+        names = store[CLASSES].asstr()[()].tolist()
+        if len(names) != count:
+            raise AtlasError(f"{store.filename}: /{CLASSES} has {len(names)} names for {count} logits")
+        return names
+    if count == 1000:
+        from atlas.models import imagenet_classes
+
+        return imagenet_classes()
+    return [f"class {k}" for k in range(count)]

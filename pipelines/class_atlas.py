@@ -21,12 +21,12 @@ from pathlib import Path
 from atlas import AtlasError
 from atlas.class_atlas import comparison_layout_store, fit_perplexity, select_samples, write_subset_store
 from atlas.classes import resolve_class
-from atlas.compose import MANIFEST, class_names, compose_run
+from atlas.compose import MANIFEST, compose_run
 from atlas.config import check_section, config_path, load_config
 from atlas.grid import RIDGE, grid_store
 from atlas.project import project_store
 from atlas.render import render_store
-from atlas.store import layer_group, open_store
+from atlas.store import class_names, layer_group, open_store
 from pipelines.atlas import Fingerprints
 
 log = logging.getLogger("pipelines.class_atlas")
@@ -101,7 +101,7 @@ def run_class_atlas(
     with open_store(store) as parent:
         group = layer_group(parent, layer)
         layer = group.name.strip("/")
-        names = class_names(group["attributions"].shape[1])
+        names = class_names(parent, group["attributions"].shape[1])
         model_name = str(parent.attrs.get("model", ""))
         whitening = group.get("whitening")
         parent_id = {

@@ -1,0 +1,67 @@
+"""The store as the contract: what collect records (class names, resize size) is what later stages read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from atlas import AtlasError
+from atlas.collect import collect
+from atlas.compose import compose_run, patch_box
+from atlas.images import ImageRecord, load_rgb, to_model_input
+from atlas.store import CLASSES, STR, class_names
+from tests.synthetic import tiny_classifier
+from tests.test_compose import INPUT_SIZE, MAP_SIDE, write_rendered_store
+
+
+def test_collect_records_class_names_and_resize_size(tmp_path: Path, one_thread) -> None:
+    model = tiny_classifier([f"kind {k}" for k in range(10)])
+    model.resize_size = 45  # not the 256/224 rule (round(32 * 256 / 224) = 37)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(3):
+        path = tmp_path / f"p{i}.png"
+        Image.fromarray(rng.integers(0, 256, size=(40, 50, 3), dtype=np.uint8)).save(path)
+        records.append(ImageRecord(str(path)))
+    store = collect(model, records, tmp_path / "store.h5", workers=0)
+    with h5py.File(store) as f:
+        assert f.attrs["resize_size"] == 45 and f.attrs["input_size"] == 32
+        assert f[CLASSES].asstr()[()].tolist() == model.class_names
+        assert class_names(f, 10) == model.class_names
+        with pytest.raises(AtlasError, match="3 logits"):
+            class_names(f, 3)
+
+
+def test_compose_names_cells_and_cuts_patches_as_the_store_says(tmp_path: Path) -> None:
+    store = write_rendered_store(tmp_path)
+    resize = 2 * INPUT_SIZE  # a view far from the 256/224 default, so a guessed view would show other pixels
+    names = [f"thing {k}" for k in range(10)]
+    with h5py.File(store, "r+") as f:
+        f.attrs["resize_size"] = resize
+        f.create_dataset(CLASSES, data=np.array(names, dtype=object), dtype=STR)
+        paths = f["images/path"].asstr()[()]
+        image_index, position = f["mixed4c/image_index"][()], f["mixed4c/position"][()]
+    out = tmp_path / "run"
+    compose_run(store, out, labels=False, examples=2)
+    cells = json.loads((out / "layer-mixed4c/grid-4/cells.json").read_text())["cells"]
+    shown = [c for c in cells if c["top"]]
+    assert shown and all(t["name"] == names[t["class"]] for c in shown for t in c["top"])
+    examples = [e for c in cells for e in c["examples"] if e["patch"]]
+    assert examples
+    for example in examples[:4]:
+        sample = next(
+            s
+            for s in range(len(image_index))
+            if paths[image_index[s]] == example["image"] and position[s].tolist() == example["position"]
+        )
+        seen = to_model_input(load_rgb(paths[image_index[sample]], min_side=resize), resize, INPUT_SIZE)
+        pixels = (seen.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        left, top, right, bottom = patch_box(*position[sample], MAP_SIDE, MAP_SIDE, INPUT_SIZE)
+        expected = pixels[top:bottom, left:right].astype(float)
+        saved = np.asarray(Image.open(out / example["patch"]), dtype=float)
+        assert np.abs(saved - expected).mean() < 12  # JPEG noise; the default view differs by far more
