@@ -2,10 +2,16 @@
 
 Every stage reads and writes one HDF5 file with this layout (N samples, M images, C channels,
 K classes, G grid size, PX icon size). Names are stable; stages may add datasets but never change
-these.
+these. A later stage reads what an earlier one recorded here and never recomputes or guesses it.
 
-    /                      attrs: model, weights, input_size, resize_size, seed, dataset, code_version, positions
-                           (images are resized to resize_size, then centre-cropped to input_size)
+    /                      attrs, written by `collect`:
+                             model, weights          the model's name and its weights' label
+                             input_size, resize_size images were resized to resize_size (short side), then
+                                                     centre-cropped to input_size
+                             seed, positions         the position sampler's seed; positions per image and layer
+                             dataset, code_version   the data source as given; the atlas version that collected
+                             collect_meta            JSON of every collect setting (a rerun with the same JSON is a
+                                                     no-op; other settings are an error, never an overwrite)
     /classes               [K] str      the model's class names, in logit order
     /images/path           [M] str      image path (or demo name), in collection order
     /images/label          [M] int64    class index, -1 when unknown
@@ -15,8 +21,12 @@ these.
     /<layer>/image_index   [N] int64        row in /images
     /<layer>/position      [N, 2] int32     (y, x) in the layer's activation map
     /<layer>/attributions  [N, K] float32   h . d logit_k / d h at that position
-    /<layer>/layout        [N, 2] float32   written by `project`, in [0, 1]; attrs: method and its parameters
-    /<layer>/whitening     [C, C] float32   written by `grid`: regularised inverse covariance (S)
+    /<layer>/layout        [N, 2] float32   written by `project`, in [0, 1]; attrs: method, metric, seed ("none"
+                                            when unseeded), device, and the method's parameters (UMAP: n_neighbors,
+                                            min_dist, n_epochs, knn, sgd, init; t-SNE: perplexity, learning_rate;
+                                            a comparison: classes, scale, percentile, y_method, ...)
+    /<layer>/whitening     [C, C] float32   written by `grid`: regularised inverse covariance (S);
+                                            attrs: ridge, samples (how many it was computed from), centred
     /<layer>/grid/<G>/     attrs: min_count
         cell               [N] int32        row-major cell of each sample, y * G + x
         count              [G, G] int64     samples per cell
@@ -26,10 +36,17 @@ these.
                                               best first; -1 where empty
         top_attributions   [G, G, 5] float32  those mean attributions; NaN where empty
         icons              [G, G, PX, PX, 3] uint8   written by `render`: icon [y, x] is cell y * G + x;
-                                              white (255) where empty; attrs: the render settings
+                                              white (255) where empty; attrs: the render settings (size, steps,
+                                              attempts, cossim_pow, transforms, whiten, seed, model, weights)
         icon_cosine        [G, G] float32   cosine(icon's centre activation, cell mean); NaN where empty
         icon_objective     [G, G] float32   final objective of the kept attempt; NaN where empty
         icon_done          [G, G] bool      icons rendered so far (a rerun of `render` renders the rest)
+
+A class atlas's subset store (atlas.class_atlas.write_subset_store) has the same layout for one layer:
+the parent's root attrs plus `parent_store` (its path), the parent's /classes and /images, and in the
+layer group the parent layer's attrs plus `kind` ("class" or "comparison") and `classes`; its
+`source_index` [n] int64 holds each sample's row in the parent layer, and its whitening is the parent
+layer's (attrs as above, plus source = "parent layer").
 
 A cell is "empty" when its count is below the grid's min_count. Layer names are module paths
 (`_blocks.10`, `inception4c`) or a model's aliases (`mixed4c`); they are stored as given by the
