@@ -3,7 +3,9 @@
 A run folder holds any number of atlases; `atlases.json` lists them and the viewer reads only that, so
 other atlas kinds (class atlases) can be added beside the layer atlases later:
 
-    index.html, viewer.js, viewer.css, vendor/    the static viewer (copied from atlas/viewer)
+    index.html, viewer.js, viewer.css, vendor/    the static viewer (copied from atlas/viewer); its page is
+                                                  atlas.html instead where `atlas microscope` made index.html
+                                                  the folder's home page (move_viewer_beside_home)
     atlases.json                                  {"atlases": [entry, ...]}: id, kind, layer, class, title, paths
     <atlas id>/grid-<G>/atlas.png                 the atlas of grid size G: one icon per cell, sized by density
     <atlas id>/grid-<G>/cells.json                cells of grid G: count, top classes, icon quality, examples
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 VIEWER = Path(__file__).with_name("viewer")
 MANIFEST = "atlases.json"
+VIEWER_BESIDE_HOME = "atlas.html"  # the viewer's page where another home page (the microscope's) holds index.html
 BACKGROUND = 255  # white canvas, empty cells stay white (lucid's make_canvas, reference 1.6)
 LABEL_SPACING_PX = 80  # about one label per 80 px of atlas; the paper's front-end draws one every ~40-60 px
 LABEL_FONT_PX = 11
@@ -501,12 +504,21 @@ def install_viewer(out_dir: Path) -> Path:
 
     The page is index.html, or atlas.html where `atlas microscope` made the folder's index.html its home page.
     """
-    page = out_dir / ("atlas.html" if (out_dir / "atlas.html").is_file() else "index.html")
+    page = out_dir / (VIEWER_BESIDE_HOME if (out_dir / VIEWER_BESIDE_HOME).is_file() else "index.html")
     # microscope/ holds the templates of `atlas microscope`'s pages, not part of the atlas viewer
     ignore = shutil.ignore_patterns("__pycache__", "microscope", "index.html")
     shutil.copytree(VIEWER, out_dir, dirs_exist_ok=True, ignore=ignore)
     shutil.copyfile(VIEWER / "index.html", page)
     return page
+
+
+def move_viewer_beside_home(out_dir: Path) -> str:
+    """Make the atlas viewer's page atlas.html, for a site whose own home page takes index.html; returns its name.
+
+    install_viewer keeps it there on later runs, so composing again never overwrites that home page.
+    """
+    shutil.copyfile(VIEWER / "index.html", out_dir / VIEWER_BESIDE_HOME)
+    return VIEWER_BESIDE_HOME
 
 
 def update_manifest(out_dir: Path, entries: list[dict]) -> None:

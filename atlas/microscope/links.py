@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from atlas.compose import MANIFEST, VIEWER
+from atlas.compose import MANIFEST, move_viewer_beside_home
 from atlas.store import open_store
 
 log = logging.getLogger(__name__)
@@ -103,8 +102,7 @@ def link_atlas(
         return None
     cells = atlas_cells(store, layer, [grid["size"] for grid in entry["grids"]], units)
     if atlas_dir.resolve() == out.resolve():
-        shutil.copyfile(VIEWER / "index.html", out / "atlas.html")
-        viewer = "atlas.html"
+        viewer = move_viewer_beside_home(out)
     else:
         viewer = Path(os.path.relpath(atlas_dir.resolve() / "index.html", out.resolve())).as_posix()
     return AtlasLinks(viewer, entry["id"], cells)

@@ -22,7 +22,7 @@ import jinja2
 import numpy as np
 from PIL import Image
 
-from atlas.compose import VIEWER, image_id, patch_box, write_patches
+from atlas.compose import VIEWER, VIEWER_BESIDE_HOME, image_id, patch_box, write_patches
 from atlas.microscope.links import AtlasLinks
 from atlas.microscope.results import latest_group
 
@@ -201,6 +201,6 @@ def write_index(out: Path, results: h5py.File) -> Path:
         title="Microscope",
         crumbs=[],
         contents=contents,
-        has_atlas=(out / "atlas.html").exists(),
+        has_atlas=(out / VIEWER_BESIDE_HOME).exists(),
     )
     return index
