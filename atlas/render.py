@@ -28,7 +28,7 @@ from atlas.models import Classifier, load_model, weights_argument
 from atlas.optvis import LEARNING_RATE, layer_map, model_device, optimize_images, visualize
 from atlas.optvis.objectives import atlas_direction, direction_cosine
 from atlas.optvis.transform import Transform, image_key, preset
-from atlas.store import grid_group, layer_group, open_store
+from atlas.store import grid_group, layer_group, open_store, store_finished
 
 log = logging.getLogger(__name__)
 
@@ -279,16 +279,8 @@ def render_store(
         log.info("%s grid %d: %d of %d non-empty cells to render", layer, grid, len(todo), int(non_empty.sum()))
 
         def write(indices: np.ndarray, icons: np.ndarray, objective: np.ndarray, cosine: np.ndarray) -> None:
-            ys, xs = np.divmod(todo[indices], grid)
-            for y, x, icon in zip(ys, xs, icons, strict=True):
-                cells["icons"][y, x] = icon
-            for name, values in (("icon_objective", objective), ("icon_cosine", cosine)):
-                table = cells[name][()]
-                table[ys, xs] = values
-                cells[name][...] = table
-            done[ys, xs] = True
-            cells["icon_done"][...] = done  # last, so a cell is marked done only once its icon is stored
-            store.flush()
+            values = {"icon_objective": objective, "icon_cosine": cosine}
+            store_finished(cells, np.divmod(todo[indices], grid), ("icons", icons), values, "icon_done")
 
         if len(todo):
             (renderer or render_icons)(

@@ -123,6 +123,28 @@ def iter_rows(dset: h5py.Dataset, chunk: int = 65536) -> Iterator[tuple[int, np.
         yield start, dset[start : start + chunk]
 
 
+def store_finished(
+    group: h5py.Group,
+    where: tuple[np.ndarray, ...],
+    images: tuple[str, np.ndarray],
+    values: dict[str, np.ndarray],
+    done: str,
+) -> None:
+    """Write finished images and their per-item values at the indices `where` of `group`, then mark them done.
+
+    The done mask is written last and the file flushed, so a run killed at any moment leaves every item
+    either stored and marked or unmarked; a rerun redoes only the unmarked ones.
+    """
+    name, pixels = images
+    for index, image in zip(zip(*where, strict=True), pixels, strict=True):
+        group[name][index] = image
+    for table_name, table_values in {**values, done: True}.items():
+        table = group[table_name][()]
+        table[where] = table_values
+        group[table_name][...] = table
+    group.file.flush()
+
+
 def class_names(store: h5py.File, count: int) -> list[str]:
     """The `count` class names of a store's logits: /classes, else (a store written by other tools) ImageNet's
     names for 1000 classes and "class <k>" otherwise."""

@@ -20,7 +20,7 @@ from atlas.optvis import forward, model_device, optimize_images
 from atlas.optvis.objectives import caricature, channel, deepdream
 from atlas.optvis.transform import image_key, preset
 from atlas.render import choose_batch_size
-from atlas.store import STR
+from atlas.store import STR, store_finished
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +100,7 @@ def render_units(
             lr=lr,
             mixed_precision=mixed_precision,
         )
-        for unit, image in zip(batch, images, strict=True):
-            group["images"][unit] = image
-        objective = group["objective"][()]
-        objective[batch] = values
-        group["objective"][...] = objective
-        done[batch] = True
-        group["done"][...] = done  # last, so a unit is marked done only once its image is stored
-        group.file.flush()
+        store_finished(group, (np.asarray(batch),), ("images", images), {"objective": values}, "done")
     return len(todo)
 
 
