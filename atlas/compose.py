@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from atlas import AtlasError
 from atlas.class_atlas import heatmap_opacity
+from atlas.classes import INCEPTIONV1_LOGITS, inceptionv1_classes
 from atlas.images import load_rgb, to_model_input
 from atlas.store import grid_group, iter_rows, layer_group, open_store
 from atlas.store import layers as store_layers
@@ -80,7 +81,9 @@ class Grid:
 
 
 def class_names(num_classes: int) -> list[str]:
-    """ImageNet names for 1000-way models, else "class <k>"."""
+    """ImageNet names for 1000-way models, lucid's for InceptionV1's 1008 logits, else "class <k>"."""
+    if num_classes == INCEPTIONV1_LOGITS:
+        return inceptionv1_classes()
     if num_classes == 1000:
         from atlas.models import imagenet_classes
 

@@ -56,7 +56,14 @@ GOOGLENET_LAYERS = (
 EFFICIENTNET_LITE0_LAYERS = ("_conv_stem", *(f"_blocks.{i}" for i in range(16)), "_conv_head", "_fc")
 
 
-def _torchvision(name: str, input_size: int, resize_size: int, default_layer: str, url: str) -> ModelInfo:
+# torchvision's top-level blocks; alexnet's and vgg19's `features.N` are shared, so they list none
+RESNET50_LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4", "fc")
+INCEPTION_V3_LAYERS = tuple(f"Mixed_{k}" for k in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"))
+
+
+def _torchvision(
+    name: str, input_size: int, resize_size: int, default_layer: str, url: str, layers: tuple[str, ...] = ()
+) -> ModelInfo:
     return ModelInfo(
         name,
         "atlas.models:torchvision_zoo_model",
@@ -65,6 +72,7 @@ def _torchvision(name: str, input_size: int, resize_size: int, default_layer: st
         classes="torchvision ImageNet-1k (1000)",
         default_layer=default_layer,
         weights=f"torchvision DEFAULT ({url}), cached by torch",
+        layers=layers,
     )
 
 
@@ -109,8 +117,8 @@ ZOO: dict[str, ModelInfo] = {
         # torchvision's versions of the other OpenAI Microscope networks; default: a mid-depth block, as mixed4c
         _torchvision("alexnet", 224, 256, "features.7", "alexnet-owt-7be5be79.pth"),
         _torchvision("vgg19", 224, 256, "features.31", "vgg19-dcbb9e9d.pth"),
-        _torchvision("inception_v3", 299, 342, "Mixed_6c", "inception_v3_google-0cc3c7bd.pth"),
-        _torchvision("resnet50", 224, 232, "layer3", "resnet50-11ad3fa6.pth"),
+        _torchvision("inception_v3", 299, 342, "Mixed_6c", "inception_v3_google-0cc3c7bd.pth", INCEPTION_V3_LAYERS),
+        _torchvision("resnet50", 224, 232, "layer3", "resnet50-11ad3fa6.pth", RESNET50_LAYERS),
     )
 }
 
@@ -186,4 +194,3 @@ def _download(info: ModelInfo, path: Path) -> None:
 def zoo_table() -> list[tuple[str, str, str, str]]:
     """(name, input size, default layer, weights source) for `atlas models`."""
     return [(i.name, f"{i.input_size}x{i.input_size}", i.default_layer, i.weights) for i in ZOO.values()]
-
