@@ -33,7 +33,7 @@ class ModelInfo:
     """What is known about a zoo model before it is built."""
 
     name: str
-    factory: str  # "module:function" in atlas.models, called as function(weights)
+    factory: str  # "module:function", called as function(info, weights) by atlas.models.load_model
     input_size: int
     resize_size: int  # shorter side before the centre crop
     classes: str  # where the class names come from
@@ -174,7 +174,7 @@ def _download(info: ModelInfo, path: Path) -> None:
         f"put the file there (from {info.weights_url}) or pass --weights FILE (make atlas WEIGHTS=FILE)"
     )
     try:
-        response = urllib.request.urlopen(info.weights_url, timeout=5)  # noqa: S310 - a fixed https URL
+        response = urllib.request.urlopen(info.weights_url, timeout=5)
     except (urllib.error.URLError, OSError) as err:
         raise AtlasError(f"{help_text} (download failed: {getattr(err, 'reason', err)})") from None
     path.parent.mkdir(parents=True, exist_ok=True)
