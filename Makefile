@@ -13,6 +13,7 @@ N ?=
 DEVICE ?=
 OUT ?=
 CONFIG ?=
+WEIGHTS ?=
 CLASS ?= great white shark
 VS ?=
 STORE ?=
@@ -28,6 +29,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	# foolbox ships 20 ImageNet validation photos (the demo set); its own dependencies are not needed
 	$(PIP) install -q --no-deps foolbox==3.3.4
+	# torch-lucent: the reference InceptionV1 that tests/test_inceptionv1.py checks ours against; its pins
+	# (kornia<=0.4.1, pytest, coveralls, ...) are not needed to import its modelzoo
+	$(PIP) install -q --no-deps torch-lucent==0.1.8
 	touch $@
 
 test: install
@@ -41,7 +45,7 @@ lint: install
 atlas: install
 	$(PY) -m pipelines.atlas $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) \
 		$(if $(LAYER),--layer $(LAYER)) $(if $(DATA),--data $(DATA)) $(if $(N),--limit $(N)) \
-		$(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT))
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT)) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
 # a class atlas (or with VS, a two-class comparison) from STORE (default: `make atlas`'s) into OUT (default: its folder)
 class-atlas: install

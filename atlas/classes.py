@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import difflib
 import re
+from pathlib import Path
 
 from atlas import AtlasError
+
+INCEPTIONV1_LOGITS = 1008  # lucid's InceptionV1 head: 1000 ImageNet classes, a 'dummy' and 7 unused
 
 
 def squash_name(name: str) -> str:
@@ -33,3 +36,15 @@ def resolve_class(name_or_index: str | int, class_names: list[str]) -> int:
     suggestions = list(dict.fromkeys(close + contains))[:5]
     hint = "; did you mean " + ", ".join(f"{class_names[squashed.index(s)]!r}" for s in suggestions) + "?"
     raise AtlasError(f"unknown class {text!r}" + (hint if suggestions else ""))
+
+
+def inceptionv1_classes() -> list[str]:
+    """lucid's 1008 InceptionV1 class names: 0 is 'dummy', 1..1000 from the shipped label file, 1001..1007 unused."""
+    lines = (Path(__file__).with_name("inceptionv1_classes.txt")).read_text().splitlines()
+    names = ["dummy"]
+    for line in lines:
+        if line and not line.startswith("#"):
+            _wnid, index, name = line.split(" ", 2)
+            assert int(index) == len(names), f"inceptionv1_classes.txt: line for class {index} out of order"
+            names.append(name)
+    return names + [f"unused {i}" for i in range(len(names), INCEPTIONV1_LOGITS)]

@@ -15,7 +15,7 @@ from atlas import AtlasError, __version__
 
 def _add_layers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("layers", help="list a model's layers: name, channels, height, width")
-    p.add_argument("model", help="zoo name (inceptionv1, efficientnet-lite0), torchvision name, or pkg.mod:factory")
+    p.add_argument("model", help="zoo name (`atlas models`), torchvision name, or pkg.mod:factory")
     p.add_argument("--weights", help="weights file, or 'random'")
 
     def run(args: argparse.Namespace) -> None:
@@ -24,6 +24,19 @@ def _add_layers(sub: argparse._SubParsersAction) -> None:
         model = load_model(args.model, weights=args.weights or "random")  # shapes do not need trained weights
         for name, channels, height, width in model.layer_shapes():
             print(f"{name}\t{channels}\t{height}\t{width}")
+
+    p.set_defaults(run=run)
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the model zoo: name, input size, default layer, weights source")
+
+    def run(_args: argparse.Namespace) -> None:
+        from atlas.zoo import zoo_table
+
+        for name, size, layer, weights in zoo_table():
+            print(f"{name:<20}{size:<10}{layer:<14}{weights}")
+        print("and any torchvision classifier by name, or your own as package.module:factory")
 
     p.set_defaults(run=run)
 
@@ -445,7 +458,8 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS = [
-    *(_add_layers, _add_collect, _add_patch, _add_render, _add_compose, _add_view, _add_project, _add_grid),
+    *(_add_models, _add_layers, _add_collect, _add_patch, _add_render, _add_compose, _add_view, _add_project),
+    _add_grid,
     _add_class_atlas,
     _add_microscope,
 ]

