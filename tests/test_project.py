@@ -135,6 +135,8 @@ def test_project_store_writes_a_seeded_normalised_layout(synthetic_store, engine
     assert attrs["seed"] == 3 and attrs["knn"] == "exact" and attrs["sgd"] == engine["sgd"]
     assert attrs["init"] == engine.get("init", "pca")
     assert layout.min() >= 0.0 and layout.max() <= 1.0
+    # normalised from the 1st and 99th percentiles widened by 10 %: those percentiles land at 0.1/1.2 and 1.1/1.2
+    np.testing.assert_allclose(np.percentile(layout, [1, 99], axis=0), [[1 / 12] * 2, [11 / 12] * 2], atol=1e-3)
     # the layout keeps the clusters apart: a sample's nearest layout neighbour is in its cluster
     _, nearest = NearestNeighbors(n_neighbors=2).fit(layout).kneighbors(layout)
     assert (clusters[nearest[:, 1]] == clusters).mean() > 0.95
