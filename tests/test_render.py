@@ -244,8 +244,13 @@ def test_render_store_keeps_each_cells_best_attempt_when_attempts_straddle_batch
     stack = render.preset("atlas", 32)
     tries = [
         render._render_batch(
-            small_model, "relu3", torch.as_tensor(means[cells]), [image_key(0, c, a) for c in cells],
-            transforms=stack, mixed_precision=False, **settings,
+            small_model,
+            "relu3",
+            torch.as_tensor(means[cells]),
+            [image_key(0, c, a) for c in cells],
+            transforms=stack,
+            mixed_precision=False,
+            **settings,
         )  # fmt: skip
         for a in range(3)
     ]
