@@ -1,9 +1,5 @@
 from __future__ import annotations
 
-import struct
-import zlib
-from pathlib import Path
-
 import h5py
 import numpy as np
 import pytest
@@ -12,21 +8,7 @@ from PIL import Image
 
 from atlas.collect import collect
 from atlas.images import MAX_PIXELS, ImageDataset, list_images, load_rgb, to_model_input
-from tests.synthetic import tiny_classifier
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def blank_png(path: Path, width: int, height: int) -> Path:
-    """A valid 1-bit PNG of width x height, all black, streamed so no full-size buffer is ever made."""
-    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed pixels
-    packer = zlib.compressobj(9)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
-    return path
+from tests.synthetic import blank_png, tiny_classifier
 
 
 def smooth_photo(width: int, height: int) -> Image.Image:

@@ -17,6 +17,7 @@ from atlas import patch as lab
 from atlas.cli import main
 from atlas.images import ImageRecord, list_images
 from atlas.models import Classifier
+from tests.synthetic import blank_png
 
 SIZE = 32  # input side of the fake models: 32 px keeps every test fast
 COLOURS = ["red", "green", "blue"]
@@ -298,3 +299,8 @@ def test_the_search_prefers_a_placement_that_flips_over_a_higher_target_probabil
     assert lab.best_placement(pred, BLUE).tolist() == [1, 1]
     rates = lab.outcome(pred, torch.tensor([RED, RED]), BLUE)
     assert rates["flip_rate"] == 0.5 and rates["mean_p_target_after"] == pytest.approx(0.35)
+
+
+def test_a_patch_over_the_size_bound_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(AtlasError, match="cannot be read: .*over the bound|cannot be read: .*exceeds limit"):
+        lab.load_patch(str(blank_png(tmp_path / "bomb.png", 20000, 10000)))
