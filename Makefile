@@ -20,7 +20,7 @@ STORE ?=
 UNITS ?=
 STEPS ?=
 
-.PHONY: install test lint atlas class-atlas microscope view bench clean
+.PHONY: install test lint mutants atlas class-atlas microscope view bench clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: install
 	$(PY) -m ruff check atlas pipelines tests benchmarks
 	$(PY) -m pytest -q
+
+# deliberate bugs, one at a time in a temporary copy, against the tests that guard them (tests/mutants.py);
+# fails when one survives. About 10 minutes on 2 cores, so not part of `make test`
+mutants: install
+	$(PY) -m tests.mutants
 
 lint: install
 	$(PY) -m ruff check atlas pipelines tests benchmarks

@@ -1,7 +1,7 @@
 """Image input: folders, lists of paths and the bundled demo photos, read robustly.
 
-Every image PIL can decode is used (grayscale, RGBA, CMYK, palette, 16-bit, huge or tiny); one that
-cannot be read is reported as skipped, never fatal.
+Every image PIL can decode is used (grayscale, RGBA, CMYK, palette, 16-bit, tiny); one that cannot be
+read, or that would decode to more than `MAX_PIXELS`, is reported as skipped, never fatal.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from atlas.classes import squash_name
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 WNID = re.compile(r"^(n\d{8})")
-# Pillow's default bomb limit (89 Mpx) rejects real panoramas; 16k x 16k still fits comfortably in memory
-Image.MAX_IMAGE_PIXELS = 16384 * 16384
+# the most pixels an image may decode to: Pillow's own bomb bound (89.5 Mpx, 268 MB as RGB). A few-kilobyte PNG
+# can declare 200 Mpx; it is refused from its header, before any pixel is decoded. Large JPEGs decode at 1/2..1/8
+# size (`Image.draft`), so a JPEG counts by its reduced size.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to report, not grey pixels
 
 
@@ -110,18 +112,23 @@ def demo_images() -> list[ImageRecord]:
     return records
 
 
-def load_rgb(path: str | Path, min_side: int | None = None) -> Image.Image:
+def load_rgb(path: str | Path, min_side: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode any image PIL can read into 8-bit RGB.
 
     Transparent images are composited on mid-grey (the colour the renderer pads with); 16-bit and
-    float images are rescaled; EXIF rotation is applied. `min_side` lets JPEG decode at reduced size.
-    Raises OSError or ValueError (with PIL's reason) for unreadable files.
+    float images are rescaled; EXIF rotation is applied. `min_side` lets a JPEG decode at reduced size
+    (its short side stays >= min_side). Raises OSError or ValueError (with PIL's reason) for unreadable
+    files, and DecompressionBombError, before decoding, for one that would decode to over `max_pixels`.
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PIL's warnings on odd metadata say nothing about the pixels
+        warnings.simplefilter("ignore")  # PIL's warnings on odd metadata (and its bomb warning) say nothing here
         image = Image.open(path)
         if min_side and image.format == "JPEG":
             image.draft("RGB", (min_side, min_side))
+        if image.width * image.height > max_pixels:
+            raise Image.DecompressionBombError(
+                f"{image.width}x{image.height} is {image.width * image.height} pixels, over the bound of {max_pixels}"
+            )
         image.load()
         image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):

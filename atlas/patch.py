@@ -69,7 +69,7 @@ def load_patch(spec: str) -> torch.Tensor:
         )
     try:
         image = load_rgb(path)
-    except (OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise AtlasError(f"patch {path} cannot be read: {err}") from err
     if path != spec:
         x0, y0, x1, y1 = (int(v) for v in CROP_SPEC.match(spec).group("x0", "y0", "x1", "y1"))

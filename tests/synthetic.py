@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -76,3 +78,17 @@ def write_synthetic_store(
         g.create_dataset("position", data=rng.integers(1, 13, size=(n, 2)).astype(np.int32))
         g.create_dataset("attributions", data=attributions, chunks=(min(n, 4096), classes))
     return Path(path)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def blank_png(path: Path, width: int, height: int) -> Path:
+    """A valid 1-bit PNG of width x height, all black, streamed so no full-size buffer is ever made."""
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed pixels
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    return path

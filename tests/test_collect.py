@@ -205,3 +205,45 @@ def test_layers_command_lists_paper_names(model, own_path):
     assert rows["mixed4c"] == ["512", "14", "14"]
     assert rows["mixed5b"] == ["1024", "7", "7"]
     assert own_path in rows  # the model's own module paths are listed too
+
+
+def test_an_interrupted_collection_keeps_its_finished_shards_and_collects_only_the_rest(tmp_path, monkeypatch):
+    import atlas.collect as stage
+    from tests.synthetic import tiny_classifier
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    records, model = list_images(folder), tiny_classifier()
+    settings = dict(positions=3, batch_size=2, workers=0)
+    real, seen = stage.collect_batch, []
+
+    def dies_after_three(model, images, rows, *args):
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        seen.append(rows)
+        return real(model, images, rows, *args)
+
+    monkeypatch.setattr(stage, "collect_batch", dies_after_three)
+    out = tmp_path / "s.h5"
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, records, out, **settings)
+    parts = out.with_name("s.h5.parts")
+    shards = {p.name: p.read_bytes() for p in parts.glob("batch-*.npz")}
+    assert sorted(shards) == ["batch-000000000.npz", "batch-000000002.npz", "batch-000000004.npz"]
+
+    def keeps_shards(model, images, rows, *args):  # the finished shards are intact when the rest is collected
+        assert {p.name: p.read_bytes() for p in parts.glob("batch-*.npz") if p.name in shards} == shards
+        seen.append(rows)
+        return real(model, images, rows, *args)
+
+    monkeypatch.setattr(stage, "collect_batch", keeps_shards)
+    collect(model, records, out, **settings)
+    assert seen == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]  # each batch collected once
+    monkeypatch.setattr(stage, "collect_batch", real)
+    whole = collect(model, records, tmp_path / "whole.h5", **settings)
+    with h5py.File(whole) as a, h5py.File(out) as b:
+        for key in ("activations", "image_index", "position", "attributions"):
+            np.testing.assert_array_equal(a[f"relu3/{key}"][:], b[f"relu3/{key}"][:])

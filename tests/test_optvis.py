@@ -116,6 +116,20 @@ def test_transforms_keep_batch_and_channels_and_are_differentiable(transform, ou
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("degrees", [30, -50, 90])
+def test_rotate_moves_a_marked_spot_where_the_angle_says(degrees):
+    x = torch.zeros(1, 3, 41, 41)
+    x[:, :, 19:22, 29:32] = 1.0  # a 3 x 3 spot 10 px right of the centre (20, 20)
+    y = random_rotate([degrees])(x, ImageRandom([0]))[0, 0]
+    rows, cols = torch.meshgrid(torch.arange(41.0), torch.arange(41.0), indexing="ij")
+    centroid = torch.stack([(y * rows).sum(), (y * cols).sum()]) / y.sum()
+    # about the centre, in pixel coordinates (y down): (x, y) -> (x cos a - y sin a, x sin a + y cos a)
+    angle = np.deg2rad(degrees)
+    expected = torch.tensor([20 + 10 * np.sin(angle), 20 + 10 * np.cos(angle)], dtype=torch.float32)
+    torch.testing.assert_close(centroid, expected, atol=0.3, rtol=0)
+    assert float(y.sum()) == pytest.approx(9.0, rel=0.05)  # moved, not smeared or lost
+
+
 def test_jitter_crops_each_image_at_its_own_offset():
     x = torch.arange(20.0).view(1, 1, 1, 20).expand(16, 3, 20, 20)
     y = jitter(8)(x, ImageRandom(list(range(16))))

@@ -17,6 +17,7 @@ from atlas import patch as lab
 from atlas.cli import main
 from atlas.images import ImageRecord, list_images
 from atlas.models import Classifier
+from tests.synthetic import blank_png
 
 SIZE = 32  # input side of the fake models: 32 px keeps every test fast
 COLOURS = ["red", "green", "blue"]
@@ -261,3 +262,45 @@ def test_cli_writes_the_report(tmp_path: Path, colour_folder: Path):
             assert Image.open(tmp_path / "out" / thumb).size == (lab.THUMB_PX, lab.THUMB_PX)
     assert "| top-1 becomes blue | 50.0% | 0.0% |" in (tmp_path / "out" / "report.md").read_text()
     assert main(["patch", "--model", "tests.test_patch:colour_model", "--data", str(colour_folder)]) == 2
+
+
+class RedOrRough(nn.Module):
+    """'red' by 50 x the red mean, 'blue' by 200 x the mean step between horizontal neighbours: noise is blue."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rough = (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3))
+        return torch.stack([50.0 * x[:, 0].mean(dim=(1, 2)), torch.zeros_like(rough), 200.0 * rough], dim=1)
+
+
+def test_the_noise_control_rate_counts_the_noise_that_flips(tmp_path: Path):
+    records = [
+        ImageRecord(str(write_image(tmp_path / f"{name}{i}.png", (red, 0.0, 0.0))), RED)
+        for name, red in (("bright", 1.0), ("dim", 0.2))
+        for i in range(2)
+    ]
+    model = colour_model(RedOrRough())
+    report, _ = measure(model, patch_of((0.0, 0.0, 1.0)), records, ratios=(0.6,))
+    assert report["n"] == 4
+    assert report["flip_rate"] == 0.0  # a flat patch is not rough
+    # uniform noise over ~35 % of the image: a mean step of ~0.33 x 0.35 gives 'blue' ~23, above the dim images' 10
+    assert report["noise_flip_rate"] == 0.5 and report["noise_leave_rate"] == 0.5
+    flipped = {Path(row["path"]).name: row["noise_after"] for row in report["images"]}
+    assert flipped == {"bright0.png": "red", "bright1.png": "red", "dim0.png": "blue", "dim1.png": "blue"}
+
+
+def test_the_search_prefers_a_placement_that_flips_over_a_higher_target_probability():
+    # image 0: placement 0 raises P(target) to 0.49 but red stays top; placement 1 flips with P(target) 0.40
+    # image 1: nothing flips, so the most probable target wins
+    pred = lab.Predictions(
+        top1=torch.tensor([[RED, BLUE, RED], [RED, RED, GREEN]]),
+        p_top1=torch.tensor([[0.50, 0.40, 0.9], [0.6, 0.7, 0.5]]),
+        p_target=torch.tensor([[0.49, 0.40, 0.05], [0.1, 0.3, 0.2]]),
+    )
+    assert lab.best_placement(pred, BLUE).tolist() == [1, 1]
+    rates = lab.outcome(pred, torch.tensor([RED, RED]), BLUE)
+    assert rates["flip_rate"] == 0.5 and rates["mean_p_target_after"] == pytest.approx(0.35)
+
+
+def test_a_patch_over_the_size_bound_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(AtlasError, match="cannot be read: .*over the bound|cannot be read: .*exceeds limit"):
+        lab.load_patch(str(blank_png(tmp_path / "bomb.png", 20000, 10000)))

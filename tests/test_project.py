@@ -143,6 +143,16 @@ def test_project_store_writes_a_seeded_normalised_layout(synthetic_store, engine
     assert not np.array_equal(project_store(synthetic_store, seed=4, **FAST, **engine), layout)
 
 
+def test_project_store_normalises_from_widened_percentiles(tmp_path):
+    path = write_synthetic_store(tmp_path / "small.h5", n=300)
+    layout = project_store(path, n_neighbors=10, n_epochs=30, sgd="torch")
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["mixed4c/layout"][:], layout)
+    # the 1st and 99th percentiles widened by 10 % of their range map to [0, 1]: they land at 1/12 and 11/12
+    np.testing.assert_allclose(np.percentile(layout, [1, 99], axis=0), [[1 / 12] * 2, [11 / 12] * 2], atol=1e-3)
+    assert layout.min() >= 0.0 and layout.max() <= 1.0
+
+
 def test_tsne_layout_in_one_and_two_dimensions():
     rng = np.random.default_rng(2)
     side = np.arange(200) % 2

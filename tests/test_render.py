@@ -7,10 +7,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from atlas import AtlasError, render
 from atlas.cli import main
-from atlas.models import Classifier
+from atlas.models import Classifier, capture
+from atlas.optvis.transform import image_key
 from atlas.render import render_icons, render_store
 from tests.synthetic import tiny_classifier, write_synthetic_store
 
@@ -228,3 +230,56 @@ def test_efficientnet_lite0_real_weights_icons_improve(tmp_path):
     done = final["icon_done"]
     assert (final["icon_objective"][done] > start["icon_objective"][done]).all()
     assert final["icon_cosine"][done].mean() > start["icon_cosine"][done].mean() + 0.05
+
+
+def test_render_store_keeps_each_cells_best_attempt_when_attempts_straddle_batches(tmp_path, small_model):
+    path = grid_store(tmp_path / "s.h5")
+    render_store(path, grid=3, size=32, steps=3, attempts=3, batch_size=4, model=small_model, progress=False)
+    out = read_icons(path)
+    with h5py.File(path) as f:
+        means, whitening = f["relu3/grid/3/mean"][()].reshape(9, -1), f["relu3/whitening"][()]
+    cells = np.flatnonzero(out["icon_done"].ravel())
+    # each attempt on its own (an icon depends only on seed, cell and attempt)
+    settings = dict(size=32, steps=3, cossim_pow=4, whitening=torch.as_tensor(whitening), lr=render.LEARNING_RATE)
+    stack = render.preset("atlas", 32)
+    tries = [
+        render._render_batch(
+            small_model,
+            "relu3",
+            torch.as_tensor(means[cells]),
+            [image_key(0, c, a) for c in cells],
+            transforms=stack,
+            mixed_precision=False,
+            **settings,
+        )  # fmt: skip
+        for a in range(3)
+    ]
+    values = np.stack([t[1] for t in tries], axis=1)  # [cells, attempts]
+    best = values.argmax(1)
+    assert (best > 0).any(), "test needs a cell whose best attempt is not its first"
+    np.testing.assert_allclose(out["icon_objective"].ravel()[cells], values.max(1), rtol=1e-3)
+    icons = out["icons"].reshape(9, 32, 32, 3)[cells]
+    chosen = np.stack([tries[a][0][i] for i, a in enumerate(best)])
+    assert np.abs(icons.astype(int) - chosen.astype(int)).max() <= 1
+
+
+def test_stored_objective_is_the_whitened_objective_of_the_stored_icon(tmp_path, small_model):
+    path = grid_store(tmp_path / "s.h5")
+    render_store(path, grid=3, size=32, steps=4, attempts=1, batch_size=4, model=small_model, progress=False)
+    out = read_icons(path)
+    with h5py.File(path) as f:
+        means, whitening = f["relu3/grid/3/mean"][()].reshape(9, -1), f["relu3/whitening"][()]
+    cells = np.flatnonzero(out["icon_done"].ravel())
+    icons = torch.from_numpy(out["icons"].reshape(9, 32, 32, 3)[cells]).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad(), capture(small_model, ["relu3"]) as acts:
+        small_model(icons)
+    h = acts["relu3"][:, :, 2, 2].double().numpy()  # the centre of the 4 x 4 map
+
+    def objective(targets: np.ndarray) -> np.ndarray:
+        unit = targets / np.linalg.norm(targets, axis=1, keepdims=True)
+        dot = (h * unit).sum(1)
+        return dot * np.maximum(0.1, dot / np.linalg.norm(h, axis=1)) ** 4
+
+    whitened, plain = objective(means[cells] @ whitening), objective(means[cells])
+    np.testing.assert_allclose(out["icon_objective"].ravel()[cells], whitened, rtol=1e-3, atol=1e-6)
+    assert np.abs(plain - whitened).max() > 0.1 * np.abs(whitened).max()  # the matrix matters here

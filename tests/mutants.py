@@ -1,0 +1,255 @@
+"""`make mutants`: deliberate bugs, one at a time in a temporary copy, each run against the tests that guard it.
+
+A mutant is caught when its tests fail, SURVIVED when they pass, and could-not-apply when its snippet does not
+occur exactly once (the code moved: re-anchor it). Exits non-zero when any mutant survives or cannot apply, or
+when the guarding tests fail on the unchanged code. Add a mutant whenever a bug is fixed.
+
+    python -m tests.mutants [--jobs 2] [ID ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP = shutil.ignore_patterns(".venv", ".git", "data", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info")
+TIMEOUT_S = 300  # per mutant; the slowest guard set takes about a minute on a busy 2-core machine
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    file: str
+    snippet: str  # must occur exactly once in `file`
+    replacement: str
+    tests: tuple[str, ...]  # test files (or node ids) that must catch it
+
+
+ATTRIBUTIONS = ("tests/test_attributions.py",)
+RENDER = ("tests/test_render.py",)
+PATCH = ("tests/test_patch.py",)
+PIPELINE = ("tests/test_pipeline.py",)
+IMAGES = ("tests/test_images.py",)
+MUTANTS = [
+    # the bugs of issue 16, one per row of its table
+    Mutant(
+        "attributions-plain-max-pool",
+        "atlas/collect.py",
+        "relax = [pool.register_forward_hook(_RelaxedMaxPool(pool)) for pool in pools]",
+        "relax = []",
+        ATTRIBUTIONS,
+    ),
+    Mutant(
+        "attributions-first-pass-positions",
+        "atlas/collect.py",
+        "ks = torch.arange(start, min(count, start + per_pass), device=images.device)",
+        "ks = torch.arange(0, min(count, start + per_pass) - start, device=images.device)",
+        ATTRIBUTIONS,
+    ),
+    Mutant(
+        "attributions-times-zero",
+        "atlas/collect.py",
+        "return torch.cat(parts).transpose(0, 1)",
+        "return 0 * torch.cat(parts).transpose(0, 1)",
+        ATTRIBUTIONS,
+    ),
+    Mutant(
+        "resume-redoes-finished-shards",
+        "atlas/collect.py",
+        "return [b for b in batches if not (parts / _shard_name(b[0])).exists()]",
+        "return list(batches)",
+        ("tests/test_collect.py::test_an_interrupted_collection_keeps_its_finished_shards_and_collects_only_the_rest",),
+    ),
+    Mutant(
+        "project-layout-min-max-no-margin",
+        "atlas/project.py",
+        "            init=init,\n        )\n    )\n",
+        "            init=init,\n        ),\n        0.0,\n        100.0,\n        0.0,\n    )\n",
+        ("tests/test_project.py::test_project_store_normalises_from_widened_percentiles",),
+    ),
+    Mutant(
+        "render-ignores-whitening",
+        "atlas/render.py",
+        "            whitening=whitening,\n            transforms=stack,",
+        "            whitening=None,\n            transforms=stack,",
+        RENDER,
+    ),
+    Mutant(
+        "render-done-after-first-attempt",
+        "atlas/render.py",
+        "if attempt == attempts - 1]",
+        "if attempt == 0]",
+        RENDER,
+    ),
+    Mutant(
+        "transforms-no-rotation",
+        "atlas/optvis/transform.py",
+        "        return _affine(images, matrices)\n",
+        "        return images\n",
+        ("tests/test_optvis.py",),
+    ),
+    Mutant(
+        "patch-noise-rate-from-unpatched-images",
+        "atlas/patch.py",
+        "with_noise = predict_pasted(model, images, control_tiles, placements, target, batch_size)",
+        "with_noise = Predictions(*(f[:, None].expand(-1, len(placements)) for f in predict(model, images, target)))",
+        PATCH,
+    ),
+    Mutant(
+        "patch-search-probability-beats-flip",
+        "atlas/patch.py",
+        "(pred.top1 == target).float() * 2.0 + pred.p_target",
+        "(pred.top1 == target).float() * 0.0 + pred.p_target",
+        PATCH,
+    ),
+    Mutant(
+        "pipeline-renders-default-grid-sizes",
+        "pipelines/atlas.py",
+        'sizes = list(config["grid"].get("sizes", grid.DEFAULT_SIZES))',
+        "sizes = list(grid.DEFAULT_SIZES)",
+        PIPELINE,
+    ),
+    # more of the same kinds
+    Mutant(
+        "pipeline-reruns-finished-stages",
+        "pipelines/atlas.py",
+        "if self.done.get(stage) == key:",
+        "if False:",
+        PIPELINE,
+    ),
+    Mutant(
+        "config-accepts-unknown-keys",
+        "atlas/config.py",
+        "    _check_keys(values, set(inspect.signature(function).parameters), where)\n",
+        "",
+        PIPELINE,
+    ),
+    Mutant(
+        "attributions-swap-y-and-x",
+        "atlas/collect.py",
+        "t[rows, :, ys, xs] = activations[rows, :, ys, xs]",
+        "t[rows, :, xs, ys] = activations[rows, :, xs, ys]",
+        ATTRIBUTIONS,
+    ),
+    Mutant(
+        "images-no-pixel-bound",
+        "atlas/images.py",
+        "if image.width * image.height > max_pixels:",
+        "if False:",
+        IMAGES,
+    ),
+    Mutant(
+        "images-draft-too-small",
+        "atlas/images.py",
+        'image.draft("RGB", (min_side, min_side))',
+        'image.draft("RGB", (min_side // 4, min_side // 4))',
+        IMAGES,
+    ),
+    Mutant(
+        "render-keeps-last-attempt",
+        "atlas/render.py",
+        "if attempt == 0 or values[j] > objective[i] or np.isnan(objective[i]):",
+        "if True:",
+        RENDER,
+    ),
+]
+
+
+def copy_tree(dest: Path) -> Path:
+    """The worktree without .venv, .git and data, with .venv linked back (its site-packages are not copied)."""
+    shutil.copytree(ROOT, dest, ignore=SKIP, symlinks=True)
+    (dest / ".venv").symlink_to((ROOT / ".venv").resolve())
+    return dest
+
+
+def pytest_in(tree: Path, tests: tuple[str, ...]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}  # two runs share two cores
+    env.pop("PYTHONPATH", None)  # `python -m` from the copy's root imports the copy's own packages
+    command = [str(tree / ".venv/bin/python"), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    return subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def first_failure(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return lines[0].split(" - ")[0] if lines else output.strip().splitlines()[-1] if output.strip() else ""
+
+
+def run_mutant(mutant: Mutant, scratch: Path) -> tuple[str, str, float]:
+    """(verdict, detail, seconds) for one mutant, in a fresh copy under `scratch`."""
+    started = time.perf_counter()
+    tree = copy_tree(scratch / mutant.id)
+    target = tree / mutant.file
+    source = target.read_text()
+    found = source.count(mutant.snippet)
+    if found != 1:
+        return "could-not-apply", f"snippet found {found} times in {mutant.file}", 0.0
+    target.write_text(source.replace(mutant.snippet, mutant.replacement))
+    try:
+        result = pytest_in(tree, mutant.tests)
+    except subprocess.TimeoutExpired:
+        return "timeout", f"tests ran past {TIMEOUT_S} s", time.perf_counter() - started
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    if result.returncode == 0:
+        return "SURVIVED", "every guarding test passed", seconds
+    if result.returncode in (1, 2) and ("FAILED" in result.stdout or "ERROR" in result.stdout):
+        return "caught", first_failure(result.stdout), seconds
+    return "error", f"pytest exit {result.returncode}: {first_failure(result.stdout + result.stderr)}", seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ids", nargs="*", help="run only these mutants")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants run at once (default 2)")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.ids or m.id in args.ids]
+    if args.ids and len(chosen) != len(set(args.ids)):
+        print(f"unknown mutant id among {args.ids}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mutants-") as tmp:
+        scratch = Path(tmp)
+        # the guards must pass on the unchanged code, from the copy's own packages, or a "caught" means nothing
+        base = copy_tree(scratch / "baseline")
+        where = subprocess.run(
+            [str(base / ".venv/bin/python"), "-c", "import atlas; print(atlas.__file__)"],
+            cwd=base, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        ).stdout.strip()  # fmt: skip
+        if not where.startswith(str(base)):
+            print(f"the copy imports atlas from {where!r}, not from the copy", file=sys.stderr)
+            return 2
+        guards = tuple(dict.fromkeys(test for m in chosen for test in m.tests))
+        baseline = pytest_in(base, guards)
+        if baseline.returncode != 0:
+            print(f"the guarding tests fail on the unchanged code: {first_failure(baseline.stdout)}", file=sys.stderr)
+            return 2
+        print(f"baseline: {len(guards)} guarding test sets pass on the unchanged code", flush=True)
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [(m, pool.submit(run_mutant, m, scratch)) for m in chosen]
+            verdicts = []
+            for mutant, future in futures:
+                verdict, detail, seconds = future.result()
+                verdicts.append(verdict)
+                print(f"{verdict:15s} {mutant.id:42s} {seconds:5.0f} s  {detail}", flush=True)
+    caught = verdicts.count("caught")
+    print(
+        f"total: {caught} of {len(chosen)} mutants caught, {verdicts.count('SURVIVED')} survived, "
+        f"{verdicts.count('could-not-apply')} could not apply, "
+        f"{len(chosen) - caught - verdicts.count('SURVIVED') - verdicts.count('could-not-apply')} errors or timeouts "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
+    return 0 if caught == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
