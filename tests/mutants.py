@@ -114,8 +114,8 @@ MUTANTS = [
     Mutant(
         "pipeline-renders-default-grid-sizes",
         "pipelines/atlas.py",
-        'sizes = list(config["grid"].get("sizes", grid.DEFAULT_SIZES))',
-        "sizes = list(grid.DEFAULT_SIZES)",
+        'sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))',
+        "sizes = list(DEFAULT_SIZES)",
         PIPELINE,
     ),
     # more of the same kinds
