@@ -38,13 +38,26 @@ def resolve_class(name_or_index: str | int, class_names: list[str]) -> int:
     raise AtlasError(f"unknown class {text!r}" + (hint if suggestions else ""))
 
 
-def inceptionv1_classes() -> list[str]:
-    """lucid's 1008 InceptionV1 class names: 0 is 'dummy', 1..1000 from the shipped label file, 1001..1007 unused."""
+def _inceptionv1_lines() -> list[tuple[str, int, str]]:
+    """(wnid, index, name) per line of the shipped label file, in logit order 1..1000."""
     lines = (Path(__file__).with_name("inceptionv1_classes.txt")).read_text().splitlines()
-    names = ["dummy"]
+    rows = []
     for line in lines:
         if line and not line.startswith("#"):
-            _wnid, index, name = line.split(" ", 2)
-            assert int(index) == len(names), f"inceptionv1_classes.txt: line for class {index} out of order"
-            names.append(name)
+            wnid, index, name = line.split(" ", 2)
+            if int(index) != len(rows) + 1:
+                raise AtlasError(f"inceptionv1_classes.txt: line for class {index} is out of order")
+            rows.append((wnid, int(index), name))
+    return rows
+
+
+def inceptionv1_classes() -> list[str]:
+    """lucid's 1008 InceptionV1 class names: 0 is 'dummy', 1..1000 from the shipped label file, 1001..1007 unused."""
+    names = ["dummy"] + [name for _wnid, _index, name in _inceptionv1_lines()]
     return names + [f"unused {i}" for i in range(len(names), INCEPTIONV1_LOGITS)]
+
+
+def inceptionv1_imagenet_index(imagenet_wnids: list[str]) -> list[int]:
+    """For each ImageNet-1k class index (the order of `imagenet_wnids`), InceptionV1's logit of that class."""
+    by_wnid = {wnid: index for wnid, index, _name in _inceptionv1_lines()}
+    return [by_wnid[wnid] for wnid in imagenet_wnids]

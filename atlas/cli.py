@@ -72,8 +72,8 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
         if args.cluster:
             from atlas.cluster import collect_on_cluster, connect
 
-            names = load_model(args.model, weights="random").class_names  # names only: no weights needed
-            records = list_images(args.data, names)[: args.limit]
+            labels = load_model(args.model, weights="random")  # class names only: no weights needed
+            records = list_images(args.data, labels.class_names, labels.imagenet_index)[: args.limit]
             with connect(args.cluster, args.workers) as client:
                 out = collect_on_cluster(
                     client,
@@ -92,7 +92,7 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
             return
         device = args.device or default_device()
         model = load_model(args.model, weights=args.weights, device=device)
-        records = list_images(args.data, model.class_names)[: args.limit]
+        records = list_images(args.data, model.class_names, model.imagenet_index)[: args.limit]
         out = collect(
             model,
             records,

@@ -39,27 +39,35 @@ def imagenet_wnids() -> list[str]:
     return (Path(__file__).with_name("imagenet_wnids.txt")).read_text().split()
 
 
-def list_images(data: str | Path, class_names: list[str] | None = None) -> list[ImageRecord]:
+def list_images(
+    data: str | Path, class_names: list[str] | None = None, imagenet_index: list[int] | None = None
+) -> list[ImageRecord]:
     """The images of a data source, in a deterministic order.
 
     data: "demo", a folder (recursive; a class sub-folder or a leading WordNet id gives the label),
     or a text file with one image path per line (relative paths are relative to the file).
+    class_names: the model's, for class-named sub-folders. imagenet_index: the model's class index of each
+    ImageNet-1k class (`Classifier.imagenet_index`), for models whose logits are in another order; WordNet
+    ids and the demo photos' labels are ImageNet-1k indices.
     """
     if str(data) == "demo":
-        return demo_images()
+        return demo_images(imagenet_index)
     path = Path(data)
     if path.is_dir():
-        return _folder_images(path, class_names or [])
+        return _folder_images(path, class_names or [], imagenet_index)
     if path.is_file() and path.suffix.lower() not in IMAGE_SUFFIXES:
         lines = [line.strip() for line in path.read_text().splitlines()]
         entries = [line for line in lines if line and not line.startswith("#")]
-        return [ImageRecord(str((path.parent / entry).resolve()), _label_from_name(entry, {})) for entry in entries]
+        return [
+            ImageRecord(str((path.parent / entry).resolve()), _label_from_name(entry, {}, imagenet_index))
+            for entry in entries
+        ]
     if path.is_file():
         return [ImageRecord(str(path), -1)]
     raise AtlasError(f"data source {data!r} is neither 'demo', a folder, nor a file of image paths")
 
 
-def _folder_images(root: Path, class_names: list[str]) -> list[ImageRecord]:
+def _folder_images(root: Path, class_names: list[str], imagenet_index: list[int] | None) -> list[ImageRecord]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise AtlasError(f"no images found under {root}")
@@ -69,28 +77,32 @@ def _folder_images(root: Path, class_names: list[str]) -> list[ImageRecord]:
     by_name = {squash_name(name): i for i, name in enumerate(class_names)}
     folder_label = {}
     for i, folder in enumerate(folders):
-        label = _label_from_name(folder, by_name)
+        label = _label_from_name(folder, by_name, imagenet_index)
         folder_label[folder] = label if label >= 0 else i
     records = []
     for p in files:
         parts = p.relative_to(root).parts
-        label = folder_label[parts[0]] if len(parts) > 1 else _label_from_name(p.stem, {})
+        label = folder_label[parts[0]] if len(parts) > 1 else _label_from_name(p.stem, {}, imagenet_index)
         records.append(ImageRecord(str(p), label))
     return records
 
 
-def _label_from_name(name: str, by_name: dict[str, int]) -> int:
+def _label_from_name(name: str, by_name: dict[str, int], imagenet_index: list[int] | None) -> int:
     """Class index from a WordNet-id prefix (`n01484850_great_white_shark`) or an exact class name."""
     match = WNID.match(Path(name).name)
     if match:
         try:
-            return imagenet_wnids().index(match.group(1))
+            return _model_label(imagenet_wnids().index(match.group(1)), imagenet_index)
         except ValueError:
             return -1
     return by_name.get(squash_name(name), -1)
 
 
-def demo_images() -> list[ImageRecord]:
+def _model_label(imagenet_label: int, imagenet_index: list[int] | None) -> int:
+    return imagenet_label if imagenet_index is None else imagenet_index[imagenet_label]
+
+
+def demo_images(imagenet_index: list[int] | None = None) -> list[ImageRecord]:
     """Photos that installed packages ship, so the default run works offline.
 
     foolbox's 20 ImageNet validation photos (label index in the file name) and scikit-learn's two
@@ -101,8 +113,8 @@ def demo_images() -> list[ImageRecord]:
     if spec and spec.submodule_search_locations:
         folder = Path(next(iter(spec.submodule_search_locations))) / "data"
         for p in sorted(folder.glob("imagenet_*")):
-            label = int(p.stem.split("_")[-1])
-            records.append(ImageRecord(str(p), label))
+            label = int(p.stem.split("_")[-1])  # an ImageNet-1k index
+            records.append(ImageRecord(str(p), _model_label(label, imagenet_index)))
     spec = importlib.util.find_spec("sklearn")
     if spec and spec.submodule_search_locations:
         folder = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "images"

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from atlas import AtlasError
-from atlas.classes import inceptionv1_classes
+from atlas.classes import inceptionv1_classes, inceptionv1_imagenet_index
+from atlas.images import imagenet_wnids
 from atlas.zoo import ZOO, ModelInfo, locate_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,6 +61,7 @@ class Classifier(nn.Module):
         weights: str,
         aliases: dict[str, str] | None = None,
         resize_size: int | None = None,
+        imagenet_index: list[int] | None = None,
     ):
         super().__init__()
         self.name = name
@@ -71,6 +73,9 @@ class Classifier(nn.Module):
         self.default_layer = default_layer
         self.weights = weights
         self.aliases = dict(aliases or {})
+        # the model's class index of each ImageNet-1k class (torchvision's order), where it is not the identity:
+        # image labels (WordNet ids, the demo's indices) are ImageNet-1k indices
+        self.imagenet_index = imagenet_index
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -221,6 +226,7 @@ def inceptionv1(info: ModelInfo, weights: str | None = None) -> Classifier:
         default_layer=info.default_layer,
         weights=str(weights),
         resize_size=info.resize_size,
+        imagenet_index=inceptionv1_imagenet_index(imagenet_wnids()),
     )
 
 

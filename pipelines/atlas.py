@@ -117,7 +117,7 @@ def run_atlas(
     log.info("model %s, layer %s, data %s -> %s", model_name, layer, data, run_dir)
 
     steps = Fingerprints(run_dir / "pipeline.json")
-    records = list_images(data, model.class_names)[:limit]
+    records = list_images(data, model.class_names, model.imagenet_index)[:limit]
     collect_args = {**config["collect"], "layers": [layer], "device": device, "dataset": str(data)}
     steps.run(
         "collect",

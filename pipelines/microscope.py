@@ -75,7 +75,7 @@ def run_microscope(
     channels = layer_map(net, layer, net.input_size)[0]
     layer_map(net, layer, size)
     chosen = parse_units(units, channels)
-    records = list_images(data, net.class_names)[:limit]
+    records = list_images(data, net.class_names, net.imagenet_index)[:limit]
     if not records:
         raise AtlasError(f"{data} holds no images")
     for photo in photos or []:

@@ -39,7 +39,7 @@ def run_patch_experiment(
     target_class = resolve_class(target, model.class_names)
     source_class = resolve_class(source, model.class_names) if source else None
     patch = lab.load_patch(patch_spec)
-    records = list_images(data, model.class_names)
+    records = list_images(data, model.class_names, model.imagenet_index)
     records = lab.select_records(records, target_class, source_class, exclude=lab.patch_file(patch_spec))[:limit]
     report, strip = lab.measure_patch(
         model,

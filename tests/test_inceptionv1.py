@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from atlas import AtlasError
-from atlas.classes import inceptionv1_classes, resolve_class
+from atlas.classes import inceptionv1_classes, resolve_class, squash_name
 from atlas.cli import main as cli_main
 from atlas.config import CONFIG_DIR
-from atlas.models import capture, load_model
+from atlas.images import list_images
+from atlas.models import capture, imagenet_classes, load_model
 from atlas.zoo import ZOO, hub_dir, model_for_layer
 from pipelines.atlas import pick_model, run_data
 
@@ -76,6 +78,20 @@ def test_the_1008_class_names_are_lucids():
     assert resolve_class("Great White Shark", names) == 442
     assert resolve_class("great_white_shark", load_model("inceptionv1", weights="random").class_names) == 442
     assert len(set(names[1:1001])) == 998  # lucid keeps WordNet's duplicate 'crane' and 'maillot'
+
+
+def test_imagenet_labels_of_images_become_inceptionv1_logits(tmp_path):
+    model = load_model("inceptionv1", weights="random")
+    (tmp_path / "n01484850").mkdir()  # great white shark: ImageNet-1k index 2, InceptionV1 logit 442
+    Image.new("RGB", (8, 8)).save(tmp_path / "n01484850" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "n02066245_grey_whale.png")  # ImageNet-1k 147, InceptionV1 6
+    labels = {Path(r.path).name: r.label for r in list_images(tmp_path, model.class_names, model.imagenet_index)}
+    assert labels == {"a.png": 442, "n02066245_grey_whale.png": 6}
+    assert {Path(r.path).name: r.label for r in list_images(tmp_path)} == {"a.png": 2, "n02066245_grey_whale.png": 147}
+    for record in list_images("demo", model.class_names, model.imagenet_index):  # foolbox names its ImageNet-1k label
+        if record.label >= 0:
+            imagenet_name = imagenet_classes()[int(Path(record.path).stem.split("_")[-1])]
+            assert squash_name(model.class_names[record.label]) == squash_name(imagenet_name)
 
 
 @pytest.mark.parametrize(

@@ -64,8 +64,8 @@ def test_make_atlas_runs_every_stage_and_a_rerun_skips_them(tmp_path, capsys):
 def test_shipped_configs_load_and_every_stage_key_is_a_parameter(path):
     raw = yaml.safe_load(path.read_text())
     for layer in [raw.get("layer"), *(raw.get("layers") or {})]:
-        config = load_config(path, pipeline.STAGES, layer)  # raises on a key the stage does not accept
-        assert set(pipeline.STAGES) <= set(config)
+        config = load_config(path, pipeline.stage_functions(), layer)  # raises on a key the stage does not accept
+        assert set(pipeline.stage_functions()) <= set(config)
     assert raw["collect"] and raw["project"] and raw["grid"] and raw["render"]
     if "class_atlas" in raw:
         for comparison in (False, True):
@@ -76,7 +76,7 @@ def test_a_misspelt_stage_key_is_caught(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({**TINY_RUN, "render": {"stpes": 3}}))
     with pytest.raises(AtlasError, match="did you mean steps"):
-        load_config(config, pipeline.STAGES)
+        load_config(config, pipeline.stage_functions())
 
 
 def test_demo_set_is_22_readable_photos_with_labels():
