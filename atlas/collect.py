@@ -70,6 +70,60 @@ class _RelaxedMaxPool:
         return out.detach() + average - average.detach()
 
 
+def attribution_pass(
+    model: Classifier,
+    images: torch.Tensor,
+    layer: str,
+    positions: torch.Tensor,
+    size: tuple[int, int],
+    max_rows: int = 512,
+    activations: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: the layer's activations [B, C, H, W] and attributions [B, K, classes] at `positions` [B, K, 2].
+
+    The tangent enters at the layer's forward hook, h (the layer's own output, or `activations` when
+    given) masked to one position: the layers before it run once, unbatched and without tangents, and
+    the tail carries one tangent per position (vmap). `size` is the layer's (H, W). `max_rows` bounds
+    B x (positions per pass), i.e. the memory of one pass; each further pass runs the network again.
+    """
+    module = model.layer_module(layer)
+    batch, count = positions.shape[:2]
+    rows = torch.arange(batch, device=images.device)
+    zero = torch.zeros(batch, 1, *size, device=images.device)
+    seen: dict[str, torch.Tensor] = {}
+
+    def logits_with(scale: torch.Tensor) -> torch.Tensor:
+        def enter(_m: nn.Module, _i: tuple, out: torch.Tensor) -> torch.Tensor:
+            seen["h"] = out
+            h = out if activations is None else activations
+            # primal: out unchanged (scale is 0); tangent: h at the masked position, in the layer's dtype (autocast)
+            return out + h * scale.to(out.dtype)
+
+        hook = module.register_forward_hook(enter)
+        try:
+            return model(images)
+        finally:
+            hook.remove()
+
+    def one_hot(k: int) -> torch.Tensor:
+        mask = torch.zeros_like(zero)
+        mask[rows, 0, positions[:, k, 0], positions[:, k, 1]] = 1
+        return mask
+
+    per_pass = max(1, max_rows // batch)
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    relax = [pool.register_forward_hook(_RelaxedMaxPool(pool)) for pool in pools]
+    try:
+        parts = []
+        for start in range(0, count, per_pass):
+            masks = torch.stack([one_hot(k) for k in range(start, min(count, start + per_pass))])
+            parts.append(vmap(lambda m: jvp(logits_with, (zero,), (m,))[1])(masks))
+        return seen["h"], torch.cat(parts).transpose(0, 1).float()
+    finally:
+        for hook in relax:
+            hook.remove()
+
+
 def attributions(
     model: Classifier,
     images: torch.Tensor,
@@ -80,40 +134,11 @@ def attributions(
 ) -> torch.Tensor:
     """h . grad_h logit_c for every class, at `positions` [B, K, 2] of `layer`: returns [B, K, classes].
 
-    `activations` is the layer's output for `images` [B, C, H, W]. `max_rows` bounds B x (positions
-    per pass), i.e. the memory of one vectorised pass.
+    `activations` is the layer's output h for `images` [B, C, H, W]. `max_rows` bounds B x (positions
+    per pass), i.e. the memory of one vectorised pass. `collect_batch` uses `attribution_pass`, which
+    takes h from the same pass.
     """
-    module = model.layer_module(layer)
-    batch, count = positions.shape[:2]
-    rows = torch.arange(batch, device=images.device)
-    zero = torch.zeros_like(activations)
-
-    def logits_with(delta: torch.Tensor) -> torch.Tensor:
-        hook = module.register_forward_hook(lambda _m, _i, out: out + delta)
-        try:
-            return model(images)
-        finally:
-            hook.remove()
-
-    def tangent(k: torch.Tensor) -> torch.Tensor:
-        ys, xs = positions[:, k, 0], positions[:, k, 1]
-        t = torch.zeros_like(activations)
-        t[rows, :, ys, xs] = activations[rows, :, ys, xs]
-        return t
-
-    per_pass = max(1, max_rows // batch)
-    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
-    relax = [pool.register_forward_hook(_RelaxedMaxPool(pool)) for pool in pools]
-    try:
-        parts = []
-        for start in range(0, count, per_pass):
-            ks = torch.arange(start, min(count, start + per_pass), device=images.device)
-            tangents = torch.stack([tangent(k) for k in ks])
-            parts.append(vmap(lambda t: jvp(logits_with, (zero,), (t,))[1])(tangents))
-        return torch.cat(parts).transpose(0, 1)
-    finally:
-        for hook in relax:
-            hook.remove()
+    return attribution_pass(model, images, layer, positions, activations.shape[-2:], max_rows, activations)[1]
 
 
 def collect_batch(
@@ -124,17 +149,13 @@ def collect_batch(
     positions: int,
     seed: int,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Activations, positions and attributions of one batch for every layer (one forward pass for all layers)."""
-    with torch.no_grad(), capture(model, list(layers)) as acts:
-        model(images)
-        acts = dict(acts)
+    """Activations, positions and attributions of one batch for every layer (one forward pass per layer)."""
     out = {}
     for layer, (_channels, height, width) in layers.items():
         where = np.stack([sample_positions(row, layer, height, width, positions, seed) for row in rows])
         where_t = torch.from_numpy(where).to(images.device).long()
-        act = acts[layer]
         with torch.no_grad():
-            attr = attributions(model, images, layer, act, where_t)
+            act, attr = attribution_pass(model, images, layer, where_t, (height, width))
         b = torch.arange(len(rows), device=images.device)[:, None]
         vectors = act.permute(0, 2, 3, 1)[b, where_t[..., 0], where_t[..., 1]]  # [B, K, C]
         count = where.shape[1]
@@ -142,7 +163,7 @@ def collect_batch(
             "activations": vectors.reshape(len(rows) * count, -1).float().cpu().numpy(),
             "image_index": np.repeat(np.asarray(rows, dtype=np.int64), count),
             "position": where.reshape(-1, 2).astype(np.int32),
-            "attributions": attr.reshape(len(rows) * count, -1).float().cpu().numpy(),
+            "attributions": attr.reshape(len(rows) * count, -1).cpu().numpy(),
         }
     return out
 
