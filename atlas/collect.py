@@ -4,10 +4,12 @@ For each image and layer, K random interior positions (never the border row or c
 padding distorts activations) are sampled from a generator seeded by (seed, image row, layer), so a
 rerun, a resumed run or a run split across workers samples the same positions. At each position we
 keep the activation vector h and its attribution to every logit, h . d logit / d h, which is the
-Jacobian-vector product of the logits with the tangent h placed at that position: one forward-mode
-pass (`torch.func.jvp`) per position, vectorised over the K positions with `torch.func.vmap` so the
-network up to the layer runs once. Max pools pass the average-pool derivative (the paper's relaxed
-max-pool gradient).
+Jacobian-vector product of the logits with the tangent h placed at that position. The tangent enters
+at the layer's forward hook inside the one forward pass that also records h: forward-mode AD
+(`torch.func.jvp`) vectorised over the K positions with `torch.func.vmap`, so the layers before the
+target run once and without tangents. Max pools pass the average-pool derivative (the paper's
+relaxed max-pool gradient). The pass runs in the memory format and precision of `atlas.runtime`'s
+policy (default channels_last, fp32), recorded in the store's root attrs.
 
 Work is written batch by batch into `<out>.parts/` (one .npz per batch, written atomically), then
 merged into the store; a killed run resumes from the finished batches, and the merged store has
@@ -35,7 +37,8 @@ from tqdm import tqdm
 
 from atlas import AtlasError, __version__
 from atlas.images import ImageDataset, ImageRecord, collate
-from atlas.models import Classifier, capture
+from atlas.models import Classifier
+from atlas.runtime import Runtime, resolve
 from atlas.store import ROW_CHUNK, STR
 
 log = logging.getLogger(__name__)
@@ -180,15 +183,19 @@ def collect(
     workers: int | None = None,
     device: str | torch.device = "cpu",
     dataset: str = "",
+    precision: str = "auto",
+    memory_format: str = "auto",
 ) -> Path:
     """Collect activations and attributions of `records` into the HDF5 store `out`; resumable.
 
-    Defaults follow the paper: one random position per image (`positions=1`).
+    Defaults follow the paper: one random position per image (`positions=1`). precision and
+    memory_format: `atlas.runtime.resolve` settings.
     """
     out = Path(out)
-    plan = plan_collection(model, records, out, layers, positions, seed, batch_size, dataset)
+    runtime = resolve("collect", device, precision, memory_format)
+    plan = plan_collection(model, records, out, layers, positions, seed, batch_size, dataset, runtime)
     if plan is not None:
-        write_batches(model, records, plan.pending, plan.parts, plan.layer_shapes, positions, seed, workers, device)
+        write_batches(model, records, plan.pending, plan.parts, plan.layer_shapes, positions, seed, workers, runtime)
         merge_parts(plan.parts, out, records, plan.meta, plan.layer_shapes)
     return out
 
@@ -213,8 +220,13 @@ def plan_collection(
     seed: int,
     batch_size: int,
     dataset: str,
+    runtime: Runtime,
 ) -> CollectionPlan | None:
-    """Check the settings against `out` and its parts folder (made when new); None when `out` already holds them."""
+    """Check the settings against `out` and its parts folder (made when new); None when `out` already holds them.
+
+    The runtime's memory format and precision are part of the settings (they change the results in the last
+    digits); its device is not, so a run may resume on another device.
+    """
     names = [model.resolve_layer(name) for name in (layers or [model.default_layer])]
     shapes = {name: shape for name, *shape in model.layer_shapes() if name in names}
     layer_shapes = {name: tuple(shapes[name]) for name in names}
@@ -230,6 +242,8 @@ def plan_collection(
         "images": len(records),
         "images_sha1": hashlib.sha1("\n".join(r.path for r in records).encode()).hexdigest(),
         "batch_size": batch_size,
+        "memory_format": runtime.memory_format,
+        "precision": runtime.precision,
     }
     if _complete(out, meta):
         log.info("%s is already complete for these inputs; nothing to do", out)
@@ -258,17 +272,21 @@ def write_batches(
     positions: int,
     seed: int,
     workers: int | None,
-    device: str | torch.device,
+    runtime: Runtime,
     start: int = 0,
     progress: bool | None = None,
 ) -> None:
-    """Collect `batches` (rows of the whole image list) into one shard each in `parts`.
+    """Collect `batches` (rows of the whole image list) into one shard each in `parts`, run as `runtime` says.
 
     `records` holds the rows from `start` on, so a cluster task needs only its own slice of the list.
     """
-    model = model.to(device).eval()
-    for rows, stacked, skipped in load_batches(model, records, batches, workers, start, progress):
-        result = collect_batch(model, stacked.to(device), rows, layer_shapes, positions, seed) if rows else {}
+    model = runtime.prepare(model)
+    pin = runtime.device.type == "cuda"
+    for rows, stacked, skipped in load_batches(model, records, batches, workers, start, progress, pin):
+        result = {}
+        if rows:
+            with runtime.autocast():
+                result = collect_batch(model, runtime.inputs(stacked), rows, layer_shapes, positions, seed)
         first = min(rows + [row for row, _ in skipped])
         _write_shard(parts / _shard_name(first), result, skipped)
 
@@ -280,7 +298,9 @@ def load_batches(
     workers: int | None,
     start: int = 0,
     progress: bool | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """(rows, image batch, skipped) per batch; pin_memory (for a GPU) lets the copy to the device run asynchronously."""
     dataset = ImageDataset(records, model.resize_size, model.input_size, start=start)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     loader = torch.utils.data.DataLoader(
@@ -289,6 +309,7 @@ def load_batches(
         num_workers=workers,
         collate_fn=collate,
         persistent_workers=False,
+        pin_memory=pin_memory,
     )
     total = len(pending)
     disable = total == 0 or (None if progress is None else not progress)  # None: a bar only on a terminal
@@ -347,7 +368,8 @@ def merge_parts(
     tmp = out.with_name(out.name + ".tmp")
     skipped: list[str] = []
     with h5py.File(tmp, "w") as f:
-        f.attrs.update({k: meta[k] for k in ("model", "weights", "input_size", "seed", "dataset", "positions")})
+        recorded = ("model", "weights", "input_size", "seed", "dataset", "positions", "memory_format", "precision")
+        f.attrs.update({k: meta[k] for k in recorded})
         f.attrs.update(code_version=__version__, collect_meta=json.dumps(meta))
         images = f.create_group("images")
         images.create_dataset("path", data=np.array([r.path for r in records], dtype=object), dtype=STR)

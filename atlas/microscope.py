@@ -63,6 +63,7 @@ from atlas.optvis import LEARNING_RATE, forward, model_device, optimize_images
 from atlas.optvis.objectives import caricature, channel, deepdream
 from atlas.optvis.transform import image_key, preset
 from atlas.render import choose_batch_size
+from atlas.runtime import default_device
 from atlas.store import STR, open_store
 
 log = logging.getLogger(__name__)
@@ -797,7 +798,7 @@ def microscope(
     if isinstance(model, Classifier):
         net = model
     else:
-        net = load_model(model, weights=weights, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        net = load_model(model, weights=weights, device=device or default_device())
     layer = net.resolve_layer(layer or net.default_layer)
     channels = layer_map(net, layer, net.input_size)[0]
     layer_map(net, layer, size)

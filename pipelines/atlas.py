@@ -18,10 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from atlas import AtlasError, collect, compose, grid, project, render
-from atlas.cli import default_device
 from atlas.config import config_path, load_config
 from atlas.images import list_images
 from atlas.models import load_model
+from atlas.runtime import default_device
 
 log = logging.getLogger("pipelines.atlas")
 STAGES = {
