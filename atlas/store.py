@@ -4,7 +4,8 @@ Every stage reads and writes one HDF5 file with this layout (N samples, M images
 K classes, G grid size, PX icon size). Names are stable; stages may add datasets but never change
 these.
 
-    /                      attrs: model, weights, input_size, seed, dataset, code_version, positions
+    /                      attrs: model, weights, input_size, seed, dataset, code_version, positions,
+                           memory_format, precision (collect's run-time policy, atlas/runtime.py)
     /images/path           [M] str      image path (or demo name), in collection order
     /images/label          [M] int64    class index, -1 when unknown
     /images/skipped        [S] str      images that could not be read, "path: reason"
@@ -24,7 +25,8 @@ these.
                                               best first; -1 where empty
         top_attributions   [G, G, 5] float32  those mean attributions; NaN where empty
         icons              [G, G, PX, PX, 3] uint8   written by `render`: icon [y, x] is cell y * G + x;
-                                              white (255) where empty; attrs: the render settings
+                                              white (255) where empty; attrs: the render settings,
+                                              memory_format and precision included
         icon_cosine        [G, G] float32   cosine(icon's centre activation, cell mean); NaN where empty
         icon_objective     [G, G] float32   final objective of the kept attempt; NaN where empty
         icon_done          [G, G] bool      icons rendered so far (a rerun of `render` renders the rest)
