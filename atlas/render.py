@@ -118,6 +118,7 @@ def render_icons(
     seed: int = 0,
     keys: Sequence[int] | None = None,
     mixed_precision: bool | None = None,
+    memory_format: str = "auto",
     progress: bool = True,
     on_icons: IconsDone | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -128,8 +129,11 @@ def render_icons(
     keys: a stable id per direction (the cell index in `render_store`), seeding its attempts; default 0..N-1.
     on_icons(indices, icons, objective, cosine) is called after every batch for the icons it finished.
     batch_size: (direction, attempt) pairs optimised together; default from free GPU memory, or 16 on CPU.
+    mixed_precision (bf16 autocast; default `atlas.runtime`'s choice) and memory_format: the run-time policy;
+    the model is converted to that memory format in place.
     """
     device = model_device(model)
+    resolve("render", device, memory_format=memory_format).prepare(model)
     directions = torch.as_tensor(directions, dtype=torch.float32).to(device)
     count, channels = directions.shape
     keys = list(range(count)) if keys is None else list(keys)
@@ -322,6 +326,7 @@ def render_store(
                 progress=progress,
                 on_icons=write,
                 mixed_precision=runtime.precision == "bf16",
+                memory_format=runtime.memory_format,
             )
     return dict(
         layer=layer,

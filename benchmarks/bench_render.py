@@ -38,7 +38,7 @@ import torch
 from atlas.models import Classifier, load_model
 from atlas.optvis.objectives import atlas_direction
 from atlas.render import render_icons
-from atlas.runtime import resolve
+from atlas.runtime import Runtime, resolve
 
 LUCENT_DIR = Path(__file__).resolve().parent / ".lucent"
 LAYER = "mixed4c"
@@ -119,10 +119,11 @@ POLICY_REPEATS = 2  # best of, after a warm-up
 POLICIES = {"baseline NCHW fp32": ("contiguous", "fp32"), "auto": ("auto", "auto")}  # (memory format, precision)
 
 
-def _policy_render(model: Classifier, layer: str, directions: np.ndarray, steps: int, bf16: bool) -> np.ndarray:
+def _policy_render(model: Classifier, layer: str, directions: np.ndarray, steps: int, runtime: Runtime) -> np.ndarray:
     return render_icons(
         model, layer, directions, size=SIZE, steps=steps, attempts=1, batch_size=len(directions),
-        transforms="atlas", mixed_precision=bf16, progress=False,
+        transforms="atlas", mixed_precision=runtime.precision == "bf16", memory_format=runtime.memory_format,
+        progress=False,
     )[1]  # fmt: skip
 
 
@@ -135,13 +136,11 @@ def _policy_rows(device: str, steps: int, label: str) -> list[dict]:
         objectives = {}
         for policy, (memory_format, precision) in POLICIES.items():
             runtime = resolve("render", device, precision, memory_format)
-            runtime.prepare(model)
-            bf16 = runtime.precision == "bf16"
-            _policy_render(model, layer, directions, 2, bf16)  # warm-up
+            _policy_render(model, layer, directions, 2, runtime)  # warm-up
             seconds = []
             for _ in range(POLICY_REPEATS):
                 start = time.perf_counter()
-                objectives[policy] = _policy_render(model, layer, directions, steps, bf16)
+                objectives[policy] = _policy_render(model, layer, directions, steps, runtime)
                 _sync()
                 seconds.append(time.perf_counter() - start)
             images = runtime.inputs(torch.rand(POLICY_ICONS, 3, SIZE, SIZE, device=device))
