@@ -28,7 +28,7 @@ import torch
 from benchmarks.common import SAMPLE, in_subprocess
 
 BATCH = 32
-IMAGES = 64  # end to end: two batches, under a minute per run on 2 cores
+IMAGES = 128  # end to end: four batches, so the loader processes' start-up is not half of it
 REPEATS = 3
 MODELS = {"efficientnet-lite0": None, "inceptionv1": "random"}  # name: weights
 LAYERS = {"efficientnet-lite0": "_blocks.10", "inceptionv1": "mixed4c"}  # their default layers, as stored
@@ -42,6 +42,7 @@ POLICIES = {  # (memory format, precision)
 def _model(name: str):
     from atlas.models import load_model
 
+    torch.manual_seed(0)  # random weights: the same in every process, so the stores compare
     return load_model(name, weights=MODELS[name])
 
 
