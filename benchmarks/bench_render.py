@@ -152,7 +152,7 @@ def _policy_rows(device: str, steps: int, label: str) -> list[dict]:
                 forward = POLICY_ICONS / (time.perf_counter() - start)
             rows.append(
                 {"renderer": f"atlas.render, {policy}", "model": name, "batch": POLICY_ICONS, "steps": steps,
-                 "size": SIZE, "transforms": "atlas", "device": label, **runtime.settings(),
+                 "size": SIZE, "transforms": "atlas", **runtime.settings(), "device": label,
                  "icon_steps_per_s": POLICY_ICONS * steps / min(seconds), "forward_images_per_s": forward,
                  "mean_objective": float(objectives[policy].mean()), "load_avg": round(os.getloadavg()[0], 1)}
             )  # fmt: skip
