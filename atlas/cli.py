@@ -11,6 +11,7 @@ import logging
 import sys
 
 from atlas import AtlasError, __version__
+from atlas.runtime import default_device
 
 
 def _add_layers(sub: argparse._SubParsersAction) -> None:
@@ -47,6 +48,13 @@ CLUSTER_HELP = (
 )
 
 
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    from atlas.runtime import MEMORY_FORMATS, PRECISIONS
+
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast precision (see atlas/runtime.py)")
+    p.add_argument("--memory-format", default="auto", choices=MEMORY_FORMATS, help="model and input memory format")
+
+
 def _add_collect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collect", help="stage 1: activations and attributions of a dataset into an HDF5 store")
     p.add_argument("--model", default="efficientnet-lite0", help="model name (see `atlas layers`)")
@@ -62,6 +70,7 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
         "--workers", type=int, help="image-loading processes (default: up to 4); with --cluster: dask workers"
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_runtime(p)
     p.add_argument("--cluster", help=CLUSTER_HELP)
 
     def run(args: argparse.Namespace) -> None:
@@ -87,6 +96,8 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
                     batch_size=args.batch_size,
                     device=args.device,
                     dataset=str(args.data),
+                    precision=args.precision,
+                    memory_format=args.memory_format,
                 )
             print(out)
             return
@@ -104,16 +115,12 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
             workers=args.workers,
             device=device,
             dataset=str(args.data),
+            precision=args.precision,
+            memory_format=args.memory_format,
         )
         print(out)
 
     p.set_defaults(run=run)
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _add_patch(sub: argparse._SubParsersAction) -> None:
@@ -208,6 +215,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="override the store's weights: a file, or 'random'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_runtime(p)
     p.add_argument("--cluster", help=CLUSTER_HELP)
     p.add_argument("--workers", type=int, help="with --cluster: dask workers")
 
@@ -228,6 +236,8 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
             seed=args.seed,
             model=args.model,
             weights=args.weights,
+            precision=args.precision,
+            memory_format=args.memory_format,
         )
         if args.cluster:
             from atlas.cluster import connect, render_on_cluster

@@ -39,6 +39,7 @@ from atlas.collect import merge_parts, missing_batches, plan_collection, write_b
 from atlas.images import ImageRecord
 from atlas.models import Classifier, load_model, weights_argument
 from atlas.render import IconsDone, render_icons, render_store
+from atlas.runtime import default_device, resolve
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _announce(client: Client) -> None:
 def _worker_device(device: str | None) -> str:
     """The worker's device: as asked; "cuda" (or None with CUDA) gives LocalCluster worker i GPU i."""
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     if device != "cuda" or torch.cuda.device_count() < 2:
         return device
     name = get_worker().name  # LocalCluster names its workers 0, 1, ...; other clusters give each worker its GPU
@@ -157,6 +158,8 @@ def _collect_task(
     positions: int,
     seed: int,
     loaders: int | None,
+    precision: str,
+    memory_format: str,
 ) -> None:
     """Write the shards of `batches` that are still missing."""
     todo = missing_batches(parts, batches)  # a rerun of a task whose worker died redoes only the unfinished
@@ -165,8 +168,9 @@ def _collect_task(
         loaders = _image_loaders(loaders, device)
         with _MODEL_LOCK:
             net = _worker_model(model, weights, device)
+            runtime = resolve("collect", device, precision, memory_format)
             write_batches(
-                net, records, todo, parts, layer_shapes, positions, seed, loaders, device, start, progress=False
+                net, records, todo, parts, layer_shapes, positions, seed, loaders, runtime, start, progress=False
             )
 
 
@@ -201,6 +205,8 @@ def collect_on_cluster(
     device: str | None = None,
     dataset: str = "",
     batches_per_task: int | None = None,
+    precision: str = "auto",
+    memory_format: str = "auto",
 ) -> Path:
     """`atlas.collect.collect` with the batches run as tasks on `client`'s workers; the same store, resumable.
 
@@ -210,7 +216,9 @@ def collect_on_cluster(
     """
     out = Path(out)
     planner = load_model(model, weights=weights)  # names, shapes and the store's metadata, as `collect` records them
-    plan = plan_collection(planner, records, out, layers, positions, seed, batch_size, dataset)
+    # collection's policy is the same on every device (atlas.runtime), so the settings resolved here are the workers'
+    runtime = resolve("collect", "cpu", precision, memory_format)
+    plan = plan_collection(planner, records, out, layers, positions, seed, batch_size, dataset, runtime)
     if plan is None:
         return out
     here = Path.cwd()
@@ -234,6 +242,8 @@ def collect_on_cluster(
             positions,
             seed,
             loaders,
+            precision,
+            memory_format,
             retries=RETRIES,
             pure=False,
         ): group

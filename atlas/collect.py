@@ -4,10 +4,12 @@ For each image and layer, K random interior positions (never the border row or c
 padding distorts activations) are sampled from a generator seeded by (seed, image row, layer), so a
 rerun, a resumed run or a run split across workers samples the same positions. At each position we
 keep the activation vector h and its attribution to every logit, h . d logit / d h, which is the
-Jacobian-vector product of the logits with the tangent h placed at that position: one forward-mode
-pass (`torch.func.jvp`) per position, vectorised over the K positions with `torch.func.vmap` so the
-network up to the layer runs once. Max pools pass the average-pool derivative (the paper's relaxed
-max-pool gradient).
+Jacobian-vector product of the logits with the tangent h placed at that position. The tangent enters
+at the layer's forward hook inside the one forward pass that also records h: forward-mode AD
+(`torch.func.jvp`) vectorised over the K positions with `torch.func.vmap`, so the layers before the
+target run once and without tangents. Max pools pass the average-pool derivative (the paper's
+relaxed max-pool gradient). The pass runs in the memory format and precision of `atlas.runtime`'s
+policy (default channels_last, fp32), recorded in the store's root attrs.
 
 Work is written batch by batch into `<out>.parts/` (one .npz per batch, written atomically), then
 merged into the store; a killed run resumes from the finished batches, and the merged store has
@@ -35,7 +37,8 @@ from tqdm import tqdm
 
 from atlas import AtlasError, __version__
 from atlas.images import ImageDataset, ImageRecord, collate
-from atlas.models import Classifier, capture
+from atlas.models import Classifier
+from atlas.runtime import Runtime, resolve
 from atlas.store import CLASSES, ROW_CHUNK, STR
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,60 @@ class _RelaxedMaxPool:
         return out.detach() + average - average.detach()
 
 
+def attribution_pass(
+    model: Classifier,
+    images: torch.Tensor,
+    layer: str,
+    positions: torch.Tensor,
+    size: tuple[int, int],
+    max_rows: int = 512,
+    activations: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: the layer's activations [B, C, H, W] and attributions [B, K, classes] at `positions` [B, K, 2].
+
+    The tangent enters at the layer's forward hook, h (the layer's own output, or `activations` when
+    given) masked to one position: the layers before it run once, unbatched and without tangents, and
+    the tail carries one tangent per position (vmap). `size` is the layer's (H, W). `max_rows` bounds
+    B x (positions per pass), i.e. the memory of one pass; each further pass runs the network again.
+    """
+    module = model.layer_module(layer)
+    batch, count = positions.shape[:2]
+    rows = torch.arange(batch, device=images.device)
+    zero = torch.zeros(batch, 1, *size, device=images.device)
+    seen: dict[str, torch.Tensor] = {}
+
+    def logits_with(scale: torch.Tensor) -> torch.Tensor:
+        def enter(_m: nn.Module, _i: tuple, out: torch.Tensor) -> torch.Tensor:
+            seen["h"] = out
+            h = out if activations is None else activations
+            # primal: out unchanged (scale is 0); tangent: h at the masked position, in the layer's dtype (autocast)
+            return out + h * scale.to(out.dtype)
+
+        hook = module.register_forward_hook(enter)
+        try:
+            return model(images)
+        finally:
+            hook.remove()
+
+    def one_hot(k: int) -> torch.Tensor:
+        mask = torch.zeros_like(zero)
+        mask[rows, 0, positions[:, k, 0], positions[:, k, 1]] = 1
+        return mask
+
+    per_pass = max(1, max_rows // batch)
+    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
+    relax = [pool.register_forward_hook(_RelaxedMaxPool(pool)) for pool in pools]
+    try:
+        parts = []
+        for start in range(0, count, per_pass):
+            masks = torch.stack([one_hot(k) for k in range(start, min(count, start + per_pass))])
+            parts.append(vmap(lambda m: jvp(logits_with, (zero,), (m,))[1])(masks))
+        return seen["h"], torch.cat(parts).transpose(0, 1).float()
+    finally:
+        for hook in relax:
+            hook.remove()
+
+
 def attributions(
     model: Classifier,
     images: torch.Tensor,
@@ -80,40 +137,11 @@ def attributions(
 ) -> torch.Tensor:
     """h . grad_h logit_c for every class, at `positions` [B, K, 2] of `layer`: returns [B, K, classes].
 
-    `activations` is the layer's output for `images` [B, C, H, W]. `max_rows` bounds B x (positions
-    per pass), i.e. the memory of one vectorised pass.
+    `activations` is the layer's output h for `images` [B, C, H, W]. `max_rows` bounds B x (positions
+    per pass), i.e. the memory of one vectorised pass. `collect_batch` uses `attribution_pass`, which
+    takes h from the same pass.
     """
-    module = model.layer_module(layer)
-    batch, count = positions.shape[:2]
-    rows = torch.arange(batch, device=images.device)
-    zero = torch.zeros_like(activations)
-
-    def logits_with(delta: torch.Tensor) -> torch.Tensor:
-        hook = module.register_forward_hook(lambda _m, _i, out: out + delta)
-        try:
-            return model(images)
-        finally:
-            hook.remove()
-
-    def tangent(k: torch.Tensor) -> torch.Tensor:
-        ys, xs = positions[:, k, 0], positions[:, k, 1]
-        t = torch.zeros_like(activations)
-        t[rows, :, ys, xs] = activations[rows, :, ys, xs]
-        return t
-
-    per_pass = max(1, max_rows // batch)
-    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
-    relax = [pool.register_forward_hook(_RelaxedMaxPool(pool)) for pool in pools]
-    try:
-        parts = []
-        for start in range(0, count, per_pass):
-            ks = torch.arange(start, min(count, start + per_pass), device=images.device)
-            tangents = torch.stack([tangent(k) for k in ks])
-            parts.append(vmap(lambda t: jvp(logits_with, (zero,), (t,))[1])(tangents))
-        return torch.cat(parts).transpose(0, 1)
-    finally:
-        for hook in relax:
-            hook.remove()
+    return attribution_pass(model, images, layer, positions, activations.shape[-2:], max_rows, activations)[1]
 
 
 def collect_batch(
@@ -124,17 +152,13 @@ def collect_batch(
     positions: int,
     seed: int,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Activations, positions and attributions of one batch for every layer (one forward pass for all layers)."""
-    with torch.no_grad(), capture(model, list(layers)) as acts:
-        model(images)
-        acts = dict(acts)
+    """Activations, positions and attributions of one batch for every layer (one forward pass per layer)."""
     out = {}
     for layer, (_channels, height, width) in layers.items():
         where = np.stack([sample_positions(row, layer, height, width, positions, seed) for row in rows])
         where_t = torch.from_numpy(where).to(images.device).long()
-        act = acts[layer]
         with torch.no_grad():
-            attr = attributions(model, images, layer, act, where_t)
+            act, attr = attribution_pass(model, images, layer, where_t, (height, width))
         b = torch.arange(len(rows), device=images.device)[:, None]
         vectors = act.permute(0, 2, 3, 1)[b, where_t[..., 0], where_t[..., 1]]  # [B, K, C]
         count = where.shape[1]
@@ -142,7 +166,7 @@ def collect_batch(
             "activations": vectors.reshape(len(rows) * count, -1).float().cpu().numpy(),
             "image_index": np.repeat(np.asarray(rows, dtype=np.int64), count),
             "position": where.reshape(-1, 2).astype(np.int32),
-            "attributions": attr.reshape(len(rows) * count, -1).float().cpu().numpy(),
+            "attributions": attr.reshape(len(rows) * count, -1).cpu().numpy(),
         }
     return out
 
@@ -159,15 +183,19 @@ def collect(
     workers: int | None = None,
     device: str | torch.device = "cpu",
     dataset: str = "",
+    precision: str = "auto",
+    memory_format: str = "auto",
 ) -> Path:
     """Collect activations and attributions of `records` into the HDF5 store `out`; resumable.
 
-    Defaults follow the paper: one random position per image (`positions=1`).
+    Defaults follow the paper: one random position per image (`positions=1`). precision and
+    memory_format: `atlas.runtime.resolve` settings.
     """
     out = Path(out)
-    plan = plan_collection(model, records, out, layers, positions, seed, batch_size, dataset)
+    runtime = resolve("collect", device, precision, memory_format)
+    plan = plan_collection(model, records, out, layers, positions, seed, batch_size, dataset, runtime)
     if plan is not None:
-        write_batches(model, records, plan.pending, plan.parts, plan.layer_shapes, positions, seed, workers, device)
+        write_batches(model, records, plan.pending, plan.parts, plan.layer_shapes, positions, seed, workers, runtime)
         merge_parts(plan.parts, out, records, plan.meta, plan.layer_shapes, model.class_names)
     return out
 
@@ -192,8 +220,13 @@ def plan_collection(
     seed: int,
     batch_size: int,
     dataset: str,
+    runtime: Runtime,
 ) -> CollectionPlan | None:
-    """Check the settings against `out` and its parts folder (made when new); None when `out` already holds them."""
+    """Check the settings against `out` and its parts folder (made when new); None when `out` already holds them.
+
+    The runtime's memory format and precision are part of the settings (they change the results in the last
+    digits); its device is not, so a run may resume on another device.
+    """
     names = [model.resolve_layer(name) for name in (layers or [model.default_layer])]
     shapes = {name: shape for name, *shape in model.layer_shapes() if name in names}
     layer_shapes = {name: tuple(shapes[name]) for name in names}
@@ -210,6 +243,8 @@ def plan_collection(
         "images": len(records),
         "images_sha1": hashlib.sha1("\n".join(r.path for r in records).encode()).hexdigest(),
         "batch_size": batch_size,
+        "memory_format": runtime.memory_format,
+        "precision": runtime.precision,
     }
     if _complete(out, meta):
         log.info("%s is already complete for these inputs; nothing to do", out)
@@ -238,17 +273,21 @@ def write_batches(
     positions: int,
     seed: int,
     workers: int | None,
-    device: str | torch.device,
+    runtime: Runtime,
     start: int = 0,
     progress: bool | None = None,
 ) -> None:
-    """Collect `batches` (rows of the whole image list) into one shard each in `parts`.
+    """Collect `batches` (rows of the whole image list) into one shard each in `parts`, run as `runtime` says.
 
     `records` holds the rows from `start` on, so a cluster task needs only its own slice of the list.
     """
-    model = model.to(device).eval()
-    for rows, stacked, skipped in load_batches(model, records, batches, workers, start, progress):
-        result = collect_batch(model, stacked.to(device), rows, layer_shapes, positions, seed) if rows else {}
+    model = runtime.prepare(model)
+    pin = runtime.device.type == "cuda"
+    for rows, stacked, skipped in load_batches(model, records, batches, workers, start, progress, pin):
+        result = {}
+        if rows:
+            with runtime.autocast():
+                result = collect_batch(model, runtime.inputs(stacked), rows, layer_shapes, positions, seed)
         first = min(rows + [row for row, _ in skipped])
         _write_shard(parts / _shard_name(first), result, skipped)
 
@@ -260,7 +299,9 @@ def load_batches(
     workers: int | None,
     start: int = 0,
     progress: bool | None = None,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """(rows, image batch, skipped) per batch; pin_memory (for a GPU) lets the copy to the device run asynchronously."""
     dataset = ImageDataset(records, model.resize_size, model.input_size, start=start)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     loader = torch.utils.data.DataLoader(
@@ -269,6 +310,7 @@ def load_batches(
         num_workers=workers,
         collate_fn=collate,
         persistent_workers=False,
+        pin_memory=pin_memory,
     )
     total = len(pending)
     disable = total == 0 or (None if progress is None else not progress)  # None: a bar only on a terminal
@@ -332,9 +374,8 @@ def merge_parts(
     tmp = out.with_name(out.name + ".tmp")
     skipped: list[str] = []
     with h5py.File(tmp, "w") as f:
-        f.attrs.update(
-            {k: meta[k] for k in ("model", "weights", "input_size", "resize_size", "seed", "dataset", "positions")}
-        )
+        recorded = ("model", "weights", "input_size", "resize_size", "seed", "dataset", "positions")
+        f.attrs.update({k: meta[k] for k in (*recorded, "memory_format", "precision")})
         f.create_dataset(CLASSES, data=np.array(class_names, dtype=object), dtype=STR)
         f.attrs.update(code_version=__version__, collect_meta=json.dumps(meta))
         images = f.create_group("images")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from atlas import AtlasError
 from atlas.images import ImageDataset, ImageRecord, collate, load_rgb
 from atlas.models import Classifier
+from atlas.runtime import resolve
 from atlas.store import grid_group, layer_group, open_store
 
 # (y, x) fractions of `input_size - patch_size`, the notebook's `patch_position`
@@ -251,7 +252,7 @@ def measure_patch(
     """
     started = time.perf_counter()
     names = model.class_names
-    model = model.to(device).eval()
+    model = resolve("patch", device).prepare(model)  # channels_last, fp32: flips near a tie stay exact
     placements = [corner_placement(model.input_size, ratio, corner) for ratio in ratios for corner in corners]
     patch_tiles = [resize_patch(patch, p.size).to(device) for p in placements]
     control_tiles = [tile.to(device) for tile in noise_tiles(placements, seed)]

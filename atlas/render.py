@@ -28,6 +28,7 @@ from atlas.models import Classifier, load_model, weights_argument
 from atlas.optvis import LEARNING_RATE, layer_map, model_device, optimize_images, visualize
 from atlas.optvis.objectives import atlas_direction, direction_cosine
 from atlas.optvis.transform import Transform, image_key, preset
+from atlas.runtime import default_device, resolve
 from atlas.store import grid_group, layer_group, open_store, store_finished
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ def render_icons(
     seed: int = 0,
     keys: Sequence[int] | None = None,
     mixed_precision: bool | None = None,
+    memory_format: str = "auto",
     progress: bool = True,
     on_icons: IconsDone | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -127,15 +129,18 @@ def render_icons(
     keys: a stable id per direction (the cell index in `render_store`), seeding its attempts; default 0..N-1.
     on_icons(indices, icons, objective, cosine) is called after every batch for the icons it finished.
     batch_size: (direction, attempt) pairs optimised together; default from free GPU memory, or 16 on CPU.
+    mixed_precision (bf16 autocast; default `atlas.runtime`'s choice) and memory_format: the run-time policy;
+    the model is converted to that memory format in place.
     """
     device = model_device(model)
+    resolve("render", device, memory_format=memory_format).prepare(model)
     directions = torch.as_tensor(directions, dtype=torch.float32).to(device)
     count, channels = directions.shape
     keys = list(range(count)) if keys is None else list(keys)
     if whitening is not None:
         whitening = torch.as_tensor(whitening, dtype=torch.float32).to(device)
     if mixed_precision is None:
-        mixed_precision = device.type == "cuda"
+        mixed_precision = resolve("render", device).precision == "bf16"
     stack = preset(transforms, size)
     if batch_size is None:
         batch_size = choose_batch_size(model, layer, channels, size, stack, mixed_precision)
@@ -225,11 +230,14 @@ def render_store(
     weights: str | None = None,
     progress: bool = True,
     renderer: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    precision: str = "auto",
+    memory_format: str = "auto",
 ) -> dict:
     """Render the icons of one grid of a store (see the module docstring); returns a summary dict.
 
     model/weights: override the store's root attrs `model` and `weights` (a loaded Classifier is used as is).
-    device: default CUDA when available.
+    device: default CUDA when available. precision, memory_format: `atlas.runtime.resolve` settings, recorded in
+    the icons' attrs.
     renderer: a stand-in for `render_icons` with its arguments (atlas.cluster's runs the cells on dask workers).
     """
     if size < 1 or steps < 0 or attempts < 1 or (batch_size is not None and batch_size < 1):
@@ -254,9 +262,12 @@ def render_store(
 
     if isinstance(model_name, Classifier):
         net = model_name
+        device = model_device(net)
     else:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         net = load_model(model_name, weights=weights, device=device)
+    runtime = resolve("render", device, precision, memory_format)
+    runtime.prepare(net)
     net.resolve_layer(layer)  # an AtlasError naming close matches when the model has no such layer
     _check_layer(net, layer, means.shape[-1], size)
 
@@ -270,6 +281,8 @@ def render_store(
         seed=seed,
         model=net.name,
         weights=net.weights,
+        memory_format=runtime.memory_format,
+        precision=runtime.precision,
     )
     start = time.perf_counter()
     with open_store(path, "r+") as store:
@@ -298,6 +311,8 @@ def render_store(
                 keys=todo.tolist(),
                 progress=progress,
                 on_icons=write,
+                mixed_precision=runtime.precision == "bf16",
+                memory_format=runtime.memory_format,
             )
     return dict(
         layer=layer,

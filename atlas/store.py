@@ -10,6 +10,7 @@ these. A later stage reads what an earlier one recorded here and never recompute
                                                      centre-cropped to input_size
                              seed, positions         the position sampler's seed; positions per image and layer
                              dataset, code_version   the data source as given; the atlas version that collected
+                             memory_format, precision  collect's run-time policy (atlas/runtime.py)
                              collect_meta            JSON of every collect setting (a rerun with the same JSON is a
                                                      no-op; other settings are an error, never an overwrite)
     /classes               [K] str      the model's class names, in logit order
@@ -37,7 +38,8 @@ these. A later stage reads what an earlier one recorded here and never recompute
         top_attributions   [G, G, 5] float32  those mean attributions; NaN where empty
         icons              [G, G, PX, PX, 3] uint8   written by `render`: icon [y, x] is cell y * G + x;
                                               white (255) where empty; attrs: the render settings (size, steps,
-                                              attempts, cossim_pow, transforms, whiten, seed, model, weights)
+                                              attempts, cossim_pow, transforms, whiten, seed, model, weights,
+                                              memory_format, precision)
         icon_cosine        [G, G] float32   cosine(icon's centre activation, cell mean); NaN where empty
         icon_objective     [G, G] float32   final objective of the kept attempt; NaN where empty
         icon_done          [G, G] bool      icons rendered so far (a rerun of `render` renders the rest)

@@ -9,6 +9,12 @@ upsample to 224. One extra row uses the paper's atlas stack. Rows report icons p
 attempt each) and, from it, the time a full 20/40/80 atlas (8,400 cells x 4 attempts x 1024 steps)
 would take at that rate.
 
+The policy rows (issue 15) render 16 icons at 80 px with the atlas stack, for InceptionV1 (random
+weights) and EfficientNet-Lite0 (real weights): the pre-issue-15 path (NCHW fp32) against
+`atlas.runtime`'s `auto` policy, in icon-steps/s, beside the forward-only rate of the same model in
+the same format and precision (a batch of 16 at the icon size), and the
+ratio of the mean final objectives on the same cells and seeds (target: within 2 %; speed: >= 1.4x).
+
 torch-lucent is not a project dependency. Install it beside this file (the folder ignores itself):
 
     mkdir -p benchmarks/.lucent && echo '*' > benchmarks/.lucent/.gitignore
@@ -32,6 +38,7 @@ import torch
 from atlas.models import Classifier, load_model
 from atlas.optvis.objectives import atlas_direction
 from atlas.render import render_icons
+from atlas.runtime import Runtime, resolve
 
 LUCENT_DIR = Path(__file__).resolve().parent / ".lucent"
 LAYER = "mixed4c"
@@ -104,6 +111,56 @@ def _lucent(model: Classifier, directions: np.ndarray, steps: int) -> float:
     return time.perf_counter() - start
 
 
+POLICY_MODELS = {"inceptionv1": ("random", "mixed4c"), "efficientnet-lite0": (None, "_blocks.10")}
+POLICY_ICONS = 16
+POLICY_REPEATS = 2  # best of, after a warm-up
+
+
+POLICIES = {"baseline NCHW fp32": ("contiguous", "fp32"), "auto": ("auto", "auto")}  # (memory format, precision)
+
+
+def _policy_render(model: Classifier, layer: str, directions: np.ndarray, steps: int, runtime: Runtime) -> np.ndarray:
+    return render_icons(
+        model, layer, directions, size=SIZE, steps=steps, attempts=1, batch_size=len(directions),
+        transforms="atlas", mixed_precision=runtime.precision == "bf16", memory_format=runtime.memory_format,
+        progress=False,
+    )[1]  # fmt: skip
+
+
+def _policy_rows(device: str, steps: int, label: str) -> list[dict]:
+    rows = []
+    for name, (weights, layer) in POLICY_MODELS.items():
+        model = load_model(name, weights=weights, device=device)
+        channels = {n: c for n, c, *_ in model.layer_shapes()}[model.resolve_layer(layer)]
+        directions = np.random.default_rng(0).gamma(2.0, 1.0, size=(POLICY_ICONS, channels)).astype(np.float32)
+        objectives = {}
+        for policy, (memory_format, precision) in POLICIES.items():
+            runtime = resolve("render", device, precision, memory_format)
+            _policy_render(model, layer, directions, 2, runtime)  # warm-up
+            seconds = []
+            for _ in range(POLICY_REPEATS):
+                start = time.perf_counter()
+                objectives[policy] = _policy_render(model, layer, directions, steps, runtime)
+                _sync()
+                seconds.append(time.perf_counter() - start)
+            images = runtime.inputs(torch.rand(POLICY_ICONS, 3, SIZE, SIZE, device=device))
+            with torch.no_grad(), runtime.autocast():
+                model(images)  # warm-up
+                start = time.perf_counter()
+                model(images)
+                _sync()
+                forward = POLICY_ICONS / (time.perf_counter() - start)
+            rows.append(
+                {"renderer": f"atlas.render, {policy}", "model": name, "batch": POLICY_ICONS, "steps": steps,
+                 "size": SIZE, "transforms": "atlas", **runtime.settings(), "device": label,
+                 "icon_steps_per_s": POLICY_ICONS * steps / min(seconds), "forward_images_per_s": forward,
+                 "mean_objective": float(objectives[policy].mean()), "load_avg": round(os.getloadavg()[0], 1)}
+            )  # fmt: skip
+        rows[-1]["x_baseline"] = rows[-1]["icon_steps_per_s"] / rows[-2]["icon_steps_per_s"]
+        rows[-1]["objective_ratio"] = float(objectives["auto"].mean() / objectives["baseline NCHW fp32"].mean())
+    return rows
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -120,7 +177,7 @@ def run() -> list[dict]:
         model = load_model("inceptionv1", weights="random", device=device)
         directions = np.random.default_rng(0).gamma(2.0, 1.0, size=(64, 512)).astype(np.float32)
         _ours(model, directions[:2], 2, 2, "standard")  # warm-up: kernels, allocator
-        rows = []
+        rows = _policy_rows(device, steps, label)
         for batch, count in ((1, 4), (16, 16), (64, 64)):
             seconds = _ours(model, directions[:count], batch, steps, "standard")
             rows.append(_row("atlas.render", batch, count, steps, seconds, label, "standard"))

@@ -102,10 +102,10 @@ def run_atlas(
     config = load_config(config_file, stages, layer or (base.get("layer") if same_model else None))
     data = run_data(data, config)
 
-    from atlas.cli import default_device
     from atlas.grid import DEFAULT_SIZES
     from atlas.images import list_images
     from atlas.models import load_model
+    from atlas.runtime import default_device
 
     device = device or default_device()
 

@@ -95,7 +95,7 @@ def run_class_atlas(
 
     overrides: {section: {key: value}} over the config, e.g. {"render": {"steps": 64}}.
     """
-    from atlas.cli import default_device
+    from atlas.runtime import default_device
 
     store, out = Path(store), Path(out)
     with open_store(store) as parent:

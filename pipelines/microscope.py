@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from atlas import AtlasError
 from atlas.images import list_images
@@ -30,8 +29,9 @@ from atlas.microscope.links import link_atlas
 from atlas.microscope.results import RESULTS, lens_group
 from atlas.microscope.site import write_index, write_layer_site
 from atlas.models import Classifier, load_model
-from atlas.optvis import LEARNING_RATE, layer_map
+from atlas.optvis import LEARNING_RATE, layer_map, model_device
 from atlas.optvis.transform import preset
+from atlas.runtime import default_device, resolve
 from atlas.store import open_store
 
 
@@ -70,7 +70,8 @@ def run_microscope(
     if isinstance(model, Classifier):
         net = model
     else:
-        net = load_model(model, weights=weights, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        net = load_model(model, weights=weights, device=device or default_device())
+    resolve("render", model_device(net)).prepare(net)  # the renderer's policy: channels_last
     layer = net.resolve_layer(layer or net.default_layer)
     channels = layer_map(net, layer, net.input_size)[0]
     layer_map(net, layer, size)

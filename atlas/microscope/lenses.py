@@ -20,6 +20,7 @@ from atlas.optvis import forward, model_device, optimize_images
 from atlas.optvis.objectives import caricature, channel, deepdream
 from atlas.optvis.transform import image_key, preset
 from atlas.render import choose_batch_size
+from atlas.runtime import resolve
 from atlas.store import STR, store_finished
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def render_units(
     log.info("%s: %d of %d units to visualise (%d done before)", layer, len(todo), len(units), len(units) - len(todo))
     if not todo:
         return 0
-    mixed_precision = model_device(model).type == "cuda"
+    mixed_precision = resolve("render", model_device(model)).precision == "bf16"
     stack = preset(transforms, size)
     batch_size = batch_size or choose_batch_size(model, layer, channels, size, stack, mixed_precision)
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
@@ -129,7 +130,8 @@ def layer_lenses(
     common = {"model": model.name, "weights": model.weights, "layer": layer, "size": size, "steps": steps}
     common |= {"transforms": transforms, "lr": lr, "seed": seed}
     stack = preset(transforms, size)
-    options = dict(size=size, steps=steps, transforms=stack, lr=lr, mixed_precision=model_device(model).type == "cuda")
+    bf16 = resolve("render", model_device(model)).precision == "bf16"
+    options = dict(size=size, steps=steps, transforms=stack, lr=lr, mixed_precision=bf16)
     rendered = 0
     dream = lens_group(results, model.name, layer, "deepdream", common)
     if "image" not in dream:
