@@ -59,8 +59,9 @@ from atlas.collect import load_batches
 from atlas.compose import MANIFEST, VIEWER, patch_box
 from atlas.images import ImageRecord, list_images, load_rgb, to_model_input
 from atlas.models import Classifier, load_model
-from atlas.optvis import LEARNING_RATE, forward, model_device, optimize_images
+from atlas.optvis import PARAM, forward, model_device, optimize_images
 from atlas.optvis.objectives import caricature, channel, deepdream
+from atlas.optvis.param import param_spec
 from atlas.optvis.transform import image_key, preset
 from atlas.render import choose_batch_size
 from atlas.store import STR, open_store
@@ -269,6 +270,7 @@ def render_units(
     size: int,
     steps: int,
     transforms: str,
+    param: str,
     lr: float,
     seed: int,
     batch_size: int | None = None,
@@ -302,6 +304,7 @@ def render_units(
             size=size,
             steps=steps,
             transforms=stack,
+            param=param,
             lr=lr,
             mixed_precision=mixed_precision,
         )
@@ -331,6 +334,7 @@ def layer_lenses(
     size: int,
     steps: int,
     transforms: str,
+    param: str,
     lr: float,
     seed: int,
 ) -> int:
@@ -339,9 +343,10 @@ def layer_lenses(
     Returns the number of images rendered (0 when both were stored already).
     """
     common = {"model": model.name, "weights": model.weights, "layer": layer, "size": size, "steps": steps}
-    common |= {"transforms": transforms, "lr": lr, "seed": seed}
+    common |= {"transforms": transforms, "param": param, "lr": lr, "seed": seed}
     stack = preset(transforms, size)
-    options = dict(size=size, steps=steps, transforms=stack, lr=lr, mixed_precision=model_device(model).type == "cuda")
+    cuda = model_device(model).type == "cuda"
+    options = dict(size=size, steps=steps, transforms=stack, param=param, lr=lr, mixed_precision=cuda)
     rendered = 0
     dream = lens_group(results, model.name, layer, "deepdream", common)
     if "image" not in dream:
@@ -778,7 +783,8 @@ def microscope(
     atlas: str | Path | None = None,
     store: str | Path | None = None,
     transforms: str = TRANSFORMS,
-    lr: float = LEARNING_RATE,
+    param: str = PARAM,
+    lr: float | None = None,
     seed: int = 0,
     batch_size: int | None = None,
     device: str | None = None,
@@ -790,10 +796,12 @@ def microscope(
 
     units: see `parse_units` (default: every unit). atlas: a run folder holding the layer's atlas (default:
     `out` itself); store: its HDF5 store with the grid means (default: <atlas>/store.h5).
+    param: the image parameterisation (atlas.optvis.param.PARAMS); lr: default its own.
     """
     if size < 1 or steps < 0 or top_k < 1 or caricatures < 0 or (batch_size is not None and batch_size < 1):
         raise AtlasError("size, top-k and batch size must be positive; steps and caricatures not negative")
-    preset(transforms, size)  # validates the name
+    preset(transforms, size)  # validates the names
+    lr = param_spec(param).lr if lr is None else lr
     if isinstance(model, Classifier):
         net = model
     else:
@@ -819,7 +827,7 @@ def microscope(
 
         start = time.perf_counter()
         vis_settings = {"model": net.name, "weights": net.weights, "layer": layer, "size": size, "steps": steps}
-        vis_settings |= {"transforms": transforms, "lr": lr, "seed": seed}
+        vis_settings |= {"transforms": transforms, "param": param, "lr": lr, "seed": seed}
         vis = lens_group(results, net.name, layer, "units", vis_settings)
         rendered = render_units(
             vis,
@@ -830,6 +838,7 @@ def microscope(
             size=size,
             steps=steps,
             transforms=transforms,
+            param=param,
             lr=lr,
             seed=seed,
             batch_size=batch_size,
@@ -840,7 +849,16 @@ def microscope(
         start = time.perf_counter()
         chosen_photos = list(photos) if photos else default_photos(records, caricatures)
         layer_images = layer_lenses(
-            results, net, layer, chosen_photos, size=size, steps=steps, transforms=transforms, lr=lr, seed=seed
+            results,
+            net,
+            layer,
+            chosen_photos,
+            size=size,
+            steps=steps,
+            transforms=transforms,
+            param=param,
+            lr=lr,
+            seed=seed,
         )
         timings["layer_s"] = time.perf_counter() - start
 

@@ -59,9 +59,9 @@ def colour_detector(rgb: tuple[float, float, float]) -> Classifier:
 
 
 # param ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fft", [True, False])
-def test_image_param_shape_and_range(fft):
-    param = image(24, [image_key(0, i) for i in range(3)], fft=fft)
+@pytest.mark.parametrize("kind", ["fft", "pixel"])
+def test_image_param_shape_and_range(kind):
+    param = image(24, [image_key(0, i) for i in range(3)], param=kind)
     images = param()
     assert images.shape == (3, 3, 24, 24)
     assert images.min() > 0 and images.max() < 1
