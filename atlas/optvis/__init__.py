@@ -21,7 +21,9 @@ from atlas.optvis.objectives import LOGITS, Activations, Objective
 from atlas.optvis.param import ImageParam, image
 from atlas.optvis.transform import ImageRandom, Transform, collapse_alpha, compose, image_key, preset
 
-PARAM = "fft"  # lucid's parameterisation; each one names its optimiser and learning rate (param.PARAMS)
+# MACO's phase-only parameterisation: Lite1 judged Lite0 class visualisations better (benchmarks/results.md,
+# quality); each parameterisation names its optimiser and learning rate (param.PARAMS)
+PARAM = "phase"
 
 
 class _StopForwardError(Exception):

@@ -111,7 +111,9 @@ class ParamSpec:
 PARAMS: dict[str, ParamSpec] = {
     "fft": ParamSpec(torch.optim.Adam, 0.05),  # lucid's Adam(0.05), also the atlas recipe's (reference 1.5, 2.1)
     "pixel": ParamSpec(torch.optim.Adam, 0.05),  # lucid's
-    "phase": ParamSpec(torch.optim.NAdam, 1.0),  # MACO's NAdam(1.0); benchmarks/results.md, bench_quality
+    # MACO used NAdam(1.0); on 16 Lite0 class logits (64 steps, crops) Lite1 top-1 was 0.00 at lr 1.0 and 0.75
+    # at 0.3 (Adam 0.2 without crops: 0.44); benchmarks/bench_quality.py
+    "phase": ParamSpec(torch.optim.NAdam, 0.3),
 }
 
 
