@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 from atlas import AtlasError
+from atlas.microscope import microscope
 from atlas.optvis import evaluate, objectives, visualize
 from atlas.optvis.param import (
     PARAMS,
@@ -16,6 +20,8 @@ from atlas.optvis.param import (
     shipped_spectrum,
 )
 from atlas.optvis.transform import ImageRandom, image_key, random_crop
+from atlas.render import render_icons, render_store
+from pipelines.class_atlas import class_settings
 from tests.test_optvis import stripe_detector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,3 +113,21 @@ def test_random_crop_zooms_each_image_by_its_own_amount():
     assert out.shape == images.shape
     spans = out[:, 0, 16, -1] - out[:, 0, 16, 0]
     assert (spans <= 31 + 1e-4).all() and (spans >= 14).all() and len(set(spans.round().tolist())) > 1
+
+
+def test_renderers_take_the_parameterisation_by_name(tmp_path):
+    model = stripe_detector(True)
+    directions = torch.ones(2, 1)
+    icons = {
+        kind: render_icons(model, "relu", directions, size=32, steps=2, attempts=1, param=kind, progress=False)[0]
+        for kind in PARAMS
+    }
+    assert all(icon.shape == (2, 32, 32, 3) for icon in icons.values())
+    assert not np.array_equal(icons["phase"], icons["fft"]) and not np.array_equal(icons["fft"], icons["pixel"])
+    with pytest.raises(AtlasError, match="unknown image parameterisation"):
+        render_store(tmp_path / "missing.h5", param="wavelet")  # refused before the store is opened
+    with pytest.raises(AtlasError, match="unknown image parameterisation"):
+        microscope(model, tmp_path / "site", param="wavelet")
+    config = Path(__file__).resolve().parents[1] / "configs" / "efficientnet-lite0.yaml"
+    settings = class_settings(config, "_blocks.10", False, {"render": {"param": "pixel"}})
+    assert settings["render"]["param"] == "pixel"
