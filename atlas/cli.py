@@ -29,7 +29,7 @@ def _add_layers(sub: argparse._SubParsersAction) -> None:
 
 
 PARAM_CHOICES = ["fft", "phase", "pixel"]  # atlas.optvis.param.PARAMS, named here so --help imports no torch
-PARAM_HELP = "image parameterisation: phase (MACO, the default), fft (lucid) or pixel"
+PARAM_HELP = "image parameterisation: fft (lucid's, the default), phase (MACO) or pixel"
 CLUSTER_HELP = (
     "run on dask: 'local' (a LocalCluster: one worker per GPU, else a few CPU workers; --workers N sets how many) "
     "or a scheduler address tcp://HOST:PORT (--workers N waits for N workers); needs a shared file system"

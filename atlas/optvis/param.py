@@ -112,7 +112,7 @@ PARAMS: dict[str, ParamSpec] = {
     "fft": ParamSpec(torch.optim.Adam, 0.05),  # lucid's Adam(0.05), also the atlas recipe's (reference 1.5, 2.1)
     "pixel": ParamSpec(torch.optim.Adam, 0.05),  # lucid's
     # MACO used NAdam(1.0); on 16 Lite0 class logits (64 steps, crops) Lite1 top-1 was 0.00 at lr 1.0 and 0.75
-    # at 0.3 (Adam 0.2 without crops: 0.44); benchmarks/bench_quality.py
+    # at 0.3 (Adam 0.2 without crops: 0.44). Atlas icons (32 cells, 48 steps) preferred 0.1: cosine 0.43 vs 0.40.
     "phase": ParamSpec(torch.optim.NAdam, 0.3),
 }
 
