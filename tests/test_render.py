@@ -241,7 +241,7 @@ def test_render_store_keeps_each_cells_best_attempt_when_attempts_straddle_batch
         means, whitening = f["relu3/grid/3/mean"][()].reshape(9, -1), f["relu3/whitening"][()]
     cells = np.flatnonzero(out["icon_done"].ravel())
     # each attempt on its own (an icon depends only on seed, cell and attempt)
-    settings = dict(size=32, steps=3, cossim_pow=4, whitening=torch.as_tensor(whitening), lr=render.LEARNING_RATE)
+    settings = dict(size=32, steps=3, cossim_pow=4, whitening=torch.as_tensor(whitening), param=render.PARAM, lr=None)
     stack = render.preset("atlas", 32)
     tries = [
         render._render_batch(

@@ -22,7 +22,10 @@ from atlas.optvis.objectives import LOGITS, Activations, Objective
 from atlas.optvis.param import ImageParam, image
 from atlas.optvis.transform import ImageRandom, Transform, collapse_alpha, compose, image_key, preset
 
-LEARNING_RATE = 0.05  # lucid's Adam(0.05), also used by the atlas recipe (reference 1.5, 2.1)
+# lucid's: on Lite0 it kept the best atlas-icon cosine (0.45 vs phase 0.40, pixel 0.41) and, with crops, the best
+# Lite1 top-1 on 64 class logits (0.72 vs phase 0.61) (benchmarks/results.md, quality). Each parameterisation
+# names its optimiser and learning rate (param.PARAMS).
+PARAM = "fft"
 
 
 class _StopForwardError(Exception):
@@ -86,16 +89,18 @@ def optimize(
     *,
     transforms: Sequence[Transform],
     steps: int,
-    lr: float = LEARNING_RATE,
+    lr: float | None = None,
     mixed_precision: bool = False,
 ) -> None:
-    """Maximise the sum over the batch of `objective` by Adam on `param`; every image follows its own value.
+    """Maximise the sum over the batch of `objective` on `param`; every image follows its own value.
+
+    The optimiser is the one `param` is tuned for (param.PARAMS), at its learning rate unless `lr` is given.
 
     The network runs under bfloat16 autocast when `mixed_precision`; the image, transforms and
     objective stay in float32.
     """
     transform = compose(([collapse_alpha] if param.alpha else []) + list(transforms))
-    optimizer = torch.optim.Adam(param.parameters(), lr=lr)
+    optimizer = param.optimizer(lr)
     inputs = list(param.parameters())
     device_type = param.tensor.device.type
     for _ in range(steps):
@@ -131,10 +136,10 @@ def optimize_images(
     size: int,
     steps: int,
     transforms: Sequence[Transform],
-    fft: bool = True,
+    param: str = PARAM,
     decorrelate: bool = True,
     alpha: bool = False,
-    lr: float = LEARNING_RATE,
+    lr: float | None = None,
     mixed_precision: bool = False,
     measures: Sequence[Objective] = (),
 ) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -144,9 +149,9 @@ def optimize_images(
     """
     device = model_device(model)
     rand = ImageRandom(keys, device)
-    param = image(size, rand, fft=fft, decorrelate=decorrelate, alpha=alpha)
-    optimize(model, objective, param, rand, transforms=transforms, steps=steps, lr=lr, mixed_precision=mixed_precision)
-    final = to_uint8(param())
+    images = image(size, rand, param=param, decorrelate=decorrelate, alpha=alpha)
+    optimize(model, objective, images, rand, transforms=transforms, steps=steps, lr=lr, mixed_precision=mixed_precision)
+    final = to_uint8(images())
     seen = uint8_to_tensor(final, device)
     if alpha:
         seen = seen[:, :3] * seen[:, 3:]
@@ -162,10 +167,10 @@ def visualize(
     batch: int = 1,
     steps: int = 512,  # lucid's render_vis default threshold
     transforms: str | Sequence[Transform] = "standard",
-    fft: bool = True,
+    param: str = PARAM,
     decorrelate: bool = True,
     alpha: bool = False,
-    lr: float = LEARNING_RATE,
+    lr: float | None = None,
     seed: int = 0,
     mixed_precision: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +189,7 @@ def visualize(
         size=size,
         steps=steps,
         transforms=preset(transforms, size),
-        fft=fft,
+        param=param,
         decorrelate=decorrelate,
         alpha=alpha,
         lr=lr,
