@@ -51,15 +51,15 @@ MUTANTS = [
     Mutant(
         "attributions-first-pass-positions",
         "atlas/collect.py",
-        "ks = torch.arange(start, min(count, start + per_pass), device=images.device)",
-        "ks = torch.arange(0, min(count, start + per_pass) - start, device=images.device)",
+        "[one_hot(k) for k in range(start, min(count, start + per_pass))]",
+        "[one_hot(k) for k in range(0, min(count, start + per_pass) - start)]",
         ATTRIBUTIONS,
     ),
     Mutant(
         "attributions-times-zero",
         "atlas/collect.py",
-        "return torch.cat(parts).transpose(0, 1)",
-        "return 0 * torch.cat(parts).transpose(0, 1)",
+        'return seen["h"], torch.cat(parts).transpose(0, 1).float()',
+        'return seen["h"], 0 * torch.cat(parts).transpose(0, 1).float()',
         ATTRIBUTIONS,
     ),
     Mutant(
@@ -136,8 +136,8 @@ MUTANTS = [
     Mutant(
         "attributions-swap-y-and-x",
         "atlas/collect.py",
-        "t[rows, :, ys, xs] = activations[rows, :, ys, xs]",
-        "t[rows, :, xs, ys] = activations[rows, :, xs, ys]",
+        "mask[rows, 0, positions[:, k, 0], positions[:, k, 1]] = 1",
+        "mask[rows, 0, positions[:, k, 1], positions[:, k, 0]] = 1",
         ATTRIBUTIONS,
     ),
     Mutant(
