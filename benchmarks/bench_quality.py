@@ -4,9 +4,9 @@
    images are classified by EfficientNet-Lite1, an independent checkpoint (the judge): top-1 and top-5, at
    equal steps and at equal wall time (each parameterisation gets the seconds the default took).
 2. Atlas icons: a store of the 1000 sample photos (../shared/data/imagenet-sample), a 20 x 20 grid of
-   Lite0 `_blocks.10`; every non-empty cell gets one icon per parameterisation, with the render
-   settings of configs/efficientnet-lite0.yaml: the mean cosine of icon and cell direction, and how
-   often the judge's top-5 holds the cell's top attributed class.
+   Lite0 `_blocks.10`; every non-empty cell gets one icon per parameterisation (and fft with crops),
+   with the render settings of configs/efficientnet-lite0.yaml: the mean cosine of icon and cell
+   direction, and how often the judge's top-5 holds the cell's top attributed class.
 3. Contact sheets: benchmarks/quality/<param>-<transforms>.png, the same 16 classes (left, from part 1)
    and the 16 busiest cells (right, from part 2) for each parameterisation.
 
@@ -38,7 +38,8 @@ from benchmarks.common import ROOT, SAMPLE
 HERE = Path(__file__).resolve().parent
 SHEETS = HERE / "quality"
 CACHE = HERE / ".quality"  # the sample store, reused between runs; ignored by git
-PARAMS = ["fft", "phase", "pixel"]
+# (parameterisation, transforms) of the atlas icons: the config's transforms (Shan Carter's stack) for each, and crops
+ATLAS = [("fft", "atlas"), ("phase", "atlas"), ("pixel", "atlas"), ("fft", "crops")]
 # (parameterisation, transforms) compared on transfer: today's (lucid's fft + standard stack), then each with crops
 TRANSFER = [("fft", "standard"), ("phase", "crops"), ("fft", "crops"), ("pixel", "crops")]
 DEFAULT = ("fft", "crops")  # the default (the Microscope's): the equal-time rows get the seconds it took
@@ -124,8 +125,9 @@ def sample_store(model: Classifier) -> Path:
     return store
 
 
-def atlas_icons(model: Classifier, referee: Classifier, store: Path, param: str) -> dict:
-    """One icon per non-empty cell with `param` and the config's render settings; cosine and judge agreement."""
+def atlas_icons(model: Classifier, referee: Classifier, store: Path, param: str, transforms: str) -> dict:
+    """One icon per non-empty cell with `param`, `transforms` and the config's other render settings; cosine and
+    judge agreement."""
     settings = yaml.safe_load((ROOT / "configs" / "efficientnet-lite0.yaml").read_text())["render"]
     with open_store(store) as h5:
         cells = h5[f"{LAYER}/grid/{GRID}"]
@@ -144,7 +146,7 @@ def atlas_icons(model: Classifier, referee: Classifier, store: Path, param: str)
         attempts=1,
         cossim_pow=settings["cossim_pow"],
         whitening=whitening,
-        transforms=settings["transforms"],
+        transforms=transforms,
         param=param,
         keys=full.tolist(),
         progress=False,
@@ -193,7 +195,8 @@ def run() -> list[dict]:
 
     def write_sheets() -> None:
         for param, transforms in sheets:
-            contact_sheet(sheets[param, transforms], cells.get(param), SHEETS / f"{param}-{transforms}.png")
+            icons = cells.get((param, transforms), cells.get((param, "atlas")))
+            contact_sheet(sheets[param, transforms], icons, SHEETS / f"{param}-{transforms}.png")
 
     for param, transforms in TRANSFER:
         result = transfer(model, referee, param, CLASSES, STEPS, transforms=transforms)
@@ -204,10 +207,10 @@ def run() -> list[dict]:
         write_sheets()
     if SAMPLE.is_dir():
         store = sample_store(model)
-        for param in PARAMS:
-            result = atlas_icons(model, referee, store, param)
-            cells[param] = result.pop("sheet")
-            rows.append(_shown(dict(part="atlas icons", param=param, transforms="atlas", **result)))
+        for param, transforms in ATLAS:
+            result = atlas_icons(model, referee, store, param, transforms)
+            cells[param, transforms] = result.pop("sheet")
+            rows.append(_shown(dict(part="atlas icons", param=param, transforms=transforms, **result)))
             write_sheets()
     else:
         rows.append(_shown(dict(part="atlas icons", skipped=f"no sample photos at {SAMPLE}")))
