@@ -39,7 +39,7 @@ test: install
 	$(PY) -m pytest -q
 
 # deliberate bugs, one at a time in a temporary copy, against the tests that guard them (tests/mutants.py);
-# fails when one survives. About 10 minutes on 2 cores, so not part of `make test`
+# fails when one survives. About 2 minutes on 2 quiet cores; kept out of `make test`
 mutants: install
 	$(PY) -m tests.mutants
 

@@ -161,6 +161,28 @@ MUTANTS = [
         "if True:",
         RENDER,
     ),
+    # bugs fixed in session 3: later stages guessing what the store should say
+    Mutant(
+        "store-weights-silent-fallback",
+        "atlas/models.py",
+        'if "/" in label or label.endswith(WEIGHTS_SUFFIXES):',
+        "if False:",
+        ("tests/test_store.py",),
+    ),
+    Mutant(
+        "compose-guesses-resize-size",
+        "atlas/compose.py",
+        'int(store.attrs["resize_size"]) if "resize_size" in store.attrs else round(input_size * 256 / 224)',
+        "round(input_size * 256 / 224)",
+        ("tests/test_store.py",),
+    ),
+    Mutant(
+        "labels-in-imagenet-order-for-inceptionv1",
+        "atlas/images.py",
+        "return imagenet_label if imagenet_index is None else imagenet_index[imagenet_label]",
+        "return imagenet_label",
+        ("tests/test_inceptionv1.py::test_imagenet_labels_of_images_become_inceptionv1_logits",),
+    ),
 ]
 
 
