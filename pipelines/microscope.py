@@ -20,6 +20,7 @@ from atlas.microscope.lenses import (
     SIZE,
     STEPS,
     TRANSFORMS,
+    LensSettings,
     default_photos,
     layer_lenses,
     parse_units,
@@ -30,8 +31,6 @@ from atlas.microscope.results import RESULTS, lens_group
 from atlas.microscope.site import write_index, write_layer_site
 from atlas.models import Classifier, load_model
 from atlas.optvis import PARAM, layer_map, model_device
-from atlas.optvis.param import param_spec
-from atlas.optvis.transform import preset
 from atlas.runtime import default_device, resolve
 from atlas.store import open_store
 
@@ -67,10 +66,9 @@ def run_microscope(
     `out` itself); store: its HDF5 store with the grid means (default: <atlas>/store.h5).
     param: the image parameterisation (atlas.optvis.param.PARAMS); lr: default its own.
     """
-    if size < 1 or steps < 0 or top_k < 1 or caricatures < 0 or (batch_size is not None and batch_size < 1):
-        raise AtlasError("size, top-k and batch size must be positive; steps and caricatures not negative")
-    preset(transforms, size)  # validates the names
-    lr = param_spec(param).lr if lr is None else lr
+    if top_k < 1 or caricatures < 0 or (batch_size is not None and batch_size < 1):
+        raise AtlasError("top-k and batch size must be positive and caricatures not negative")
+    lens = LensSettings(size=size, steps=steps, transforms=transforms, param=param, lr=lr, seed=seed)
     if isinstance(model, Classifier):
         net = model
     else:
@@ -96,40 +94,14 @@ def run_microscope(
         timings["examples_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        vis_settings = {"model": net.name, "weights": net.weights, "layer": layer, "size": size, "steps": steps}
-        vis_settings |= {"transforms": transforms, "param": param, "lr": lr, "seed": seed}
+        vis_settings = {"model": net.name, "weights": net.weights, "layer": layer, **lens.record()}
         vis = lens_group(results, net.name, layer, "units", vis_settings)
-        rendered = render_units(
-            vis,
-            net,
-            layer,
-            chosen,
-            channels,
-            size=size,
-            steps=steps,
-            transforms=transforms,
-            param=param,
-            lr=lr,
-            seed=seed,
-            batch_size=batch_size,
-            progress=progress,
-        )
+        rendered = render_units(vis, net, layer, chosen, channels, lens, batch_size=batch_size, progress=progress)
         timings["units_s"] = time.perf_counter() - start
 
         start = time.perf_counter()
         chosen_photos = list(photos) if photos else default_photos(records, caricatures)
-        layer_images = layer_lenses(
-            results,
-            net,
-            layer,
-            chosen_photos,
-            size=size,
-            steps=steps,
-            transforms=transforms,
-            param=param,
-            lr=lr,
-            seed=seed,
-        )
+        layer_images = layer_lenses(results, net, layer, chosen_photos, lens)
         timings["layer_s"] = time.perf_counter() - start
 
         start = time.perf_counter()

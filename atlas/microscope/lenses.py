@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import h5py
 import numpy as np
@@ -16,8 +17,9 @@ from atlas import AtlasError
 from atlas.images import ImageRecord, load_rgb, to_model_input
 from atlas.microscope.results import lens_group
 from atlas.models import Classifier
-from atlas.optvis import forward, model_device, optimize_images
+from atlas.optvis import PARAM, forward, model_device, optimize_images
 from atlas.optvis.objectives import caricature, channel, deepdream
+from atlas.optvis.param import param_spec
 from atlas.optvis.transform import image_key, preset
 from atlas.render import choose_batch_size
 from atlas.runtime import resolve
@@ -30,6 +32,37 @@ STEPS = 512  # lucid's render_vis threshold (reference 2.1)
 # lucid's standard stack after random crops: Lite1 top-1 on 64 Lite0 class logits 0.45 -> 0.72 (bench_quality)
 TRANSFORMS = "crops"
 CARICATURES = 4  # photos caricatured per layer when none are given
+
+
+@dataclass(frozen=True)
+class LensSettings:
+    """How every optimised lens of a layer is rendered: unit visualisations, DeepDream and caricatures.
+
+    Validated when made; `lr` None is the parameterisation's own (atlas.optvis.param). `record()` is what
+    the results file keys the lens by, so other settings are other results.
+    """
+
+    size: int = SIZE
+    steps: int = STEPS
+    transforms: str = TRANSFORMS
+    param: str = PARAM
+    lr: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.steps < 0:
+            raise AtlasError("the visualisation size must be positive and steps not negative")
+        preset(self.transforms, self.size)  # validates the name
+        if self.lr is None:
+            object.__setattr__(self, "lr", param_spec(self.param).lr)  # also validates the parameterisation
+
+    def record(self) -> dict:
+        return asdict(self)
+
+    def optimiser_options(self) -> dict:
+        """The keyword arguments of `optimize_images` these settings fix."""
+        stack = preset(self.transforms, self.size)
+        return dict(size=self.size, steps=self.steps, transforms=stack, param=self.param, lr=self.lr)
 
 
 def parse_units(spec: str | int | None, channels: int) -> list[int]:
@@ -62,13 +95,8 @@ def render_units(
     layer: str,
     units: Sequence[int],
     channels: int,
+    settings: LensSettings,
     *,
-    size: int,
-    steps: int,
-    transforms: str,
-    param: str,
-    lr: float,
-    seed: int,
     batch_size: int | None = None,
     progress: bool = True,
 ) -> int:
@@ -77,9 +105,10 @@ def render_units(
     Unit u always starts from the random key (seed, u), so its image does not depend on which run or
     batch renders it. Results are written and flushed after every batch.
     """
+    side = settings.size
     if "done" not in group:
         group.create_dataset(
-            "images", shape=(channels, size, size, 3), dtype=np.uint8, chunks=(1, size, size, 3), fillvalue=255
+            "images", shape=(channels, side, side, 3), dtype=np.uint8, chunks=(1, side, side, 3), fillvalue=255
         )
         group.create_dataset("objective", data=np.full(channels, np.nan, np.float32))
         group.create_dataset("done", data=np.zeros(channels, bool))
@@ -89,19 +118,15 @@ def render_units(
     if not todo:
         return 0
     mixed_precision = resolve("render", model_device(model)).precision == "bf16"
-    stack = preset(transforms, size)
-    batch_size = batch_size or choose_batch_size(model, layer, channels, size, stack, mixed_precision)
+    options = settings.optimiser_options()
+    batch_size = batch_size or choose_batch_size(model, layer, channels, side, options["transforms"], mixed_precision)
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc=f"units {layer}", unit="batch", disable=not progress):
         images, (values,) = optimize_images(
             model,
             channel(layer, batch),
-            [image_key(seed, unit) for unit in batch],
-            size=size,
-            steps=steps,
-            transforms=stack,
-            param=param,
-            lr=lr,
+            [image_key(settings.seed, unit) for unit in batch],
+            **options,
             mixed_precision=mixed_precision,
         )
         store_finished(group, (np.asarray(batch),), ("images", images), {"objective": values}, "done")
@@ -119,38 +144,30 @@ def layer_lenses(
     model: Classifier,
     layer: str,
     photos: Sequence[str],
-    *,
-    size: int,
-    steps: int,
-    transforms: str,
-    param: str,
-    lr: float,
-    seed: int,
+    settings: LensSettings,
 ) -> int:
     """DeepDream of `layer` and caricatures of `photos` (lucid's recipe, reference 2.5); stored unless they are.
 
     Returns the number of images rendered (0 when both were stored already).
     """
-    common = {"model": model.name, "weights": model.weights, "layer": layer, "size": size, "steps": steps}
-    common |= {"transforms": transforms, "param": param, "lr": lr, "seed": seed}
-    stack = preset(transforms, size)
+    common = {"model": model.name, "weights": model.weights, "layer": layer, **settings.record()}
     bf16 = resolve("render", model_device(model)).precision == "bf16"
-    options = dict(size=size, steps=steps, transforms=stack, param=param, lr=lr, mixed_precision=bf16)
+    options = {**settings.optimiser_options(), "mixed_precision": bf16}
     rendered = 0
     dream = lens_group(results, model.name, layer, "deepdream", common)
     if "image" not in dream:
         log.info("%s: DeepDream", layer)
-        images, (values,) = optimize_images(model, deepdream(layer), [image_key(seed, 0)], **options)
+        images, (values,) = optimize_images(model, deepdream(layer), [image_key(settings.seed, 0)], **options)
         dream.attrs["objective"] = float(values[0])
         dream.create_dataset("image", data=images[0])
         rendered += 1
     cartoons = lens_group(results, model.name, layer, "caricature", {**common, "photos": list(photos)})
     if photos and "images" not in cartoons:
         log.info("%s: caricatures of %d photos", layer, len(photos))
-        inputs = photo_inputs(photos, model, size).to(model_device(model))
+        inputs = photo_inputs(photos, model, settings.size).to(model_device(model))
         with torch.no_grad():
             reference = forward(model, inputs, [layer])[layer].float()
-        keys = [image_key(seed, index) for index in range(len(photos))]
+        keys = [image_key(settings.seed, index) for index in range(len(photos))]
         images, (values,) = optimize_images(model, caricature(layer, reference), keys, **options)
         cartoons.create_dataset("photos", data=np.array(list(photos), dtype=object), dtype=STR)
         cartoons.create_dataset(
