@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import h5py
 import numpy as np
 import pytest
@@ -18,37 +16,11 @@ from atlas.models import Classifier, capture
 from atlas.render import render_icons, render_store
 from atlas.runtime import Runtime, resolve
 from tests.synthetic import tiny_classifier
+from tests.test_attributions import LAYER, pooled_classifier
 from tests.test_render import grid_store, small_model  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-LAYER = "relu2"
 CLASSES = 10
-
-
-def pooled_net() -> Classifier:
-    """Seeded CNN with max pools before and after LAYER; He-initialised, so activations are of order 1."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        layers = OrderedDict(
-            conv1=nn.Conv2d(3, 16, 3, padding=1),
-            relu1=nn.ReLU(),
-            pool1=nn.MaxPool2d(3, 2, 1),
-            conv2=nn.Conv2d(16, 32, 3, padding=1),
-            relu2=nn.ReLU(),
-            conv3=nn.Conv2d(32, 32, 3, padding=1),
-            relu3=nn.ReLU(),
-            pool3=nn.MaxPool2d(2),
-            conv4=nn.Conv2d(32, 48, 3, padding=1),
-            relu4=nn.ReLU(),
-            gap=nn.AdaptiveAvgPool2d(1),
-            flatten=nn.Flatten(),
-            fc=nn.Linear(48, CLASSES),
-        )
-        for module in layers.values():
-            if isinstance(module, nn.Conv2d | nn.Linear):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                nn.init.normal_(module.bias, std=0.1)
-    return Classifier("pooled", nn.Sequential(layers), nn.Identity(), 32, list("abcdefghij"), LAYER, "random")
 
 
 def autograd_reference(model: Classifier, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -78,7 +50,7 @@ def autograd_reference(model: Classifier, images: torch.Tensor, positions: torch
 
 @pytest.fixture(scope="module")
 def net_inputs():
-    model = pooled_net()
+    model = pooled_classifier()
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     positions = torch.tensor([[[1, 1], [7, 14], [5, 9], [14, 2]], [[3, 3], [8, 8], [1, 14], [12, 6]]] + [[[2, 5]] * 4])
     return model, images, positions
@@ -109,7 +81,7 @@ def test_the_layers_before_the_target_run_once(net_inputs):
     hook = model.layer_module("conv1").register_forward_hook(lambda *_: calls.append(1))
     try:
         with torch.no_grad():
-            collect_batch(model, images, [0, 1, 2], {LAYER: (32, 16, 16)}, positions=4, seed=0)
+            collect_batch(model, images, [0, 1, 2], {LAYER: (16, 16, 16)}, positions=4, seed=0)
     finally:
         hook.remove()
     assert len(calls) == 1  # activations and all four positions' attributions come from one forward pass
