@@ -140,14 +140,15 @@ def render_icons(
     lr: overrides its learning rate.
     """
     device = model_device(model)
-    resolve("render", device, memory_format=memory_format).prepare(model)
+    runtime = resolve("render", device, memory_format=memory_format)
+    runtime.prepare(model)
     directions = torch.as_tensor(directions, dtype=torch.float32).to(device)
     count, channels = directions.shape
     keys = list(range(count)) if keys is None else list(keys)
     if whitening is not None:
         whitening = torch.as_tensor(whitening, dtype=torch.float32).to(device)
     if mixed_precision is None:
-        mixed_precision = resolve("render", device).precision == "bf16"
+        mixed_precision = runtime.precision == "bf16"
     stack = preset(transforms, size)
     if batch_size is None:
         batch_size = choose_batch_size(model, layer, channels, size, stack, mixed_precision)

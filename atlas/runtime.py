@@ -1,9 +1,10 @@
 """How a model runs on a device: the one place for device choice, memory format and precision.
 
 Every stage that runs a network resolves one `Runtime` from its settings (`auto` or an explicit
-value), prepares the model with it, feeds its inputs through it and records `Runtime.settings()` in
-the store. `auto` follows the measurements in issue 15 and `benchmarks/bench_collect.py`,
-`benchmarks/bench_render.py` (2-core AMX CPU, EfficientNet-Lite0 batch 32):
+value), prepares the model with it, feeds its inputs through it and records its memory format and
+precision in the store (not the device: a run may resume on another). `auto` follows the measurements
+in issue 15 and `benchmarks/bench_collect.py`, `benchmarks/bench_render.py` (2-core AMX CPU,
+EfficientNet-Lite0 batch 32):
 
 - memory format: channels_last everywhere. Forward 42.1 against 25.9 img/s NCHW, collection 19.7
   against 9.5, rendering 155 against 124 icon-steps/s; results unchanged (attributions within 5.8e-4
