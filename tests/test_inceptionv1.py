@@ -17,6 +17,7 @@ from atlas.classes import inceptionv1_classes, resolve_class, squash_name
 from atlas.cli import main as cli_main
 from atlas.config import CONFIG_DIR
 from atlas.images import list_images
+from atlas.inceptionv1 import LocalResponseNorm
 from atlas.models import capture, imagenet_classes, load_model
 from atlas.zoo import ZOO, hub_dir, model_for_layer
 from pipelines.atlas import pick_model, run_data
@@ -56,6 +57,18 @@ def test_weights_of_another_network_are_refused(tmp_path):
     torch.save(load_model("googlenet", weights="random").net.state_dict(), path)
     with pytest.raises(AtlasError, match="does not fit this model"):
         load_model("inceptionv1", weights=str(path))
+
+
+@pytest.mark.parametrize("size", [9, 4])  # the graph's odd window, and an even one (torch's window is uneven then)
+def test_local_response_norm_equals_torchs_in_value_and_gradient(size):
+    x = (torch.randn(2, 13, 5, 6, generator=torch.Generator().manual_seed(0)) * 20).requires_grad_()
+    ours, theirs = LocalResponseNorm(size, 1e-3, 0.75, 2.0), torch.nn.LocalResponseNorm(size, 1e-3, 0.75, 2.0)
+    weights = torch.rand(x.shape, generator=torch.Generator().manual_seed(1))
+    values = [norm(x) for norm in (ours, theirs)]
+    grads = [torch.autograd.grad((value * weights).sum(), x)[0] for value in values]
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(values[0], x)  # the norm does something at this scale
 
 
 def test_max_pools_are_modules_for_the_relaxed_derivative():
