@@ -65,7 +65,7 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel = torch.arange(x.shape[1], device=x.device)
-        # band[c, d]: input channel c is in output channel d's window, torch's size // 2 before and (size - 1) // 2 after
+        # band[c, d]: input channel c is in output d's window (torch's: size // 2 before, (size - 1) // 2 after)
         offset = channel[:, None] - channel[None, :]
         band = ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2)).to(x.dtype)
         window_sum = torch.einsum("bchw,cd->bdhw", x * x, band)
