@@ -86,6 +86,18 @@ def test_fft_param_concentrates_energy_in_low_frequencies():
     assert spectrum[:4, 1:4].mean() > 4 * spectrum[16:48, 16:].mean()
 
 
+def test_fft_decay_power_sets_how_fast_the_spectrum_falls():
+    def spectrum(decay_power):
+        param = image(64, list(range(8)), decorrelate=False, decay_power=decay_power)
+        with torch.no_grad():
+            param.tensor.fill_(1.0)  # equal coefficients: the image's spectrum is the scale alone
+            return torch.fft.rfft2(param.spatial()[0, 0]).abs()
+
+    for decay_power in (1.0, 2.0):  # 4 against 16 cycles per image: (16 / 4) ** decay_power
+        falls = spectrum(decay_power)
+        assert (falls[0, 4] / falls[0, 16]).item() == pytest.approx(4**decay_power, rel=1e-3)
+
+
 # transforms -----------------------------------------------------------------------------------------------
 def test_image_random_is_per_image_and_batch_invariant():
     both = ImageRandom([7, 8])

@@ -140,16 +140,18 @@ def optimize_images(
     decorrelate: bool = True,
     alpha: bool = False,
     lr: float | None = None,
+    decay_power: float = 1.0,
     mixed_precision: bool = False,
     measures: Sequence[Objective] = (),
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Optimise one image per random key; returns (uint8 [B, H, W, 3 or 4], values of [objective, *measures]).
 
-    The values are measured on the final images as stored (quantised, untransformed); with alpha, over black.
+    decay_power: the fft parameterisation's spectrum (param.image). The values are measured on the final
+    images as stored (quantised, untransformed); with alpha, over black.
     """
     device = model_device(model)
     rand = ImageRandom(keys, device)
-    images = image(size, rand, param=param, decorrelate=decorrelate, alpha=alpha)
+    images = image(size, rand, param=param, decorrelate=decorrelate, alpha=alpha, decay_power=decay_power)
     optimize(model, objective, images, rand, transforms=transforms, steps=steps, lr=lr, mixed_precision=mixed_precision)
     final = to_uint8(images())
     seen = uint8_to_tensor(final, device)
@@ -171,6 +173,7 @@ def visualize(
     decorrelate: bool = True,
     alpha: bool = False,
     lr: float | None = None,
+    decay_power: float = 1.0,
     seed: int = 0,
     mixed_precision: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -193,6 +196,7 @@ def visualize(
         decorrelate=decorrelate,
         alpha=alpha,
         lr=lr,
+        decay_power=decay_power,
         mixed_precision=mixed_precision,
     )
     return images, values

@@ -193,16 +193,19 @@ def image(
     decorrelate: bool = True,
     alpha: bool = False,
     sd: float = 0.01,
+    decay_power: float = 1.0,
     magnitude: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
 ) -> ImageParam:
     """`len(keys)` images of `size` px, each initialised from its own random key (see transform.ImageRandom).
 
-    param: fft, phase or pixel (`PARAMS`); magnitude: the phase parameterisation's spectrum
-    (`magnitude_spectrum` of a run's own photos), default the shipped one of the demo photos.
+    param: fft, phase or pixel (`PARAMS`); decay_power: the fft spectrum's 1/f^decay_power (lucid's 1; more
+    favours low frequencies); magnitude: the phase parameterisation's spectrum (`magnitude_spectrum` of a run's
+    own photos), default the shipped one of the demo photos.
     """
     rand = keys if isinstance(keys, ImageRandom) else ImageRandom(keys, device)
-    return ImageParam(size, rand, kind=param, decorrelate=decorrelate, alpha=alpha, sd=sd, magnitude=magnitude)
+    settings = dict(decorrelate=decorrelate, alpha=alpha, sd=sd, decay_power=decay_power, magnitude=magnitude)
+    return ImageParam(size, rand, kind=param, **settings)
 
 
 def write_demo_spectrum() -> Path:
