@@ -204,41 +204,38 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", help="HDF5 store with grids (`atlas grid`)")
     p.add_argument("--layer", help="the store's layer (default: its only one)")
     p.add_argument("--grid", type=int, required=True, help="grid size G to render")
-    p.add_argument("--size", type=int, default=80, help="icon size in px (paper: 80)")
-    p.add_argument("--steps", type=int, default=1024, help="optimisation steps (paper: 1024)")
-    p.add_argument("--attempts", type=int, default=4, help="attempts per icon, best kept (paper: 4)")
+    # the flags' defaults are RenderSettings' (atlas/render.py): a flag not given is not passed
+    p.add_argument("--size", type=int, help="icon size in px (default and paper: 80)")
+    p.add_argument("--steps", type=int, help="optimisation steps (default and paper: 1024)")
+    p.add_argument("--attempts", type=int, help="attempts per icon, best kept (default and paper: 4)")
     p.add_argument(
         "--batch-size", type=int, help="icon attempts optimised together (default: fit GPU memory; 16 on CPU)"
     )
-    p.add_argument("--cossim-pow", type=float, default=4, help="exponent of the cosine in the objective")
-    p.add_argument("--transforms", default="atlas", help="atlas (paper), standard (lucid) or none")
+    p.add_argument("--cossim-pow", type=float, help="exponent of the cosine in the objective (default 4)")
+    p.add_argument("--transforms", help="atlas (default, paper), standard (lucid) or none")
     p.add_argument("--param", choices=PARAM_CHOICES, help=PARAM_HELP)
-    p.add_argument("--no-whiten", dest="whiten", action="store_false", help="do not whiten the target direction")
+    p.add_argument(
+        "--no-whiten", dest="whiten", action="store_false", default=None, help="do not whiten the target direction"
+    )
     p.add_argument("--model", help="override the store's model")
     p.add_argument("--weights", help="override the store's weights: a file, or 'random'")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed of the icons' starting noise (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_runtime(p)
     p.add_argument("--cluster", help=CLUSTER_HELP)
     p.add_argument("--workers", type=int, help="with --cluster: dask workers")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.optvis import PARAM
-        from atlas.render import render_store
+        from atlas.render import RenderSettings, render_store
 
+        flags = ("size", "steps", "attempts", "cossim_pow", "transforms", "param", "whiten", "seed")
+        given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
         options = dict(
             layer=args.layer,
             grid=args.grid,
-            size=args.size,
-            steps=args.steps,
-            attempts=args.attempts,
+            settings=RenderSettings.from_config(given),
             batch_size=args.batch_size,
-            cossim_pow=args.cossim_pow,
-            transforms=args.transforms,
-            param=args.param or PARAM,
-            whiten=args.whiten,
             device=args.device,
-            seed=args.seed,
             model=args.model,
             weights=args.weights,
             precision=args.precision,
@@ -403,14 +400,21 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
                 "size": args.size,
                 "steps": args.steps,
                 "attempts": args.attempts,
-                "batch_size": args.batch_size,
                 "param": args.param,
             },
         }
         overrides = {section: {k: v for k, v in values.items() if v is not None} for section, values in chosen.items()}
         started = time.perf_counter()
         entries = run_class_atlas(
-            args.store, args.out, args.class_name, args.vs, args.layer, args.config, args.device, overrides
+            args.store,
+            args.out,
+            args.class_name,
+            args.vs,
+            args.layer,
+            args.config,
+            args.device,
+            overrides,
+            args.batch_size,
         )
         print_written(entries, Path(args.out), time.perf_counter() - started)
 

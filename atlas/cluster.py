@@ -38,7 +38,7 @@ from atlas import AtlasError
 from atlas.collect import merge_parts, missing_batches, plan_collection, write_batches
 from atlas.images import ImageRecord
 from atlas.models import Classifier, load_model, weights_argument
-from atlas.render import IconsDone, render_icons, render_store
+from atlas.render import IconsDone, RenderSettings, render_icons, render_store
 from atlas.runtime import default_device, resolve
 
 log = logging.getLogger(__name__)
@@ -181,13 +181,14 @@ def _render_task(
     layer: str,
     directions: np.ndarray,
     keys: list[int],
+    settings: RenderSettings,
     options: dict,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`render_icons` of one run of cells on a worker: (icons, objective, cosine)."""
     device = _worker_device(device)
     with _MODEL_LOCK:
         net = _worker_model(model, weights, device)
-        return render_icons(net, layer, directions, keys=keys, progress=False, **options)
+        return render_icons(net, layer, directions, settings, keys=keys, progress=False, **options)
 
 
 # the drivers ----------------------------------------------------------------------------------------------
@@ -271,7 +272,7 @@ def render_on_cluster(
     Every worker loads the store's model (or `model=`, a name) once; the driver checks the store on
     CPU and writes each finished run of cells into the icon datasets, so a rerun goes on where the
     last one stopped, exactly as in one process. device: the workers' (default: CUDA where they
-    have it). options: those of `render_store` (layer, grid, size, steps, attempts, batch_size, ...).
+    have it). options: those of `render_store` (layer, grid, settings, batch_size, ...).
     """
     renderer = functools.partial(_render_on_cluster, client, device=device, cells_per_task=cells_per_task)
     return render_store(path, device="cpu", renderer=renderer, **options)
@@ -282,10 +283,10 @@ def _render_on_cluster(
     model: Classifier,
     layer: str,
     directions: np.ndarray,
+    settings: RenderSettings,
     *,
     device: str | None,
     cells_per_task: int | None,
-    size: int,
     keys: list[int],
     on_icons: IconsDone,
     progress: bool = True,
@@ -306,14 +307,15 @@ def _render_on_cluster(
             layer,
             directions[run],
             [keys[i] for i in run],
-            dict(options, size=size),
+            settings,
+            options,
             retries=RETRIES,
             pure=False,
         ): run
         for run in runs
     }
     log.info("rendering %d icons as %d tasks on %d workers", len(directions), len(futures), workers)
-    icons = np.zeros((len(directions), size, size, 3), np.uint8)
+    icons = np.zeros((len(directions), settings.size, settings.size, 3), np.uint8)
     objective = np.full(len(directions), np.nan, np.float32)
     cosine = np.full(len(directions), np.nan, np.float32)
     done = _as_done(client, futures, f"render {layer}", "icon", "finished icons are kept in the store", progress)

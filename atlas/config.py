@@ -44,7 +44,7 @@ def load_config(path: str | Path, stages: dict[str, Callable], layer: str | None
         raise AtlasError(f"cannot read config {path}: {str(err).splitlines()[0]}") from err
     if not isinstance(config, dict):
         raise AtlasError(f"config {path} must be a mapping of settings, not {type(config).__name__}")
-    _check_keys(config, TOP_KEYS, str(path))
+    check_keys(config, TOP_KEYS, str(path))
     overrides = (config.get("layers") or {}).get(layer or config.get("layer"), {})
     merged = copy.deepcopy(config)
     for section, values in overrides.items():
@@ -58,11 +58,12 @@ def check_section(values: object, function: Callable, where: str) -> dict:
     """A config section, checked: a mapping whose keys are keyword arguments of `function`."""
     if not isinstance(values, dict):
         raise AtlasError(f"config {where} must be a mapping")
-    _check_keys(values, set(inspect.signature(function).parameters), where)
+    check_keys(values, set(inspect.signature(function).parameters), where)
     return values
 
 
-def _check_keys(values: dict, accepted: set[str], where: str) -> None:
+def check_keys(values: dict, accepted: set[str], where: str) -> None:
+    """A one-line AtlasError naming the first key of `values` that is not `accepted`, with the close matches."""
     for key in values:
         if key not in accepted:
             close = difflib.get_close_matches(key, sorted(accepted), n=3)

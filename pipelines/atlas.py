@@ -12,7 +12,6 @@ before torch and the stages are imported, so such a run stops within a second.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -22,20 +21,22 @@ from pathlib import Path
 
 from atlas import AtlasError
 from atlas.config import config_path, load_config
+from atlas.store import fingerprint
 from atlas.zoo import locate_weights, model_for_layer
 
 log = logging.getLogger("pipelines.atlas")
 
 
 def stage_functions() -> dict[str, Callable]:
-    """Each config section's stage function (imported on demand: torch and umap take seconds to import)."""
+    """What each config section's keys are checked against: the stage function, or the stage's settings class
+    (imported on demand: torch and umap take seconds to import)."""
     from atlas import collect, compose, grid, project, render
 
     return {
         "collect": collect.collect,
         "project": project.project_store,
         "grid": grid.grid_store,
-        "render": render.render_store,
+        "render": render.RenderSettings,
         "compose": compose.compose_run,
     }
 
@@ -70,7 +71,7 @@ class Fingerprints:
         self.upstream = ""
 
     def run(self, stage: str, params: dict, work: Callable[[], object]) -> None:
-        key = hashlib.sha1(json.dumps([self.upstream, stage, params], sort_keys=True, default=str).encode()).hexdigest()
+        key = fingerprint([self.upstream, stage, params])
         self.upstream = key
         if self.done.get(stage) == key:
             log.info("%s: up to date, skipped", stage)
@@ -105,7 +106,10 @@ def run_atlas(
     from atlas.grid import DEFAULT_SIZES
     from atlas.images import list_images
     from atlas.models import load_model
+    from atlas.render import RenderSettings, render_store
     from atlas.runtime import default_device
+
+    render_settings = RenderSettings.from_config(config["render"], f"{config_file} (render:)")  # before any work
 
     device = device or default_device()
 
@@ -131,11 +135,10 @@ def run_atlas(
     )
     steps.run("grid", config["grid"], lambda: stages["grid"](store, layer=layer, **config["grid"]))
     sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))
-    render_args = {**config["render"], "device": device}
     steps.run(
         "render",
-        {**render_args, "sizes": sizes},
-        lambda: [stages["render"](store, layer=layer, grid=size, model=model, **render_args) for size in sizes],
+        {"settings": render_settings, "sizes": sizes, "device": device},
+        lambda: [render_store(store, layer, size, render_settings, model=model, device=device) for size in sizes],
     )
     index = run_dir / "index.html"
     steps.run(

@@ -25,7 +25,7 @@ from atlas.compose import MANIFEST, compose_run
 from atlas.config import check_section, config_path, load_config
 from atlas.grid import RIDGE, grid_store
 from atlas.project import project_store
-from atlas.render import render_store
+from atlas.render import RenderSettings, render_store
 from atlas.store import class_names, layer_group, open_store
 from pipelines.atlas import Fingerprints
 
@@ -53,7 +53,7 @@ SECTIONS = {
     "project": project_store,
     "layout": comparison_layout_store,
     "grid": grid_store,
-    "render": render_store,
+    "render": RenderSettings,
     "compose": compose_run,
 }
 MIN_SAMPLES = 5
@@ -89,11 +89,13 @@ def run_class_atlas(
     config_file: str | Path | None = None,
     device: str | None = None,
     overrides: dict | None = None,
+    batch_size: int | None = None,
 ) -> list[dict]:
     """Build the class atlas of `class_name` (or, with `vs`, the comparison of the two) into the run folder `out`,
     plus the classes' heat-maps when the parent layer has a rendered atlas. Returns the manifest entries written.
 
     overrides: {section: {key: value}} over the config, e.g. {"render": {"steps": 64}}.
+    batch_size: icon attempts rendered together (not a setting of the result: `render_store`'s default).
     """
     from atlas.runtime import default_device
 
@@ -162,11 +164,11 @@ def run_class_atlas(
     grid = settings["grid"]
     steps.run("grid", grid, lambda: grid_store(subset, layer=layer, whitening=False, **grid))
     sizes = [int(size) for size in grid.get("sizes", [8])]
-    render = {"device": device, **settings["render"]}
+    render = RenderSettings.from_config(settings["render"])
     steps.run(
         "render",
-        {**render, "sizes": sizes},
-        lambda: [render_store(subset, layer=layer, grid=size, **render) for size in sizes],
+        {"settings": render, "sizes": sizes, "device": device},
+        lambda: [render_store(subset, layer, size, render, batch_size=batch_size, device=device) for size in sizes],
     )
     compose = settings["compose"]
     head = {**head, "samples": samples}

@@ -86,7 +86,7 @@ MUTANTS = [
     Mutant(
         "render-done-after-first-attempt",
         "atlas/render.py",
-        "if attempt == attempts - 1]",
+        "if attempt == settings.attempts - 1]",
         "if attempt == 0]",
         RENDER,
     ),
@@ -129,7 +129,7 @@ MUTANTS = [
     Mutant(
         "config-accepts-unknown-keys",
         "atlas/config.py",
-        "    _check_keys(values, set(inspect.signature(function).parameters), where)\n",
+        "    check_keys(values, set(inspect.signature(function).parameters), where)\n",
         "",
         PIPELINE,
     ),

@@ -68,10 +68,10 @@ def test_compose_names_cells_and_cuts_patches_as_the_store_says(tmp_path: Path) 
 
 
 def test_a_store_whose_weights_file_is_gone_is_an_error_not_other_weights(tmp_path: Path) -> None:
-    from atlas.render import render_store
+    from atlas.render import RenderSettings, render_store
     from tests.test_render import grid_store
 
     weights = tmp_path / "trained.pth"
     path = grid_store(tmp_path / "s.h5", model="tests.synthetic:tiny_classifier", weights=str(weights))
     with pytest.raises(AtlasError, match=f"weights file {weights} .* is gone"):
-        render_store(path, grid=3, steps=1, attempts=1, progress=False)
+        render_store(path, grid=3, settings=RenderSettings(steps=1, attempts=1), progress=False)
