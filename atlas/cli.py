@@ -199,6 +199,11 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """The flags among `names` that were given: the others keep the settings class's defaults, stated once there."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _add_render(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("render", help="stage 4: one feature-visualisation icon per grid cell")
     p.add_argument("store", help="HDF5 store with grids (`atlas grid`)")
@@ -229,11 +234,10 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
         from atlas.render import RenderSettings, render_store
 
         flags = ("size", "steps", "attempts", "cossim_pow", "transforms", "param", "whiten", "seed")
-        given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
         options = dict(
             layer=args.layer,
             grid=args.grid,
-            settings=RenderSettings.from_config(given),
+            settings=RenderSettings.from_config(_given(args, flags)),
             batch_size=args.batch_size,
             device=args.device,
             model=args.model,
@@ -300,51 +304,39 @@ def _add_project(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("project", help="stage 2: 2-D layout of a layer's activations (UMAP or t-SNE), in [0, 1]")
     p.add_argument("store", help="HDF5 store with activations (`atlas collect`)")
     p.add_argument("--layer", help="the store's layer (default: its only one)")
-    p.add_argument("--method", choices=["umap", "tsne"], default="umap")
-    p.add_argument("--n-neighbors", type=int, default=50, help="UMAP neighbours (paper: 50; mixed3a/3b: 200)")
-    p.add_argument("--min-dist", type=float, default=0.05, help="UMAP min_dist (paper: 0.05)")
-    p.add_argument("--metric", default="cosine", help="distance (paper: cosine; mixed3a/3b: euclidean)")
-    p.add_argument("--perplexity", type=float, default=50.0, help="t-SNE perplexity (lucid notebooks: 50)")
+    # the flags' defaults are LayoutSettings' (atlas/project.py): a flag not given is not passed
+    p.add_argument("--method", choices=["umap", "tsne"], help="default: umap")
+    p.add_argument("--n-neighbors", type=int, help="UMAP neighbours (default and paper: 50; mixed3a/3b: 200)")
+    p.add_argument("--min-dist", type=float, help="UMAP min_dist (default and paper: 0.05)")
+    p.add_argument("--metric", help="distance (default and paper: cosine; mixed3a/3b: euclidean)")
+    p.add_argument("--perplexity", type=float, help="t-SNE perplexity (default and lucid notebooks: 50)")
     p.add_argument(
         "--knn",
         choices=["auto", "umap-learn", "nndescent", "exact"],
-        default="auto",
         help="UMAP's neighbour search: umap-learn's own, pynndescent on all cores, or exact in torch on --device "
-        "(default: exact on a GPU or for small inputs, else pynndescent on all cores)",
+        "(default auto: exact on a GPU or for small inputs, else pynndescent on all cores)",
     )
     p.add_argument(
         "--sgd",
         choices=["torch", "umap-learn"],
-        default="torch",
-        help="UMAP's layout SGD: umap-learn's schedule vectorised in torch on --device, or umap-learn's own (CPU)",
+        help="UMAP's layout SGD: umap-learn's schedule vectorised in torch on --device (default), or umap-learn's "
+        "own (CPU)",
     )
     p.add_argument(
         "--init",
         choices=["pca", "spectral"],
-        default="pca",
         help="UMAP's initial layout (default: pca; spectral, the paper's, is far slower at large N)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--device", default=None, help="cpu or cuda, for kNN search and layout (default: cuda if there)")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.project import project_store
+        from atlas.project import LayoutSettings, project_store
 
-        layout = project_store(
-            args.store,
-            layer=args.layer,
-            method=args.method,
-            n_neighbors=args.n_neighbors,
-            min_dist=args.min_dist,
-            metric=args.metric,
-            perplexity=args.perplexity,
-            knn=args.knn,
-            sgd=args.sgd,
-            init=args.init,
-            seed=args.seed,
-            device=args.device or default_device(),
-        )
-        print(f"{args.store}: layout of {len(layout)} samples ({args.method})")
+        flags = ("method", "n_neighbors", "min_dist", "metric", "perplexity", "knn", "sgd", "init", "seed")
+        settings = LayoutSettings.from_config(_given(args, flags))
+        layout = project_store(args.store, args.layer, settings, device=args.device or default_device())
+        print(f"{args.store}: layout of {len(layout)} samples ({settings.method})")
 
     p.set_defaults(run=run)
 

@@ -119,7 +119,7 @@ def sample_store(model: Classifier) -> Path:
         records = images.list_images(SAMPLE, model.class_names)
         partial = store.with_suffix(".partial.h5")
         collect.collect(model, records, partial, layers=[LAYER], positions=POSITIONS, seed=0, dataset=str(SAMPLE))
-        project.project_store(partial, layer=LAYER, **config["project"])
+        project.project_store(partial, LAYER, project.LayoutSettings.from_config(config["project"]))
         grid.grid_store(partial, layer=LAYER, sizes=[GRID], min_count=config["grid"]["min_count"])
         partial.rename(store)
     return store

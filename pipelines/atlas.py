@@ -34,7 +34,7 @@ def stage_functions() -> dict[str, Callable]:
 
     return {
         "collect": collect.collect,
-        "project": project.project_store,
+        "project": project.LayoutSettings,
         "grid": grid.grid_store,
         "render": render.RenderSettings,
         "compose": compose.compose_run,
@@ -106,10 +106,13 @@ def run_atlas(
     from atlas.grid import DEFAULT_SIZES
     from atlas.images import list_images
     from atlas.models import load_model
+    from atlas.project import LayoutSettings, project_store
     from atlas.render import RenderSettings, render_store
     from atlas.runtime import default_device
 
-    render_settings = RenderSettings.from_config(config["render"], f"{config_file} (render:)")  # before any work
+    # the settings are validated before any work
+    layout_settings = LayoutSettings.from_config(config["project"], f"{config_file} (project:)")
+    render_settings = RenderSettings.from_config(config["render"], f"{config_file} (render:)")
 
     device = device or default_device()
 
@@ -130,8 +133,8 @@ def run_atlas(
     )
     steps.run(
         "project",
-        config["project"],
-        lambda: stages["project"](store, layer=layer, device=device, **config["project"]),
+        {"settings": layout_settings, "device": device},
+        lambda: project_store(store, layer, layout_settings, device),
     )
     steps.run("grid", config["grid"], lambda: stages["grid"](store, layer=layer, **config["grid"]))
     sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))

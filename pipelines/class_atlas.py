@@ -24,7 +24,7 @@ from atlas.classes import resolve_class
 from atlas.compose import MANIFEST, compose_run
 from atlas.config import check_section, config_path, load_config
 from atlas.grid import RIDGE, grid_store
-from atlas.project import project_store
+from atlas.project import LayoutSettings, project_store
 from atlas.render import RenderSettings, render_store
 from atlas.store import class_names, layer_group, open_store
 from pipelines.atlas import Fingerprints
@@ -50,7 +50,7 @@ DEFAULTS = {
 }
 SECTIONS = {
     "select": select_samples,
-    "project": project_store,
+    "project": LayoutSettings,
     "layout": comparison_layout_store,
     "grid": grid_store,
     "render": RenderSettings,
@@ -160,7 +160,10 @@ def run_class_atlas(
         project = dict(settings["project"])
         project["perplexity"] = fit_perplexity(samples, project.get("perplexity", 50))
         project["n_neighbors"] = min(project.get("n_neighbors", 20), samples - 1)
-        steps.run("project", project, lambda: project_store(subset, layer=layer, device=device, **project))
+        layout = LayoutSettings.from_config(project)
+        steps.run(
+            "project", {"settings": layout, "device": device}, lambda: project_store(subset, layer, layout, device)
+        )
     grid = settings["grid"]
     steps.run("grid", grid, lambda: grid_store(subset, layer=layer, whitening=False, **grid))
     sizes = [int(size) for size in grid.get("sizes", [8])]

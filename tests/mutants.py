@@ -72,8 +72,8 @@ MUTANTS = [
     Mutant(
         "project-layout-min-max-no-margin",
         "atlas/project.py",
-        "            init=init,\n        )\n    )\n",
-        "            init=init,\n        ),\n        0.0,\n        100.0,\n        0.0,\n    )\n",
+        "layout = normalize_layout(embed(x, settings, device))",
+        "layout = normalize_layout(embed(x, settings, device), 0.0, 100.0, 0.0)",
         ("tests/test_project.py::test_project_store_normalises_from_widened_percentiles",),
     ),
     Mutant(
