@@ -171,10 +171,8 @@ def render_icons(
     directions = torch.as_tensor(directions, dtype=torch.float32).to(device)
     count, channels = directions.shape
     keys = list(range(count)) if keys is None else list(keys)
-    if whitening is not None:
-        whitening = torch.as_tensor(whitening, dtype=torch.float32).to(device)
-    if mixed_precision is None:
-        mixed_precision = runtime.precision == "bf16"
+    whitening = None if whitening is None else torch.as_tensor(whitening, dtype=torch.float32).to(device)
+    mixed_precision = runtime.precision == "bf16" if mixed_precision is None else mixed_precision
     stack = preset(settings.transforms, settings.size)
     if batch_size is None:
         batch_size = choose_batch_size(model, layer, channels, settings.size, stack, mixed_precision)
@@ -188,16 +186,10 @@ def render_icons(
         index = [i for i, _ in batch]
         seeds = [image_key(settings.seed, keys[i], attempt) for i, attempt in batch]
         images, values, cosines = _render_batch(
-            model,
-            layer,
-            directions[index],
-            seeds,
-            settings,
-            whitening=whitening,
-            transforms=stack,
-            mixed_precision=mixed_precision,
-        )
-        for j, (i, attempt) in enumerate(batch):
+            model, layer, directions[index], seeds, settings,
+            whitening=whitening, transforms=stack, mixed_precision=mixed_precision,
+        )  # fmt: skip
+        for j, (i, attempt) in enumerate(batch):  # keep each icon's best attempt so far
             if attempt == 0 or values[j] > objective[i] or np.isnan(objective[i]):
                 icons[i], objective[i], cosine[i] = images[j], values[j], cosines[j]
         finished = np.array([i for i, attempt in batch if attempt == settings.attempts - 1], dtype=np.int64)
@@ -273,6 +265,14 @@ def _prepare_outputs(grid: h5py.Group, recorded: dict, size: int) -> np.ndarray:
     return grid["icon_done"][()]
 
 
+def _load_net(model: str | Classifier | None, weights: str | None, device: str | None, cells: _Cells) -> Classifier:
+    """The given Classifier as is, else the named model (default the store's) with its weights on `device`."""
+    if isinstance(model, Classifier):
+        return model
+    weights = weights if weights is not None else cells.weights
+    return load_model(model or cells.model, weights=weights, device=device or default_device())
+
+
 def _recorded_settings(settings: RenderSettings, net: Classifier, runtime: Runtime) -> dict:
     """The icons' settings as the store records them: the icon-defining ones, the model and the run-time policy."""
     policy = dict(memory_format=runtime.memory_format, precision=runtime.precision)
@@ -304,13 +304,8 @@ def render_store(
     if batch_size is not None and batch_size < 1:
         raise AtlasError(f"batch size must be positive, not {batch_size}")
     cells = _read_cells(path, layer, grid, settings.whiten)
-    if isinstance(model, Classifier):
-        net = model
-        device = model_device(net)
-    else:
-        device = device or default_device()
-        net = load_model(model or cells.model, weights=weights if weights is not None else cells.weights, device=device)
-    runtime = resolve("render", device, precision, memory_format)
+    net = _load_net(model, weights, device, cells)
+    runtime = resolve("render", model_device(net), precision, memory_format)
     runtime.prepare(net)
     _check_layer(net, cells.layer, cells.means.shape[-1], settings.size)
 

@@ -18,11 +18,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atlas import AtlasError
 from atlas.config import config_path, load_config
 from atlas.store import fingerprint
 from atlas.zoo import locate_weights, model_for_layer
+
+if TYPE_CHECKING:  # torch is imported only once the run's settings are checked
+    from atlas.images import ImageRecord
+    from atlas.models import Classifier
 
 log = logging.getLogger("pipelines.atlas")
 
@@ -99,55 +104,58 @@ def run_atlas(
     same_model = model_name in (None, base.get("model"))
     model_name = model_name or base["model"]
     weights = locate_weights(model_name, weights or (base.get("weights") if same_model else None))
-    stages = stage_functions()
-    config = load_config(config_file, stages, layer or (base.get("layer") if same_model else None))
+    config = load_config(config_file, stage_functions(), layer or (base.get("layer") if same_model else None))
     data = run_data(data, config)
 
-    from atlas.grid import DEFAULT_SIZES
     from atlas.images import list_images
     from atlas.models import load_model
-    from atlas.project import LayoutSettings, project_store
-    from atlas.render import RenderSettings, render_store
+    from atlas.project import LayoutSettings
+    from atlas.render import RenderSettings
     from atlas.runtime import default_device
 
-    # the settings are validated before any work
-    layout_settings = LayoutSettings.from_config(config["project"], f"{config_file} (project:)")
-    render_settings = RenderSettings.from_config(config["render"], f"{config_file} (render:)")
-
+    # the stages' settings, validated before any work
+    config["project"] = LayoutSettings.from_config(config["project"], f"{config_file} (project:)")
+    config["render"] = RenderSettings.from_config(config["render"], f"{config_file} (render:)")
     device = device or default_device()
 
     model = load_model(model_name, weights=weights, device=device)
     layer = model.resolve_layer(layer or (config.get("layer") if same_model else None) or model.default_layer)
     run_dir = Path(out) if out else Path("data/runs") / f"{model_name}-{layer}{f'-n{limit}' if limit else ''}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    store = run_dir / "store.h5"
     log.info("model %s, layer %s, data %s -> %s", model_name, layer, data, run_dir)
-
-    steps = Fingerprints(run_dir / "pipeline.json")
     records = list_images(data, model.class_names, model.imagenet_index)[:limit]
-    collect_args = {**config["collect"], "layers": [layer], "device": device, "dataset": str(data)}
+    _run_stages(config, model, layer, records, str(data), run_dir, device)
+    return run_dir / "index.html"
+
+
+def _run_stages(
+    config: dict, model: Classifier, layer: str, records: list[ImageRecord], dataset: str, run_dir: Path, device: str
+) -> None:
+    """collect -> project -> grid -> render -> compose into run_dir/store.h5, each skipped when up to date."""
+    from atlas import collect, compose, grid, project, render
+    from atlas.grid import DEFAULT_SIZES
+
+    store = run_dir / "store.h5"
+    steps = Fingerprints(run_dir / "pipeline.json")
+    collect_args = {**config["collect"], "layers": [layer], "device": device, "dataset": dataset}
     steps.run(
         "collect",
-        {**collect_args, "model": model_name, "weights": model.weights, "images": [r.path for r in records]},
-        lambda: stages["collect"](model, records, store, **collect_args),
+        {**collect_args, "model": model.name, "weights": model.weights, "images": [r.path for r in records]},
+        lambda: collect.collect(model, records, store, **collect_args),
     )
+    layout, icons = config["project"], config["render"]
     steps.run(
-        "project",
-        {"settings": layout_settings, "device": device},
-        lambda: project_store(store, layer, layout_settings, device),
+        "project", {"settings": layout, "device": device}, lambda: project.project_store(store, layer, layout, device)
     )
-    steps.run("grid", config["grid"], lambda: stages["grid"](store, layer=layer, **config["grid"]))
+    steps.run("grid", config["grid"], lambda: grid.grid_store(store, layer=layer, **config["grid"]))
     sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))
     steps.run(
         "render",
-        {"settings": render_settings, "sizes": sizes, "device": device},
-        lambda: [render_store(store, layer, size, render_settings, model=model, device=device) for size in sizes],
+        {"settings": icons, "sizes": sizes, "device": device},
+        lambda: [render.render_store(store, layer, size, icons, model=model, device=device) for size in sizes],
     )
-    index = run_dir / "index.html"
-    steps.run(
-        "compose", config["compose"], lambda: stages["compose"](store, run_dir, layers=[layer], **config["compose"])
-    )
-    return index
+    compose_args = config["compose"]
+    steps.run("compose", compose_args, lambda: compose.compose_run(store, run_dir, layers=[layer], **compose_args))
 
 
 def main(argv: list[str] | None = None) -> int:

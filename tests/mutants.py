@@ -79,8 +79,8 @@ MUTANTS = [
     Mutant(
         "render-ignores-whitening",
         "atlas/render.py",
-        "            whitening=whitening,\n            transforms=stack,",
-        "            whitening=None,\n            transforms=stack,",
+        "whitening=whitening, transforms=stack, mixed_precision=mixed_precision,",
+        "whitening=None, transforms=stack, mixed_precision=mixed_precision,",
         RENDER,
     ),
     Mutant(
