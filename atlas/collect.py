@@ -39,11 +39,18 @@ from atlas import AtlasError, __version__
 from atlas.images import ImageDataset, ImageRecord, collate
 from atlas.models import Classifier
 from atlas.runtime import Runtime, resolve
-from atlas.store import CLASSES, ROW_CHUNK, STR, fingerprint, record_settings, settings_json, settings_match
+from atlas.store import (
+    CLASSES,
+    COLLECT_SETTINGS,
+    ROW_CHUNK,
+    STR,
+    fingerprint,
+    record_settings,
+    settings_json,
+    settings_match,
+)
 
 log = logging.getLogger(__name__)
-
-COLLECT_SETTINGS = "collect_meta"  # the root attr recording collect's settings (atlas/store.py)
 
 
 # positions and attributions (pure functions over tensors) ---------------------------------------------

@@ -72,6 +72,7 @@ from atlas import AtlasError
 
 STR = h5py.string_dtype("utf-8")
 SETTINGS = "settings"  # the attr holding the JSON of the settings that made a dataset or group
+COLLECT_SETTINGS = "collect_meta"  # the root attr holding collect's settings
 CLASSES = "classes"
 ROW_CHUNK = 4096  # rows per HDF5 chunk: large enough to stream fast, small enough to read one cheaply
 

@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from atlas import AtlasError
@@ -26,7 +27,7 @@ from atlas.config import check_section, config_path, load_config
 from atlas.grid import RIDGE, grid_store
 from atlas.project import LayoutSettings, project_store
 from atlas.render import RenderSettings, render_store
-from atlas.store import class_names, layer_group, open_store
+from atlas.store import COLLECT_SETTINGS, class_names, layer_group, open_store
 from pipelines.atlas import Fingerprints
 
 log = logging.getLogger("pipelines.class_atlas")
@@ -80,6 +81,59 @@ def class_settings(config_file: Path, layer: str, comparison: bool, overrides: d
     return settings
 
 
+@dataclass(frozen=True)
+class Parent:
+    """What a class atlas takes from its parent store's layer, and what identifies that layer's data."""
+
+    layer: str
+    names: list[str]
+    model: str
+    identity: dict  # store, layer, rows, collection, whitening ridge: a select stage's upstream
+    rendered: bool  # the layer has a rendered atlas (then the classes' heat-maps are composed too)
+
+
+def read_parent(store: Path, layer: str | None) -> Parent:
+    with open_store(store) as parent:
+        group = layer_group(parent, layer)
+        layer = group.name.strip("/")
+        whitening = group.get("whitening")
+        identity = {
+            "store": str(store.resolve()),
+            "layer": layer,
+            "rows": group["activations"].shape[0],
+            "collection": str(parent.attrs.get(COLLECT_SETTINGS, "")),
+            "whitening_ridge": float(whitening.attrs.get("ridge", RIDGE)) if whitening is not None else RIDGE,
+        }
+        return Parent(
+            layer=layer,
+            names=class_names(parent, group["attributions"].shape[1]),
+            model=str(parent.attrs.get("model", "")),
+            identity=identity,
+            rendered="grid" in group and any("icons" in grid for grid in group["grid"].values()),
+        )
+
+
+def atlas_head(layer: str, classes: list[int], names: list[str]) -> dict:
+    """The manifest fields of a class atlas (one class) or a comparison (two) but its paths and sample count."""
+    if len(classes) == 2:
+        a, b = classes
+        return {
+            "id": f"compare-{layer}-{a}-{b}",
+            "kind": "comparison",
+            "class": f"{names[a]} vs {names[b]}",
+            "classes": classes,
+            "title": f"{layer}: {names[a]} (left) vs {names[b]} (right)",
+        }
+    (c,) = classes
+    return {
+        "id": f"class-{layer}-{c}",
+        "kind": "class",
+        "class": names[c],
+        "class_index": c,
+        "title": f"{layer}: {names[c]}",
+    }
+
+
 def run_class_atlas(
     store: str | Path,
     out: str | Path,
@@ -100,39 +154,14 @@ def run_class_atlas(
     from atlas.runtime import default_device
 
     store, out = Path(store), Path(out)
-    with open_store(store) as parent:
-        group = layer_group(parent, layer)
-        layer = group.name.strip("/")
-        names = class_names(parent, group["attributions"].shape[1])
-        model_name = str(parent.attrs.get("model", ""))
-        whitening = group.get("whitening")
-        parent_id = {
-            "store": str(store.resolve()),
-            "layer": layer,
-            "rows": group["activations"].shape[0],
-            "collection": str(parent.attrs.get("collect_meta", "")),
-            "whitening_ridge": float(whitening.attrs.get("ridge", RIDGE)) if whitening is not None else RIDGE,
-        }
-        layer_atlas = "grid" in group and any("icons" in grid for grid in group["grid"].values())
+    parent = read_parent(store, layer)
+    layer, names = parent.layer, parent.names
     classes = [resolve_class(name, names) for name in ([class_name] if vs is None else [class_name, vs])]
     if len(set(classes)) != len(classes):
         raise AtlasError(f"--class and --vs are the same class ({names[classes[0]]})")
-    comparison = vs is not None
-    settings = class_settings(Path(config_file or config_path(model_name)), layer, comparison, overrides)
+    settings = class_settings(Path(config_file or config_path(parent.model)), layer, vs is not None, overrides)
     device = device or default_device()
-
-    if comparison:
-        a, b = classes
-        head = {
-            "id": f"compare-{layer}-{a}-{b}",
-            "kind": "comparison",
-            "class": f"{names[a]} vs {names[b]}",
-            "classes": classes,
-            "title": f"{layer}: {names[a]} (left) vs {names[b]} (right)",
-        }
-    else:
-        head = {"id": f"class-{layer}-{classes[0]}", "kind": "class", "class": names[classes[0]]}
-        head.update(class_index=classes[0], title=f"{layer}: {names[classes[0]]}")
+    head = atlas_head(layer, classes, names)
     work = out / "stores"
     work.mkdir(parents=True, exist_ok=True)
     subset = work / f"{head['id']}.h5"
@@ -141,8 +170,8 @@ def run_class_atlas(
         steps.done.clear()  # the fingerprints describe a store that is gone
 
     def select() -> None:
-        with open_store(store) as parent:
-            rows = select_samples(parent[layer]["attributions"], classes, **settings["select"])
+        with open_store(store) as h5:
+            rows = select_samples(h5[layer]["attributions"], classes, **settings["select"])
         if len(rows) < MIN_SAMPLES:
             raise AtlasError(
                 f"only {len(rows)} samples attribute to {', '.join(names[c] for c in classes)}: too few for an atlas "
@@ -150,20 +179,42 @@ def run_class_atlas(
             )
         write_subset_store(store, subset, rows, layer, kind=head["kind"], classes=classes)
 
-    steps.run("select", {**parent_id, "classes": classes, **settings["select"]}, select)
+    steps.run("select", {**parent.identity, "classes": classes, **settings["select"]}, select)
     with open_store(subset) as made:
         samples = made[layer]["activations"].shape[0]
-    if comparison:
+    lay_out_and_render(steps, subset, layer, classes, samples, settings, device, batch_size)
+    compose = settings["compose"]
+    head = {**head, "samples": samples}
+    steps.run("compose", {**compose, **head}, lambda: compose_run(subset, out, layers=[layer], atlas=head, **compose))
+    written = [head["id"]]
+    if parent.rendered:
+        written += compose_heatmaps(store, out, parent, classes, compose)
+    else:
+        log.info("%s has no rendered layer atlas in %s: no heat-map composed", layer, store)
+    manifest = json.loads((out / MANIFEST).read_text())["atlases"]
+    return [entry for entry in manifest if entry["id"] in written]
+
+
+def lay_out_and_render(
+    steps: Fingerprints,
+    subset: Path,
+    layer: str,
+    classes: list[int],
+    samples: int,
+    settings: dict,
+    device: str,
+    batch_size: int | None,
+) -> None:
+    """The subset store's layout (t-SNE or UMAP; a comparison's own), grid and icons, each skipped when up to date."""
+    if len(classes) == 2:
         layout = settings["layout"]  # lowers the perplexity itself when there are few samples
         steps.run("layout", layout, lambda: comparison_layout_store(subset, *classes, layer=layer, **layout))
     else:
         project = dict(settings["project"])
         project["perplexity"] = fit_perplexity(samples, project.get("perplexity", 50))
         project["n_neighbors"] = min(project.get("n_neighbors", 20), samples - 1)
-        layout = LayoutSettings.from_config(project)
-        steps.run(
-            "project", {"settings": layout, "device": device}, lambda: project_store(subset, layer, layout, device)
-        )
+        plane = LayoutSettings.from_config(project)
+        steps.run("project", {"settings": plane, "device": device}, lambda: project_store(subset, layer, plane, device))
     grid = settings["grid"]
     steps.run("grid", grid, lambda: grid_store(subset, layer=layer, whitening=False, **grid))
     sizes = [int(size) for size in grid.get("sizes", [8])]
@@ -173,25 +224,22 @@ def run_class_atlas(
         {"settings": render, "sizes": sizes, "device": device},
         lambda: [render_store(subset, layer, size, render, batch_size=batch_size, device=device) for size in sizes],
     )
-    compose = settings["compose"]
-    head = {**head, "samples": samples}
-    steps.run("compose", {**compose, **head}, lambda: compose_run(subset, out, layers=[layer], atlas=head, **compose))
-    written = [head["id"]]
-    if layer_atlas:
-        for c in classes:
-            heat = Fingerprints(work / f"heatmap-{layer}-{c}.json")
-            stat = store.stat()
-            parent_state = {**parent_id, "modified": stat.st_mtime_ns, "bytes": stat.st_size}
-            heat.run(
-                "compose",
-                {**parent_state, "class": c, **compose},
-                lambda c=c: compose_run(store, out, layers=[layer], heatmap_class=c, **compose),
-            )
-            written.append(f"heatmap-{layer}-{c}")
-    else:
-        log.info("%s has no rendered layer atlas in %s: no heat-map composed", layer, store)
-    manifest = json.loads((out / MANIFEST).read_text())["atlases"]
-    return [entry for entry in manifest if entry["id"] in written]
+
+
+def compose_heatmaps(store: Path, out: Path, parent: Parent, classes: list[int], compose: dict) -> list[str]:
+    """Each class's attribution heat-map over the parent's layer atlas (redone when the parent store changed)."""
+    written = []
+    for c in classes:
+        heat = Fingerprints(out / "stores" / f"heatmap-{parent.layer}-{c}.json")
+        stat = store.stat()
+        parent_state = {**parent.identity, "modified": stat.st_mtime_ns, "bytes": stat.st_size}
+        heat.run(
+            "compose",
+            {**parent_state, "class": c, **compose},
+            lambda c=c: compose_run(store, out, layers=[parent.layer], heatmap_class=c, **compose),
+        )
+        written.append(f"heatmap-{parent.layer}-{c}")
+    return written
 
 
 def default_store() -> Path:
