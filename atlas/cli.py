@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from atlas import AtlasError, __version__
 from atlas.runtime import default_device
@@ -74,55 +75,60 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_runtime(p)
     p.add_argument("--cluster", help=CLUSTER_HELP)
+    p.set_defaults(run=_run_collect)
 
-    def run(args: argparse.Namespace) -> None:
-        from atlas.collect import collect
-        from atlas.images import list_images
-        from atlas.models import load_model
 
-        if args.cluster:
-            from atlas.cluster import collect_on_cluster, connect
+def _run_collect(args: argparse.Namespace) -> None:
+    from atlas.collect import collect
+    from atlas.images import list_images
+    from atlas.models import load_model
 
-            labels = load_model(args.model, weights="random")  # class names only: no weights needed
-            records = list_images(args.data, labels.class_names, labels.imagenet_index)[: args.limit]
-            with connect(args.cluster, args.workers) as client:
-                out = collect_on_cluster(
-                    client,
-                    args.model,
-                    records,
-                    args.out,
-                    weights=args.weights,
-                    layers=args.layer,
-                    positions=args.positions,
-                    seed=args.seed,
-                    batch_size=args.batch_size,
-                    device=args.device,
-                    dataset=str(args.data),
-                    precision=args.precision,
-                    memory_format=args.memory_format,
-                )
-            print(out)
-            return
-        device = args.device or default_device()
-        model = load_model(args.model, weights=args.weights, device=device)
-        records = list_images(args.data, model.class_names, model.imagenet_index)[: args.limit]
-        out = collect(
-            model,
+    if args.cluster:
+        print(_collect_on_cluster(args))
+        return
+    device = args.device or default_device()
+    model = load_model(args.model, weights=args.weights, device=device)
+    records = list_images(args.data, model.class_names, model.imagenet_index)[: args.limit]
+    out = collect(
+        model,
+        records,
+        args.out,
+        layers=args.layer,
+        positions=args.positions,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=device,
+        dataset=str(args.data),
+        precision=args.precision,
+        memory_format=args.memory_format,
+    )
+    print(out)
+
+
+def _collect_on_cluster(args: argparse.Namespace) -> Path:
+    from atlas.cluster import collect_on_cluster, connect
+    from atlas.images import list_images
+    from atlas.models import load_model
+
+    labels = load_model(args.model, weights="random")  # class names only: no weights needed
+    records = list_images(args.data, labels.class_names, labels.imagenet_index)[: args.limit]
+    with connect(args.cluster, args.workers) as client:
+        return collect_on_cluster(
+            client,
+            args.model,
             records,
             args.out,
+            weights=args.weights,
             layers=args.layer,
             positions=args.positions,
             seed=args.seed,
             batch_size=args.batch_size,
-            workers=args.workers,
-            device=device,
+            device=args.device,
             dataset=str(args.data),
             precision=args.precision,
             memory_format=args.memory_format,
         )
-        print(out)
-
-    p.set_defaults(run=run)
 
 
 def _add_patch(sub: argparse._SubParsersAction) -> None:
@@ -146,57 +152,68 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, help="image-loading processes (default: up to 4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_patch_suggest(p)
+    p.set_defaults(run=_run_patch)
+
+
+def _add_patch_suggest(p: argparse.ArgumentParser) -> None:
+    """`atlas patch --suggest`'s own arguments."""
     p.add_argument("--suggest", nargs=2, metavar=("SOURCE", "TARGET"), help="rank atlas cells as patch candidates")
     p.add_argument("--store", help="with --suggest: a store with grids")
     p.add_argument("--layer", help="with --suggest: the store's layer (default: its only one)")
     p.add_argument("--grid", type=int, help="with --suggest: grid size (default: the layer's only grid)")
     p.add_argument("--top", type=int, default=10, help="with --suggest: cells to list")
 
-    def run(args: argparse.Namespace) -> None:
-        from atlas import patch as lab
-        from pipelines.patch import run_patch_experiment, suggest_patches
 
-        if args.suggest:
-            if not args.store:
-                raise AtlasError("--suggest needs --store, a store with grids")
-            cells = suggest_patches(
-                args.store, *args.suggest, model_name=args.model, layer=args.layer, grid=args.grid, top=args.top
-            )
-            print("cell\tcount\tscore\tpatch")
-            for c in cells:
-                print(f"{c['cell'][0]},{c['cell'][1]}\t{c['count']}\t{c['score']:.4g}\t{c['spec']}")
-            return
-        missing = [flag for flag in ("patch", "data", "target", "out") if not getattr(args, flag)]
-        if missing:
-            raise AtlasError(f"missing --{', --'.join(missing)} (or use --suggest SOURCE TARGET)")
-        try:
-            sizes = tuple(float(v) for v in args.sizes.split(",")) if args.sizes else lab.SEARCH_RATIOS
-        except ValueError as err:
-            raise AtlasError(f"--sizes {args.sizes!r} is not a comma-separated list of fractions") from err
-        report, path = run_patch_experiment(
-            args.patch,
-            args.data,
-            args.target,
-            args.out,
-            model_name=args.model or "efficientnet-lite0",
-            weights=args.weights,
-            source=args.source,
-            ratios=sizes if args.search else (args.size or lab.DEFAULT_RATIO,),
-            corners=tuple(lab.CORNERS) if args.search else (args.corner,),
-            limit=args.limit,
-            examples=args.examples,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=args.device or default_device(),
-        )
-        print(
-            f"{report['n']} images correct before: flip to {report['target']} {report['flip_rate']:.1%} "
-            f"(noise {report['noise_flip_rate']:.1%}), leave source {report['leave_rate']:.1%} "
-            f"(noise {report['noise_leave_rate']:.1%}) -> {path}"
-        )
+def _run_patch(args: argparse.Namespace) -> None:
+    from atlas import patch as lab
+    from pipelines.patch import run_patch_experiment
 
-    p.set_defaults(run=run)
+    if args.suggest:
+        _print_suggestions(args)
+        return
+    missing = [flag for flag in ("patch", "data", "target", "out") if not getattr(args, flag)]
+    if missing:
+        raise AtlasError(f"missing --{', --'.join(missing)} (or use --suggest SOURCE TARGET)")
+    try:
+        sizes = tuple(float(v) for v in args.sizes.split(",")) if args.sizes else lab.SEARCH_RATIOS
+    except ValueError as err:
+        raise AtlasError(f"--sizes {args.sizes!r} is not a comma-separated list of fractions") from err
+    report, path = run_patch_experiment(
+        args.patch,
+        args.data,
+        args.target,
+        args.out,
+        model_name=args.model or "efficientnet-lite0",
+        weights=args.weights,
+        source=args.source,
+        ratios=sizes if args.search else (args.size or lab.DEFAULT_RATIO,),
+        corners=tuple(lab.CORNERS) if args.search else (args.corner,),
+        limit=args.limit,
+        examples=args.examples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device or default_device(),
+    )
+    print(
+        f"{report['n']} images correct before: flip to {report['target']} {report['flip_rate']:.1%} "
+        f"(noise {report['noise_flip_rate']:.1%}), leave source {report['leave_rate']:.1%} "
+        f"(noise {report['noise_leave_rate']:.1%}) -> {path}"
+    )
+
+
+def _print_suggestions(args: argparse.Namespace) -> None:
+    from pipelines.patch import suggest_patches
+
+    if not args.store:
+        raise AtlasError("--suggest needs --store, a store with grids")
+    cells = suggest_patches(
+        args.store, *args.suggest, model_name=args.model, layer=args.layer, grid=args.grid, top=args.top
+    )
+    print("cell\tcount\tscore\tpatch")
+    for c in cells:
+        print(f"{c['cell'][0]},{c['cell'][1]}\t{c['count']}\t{c['score']:.4g}\t{c['spec']}")
 
 
 def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
@@ -381,7 +398,6 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         import time
-        from pathlib import Path
 
         from pipelines.class_atlas import print_written, run_class_atlas
 

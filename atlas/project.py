@@ -333,6 +333,9 @@ def optimize_layout(
     falls linearly from 1 to 0. The graph (`head` -> `tail`, [E]) must be symmetric, as UMAP's fuzzy union
     is: edge (j, i) is sampled with (i, j) and moves i by the same step, so only heads are updated, twice.
     Returns the layout [N, dim] float32.
+
+    A numeric kernel kept in one piece (over 60 lines): its epoch loop mirrors umap-learn's, step for step, so the
+    two can be read side by side, and splitting it would pass a dozen tensors of schedule state every epoch.
     """
     dev = torch.device(device)
     layout = torch.tensor(np.ascontiguousarray(np.asarray(initial).T), dtype=torch.float32, device=dev)  # [dim, N]
