@@ -176,6 +176,21 @@ MUTANTS = [
         "round(input_size * 256 / 224)",
         ("tests/test_store.py",),
     ),
+    # issue 17: one fingerprint decides every reuse
+    Mutant(
+        "render-resumes-despite-changed-settings",
+        "atlas/render.py",
+        'if existing is not None and "icon_done" in grid and settings_match(existing, recorded):',
+        'if existing is not None and "icon_done" in grid:',
+        RENDER,
+    ),
+    Mutant(
+        "fingerprint-ignores-key-order-normalisation",
+        "atlas/store.py",
+        "return json.dumps(settings, sort_keys=True, default=_jsonable)",
+        "return json.dumps(settings, default=_jsonable)",
+        ("tests/test_store.py",),
+    ),
     Mutant(
         "labels-in-imagenet-order-for-inceptionv1",
         "atlas/images.py",

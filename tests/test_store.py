@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -14,7 +15,7 @@ from atlas import AtlasError
 from atlas.collect import collect
 from atlas.compose import compose_run, patch_box
 from atlas.images import ImageRecord, load_rgb, to_model_input
-from atlas.store import CLASSES, STR, class_names
+from atlas.store import CLASSES, STR, class_names, fingerprint, record_settings, settings_match
 from tests.synthetic import tiny_classifier
 from tests.test_compose import INPUT_SIZE, MAP_SIDE, write_rendered_store
 
@@ -75,3 +76,22 @@ def test_a_store_whose_weights_file_is_gone_is_an_error_not_other_weights(tmp_pa
     path = grid_store(tmp_path / "s.h5", model="tests.synthetic:tiny_classifier", weights=str(weights))
     with pytest.raises(AtlasError, match=f"weights file {weights} .* is gone"):
         render_store(path, grid=3, settings=RenderSettings(steps=1, attempts=1), progress=False)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    steps: int = 8
+    names: tuple[str, ...] = ("a", "b")
+
+
+def test_settings_are_recorded_and_matched_by_one_fingerprint(tmp_path: Path) -> None:
+    assert fingerprint({"a": 1, "b": [2, 3]}) == fingerprint({"b": (2, 3), "a": 1})  # key order, tuple or list
+    assert fingerprint(Knobs()) == fingerprint({"steps": 8, "names": ["a", "b"]})  # a dataclass is its fields
+    assert fingerprint(Knobs(steps=9)) != fingerprint(Knobs()) and fingerprint({"a": 1}) != fingerprint({"a": 2})
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        group = f.create_group("made")
+        assert not settings_match(group, Knobs())  # nothing recorded (a store from before): settings differ
+        record_settings(group, Knobs())
+        assert settings_match(group, Knobs()) and not settings_match(group, Knobs(steps=9))
+        group.attrs["settings"] = "not json"
+        assert not settings_match(group, Knobs())  # unreadable: settings differ, no crash
