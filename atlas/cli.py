@@ -89,21 +89,13 @@ def _run_collect(args: argparse.Namespace) -> None:
     device = args.device or default_device()
     model = load_model(args.model, weights=args.weights, device=device)
     records = list_images(args.data, model.class_names, model.imagenet_index)[: args.limit]
-    out = collect(
-        model,
-        records,
-        args.out,
-        layers=args.layer,
-        positions=args.positions,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=device,
-        dataset=str(args.data),
-        precision=args.precision,
-        memory_format=args.memory_format,
-    )
-    print(out)
+    print(collect(model, records, args.out, workers=args.workers, device=device, **_collect_settings(args)))
+
+
+def _collect_settings(args: argparse.Namespace) -> dict:
+    """The collect flags that one process and a cluster run take alike."""
+    options = dict(layers=args.layer, positions=args.positions, seed=args.seed, batch_size=args.batch_size)
+    return dict(options, dataset=str(args.data), precision=args.precision, memory_format=args.memory_format)
 
 
 def _collect_on_cluster(args: argparse.Namespace) -> Path:
@@ -114,21 +106,8 @@ def _collect_on_cluster(args: argparse.Namespace) -> Path:
     labels = load_model(args.model, weights="random")  # class names only: no weights needed
     records = list_images(args.data, labels.class_names, labels.imagenet_index)[: args.limit]
     with connect(args.cluster, args.workers) as client:
-        return collect_on_cluster(
-            client,
-            args.model,
-            records,
-            args.out,
-            weights=args.weights,
-            layers=args.layer,
-            positions=args.positions,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=args.device,
-            dataset=str(args.data),
-            precision=args.precision,
-            memory_format=args.memory_format,
-        )
+        options = _collect_settings(args)
+        return collect_on_cluster(client, args.model, records, args.out, args.weights, device=args.device, **options)
 
 
 def _add_patch(sub: argparse._SubParsersAction) -> None:
