@@ -1,8 +1,9 @@
 """Run configuration: YAML files in configs/, checked against the stage functions they feed.
 
 A config names the model, layer and data, and has one section per stage (`collect`, `project`,
-`grid`, `render`, `compose`) whose keys are keyword arguments of that stage's function, so an unknown
-or misspelt key is caught before any work starts. `layers: {NAME: {stage: {...}}}` overrides sections
+`grid`, `render`, `compose`) whose keys are keyword arguments of that stage's function or fields of its
+settings class (`LayoutSettings`, `RenderSettings`), so an unknown or misspelt key is caught before any
+work starts. `layers: {NAME: {stage: {...}}}` overrides sections
 for one layer (the paper's early layers use other UMAP settings).
 """
 
@@ -35,7 +36,7 @@ def config_path(model: str | None) -> Path:
 def load_config(path: str | Path, stages: dict[str, Callable], layer: str | None = None) -> dict:
     """Read a config, apply the per-layer overrides for `layer`, and check every key.
 
-    `stages` maps section name to the function whose keyword arguments that section may set.
+    `stages` maps section name to the function (or settings class) whose keyword arguments that section may set.
     """
     path = Path(path)
     try:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from atlas import AtlasError
 from atlas.config import check_keys
-from atlas.store import layer_group, open_store, replace_dataset
+from atlas.store import layer_group, open_store, record_settings, replace_dataset
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def check_device(device: str) -> None:
 
 def embed(
     x: np.ndarray,
-    settings: LayoutSettings = LayoutSettings(),  # noqa: B008 (frozen: one shared default is safe)
+    settings: LayoutSettings = LayoutSettings(),
     device: str = "cpu",
 ) -> np.ndarray:
     """Raw (unnormalised) embedding [N, n_components] float32 of the rows of `x`, by UMAP or t-SNE.
@@ -416,7 +416,7 @@ def layout_attrs(settings: LayoutSettings, device: str, shape: tuple[int, int]) 
 def project_store(
     path: str | Path,
     layer: str | None = None,
-    settings: LayoutSettings = LayoutSettings(),  # noqa: B008 (frozen: one shared default is safe)
+    settings: LayoutSettings = LayoutSettings(),
     device: str = "cpu",
 ) -> np.ndarray:
     """Lay out a layer's activations, normalise to [0, 1], and write `/<layer>/layout` [N, 2] with its parameters.
@@ -437,6 +437,7 @@ def project_store(
         group = store[layer]
         if "grid" in group:
             log.warning("%s has grids made from its previous layout: rerun `atlas grid`", layer)
-        replace_dataset(group, "layout", layout, **layout_attrs(settings, device, x.shape))
+        made = replace_dataset(group, "layout", layout, **layout_attrs(settings, device, x.shape))
+        record_settings(made, {"settings": settings, "device": device})
     log.info("wrote /%s/layout %s", layer, layout.shape)
     return layout

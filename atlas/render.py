@@ -144,7 +144,7 @@ def render_icons(
     model: Classifier,
     layer: str,
     directions: np.ndarray | torch.Tensor,
-    settings: RenderSettings = RenderSettings(),  # noqa: B008 (frozen: one shared default is safe)
+    settings: RenderSettings = RenderSettings(),
     *,
     whitening: np.ndarray | torch.Tensor | None = None,
     keys: Sequence[int] | None = None,
@@ -283,7 +283,7 @@ def render_store(
     path: str | Path,
     layer: str | None = None,
     grid: int = 20,
-    settings: RenderSettings = RenderSettings(),  # noqa: B008 (frozen: one shared default is safe)
+    settings: RenderSettings = RenderSettings(),
     *,
     batch_size: int | None = None,
     device: str | None = None,

@@ -26,7 +26,8 @@ these. A later stage reads what an earlier one recorded here and never recompute
     /<layer>/layout        [N, 2] float32   written by `project`, in [0, 1]; attrs: method, metric, seed ("none"
                                             when unseeded), device, and the method's parameters (UMAP: n_neighbors,
                                             min_dist, n_epochs, knn, sgd, init; t-SNE: perplexity, learning_rate;
-                                            a comparison: classes, scale, percentile, y_method, ...)
+                                            a comparison: classes, scale, percentile, y_method, ...); and
+                                            `settings`, the JSON of project's LayoutSettings and device
     /<layer>/whitening     [C, C] float32   written by `grid`: regularised inverse covariance (S);
                                             attrs: ridge, samples (how many it was computed from), centred
     /<layer>/grid/<G>/     attrs: min_count
