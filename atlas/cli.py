@@ -262,22 +262,18 @@ def _add_compose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder to write (re-running adds to it)")
     p.add_argument("--layer", action="append", help="layer to compose (repeatable; default: all rendered)")
     p.add_argument("--grid", type=int, action="append", help="grid size (repeatable; default: all rendered)")
-    p.add_argument("--no-labels", action="store_true", help="do not write top-class labels on the atlas")
-    p.add_argument("--examples", type=int, default=4, help="dataset example patches per cell (0: none)")
-    p.add_argument("--tile-format", choices=["jpg", "png"], default="jpg")
+    # the flags' defaults are ComposeSettings' (atlas/compose.py)
+    p.add_argument(
+        "--no-labels", dest="labels", action="store_false", default=None, help="do not write top-class labels"
+    )
+    p.add_argument("--examples", type=int, help="dataset example patches per cell (default 4; 0: none)")
+    p.add_argument("--tile-format", choices=["jpg", "png"], help="Deep Zoom tiles (default jpg)")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.compose import compose_run
+        from atlas.compose import ComposeSettings, compose_run
 
-        index = compose_run(
-            args.store,
-            args.out,
-            layers=args.layer,
-            grids=args.grid,
-            labels=not args.no_labels,
-            examples=args.examples,
-            tile_format=args.tile_format,
-        )
+        settings = ComposeSettings.from_config(_given(args, ("labels", "examples", "tile_format")))
+        index = compose_run(args.store, args.out, layers=args.layer, grids=args.grid, settings=settings)
         print(f"{index}  (view it: atlas view {args.out})")
 
     p.set_defaults(run=run)

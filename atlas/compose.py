@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from atlas import AtlasError
 from atlas.class_atlas import heatmap_opacity
+from atlas.config import Settings
 from atlas.images import load_rgb, to_model_input
 from atlas.store import class_names, grid_group, iter_rows, layer_group, open_store
 from atlas.store import layers as store_layers
@@ -413,7 +414,7 @@ def fade_cells(image: Image.Image, opacity: np.ndarray) -> Image.Image:
 
 
 @dataclass(frozen=True)
-class ComposeSettings:
+class ComposeSettings(Settings):
     """How an atlas is drawn and written, validated once."""
 
     labels: bool = True  # the top class of about one cell per LABEL_SPACING_PX, as the paper's front-end
@@ -569,9 +570,7 @@ def compose_run(
     out_dir: str | Path,
     layers: list[str] | None = None,
     grids: list[int] | None = None,
-    labels: bool = True,
-    examples: int = 4,
-    tile_format: str = "jpg",
+    settings: ComposeSettings = ComposeSettings(),
     heatmap_class: int | None = None,
     atlas: dict | None = None,
 ) -> Path:
@@ -584,7 +583,6 @@ def compose_run(
     class atlas's subset store; its example patches go to patches/<id>/, its sample numbers being its own.
     """
     out_dir = Path(out_dir)
-    settings = ComposeSettings(labels, examples, tile_format)
     with open_store(store_path) as store:
         plan = _plan(store, layers, grids)  # validate everything before writing anything
         if atlas is not None and (heatmap_class is not None or len(plan) != 1):

@@ -10,21 +10,35 @@ for one layer (the paper's early layers use other UMAP settings).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
 from atlas import AtlasError
 
+S = TypeVar("S", bound="Settings")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "efficientnet-lite0"
 TOP_KEYS = {
     *("model", "layer", "data", "weights", "layers", "collect", "project", "grid", "render", "compose"),
     "class_atlas",  # its sub-sections are checked by pipelines.class_atlas
 }
+
+
+class Settings:
+    """Base of a stage's frozen settings dataclass (its fields' defaults are the stage's, stated once there)."""
+
+    @classmethod
+    def from_config(cls: type[S], values: dict, where: str | None = None) -> S:
+        """The settings of a config section (or CLI flags): an unknown key is an AtlasError naming it, and the
+        dataclass validates the values."""
+        check_keys(values, {field.name for field in dataclasses.fields(cls)}, where or cls.__name__)
+        return cls(**values)
 
 
 def config_path(model: str | None) -> Path:

@@ -30,7 +30,6 @@ Output: `/<layer>/layout` [N, 2] float32 in [0, 1], attrs: the method and every 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import warnings
@@ -42,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from atlas import AtlasError
-from atlas.config import check_keys
+from atlas.config import Settings
 from atlas.store import layer_group, open_store, record_settings, replace_dataset
 
 log = logging.getLogger(__name__)
@@ -116,7 +115,7 @@ def exact_knn(
 
 
 @dataclass(frozen=True)
-class LayoutSettings:
+class LayoutSettings(Settings):
     """How a layout is made: the method and its parameters, validated once; recorded with the layout.
 
     Defaults are the paper's: UMAP n_neighbors 50, min_dist 0.05, cosine (production configs for mixed4a-5b;
@@ -170,12 +169,6 @@ class LayoutSettings:
             raise AtlasError(f"n_neighbors must be at least 2, not {self.n_neighbors}")
         if not 0.0 <= self.min_dist <= 1.0:
             raise AtlasError(f"min_dist must be in [0, 1] (UMAP's spread is 1), not {self.min_dist}")
-
-    @classmethod
-    def from_config(cls, values: dict, where: str = "layout settings") -> LayoutSettings:
-        """The settings of a config section (or CLI flags): unknown keys are an AtlasError naming the key."""
-        check_keys(values, {field.name for field in dataclasses.fields(cls)}, where)
-        return cls(**values)
 
     def check_samples(self, n_samples: int) -> None:
         """Raise AtlasError when `n_samples` are too few for these settings."""

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from atlas import AtlasError
-from atlas.config import check_keys
+from atlas.config import Settings
 from atlas.models import Classifier, load_model, weights_argument
 from atlas.optvis import PARAM, layer_map, model_device, optimize_images, visualize
 from atlas.optvis.objectives import atlas_direction, direction_cosine
@@ -48,7 +48,7 @@ IconsDone = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 
 
 @dataclass(frozen=True)
-class RenderSettings:
+class RenderSettings(Settings):
     """What defines an icon, validated once; recorded with the icons, and a rerun with equal settings resumes.
 
     Batch size, device and progress are not settings of the result: an icon depends only on (seed, cell, attempt).
@@ -72,12 +72,6 @@ class RenderSettings:
         preset(self.transforms, self.size)  # an AtlasError naming the known stacks
         param_spec(self.param)
         object.__setattr__(self, "cossim_pow", float(self.cossim_pow))  # 4 and 4.0 are one setting
-
-    @classmethod
-    def from_config(cls, values: dict, where: str = "render settings") -> RenderSettings:
-        """The settings of a config section (or CLI flags): unknown keys are an AtlasError naming the key."""
-        check_keys(values, {field.name for field in dataclasses.fields(cls)}, where)
-        return cls(**values)
 
 
 def _render_batch(

@@ -42,7 +42,7 @@ def stage_functions() -> dict[str, Callable]:
         "project": project.LayoutSettings,
         "grid": grid.grid_store,
         "render": render.RenderSettings,
-        "compose": compose.compose_run,
+        "compose": compose.ComposeSettings,
     }
 
 
@@ -107,6 +107,7 @@ def run_atlas(
     config = load_config(config_file, stage_functions(), layer or (base.get("layer") if same_model else None))
     data = run_data(data, config)
 
+    from atlas.compose import ComposeSettings
     from atlas.images import list_images
     from atlas.models import load_model
     from atlas.project import LayoutSettings
@@ -116,6 +117,7 @@ def run_atlas(
     # the stages' settings, validated before any work
     config["project"] = LayoutSettings.from_config(config["project"], f"{config_file} (project:)")
     config["render"] = RenderSettings.from_config(config["render"], f"{config_file} (render:)")
+    config["compose"] = ComposeSettings.from_config(config["compose"], f"{config_file} (compose:)")
     device = device or default_device()
 
     model = load_model(model_name, weights=weights, device=device)
@@ -154,8 +156,8 @@ def _run_stages(
         {"settings": icons, "sizes": sizes, "device": device},
         lambda: [render.render_store(store, layer, size, icons, model=model, device=device) for size in sizes],
     )
-    compose_args = config["compose"]
-    steps.run("compose", compose_args, lambda: compose.compose_run(store, run_dir, layers=[layer], **compose_args))
+    drawn = config["compose"]
+    steps.run("compose", {"settings": drawn}, lambda: compose.compose_run(store, run_dir, [layer], settings=drawn))
 
 
 def main(argv: list[str] | None = None) -> int:

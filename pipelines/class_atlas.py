@@ -22,7 +22,7 @@ from pathlib import Path
 from atlas import AtlasError
 from atlas.class_atlas import comparison_layout_store, fit_perplexity, select_samples, write_subset_store
 from atlas.classes import resolve_class
-from atlas.compose import MANIFEST, compose_run
+from atlas.compose import MANIFEST, ComposeSettings, compose_run
 from atlas.config import check_section, config_path, load_config
 from atlas.grid import RIDGE, grid_store
 from atlas.project import LayoutSettings, project_store
@@ -55,7 +55,7 @@ SECTIONS = {
     "layout": comparison_layout_store,
     "grid": grid_store,
     "render": RenderSettings,
-    "compose": compose_run,
+    "compose": ComposeSettings,
 }
 MIN_SAMPLES = 5
 
@@ -183,9 +183,13 @@ def run_class_atlas(
     with open_store(subset) as made:
         samples = made[layer]["activations"].shape[0]
     lay_out_and_render(steps, subset, layer, classes, samples, settings, device, batch_size)
-    compose = settings["compose"]
+    compose = ComposeSettings.from_config(settings["compose"])
     head = {**head, "samples": samples}
-    steps.run("compose", {**compose, **head}, lambda: compose_run(subset, out, layers=[layer], atlas=head, **compose))
+    steps.run(
+        "compose",
+        {"settings": compose, **head},
+        lambda: compose_run(subset, out, layers=[layer], settings=compose, atlas=head),
+    )
     written = [head["id"]]
     if parent.rendered:
         written += compose_heatmaps(store, out, parent, classes, compose)
@@ -226,7 +230,7 @@ def lay_out_and_render(
     )
 
 
-def compose_heatmaps(store: Path, out: Path, parent: Parent, classes: list[int], compose: dict) -> list[str]:
+def compose_heatmaps(store: Path, out: Path, parent: Parent, classes: list[int], compose: ComposeSettings) -> list[str]:
     """Each class's attribution heat-map over the parent's layer atlas (redone when the parent store changed)."""
     written = []
     for c in classes:
@@ -235,8 +239,8 @@ def compose_heatmaps(store: Path, out: Path, parent: Parent, classes: list[int],
         parent_state = {**parent.identity, "modified": stat.st_mtime_ns, "bytes": stat.st_size}
         heat.run(
             "compose",
-            {**parent_state, "class": c, **compose},
-            lambda c=c: compose_run(store, out, layers=[parent.layer], heatmap_class=c, **compose),
+            {**parent_state, "class": c, "settings": compose},
+            lambda c=c: compose_run(store, out, layers=[parent.layer], settings=compose, heatmap_class=c),
         )
         written.append(f"heatmap-{parent.layer}-{c}")
     return written

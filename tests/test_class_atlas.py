@@ -19,7 +19,7 @@ from atlas.class_atlas import (
     write_subset_store,
 )
 from atlas.cli import main
-from atlas.compose import compose_run
+from atlas.compose import ComposeSettings, compose_run
 from atlas.grid import grid_store
 from atlas.render import RenderSettings, render_store
 from pipelines.class_atlas import class_settings, run_class_atlas
@@ -168,8 +168,8 @@ def test_heatmap_opacity_is_attribution_over_the_populated_maximum():
 def test_compose_heatmap_fades_cells_by_attribution(tmp_path):
     store = write_rendered_store(tmp_path, sizes=(4,))
     run = tmp_path / "run"
-    compose_run(store, run, labels=False, examples=0)
-    compose_run(store, run, labels=False, examples=0, heatmap_class=3)
+    compose_run(store, run, settings=ComposeSettings(labels=False, examples=0))
+    compose_run(store, run, heatmap_class=3, settings=ComposeSettings(labels=False, examples=0))
     manifest = json.loads((run / "atlases.json").read_text())["atlases"]
     assert [(a["id"], a["kind"]) for a in manifest] == [("layer-mixed4c", "layer"), ("heatmap-mixed4c-3", "heatmap")]
     assert manifest[1]["class"] == "class 3 (heat-map)"

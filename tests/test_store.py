@@ -13,7 +13,7 @@ from PIL import Image
 
 from atlas import AtlasError
 from atlas.collect import collect
-from atlas.compose import compose_run, patch_box
+from atlas.compose import ComposeSettings, compose_run, patch_box
 from atlas.images import ImageRecord, load_rgb, to_model_input
 from atlas.store import CLASSES, STR, class_names, fingerprint, record_settings, settings_match
 from tests.synthetic import tiny_classifier
@@ -48,7 +48,7 @@ def test_compose_names_cells_and_cuts_patches_as_the_store_says(tmp_path: Path) 
         paths = f["images/path"].asstr()[()]
         image_index, position = f["mixed4c/image_index"][()], f["mixed4c/position"][()]
     out = tmp_path / "run"
-    compose_run(store, out, labels=False, examples=2)
+    compose_run(store, out, settings=ComposeSettings(labels=False, examples=2))
     cells = json.loads((out / "layer-mixed4c/grid-4/cells.json").read_text())["cells"]
     shown = [c for c in cells if c["top"]]
     assert shown and all(t["name"] == names[t["class"]] for c in shown for t in c["top"])
