@@ -169,17 +169,9 @@ def run_class_atlas(
     if not subset.exists():
         steps.done.clear()  # the fingerprints describe a store that is gone
 
-    def select() -> None:
-        with open_store(store) as h5:
-            rows = select_samples(h5[layer]["attributions"], classes, **settings["select"])
-        if len(rows) < MIN_SAMPLES:
-            raise AtlasError(
-                f"only {len(rows)} samples attribute to {', '.join(names[c] for c in classes)}: too few for an atlas "
-                f"(collect more images or positions)"
-            )
-        write_subset_store(store, subset, rows, layer, kind=head["kind"], classes=classes)
-
-    steps.run("select", {**parent.identity, "classes": classes, **settings["select"]}, select)
+    select = settings["select"]
+    chosen = {**parent.identity, "classes": classes, **select}
+    steps.run("select", chosen, lambda: select_subset(store, subset, parent, classes, head["kind"], select))
     with open_store(subset) as made:
         samples = made[layer]["activations"].shape[0]
     lay_out_and_render(steps, subset, layer, classes, samples, settings, device, batch_size)
@@ -197,6 +189,18 @@ def run_class_atlas(
         log.info("%s has no rendered layer atlas in %s: no heat-map composed", layer, store)
     manifest = json.loads((out / MANIFEST).read_text())["atlases"]
     return [entry for entry in manifest if entry["id"] in written]
+
+
+def select_subset(store: Path, subset: Path, parent: Parent, classes: list[int], kind: str, select: dict) -> None:
+    """Write the subset store of the samples `select_samples` picks for the classes (an AtlasError when too few)."""
+    with open_store(store) as h5:
+        rows = select_samples(h5[parent.layer]["attributions"], classes, **select)
+    if len(rows) < MIN_SAMPLES:
+        raise AtlasError(
+            f"only {len(rows)} samples attribute to {', '.join(parent.names[c] for c in classes)}: too few for an "
+            f"atlas (collect more images or positions)"
+        )
+    write_subset_store(store, subset, rows, parent.layer, kind=kind, classes=classes)
 
 
 def lay_out_and_render(
