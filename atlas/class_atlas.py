@@ -31,7 +31,7 @@ import numpy as np
 
 from atlas import AtlasError
 from atlas.grid import layer_whitening
-from atlas.project import embed, normalize_layout
+from atlas.project import LayoutSettings, embed, normalize_layout
 from atlas.store import CLASSES, iter_rows, layer_group, open_store, replace_dataset
 
 log = logging.getLogger(__name__)
@@ -187,15 +187,10 @@ def comparison_layout_store(
         raise AtlasError(f"{len(activations)} samples are too few to lay out a comparison")
     x, scale = comparison_x(attribution_a, attribution_b, percentile)
     perplexity = fit_perplexity(len(activations), perplexity)
-    y = embed(
-        activations,
-        method="tsne",
-        n_components=1,
-        metric=metric,
-        perplexity=perplexity,
-        learning_rate=learning_rate,
-        seed=seed,
+    line = LayoutSettings(
+        method="tsne", n_components=1, metric=metric, perplexity=perplexity, learning_rate=learning_rate, seed=seed
     )
+    y = embed(activations, line)
     layout = np.stack([x, normalize_layout(y)[:, 0]], axis=1)
     with open_store(path, "r+") as store:
         replace_dataset(

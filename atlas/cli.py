@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from atlas import AtlasError, __version__
 from atlas.runtime import default_device
@@ -74,55 +75,39 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_runtime(p)
     p.add_argument("--cluster", help=CLUSTER_HELP)
+    p.set_defaults(run=_run_collect)
 
-    def run(args: argparse.Namespace) -> None:
-        from atlas.collect import collect
-        from atlas.images import list_images
-        from atlas.models import load_model
 
-        if args.cluster:
-            from atlas.cluster import collect_on_cluster, connect
+def _run_collect(args: argparse.Namespace) -> None:
+    from atlas.collect import collect
+    from atlas.images import list_images
+    from atlas.models import load_model
 
-            labels = load_model(args.model, weights="random")  # class names only: no weights needed
-            records = list_images(args.data, labels.class_names, labels.imagenet_index)[: args.limit]
-            with connect(args.cluster, args.workers) as client:
-                out = collect_on_cluster(
-                    client,
-                    args.model,
-                    records,
-                    args.out,
-                    weights=args.weights,
-                    layers=args.layer,
-                    positions=args.positions,
-                    seed=args.seed,
-                    batch_size=args.batch_size,
-                    device=args.device,
-                    dataset=str(args.data),
-                    precision=args.precision,
-                    memory_format=args.memory_format,
-                )
-            print(out)
-            return
-        device = args.device or default_device()
-        model = load_model(args.model, weights=args.weights, device=device)
-        records = list_images(args.data, model.class_names, model.imagenet_index)[: args.limit]
-        out = collect(
-            model,
-            records,
-            args.out,
-            layers=args.layer,
-            positions=args.positions,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=device,
-            dataset=str(args.data),
-            precision=args.precision,
-            memory_format=args.memory_format,
-        )
-        print(out)
+    if args.cluster:
+        print(_collect_on_cluster(args))
+        return
+    device = args.device or default_device()
+    model = load_model(args.model, weights=args.weights, device=device)
+    records = list_images(args.data, model.class_names, model.imagenet_index)[: args.limit]
+    print(collect(model, records, args.out, workers=args.workers, device=device, **_collect_settings(args)))
 
-    p.set_defaults(run=run)
+
+def _collect_settings(args: argparse.Namespace) -> dict:
+    """The collect flags that one process and a cluster run take alike."""
+    options = dict(layers=args.layer, positions=args.positions, seed=args.seed, batch_size=args.batch_size)
+    return dict(options, dataset=str(args.data), precision=args.precision, memory_format=args.memory_format)
+
+
+def _collect_on_cluster(args: argparse.Namespace) -> Path:
+    from atlas.cluster import collect_on_cluster, connect
+    from atlas.images import list_images
+    from atlas.models import load_model
+
+    labels = load_model(args.model, weights="random")  # class names only: no weights needed
+    records = list_images(args.data, labels.class_names, labels.imagenet_index)[: args.limit]
+    with connect(args.cluster, args.workers) as client:
+        options = _collect_settings(args)
+        return collect_on_cluster(client, args.model, records, args.out, args.weights, device=args.device, **options)
 
 
 def _add_patch(sub: argparse._SubParsersAction) -> None:
@@ -146,57 +131,73 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, help="image-loading processes (default: up to 4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_patch_suggest(p)
+    p.set_defaults(run=_run_patch)
+
+
+def _add_patch_suggest(p: argparse.ArgumentParser) -> None:
+    """`atlas patch --suggest`'s own arguments."""
     p.add_argument("--suggest", nargs=2, metavar=("SOURCE", "TARGET"), help="rank atlas cells as patch candidates")
     p.add_argument("--store", help="with --suggest: a store with grids")
     p.add_argument("--layer", help="with --suggest: the store's layer (default: its only one)")
     p.add_argument("--grid", type=int, help="with --suggest: grid size (default: the layer's only grid)")
     p.add_argument("--top", type=int, default=10, help="with --suggest: cells to list")
 
-    def run(args: argparse.Namespace) -> None:
-        from atlas import patch as lab
-        from pipelines.patch import run_patch_experiment, suggest_patches
 
-        if args.suggest:
-            if not args.store:
-                raise AtlasError("--suggest needs --store, a store with grids")
-            cells = suggest_patches(
-                args.store, *args.suggest, model_name=args.model, layer=args.layer, grid=args.grid, top=args.top
-            )
-            print("cell\tcount\tscore\tpatch")
-            for c in cells:
-                print(f"{c['cell'][0]},{c['cell'][1]}\t{c['count']}\t{c['score']:.4g}\t{c['spec']}")
-            return
-        missing = [flag for flag in ("patch", "data", "target", "out") if not getattr(args, flag)]
-        if missing:
-            raise AtlasError(f"missing --{', --'.join(missing)} (or use --suggest SOURCE TARGET)")
-        try:
-            sizes = tuple(float(v) for v in args.sizes.split(",")) if args.sizes else lab.SEARCH_RATIOS
-        except ValueError as err:
-            raise AtlasError(f"--sizes {args.sizes!r} is not a comma-separated list of fractions") from err
-        report, path = run_patch_experiment(
-            args.patch,
-            args.data,
-            args.target,
-            args.out,
-            model_name=args.model or "efficientnet-lite0",
-            weights=args.weights,
-            source=args.source,
-            ratios=sizes if args.search else (args.size or lab.DEFAULT_RATIO,),
-            corners=tuple(lab.CORNERS) if args.search else (args.corner,),
-            limit=args.limit,
-            examples=args.examples,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            device=args.device or default_device(),
-        )
-        print(
-            f"{report['n']} images correct before: flip to {report['target']} {report['flip_rate']:.1%} "
-            f"(noise {report['noise_flip_rate']:.1%}), leave source {report['leave_rate']:.1%} "
-            f"(noise {report['noise_leave_rate']:.1%}) -> {path}"
-        )
+def _run_patch(args: argparse.Namespace) -> None:
+    from atlas import patch as lab
+    from pipelines.patch import run_patch_experiment
 
-    p.set_defaults(run=run)
+    if args.suggest:
+        _print_suggestions(args)
+        return
+    missing = [flag for flag in ("patch", "data", "target", "out") if not getattr(args, flag)]
+    if missing:
+        raise AtlasError(f"missing --{', --'.join(missing)} (or use --suggest SOURCE TARGET)")
+    try:
+        sizes = tuple(float(v) for v in args.sizes.split(",")) if args.sizes else lab.SEARCH_RATIOS
+    except ValueError as err:
+        raise AtlasError(f"--sizes {args.sizes!r} is not a comma-separated list of fractions") from err
+    report, path = run_patch_experiment(
+        args.patch,
+        args.data,
+        args.target,
+        args.out,
+        model_name=args.model or "efficientnet-lite0",
+        weights=args.weights,
+        source=args.source,
+        ratios=sizes if args.search else (args.size or lab.DEFAULT_RATIO,),
+        corners=tuple(lab.CORNERS) if args.search else (args.corner,),
+        limit=args.limit,
+        examples=args.examples,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device or default_device(),
+    )
+    print(
+        f"{report['n']} images correct before: flip to {report['target']} {report['flip_rate']:.1%} "
+        f"(noise {report['noise_flip_rate']:.1%}), leave source {report['leave_rate']:.1%} "
+        f"(noise {report['noise_leave_rate']:.1%}) -> {path}"
+    )
+
+
+def _print_suggestions(args: argparse.Namespace) -> None:
+    from pipelines.patch import suggest_patches
+
+    if not args.store:
+        raise AtlasError("--suggest needs --store, a store with grids")
+    cells = suggest_patches(
+        args.store, *args.suggest, model_name=args.model, layer=args.layer, grid=args.grid, top=args.top
+    )
+    print("cell\tcount\tscore\tpatch")
+    for c in cells:
+        print(f"{c['cell'][0]},{c['cell'][1]}\t{c['count']}\t{c['score']:.4g}\t{c['spec']}")
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """The flags among `names` that were given: the others keep the settings class's defaults, stated once there."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def _add_render(sub: argparse._SubParsersAction) -> None:
@@ -204,41 +205,37 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", help="HDF5 store with grids (`atlas grid`)")
     p.add_argument("--layer", help="the store's layer (default: its only one)")
     p.add_argument("--grid", type=int, required=True, help="grid size G to render")
-    p.add_argument("--size", type=int, default=80, help="icon size in px (paper: 80)")
-    p.add_argument("--steps", type=int, default=1024, help="optimisation steps (paper: 1024)")
-    p.add_argument("--attempts", type=int, default=4, help="attempts per icon, best kept (paper: 4)")
+    # the flags' defaults are RenderSettings' (atlas/render.py): a flag not given is not passed
+    p.add_argument("--size", type=int, help="icon size in px (default and paper: 80)")
+    p.add_argument("--steps", type=int, help="optimisation steps (default and paper: 1024)")
+    p.add_argument("--attempts", type=int, help="attempts per icon, best kept (default and paper: 4)")
     p.add_argument(
         "--batch-size", type=int, help="icon attempts optimised together (default: fit GPU memory; 16 on CPU)"
     )
-    p.add_argument("--cossim-pow", type=float, default=4, help="exponent of the cosine in the objective")
-    p.add_argument("--transforms", default="atlas", help="atlas (paper), standard (lucid) or none")
+    p.add_argument("--cossim-pow", type=float, help="exponent of the cosine in the objective (default 4)")
+    p.add_argument("--transforms", help="atlas (default, paper), standard (lucid) or none")
     p.add_argument("--param", choices=PARAM_CHOICES, help=PARAM_HELP)
-    p.add_argument("--no-whiten", dest="whiten", action="store_false", help="do not whiten the target direction")
+    p.add_argument(
+        "--no-whiten", dest="whiten", action="store_false", default=None, help="do not whiten the target direction"
+    )
     p.add_argument("--model", help="override the store's model")
     p.add_argument("--weights", help="override the store's weights: a file, or 'random'")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed of the icons' starting noise (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_runtime(p)
     p.add_argument("--cluster", help=CLUSTER_HELP)
     p.add_argument("--workers", type=int, help="with --cluster: dask workers")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.optvis import PARAM
-        from atlas.render import render_store
+        from atlas.render import RenderSettings, render_store
 
+        flags = ("size", "steps", "attempts", "cossim_pow", "transforms", "param", "whiten", "seed")
         options = dict(
             layer=args.layer,
             grid=args.grid,
-            size=args.size,
-            steps=args.steps,
-            attempts=args.attempts,
+            settings=RenderSettings.from_config(_given(args, flags)),
             batch_size=args.batch_size,
-            cossim_pow=args.cossim_pow,
-            transforms=args.transforms,
-            param=args.param or PARAM,
-            whiten=args.whiten,
             device=args.device,
-            seed=args.seed,
             model=args.model,
             weights=args.weights,
             precision=args.precision,
@@ -265,22 +262,18 @@ def _add_compose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder to write (re-running adds to it)")
     p.add_argument("--layer", action="append", help="layer to compose (repeatable; default: all rendered)")
     p.add_argument("--grid", type=int, action="append", help="grid size (repeatable; default: all rendered)")
-    p.add_argument("--no-labels", action="store_true", help="do not write top-class labels on the atlas")
-    p.add_argument("--examples", type=int, default=4, help="dataset example patches per cell (0: none)")
-    p.add_argument("--tile-format", choices=["jpg", "png"], default="jpg")
+    # the flags' defaults are ComposeSettings' (atlas/compose.py)
+    p.add_argument(
+        "--no-labels", dest="labels", action="store_false", default=None, help="do not write top-class labels"
+    )
+    p.add_argument("--examples", type=int, help="dataset example patches per cell (default 4; 0: none)")
+    p.add_argument("--tile-format", choices=["jpg", "png"], help="Deep Zoom tiles (default jpg)")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.compose import compose_run
+        from atlas.compose import ComposeSettings, compose_run
 
-        index = compose_run(
-            args.store,
-            args.out,
-            layers=args.layer,
-            grids=args.grid,
-            labels=not args.no_labels,
-            examples=args.examples,
-            tile_format=args.tile_format,
-        )
+        settings = ComposeSettings.from_config(_given(args, ("labels", "examples", "tile_format")))
+        index = compose_run(args.store, args.out, layers=args.layer, grids=args.grid, settings=settings)
         print(f"{index}  (view it: atlas view {args.out})")
 
     p.set_defaults(run=run)
@@ -303,51 +296,39 @@ def _add_project(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("project", help="stage 2: 2-D layout of a layer's activations (UMAP or t-SNE), in [0, 1]")
     p.add_argument("store", help="HDF5 store with activations (`atlas collect`)")
     p.add_argument("--layer", help="the store's layer (default: its only one)")
-    p.add_argument("--method", choices=["umap", "tsne"], default="umap")
-    p.add_argument("--n-neighbors", type=int, default=50, help="UMAP neighbours (paper: 50; mixed3a/3b: 200)")
-    p.add_argument("--min-dist", type=float, default=0.05, help="UMAP min_dist (paper: 0.05)")
-    p.add_argument("--metric", default="cosine", help="distance (paper: cosine; mixed3a/3b: euclidean)")
-    p.add_argument("--perplexity", type=float, default=50.0, help="t-SNE perplexity (lucid notebooks: 50)")
+    # the flags' defaults are LayoutSettings' (atlas/project.py): a flag not given is not passed
+    p.add_argument("--method", choices=["umap", "tsne"], help="default: umap")
+    p.add_argument("--n-neighbors", type=int, help="UMAP neighbours (default and paper: 50; mixed3a/3b: 200)")
+    p.add_argument("--min-dist", type=float, help="UMAP min_dist (default and paper: 0.05)")
+    p.add_argument("--metric", help="distance (default and paper: cosine; mixed3a/3b: euclidean)")
+    p.add_argument("--perplexity", type=float, help="t-SNE perplexity (default and lucid notebooks: 50)")
     p.add_argument(
         "--knn",
         choices=["auto", "umap-learn", "nndescent", "exact"],
-        default="auto",
         help="UMAP's neighbour search: umap-learn's own, pynndescent on all cores, or exact in torch on --device "
-        "(default: exact on a GPU or for small inputs, else pynndescent on all cores)",
+        "(default auto: exact on a GPU or for small inputs, else pynndescent on all cores)",
     )
     p.add_argument(
         "--sgd",
         choices=["torch", "umap-learn"],
-        default="torch",
-        help="UMAP's layout SGD: umap-learn's schedule vectorised in torch on --device, or umap-learn's own (CPU)",
+        help="UMAP's layout SGD: umap-learn's schedule vectorised in torch on --device (default), or umap-learn's "
+        "own (CPU)",
     )
     p.add_argument(
         "--init",
         choices=["pca", "spectral"],
-        default="pca",
         help="UMAP's initial layout (default: pca; spectral, the paper's, is far slower at large N)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--device", default=None, help="cpu or cuda, for kNN search and layout (default: cuda if there)")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.project import project_store
+        from atlas.project import LayoutSettings, project_store
 
-        layout = project_store(
-            args.store,
-            layer=args.layer,
-            method=args.method,
-            n_neighbors=args.n_neighbors,
-            min_dist=args.min_dist,
-            metric=args.metric,
-            perplexity=args.perplexity,
-            knn=args.knn,
-            sgd=args.sgd,
-            init=args.init,
-            seed=args.seed,
-            device=args.device or default_device(),
-        )
-        print(f"{args.store}: layout of {len(layout)} samples ({args.method})")
+        flags = ("method", "n_neighbors", "min_dist", "metric", "perplexity", "knn", "sgd", "init", "seed")
+        settings = LayoutSettings.from_config(_given(args, flags))
+        layout = project_store(args.store, args.layer, settings, device=args.device or default_device())
+        print(f"{args.store}: layout of {len(layout)} samples ({settings.method})")
 
     p.set_defaults(run=run)
 
@@ -392,7 +373,6 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         import time
-        from pathlib import Path
 
         from pipelines.class_atlas import print_written, run_class_atlas
 
@@ -403,14 +383,21 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
                 "size": args.size,
                 "steps": args.steps,
                 "attempts": args.attempts,
-                "batch_size": args.batch_size,
                 "param": args.param,
             },
         }
         overrides = {section: {k: v for k, v in values.items() if v is not None} for section, values in chosen.items()}
         started = time.perf_counter()
         entries = run_class_atlas(
-            args.store, args.out, args.class_name, args.vs, args.layer, args.config, args.device, overrides
+            args.store,
+            args.out,
+            args.class_name,
+            args.vs,
+            args.layer,
+            args.config,
+            args.device,
+            overrides,
+            args.batch_size,
         )
         print_written(entries, Path(args.out), time.perf_counter() - started)
 

@@ -25,7 +25,7 @@ import math
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import dask
@@ -35,10 +35,10 @@ from distributed import Client, LocalCluster, as_completed, get_worker
 from tqdm import tqdm
 
 from atlas import AtlasError
-from atlas.collect import merge_parts, missing_batches, plan_collection, write_batches
+from atlas.collect import CollectionPlan, merge_parts, missing_batches, plan_collection, write_batches
 from atlas.images import ImageRecord
 from atlas.models import Classifier, load_model, weights_argument
-from atlas.render import IconsDone, render_icons, render_store
+from atlas.render import IconsDone, RenderSettings, render_icons, render_store
 from atlas.runtime import default_device, resolve
 
 log = logging.getLogger(__name__)
@@ -181,16 +181,27 @@ def _render_task(
     layer: str,
     directions: np.ndarray,
     keys: list[int],
+    settings: RenderSettings,
     options: dict,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`render_icons` of one run of cells on a worker: (icons, objective, cosine)."""
     device = _worker_device(device)
     with _MODEL_LOCK:
         net = _worker_model(model, weights, device)
-        return render_icons(net, layer, directions, keys=keys, progress=False, **options)
+        return render_icons(net, layer, directions, settings, keys=keys, progress=False, **options)
 
 
 # the drivers ----------------------------------------------------------------------------------------------
+def _per_task(items: int, workers: int, most: int) -> int:
+    """Items per task: TASKS_PER_WORKER tasks per worker (load balance), but at most `most` (resume granularity)."""
+    return max(1, min(most, math.ceil(items / (TASKS_PER_WORKER * workers))))
+
+
+def _runs(items: Sequence, per_task: int) -> list:
+    """`items` in consecutive runs of `per_task`, one run a task."""
+    return [items[i : i + per_task] for i in range(0, len(items), per_task)]
+
+
 def collect_on_cluster(
     client: Client,
     model: str,
@@ -221,12 +232,9 @@ def collect_on_cluster(
     plan = plan_collection(planner, records, out, layers, positions, seed, batch_size, dataset, runtime)
     if plan is None:
         return out
-    here = Path.cwd()
-    readable = [dataclasses.replace(r, path=str(here / r.path)) for r in records]  # what workers open; not stored
+    readable = _absolute(records)  # what workers open; not stored
     workers = max(1, len(client.scheduler_info()["workers"]))
-    spread = math.ceil(len(plan.pending) / (TASKS_PER_WORKER * workers))
-    per_task = batches_per_task or max(1, min(MAX_BATCHES_PER_TASK, spread))
-    groups = [plan.pending[i : i + per_task] for i in range(0, len(plan.pending), per_task)]
+    groups = _runs(plan.pending, batches_per_task or _per_task(len(plan.pending), workers, MAX_BATCHES_PER_TASK))
     parts = plan.parts.absolute()
     futures = {
         client.submit(
@@ -252,11 +260,22 @@ def collect_on_cluster(
     log.info("collecting %d batches as %d tasks on %d workers", len(plan.pending), len(futures), workers)
     for _ in _as_done(client, futures, "collect", "batch", f"finished batches are kept in {parts}"):
         pass
+    _merge_when_complete(plan, out, records, planner.class_names)
+    return out
+
+
+def _absolute(records: list[ImageRecord]) -> list[ImageRecord]:
+    """The records with their paths relative to this process's folder made absolute, for workers elsewhere."""
+    here = Path.cwd()
+    return [dataclasses.replace(r, path=str(here / r.path)) for r in records]
+
+
+def _merge_when_complete(plan: CollectionPlan, out: Path, records: list[ImageRecord], class_names: list[str]) -> None:
+    """Merge the shards into the store once every batch has one (else an AtlasError: a rerun goes on)."""
     left = missing_batches(plan.parts, plan.batches)
     if left:
         raise AtlasError(f"{len(left)} batches have no shard in {plan.parts} after the cluster run; rerun to go on")
-    merge_parts(plan.parts, out, records, plan.meta, plan.layer_shapes, planner.class_names)
-    return out
+    merge_parts(plan.parts, out, records, plan.meta, plan.layer_shapes, class_names)
 
 
 def render_on_cluster(
@@ -271,7 +290,7 @@ def render_on_cluster(
     Every worker loads the store's model (or `model=`, a name) once; the driver checks the store on
     CPU and writes each finished run of cells into the icon datasets, so a rerun goes on where the
     last one stopped, exactly as in one process. device: the workers' (default: CUDA where they
-    have it). options: those of `render_store` (layer, grid, size, steps, attempts, batch_size, ...).
+    have it). options: those of `render_store` (layer, grid, settings, batch_size, ...).
     """
     renderer = functools.partial(_render_on_cluster, client, device=device, cells_per_task=cells_per_task)
     return render_store(path, device="cpu", renderer=renderer, **options)
@@ -282,10 +301,10 @@ def _render_on_cluster(
     model: Classifier,
     layer: str,
     directions: np.ndarray,
+    settings: RenderSettings,
     *,
     device: str | None,
     cells_per_task: int | None,
-    size: int,
     keys: list[int],
     on_icons: IconsDone,
     progress: bool = True,
@@ -294,9 +313,7 @@ def _render_on_cluster(
     """A stand-in for `render_icons` (same arguments and results) that spreads the directions over the workers."""
     weights = weights_argument(model.weights)
     workers = max(1, len(client.scheduler_info()["workers"]))
-    spread = math.ceil(len(directions) / (TASKS_PER_WORKER * workers))
-    per_task = cells_per_task or max(1, min(MAX_CELLS_PER_TASK, spread))
-    runs = [np.arange(i, min(i + per_task, len(directions))) for i in range(0, len(directions), per_task)]
+    runs = _runs(np.arange(len(directions)), cells_per_task or _per_task(len(directions), workers, MAX_CELLS_PER_TASK))
     futures = {
         client.submit(
             _render_task,
@@ -306,14 +323,15 @@ def _render_on_cluster(
             layer,
             directions[run],
             [keys[i] for i in run],
-            dict(options, size=size),
+            settings,
+            options,
             retries=RETRIES,
             pure=False,
         ): run
         for run in runs
     }
     log.info("rendering %d icons as %d tasks on %d workers", len(directions), len(futures), workers)
-    icons = np.zeros((len(directions), size, size, 3), np.uint8)
+    icons = np.zeros((len(directions), settings.size, settings.size, 3), np.uint8)
     objective = np.full(len(directions), np.nan, np.float32)
     cosine = np.full(len(directions), np.nan, np.float32)
     done = _as_done(client, futures, f"render {layer}", "icon", "finished icons are kept in the store", progress)

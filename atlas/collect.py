@@ -39,7 +39,16 @@ from atlas import AtlasError, __version__
 from atlas.images import ImageDataset, ImageRecord, collate
 from atlas.models import Classifier
 from atlas.runtime import Runtime, resolve
-from atlas.store import CLASSES, ROW_CHUNK, STR
+from atlas.store import (
+    CLASSES,
+    COLLECT_SETTINGS,
+    ROW_CHUNK,
+    STR,
+    fingerprint,
+    record_settings,
+    settings_json,
+    settings_match,
+)
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +334,7 @@ def _parts_dir(out: Path, meta: dict) -> Path:
     parts = out.with_name(out.name + ".parts")
     meta_file = parts / "meta.json"
     if parts.exists() and meta_file.exists():
-        if json.loads(meta_file.read_text()) != meta:
+        if fingerprint(json.loads(meta_file.read_text())) != fingerprint(meta):
             raise AtlasError(
                 f"{parts} holds an unfinished collection with other settings; rerun it with the same "
                 f"arguments, or delete {parts} to start over"
@@ -333,7 +342,7 @@ def _parts_dir(out: Path, meta: dict) -> Path:
         return parts
     parts.mkdir(parents=True, exist_ok=True)
     tmp = meta_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.write_text(settings_json(meta))
     os.replace(tmp, meta_file)
     return parts
 
@@ -356,7 +365,7 @@ def _complete(out: Path, meta: dict) -> bool:
         return False
     try:
         with h5py.File(out, "r") as f:
-            return json.loads(f.attrs.get("collect_meta", "{}")) == meta
+            return settings_match(f, meta, COLLECT_SETTINGS)
     except OSError:
         return False
 
@@ -377,7 +386,8 @@ def merge_parts(
         recorded = ("model", "weights", "input_size", "resize_size", "seed", "dataset", "positions")
         f.attrs.update({k: meta[k] for k in (*recorded, "memory_format", "precision")})
         f.create_dataset(CLASSES, data=np.array(class_names, dtype=object), dtype=STR)
-        f.attrs.update(code_version=__version__, collect_meta=json.dumps(meta))
+        f.attrs["code_version"] = __version__
+        record_settings(f, meta, COLLECT_SETTINGS)
         images = f.create_group("images")
         images.create_dataset("path", data=np.array([r.path for r in records], dtype=object), dtype=STR)
         images.create_dataset("label", data=np.array([r.label for r in records], dtype=np.int64))

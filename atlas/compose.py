@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from atlas import AtlasError
 from atlas.class_atlas import heatmap_opacity
+from atlas.config import Settings
 from atlas.images import load_rgb, to_model_input
 from atlas.store import class_names, grid_group, iter_rows, layer_group, open_store
 from atlas.store import layers as store_layers
@@ -412,25 +413,23 @@ def fade_cells(image: Image.Image, opacity: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def compose_atlas(
-    store: h5py.File,
-    layer: str,
-    sizes: list[int],
-    out_dir: Path,
-    folder: str,
-    labels: bool = True,
-    examples: int = 4,
-    tile_format: str = "jpg",
-    heatmap_class: int | None = None,
-    patch_dir: str | None = None,
-) -> dict:
-    """Write one atlas (its grids of `layer` at `sizes`) under `out_dir`/`folder`; return its manifest paths.
+@dataclass(frozen=True)
+class ComposeSettings(Settings):
+    """How an atlas is drawn and written, validated once."""
 
-    heatmap_class: fade each cell by its attribution to this class (atlas.class_atlas.heatmap_opacity).
-    patch_dir: the example patches' folder in `out_dir`, default patches/<layer>.
-    """
-    group = store[layer]
-    atlas_dir = out_dir / folder
+    labels: bool = True  # the top class of about one cell per LABEL_SPACING_PX, as the paper's front-end
+    examples: int = 4  # dataset example patches per cell (the paper's viewer shows a few per cell)
+    tile_format: str = "jpg"  # of the Deep Zoom tiles: jpg (small) or png (lossless)
+
+    def __post_init__(self) -> None:
+        if self.tile_format not in ("jpg", "png"):
+            raise AtlasError(f"tile format {self.tile_format!r} is not jpg or png")
+        if self.examples < 0:
+            raise AtlasError(f"examples per cell must be >= 0, not {self.examples}")
+
+
+def _draw_grids(group: h5py.Group, sizes: list[int], heatmap_class: int | None) -> list[Grid]:
+    """Each grid's atlas image; with a heat-map class, each cell faded by its attribution to that class."""
     grids = []
     for size in sizes:
         grid = read_grid(grid_group(group, size))
@@ -440,18 +439,21 @@ def compose_atlas(
             grid.heatmap = Heatmap(heatmap_class, attribution, opacity)
             grid.image = fade_cells(grid.image, opacity)
         grids.append(grid)
-        log.info("%s grid %d: atlas drawn", layer, size)
-    names = class_names(store, grid_group(group, sizes[0])["attribution"].shape[-1])
+        log.info("%s grid %d: atlas drawn", group.name.strip("/"), size)
+    return grids
 
-    label = partial(draw_labels, names=names)
+
+def _example_patches(
+    store: h5py.File, group: h5py.Group, grids: list[Grid], per_cell: int, patch_dir: Path, patch_url: str
+) -> tuple[dict[int, np.ndarray], dict[int, dict]]:
+    """The example samples picked for each grid's cells, and each one's image, position and written patch."""
     picked = {
-        grid.size: pick_examples(group["activations"], grid.cell, grid_group(group, grid.size)["mean"][()], examples)
+        grid.size: pick_examples(group["activations"], grid.cell, grid_group(group, grid.size)["mean"][()], per_cell)
         for grid in grids
     }
     samples = np.unique(np.concatenate([p[p >= 0] for p in picked.values()]))
     image_index, position = group["image_index"][()], group["position"][()]
     paths = store["images/path"].asstr()[()].tolist()
-    patch_dir = patch_dir or f"patches/{layer}"
     wanted: dict[int, list[tuple[str, tuple[int, int]]]] = {}
     for sample in samples.tolist():
         wanted.setdefault(int(image_index[sample]), []).append((f"{sample}.jpg", tuple(position[sample])))
@@ -462,22 +464,47 @@ def compose_atlas(
         (int(group.attrs["height"]), int(group.attrs["width"])),
         input_size,
         int(store.attrs["resize_size"]) if "resize_size" in store.attrs else round(input_size * 256 / 224),
-        out_dir / patch_dir,
+        patch_dir,
     )
     example_info = {
         s: {
             "image": paths[image_index[s]],
             "position": position[s].tolist(),
-            "patch": f"{patch_dir}/{s}.jpg" if int(image_index[s]) in read else None,
+            "patch": f"{patch_url}/{s}.jpg" if int(image_index[s]) in read else None,
         }
         for s in samples.tolist()
     }
+    return picked, example_info
+
+
+def compose_atlas(
+    store: h5py.File,
+    layer: str,
+    sizes: list[int],
+    out_dir: Path,
+    folder: str,
+    settings: ComposeSettings,
+    heatmap_class: int | None = None,
+    patch_dir: str | None = None,
+) -> dict:
+    """Write one atlas (its grids of `layer` at `sizes`) under `out_dir`/`folder`; return its manifest paths.
+
+    heatmap_class: fade each cell by its attribution to this class (atlas.class_atlas.heatmap_opacity).
+    patch_dir: the example patches' folder in `out_dir`, default patches/<layer>.
+    """
+    group = store[layer]
+    atlas_dir = out_dir / folder
+    grids = _draw_grids(group, sizes, heatmap_class)
+    names = class_names(store, grid_group(group, sizes[0])["attribution"].shape[-1])
+    label = partial(draw_labels, names=names)
+    patch_dir = patch_dir or f"patches/{layer}"
+    picked, example_info = _example_patches(store, group, grids, settings.examples, out_dir / patch_dir, patch_dir)
     entry_grids = []
     for grid in grids:
         grid_dir = atlas_dir / f"grid-{grid.size}"
         grid_dir.mkdir(parents=True, exist_ok=True)
         picture = grid.image.copy()
-        if labels:
+        if settings.labels:
             label(picture, grid)
         picture.save(grid_dir / "atlas.png", compress_level=3)  # fast enough for 12800 px atlases, still small
         cells = cells_json(grid, names, picked[grid.size], example_info)
@@ -490,7 +517,8 @@ def compose_atlas(
                 "cells": f"{folder}/grid-{grid.size}/cells.json",
             }
         )
-    per_level = write_dzi(grids, atlas_dir / "tiles", draw=label if labels else None, tile_format=tile_format)
+    draw = label if settings.labels else None
+    per_level = write_dzi(grids, atlas_dir / "tiles", draw=draw, tile_format=settings.tile_format)
     log.info("%s: %d Deep Zoom levels written", layer, len(per_level))
     return {
         "icon_size": grids[0].image.width // grids[0].size,
@@ -542,9 +570,7 @@ def compose_run(
     out_dir: str | Path,
     layers: list[str] | None = None,
     grids: list[int] | None = None,
-    labels: bool = True,
-    examples: int = 4,
-    tile_format: str = "jpg",
+    settings: ComposeSettings = ComposeSettings(),
     heatmap_class: int | None = None,
     atlas: dict | None = None,
 ) -> Path:
@@ -557,10 +583,6 @@ def compose_run(
     class atlas's subset store; its example patches go to patches/<id>/, its sample numbers being its own.
     """
     out_dir = Path(out_dir)
-    if tile_format not in ("jpg", "png"):
-        raise AtlasError(f"tile format {tile_format!r} is not jpg or png")
-    if examples < 0:
-        raise AtlasError(f"examples per cell must be >= 0, not {examples}")
     with open_store(store_path) as store:
         plan = _plan(store, layers, grids)  # validate everything before writing anything
         if atlas is not None and (heatmap_class is not None or len(plan) != 1):
@@ -570,9 +592,7 @@ def compose_run(
         for layer, sizes in plan.items():
             head = heads[layer]
             patch_dir = f"patches/{head['id']}" if atlas is not None else None
-            paths = compose_atlas(
-                store, layer, sizes, out_dir, head["id"], labels, examples, tile_format, heatmap_class, patch_dir
-            )
+            paths = compose_atlas(store, layer, sizes, out_dir, head["id"], settings, heatmap_class, patch_dir)
             entries.append({**head, **paths})
     index = install_viewer(out_dir)
     update_manifest(out_dir, entries)

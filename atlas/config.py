@@ -1,29 +1,44 @@
 """Run configuration: YAML files in configs/, checked against the stage functions they feed.
 
 A config names the model, layer and data, and has one section per stage (`collect`, `project`,
-`grid`, `render`, `compose`) whose keys are keyword arguments of that stage's function, so an unknown
-or misspelt key is caught before any work starts. `layers: {NAME: {stage: {...}}}` overrides sections
+`grid`, `render`, `compose`) whose keys are keyword arguments of that stage's function or fields of its
+settings class (`LayoutSettings`, `RenderSettings`), so an unknown or misspelt key is caught before any
+work starts. `layers: {NAME: {stage: {...}}}` overrides sections
 for one layer (the paper's early layers use other UMAP settings).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
 from atlas import AtlasError
 
+S = TypeVar("S", bound="Settings")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "efficientnet-lite0"
 TOP_KEYS = {
     *("model", "layer", "data", "weights", "layers", "collect", "project", "grid", "render", "compose"),
     "class_atlas",  # its sub-sections are checked by pipelines.class_atlas
 }
+
+
+class Settings:
+    """Base of a stage's frozen settings dataclass (its fields' defaults are the stage's, stated once there)."""
+
+    @classmethod
+    def from_config(cls: type[S], values: dict, where: str | None = None) -> S:
+        """The settings of a config section (or CLI flags): an unknown key is an AtlasError naming it, and the
+        dataclass validates the values."""
+        check_keys(values, {field.name for field in dataclasses.fields(cls)}, where or cls.__name__)
+        return cls(**values)
 
 
 def config_path(model: str | None) -> Path:
@@ -35,7 +50,7 @@ def config_path(model: str | None) -> Path:
 def load_config(path: str | Path, stages: dict[str, Callable], layer: str | None = None) -> dict:
     """Read a config, apply the per-layer overrides for `layer`, and check every key.
 
-    `stages` maps section name to the function whose keyword arguments that section may set.
+    `stages` maps section name to the function (or settings class) whose keyword arguments that section may set.
     """
     path = Path(path)
     try:
@@ -44,7 +59,7 @@ def load_config(path: str | Path, stages: dict[str, Callable], layer: str | None
         raise AtlasError(f"cannot read config {path}: {str(err).splitlines()[0]}") from err
     if not isinstance(config, dict):
         raise AtlasError(f"config {path} must be a mapping of settings, not {type(config).__name__}")
-    _check_keys(config, TOP_KEYS, str(path))
+    check_keys(config, TOP_KEYS, str(path))
     overrides = (config.get("layers") or {}).get(layer or config.get("layer"), {})
     merged = copy.deepcopy(config)
     for section, values in overrides.items():
@@ -58,11 +73,12 @@ def check_section(values: object, function: Callable, where: str) -> dict:
     """A config section, checked: a mapping whose keys are keyword arguments of `function`."""
     if not isinstance(values, dict):
         raise AtlasError(f"config {where} must be a mapping")
-    _check_keys(values, set(inspect.signature(function).parameters), where)
+    check_keys(values, set(inspect.signature(function).parameters), where)
     return values
 
 
-def _check_keys(values: dict, accepted: set[str], where: str) -> None:
+def check_keys(values: dict, accepted: set[str], where: str) -> None:
+    """A one-line AtlasError naming the first key of `values` that is not `accepted`, with the close matches."""
     for key in values:
         if key not in accepted:
             close = difflib.get_close_matches(key, sorted(accepted), n=3)

@@ -245,7 +245,6 @@ def grid_store(
         for sums, dataset in ((activation_sums, group["activations"]), (attribution_sums, group["attributions"])):
             if not all(np.isfinite(block).all() for block in sums.values()):
                 raise AtlasError(_first_non_finite(dataset))
-    matrix = covariance.whitening(ridge) if covariance is not None else None
     grids = {
         size: _grid_arrays(
             cells[size],
@@ -256,10 +255,29 @@ def grid_store(
         )
         for size in sizes
     }
+    whitened = None if covariance is None else (covariance.whitening(ridge), covariance.samples)
+    _write_grids(path, layer, grids, min_count, whitened, ridge)
+    for size, arrays in grids.items():
+        filled = int((arrays["count"] >= min_count).sum())
+        log.info("grid %d: %d of %d cells hold >= %d samples", size, filled, size * size, min_count)
+    log.info("gridded %d samples of %s at sizes %s in %.1f s", n, layer, sizes, time.perf_counter() - started)
+    return {size: arrays["count"] for size, arrays in grids.items()}
+
+
+def _write_grids(
+    path: str | Path,
+    layer: str,
+    grids: dict[int, dict[str, np.ndarray]],
+    min_count: int,
+    whitened: tuple[np.ndarray, int] | None,
+    ridge: float,
+) -> None:
+    """Write each grid's arrays (replacing the old grid and its icons) and, when given, the whitening matrix."""
     with open_store(path, "r+") as store:
         group = store[layer]
-        if matrix is not None:
-            replace_dataset(group, "whitening", matrix, ridge=ridge, samples=covariance.samples, centred=True)
+        if whitened is not None:
+            matrix, samples = whitened
+            replace_dataset(group, "whitening", matrix, ridge=ridge, samples=samples, centred=True)
         for size, arrays in grids.items():
             key = f"grid/{size}"
             if key in group:
@@ -268,8 +286,3 @@ def grid_store(
             grid.attrs.update(min_count=min_count)
             for name, data in arrays.items():
                 replace_dataset(grid, name, data)
-    for size, arrays in grids.items():
-        filled = int((arrays["count"] >= min_count).sum())
-        log.info("grid %d: %d of %d cells hold >= %d samples", size, filled, size * size, min_count)
-    log.info("gridded %d samples of %s at sizes %s in %.1f s", n, layer, sizes, time.perf_counter() - started)
-    return {size: arrays["count"] for size, arrays in grids.items()}

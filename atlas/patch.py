@@ -16,7 +16,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -263,43 +263,10 @@ def measure_patch(
         num_workers=min(4, os.cpu_count() or 1) if workers is None else workers,
         collate_fn=collate,
     )
-    skipped, counted, own = [], [], []
-    before: list[Predictions] = []
-    patched: list[Predictions] = []
-    control: list[Predictions] = []
-    flipped_examples: list[Example] = []
-    other_examples: list[Example] = []
-    n_read = 0
-    for rows, batch, bad in tqdm(loader, desc="patch", unit="batch", disable=None):
-        skipped += [f"{records[row].path}: {reason}" for row, reason in bad]
-        if batch is None:
-            continue
-        n_read += len(rows)
-        labels = torch.tensor([records[row].label for row in rows])
-        first = predict(model, batch.to(device), target)
-        keep = (first.top1 == labels).nonzero().flatten()
-        if len(keep) == 0:
-            continue
-        images = batch[keep].to(device)
-        with_patch = predict_pasted(model, images, patch_tiles, placements, target, batch_size)
-        with_noise = predict_pasted(model, images, control_tiles, placements, target, batch_size)
-        patch_best, noise_best = best_placement(with_patch, target), best_placement(with_noise, target)
-        for j, k in enumerate(keep.tolist()):
-            flipped = with_patch.top1[j, patch_best[j]].item() == target
-            kept = flipped_examples if flipped else other_examples
-            if len(kept) < examples:
-                kept.append(Example(len(counted), batch[k].clone(), patch_best[j].item(), noise_best[j].item()))
-            counted.append(rows[k])
-        own.append(labels[keep])
-        before.append(Predictions(*(field[keep] for field in first)))
-        patched.append(with_patch)
-        control.append(with_noise)
-    if not counted:
-        raise AtlasError(f"none of the {n_read} readable images was classified correctly before patching")
-    own_t = torch.cat(own)
-    before_t, patch_t, noise_t = (
-        Predictions(*map(torch.cat, zip(*p, strict=True))) for p in (before, patched, control)
-    )
+    tiles = (patch_tiles, control_tiles)
+    tally = _tally(model, loader, records, placements, tiles, target, batch_size, examples, device)
+    if not tally.counted:
+        raise AtlasError(f"none of the {tally.n_read} readable images was classified correctly before patching")
     report = {
         "model": model.name,
         "weights": model.weights,
@@ -313,18 +280,87 @@ def measure_patch(
         "seed": seed,
         "device": str(device),
         "n_selected": len(records),
-        "n_images": n_read,
-        "n_skipped": len(skipped),
-        "skipped": skipped,
-        "n": len(counted),
-        "mean_p_target_before": before_t.p_target.mean().item(),
-        **outcome(patch_t, own_t, target),
-        **{f"noise_{key}": value for key, value in outcome(noise_t, own_t, target).items()},
-        "per_placement": _per_placement(placements, patch_t, noise_t, target),
-        "images": _per_image(records, counted, names, before_t, patch_t, noise_t, target),
+        "n_images": tally.n_read,
+        "n_skipped": len(tally.skipped),
+        "skipped": tally.skipped,
+        **_rates(tally, records, names, placements, target),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    return report, _pick_examples(flipped_examples, other_examples, examples)
+    return report, _pick_examples(tally.flipped, tally.others, examples)
+
+
+@dataclass
+class _Tally:
+    """What one pass over the images gathered, for the images classified correctly before patching (counted)."""
+
+    skipped: list[str] = field(default_factory=list)  # "path: reason" of unreadable images
+    counted: list[int] = field(default_factory=list)  # their rows in `records`
+    own: list[torch.Tensor] = field(default_factory=list)  # their labels, per batch
+    before: list[Predictions] = field(default_factory=list)  # per batch: unpatched, with the patch, with noise
+    patched: list[Predictions] = field(default_factory=list)
+    control: list[Predictions] = field(default_factory=list)
+    flipped: list[Example] = field(default_factory=list)  # strip candidates that the patch flipped, and others
+    others: list[Example] = field(default_factory=list)
+    n_read: int = 0
+
+
+def _tally(
+    model: Classifier,
+    loader: torch.utils.data.DataLoader,
+    records: list[ImageRecord],
+    placements: list[Placement],
+    tiles: tuple[list[torch.Tensor], list[torch.Tensor]],
+    target: int,
+    batch_size: int,
+    examples: int,
+    device: str | torch.device,
+) -> _Tally:
+    """Predict every correctly classified image unpatched, with the patch and with noise at every placement."""
+    patch_tiles, control_tiles = tiles
+    tally = _Tally()
+    for rows, batch, bad in tqdm(loader, desc="patch", unit="batch", disable=None):
+        tally.skipped += [f"{records[row].path}: {reason}" for row, reason in bad]
+        if batch is None:
+            continue
+        tally.n_read += len(rows)
+        labels = torch.tensor([records[row].label for row in rows])
+        first = predict(model, batch.to(device), target)
+        keep = (first.top1 == labels).nonzero().flatten()
+        if len(keep) == 0:
+            continue
+        images = batch[keep].to(device)
+        with_patch = predict_pasted(model, images, patch_tiles, placements, target, batch_size)
+        with_noise = predict_pasted(model, images, control_tiles, placements, target, batch_size)
+        patch_best, noise_best = best_placement(with_patch, target), best_placement(with_noise, target)
+        for j, k in enumerate(keep.tolist()):
+            flipped = with_patch.top1[j, patch_best[j]].item() == target
+            kept = tally.flipped if flipped else tally.others
+            if len(kept) < examples:
+                kept.append(Example(len(tally.counted), batch[k].clone(), patch_best[j].item(), noise_best[j].item()))
+            tally.counted.append(rows[k])
+        tally.own.append(labels[keep])
+        tally.before.append(Predictions(*(values[keep] for values in first)))
+        tally.patched.append(with_patch)
+        tally.control.append(with_noise)
+    return tally
+
+
+def _rates(
+    tally: _Tally, records: list[ImageRecord], names: list[str], placements: list[Placement], target: int
+) -> dict:
+    """The report's measurements: flip and leave rates with the patch and with noise, per placement and per image."""
+    own = torch.cat(tally.own)
+    before, patch, noise = (
+        Predictions(*map(torch.cat, zip(*p, strict=True))) for p in (tally.before, tally.patched, tally.control)
+    )
+    return {
+        "n": len(tally.counted),
+        "mean_p_target_before": before.p_target.mean().item(),
+        **outcome(patch, own, target),
+        **{f"noise_{key}": value for key, value in outcome(noise, own, target).items()},
+        "per_placement": _per_placement(placements, patch, noise, target),
+        "images": _per_image(records, tally.counted, names, before, patch, noise, target),
+    }
 
 
 def _per_placement(placements: list[Placement], patch: Predictions, noise: Predictions, target: int) -> list[dict]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,8 @@ import torch
 from tqdm import tqdm
 
 from atlas import AtlasError
-from atlas.store import layer_group, open_store, replace_dataset
+from atlas.config import Settings
+from atlas.store import layer_group, open_store, record_settings, replace_dataset
 
 log = logging.getLogger(__name__)
 
@@ -112,94 +114,103 @@ def exact_knn(
     return indices, distances
 
 
-def embed(
-    x: np.ndarray,
-    method: str = "umap",
-    n_components: int = 2,
-    n_neighbors: int = 50,
-    min_dist: float = 0.05,
-    metric: str = "cosine",
-    n_epochs: int | None = None,
-    perplexity: float = 50.0,
-    learning_rate: float | str = "auto",
-    seed: int | None = 0,
-    device: str = "cpu",
-    knn: str = "auto",
-    sgd: str = "torch",
-    init: str = "pca",
-) -> np.ndarray:
-    """Raw (unnormalised) embedding [N, n_components] float32 of the rows of `x`, by UMAP or t-SNE.
+@dataclass(frozen=True)
+class LayoutSettings(Settings):
+    """How a layout is made: the method and its parameters, validated once; recorded with the layout.
 
-    Used for a layer's layout and for any other array (class-atlas subsets; 1-D t-SNE with n_components=1).
     Defaults are the paper's: UMAP n_neighbors 50, min_dist 0.05, cosine (production configs for mixed4a-5b;
     early layers use 200 / 0.05 / euclidean); t-SNE perplexity 50 and cosine as in lucid's notebooks, whose
     learning rate of 10 suits their few thousand points only, hence sklearn's 'auto'. `n_epochs` None is
-    umap-learn's default (200 above 10k samples, else 500), as the paper's notebooks used.
+    umap-learn's default (200 above 10k samples, else 500), as the paper's notebooks used. knn, sgd and init:
+    the module docstring. The device is not a setting: `embed` and `project_store` take it beside these.
     """
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise AtlasError(f"expected a 2-D array of samples, got shape {x.shape}")
-    check_settings(x.shape[0], method, n_components, n_neighbors, min_dist, metric, perplexity, device, knn, sgd, init)
-    _check_finite(x)
-    started = time.perf_counter()
-    if method == "tsne":
-        result = _tsne(x, n_components, perplexity, learning_rate, metric, seed)
-    else:
-        result = _umap(x, n_components, n_neighbors, min_dist, metric, n_epochs, seed, device, knn, sgd, init)
-    log.info("%s of %d x %d in %.1f s", method, *x.shape, time.perf_counter() - started)
-    return result.astype(np.float32)
 
+    method: str = "umap"
+    n_components: int = 2
+    n_neighbors: int = 50
+    min_dist: float = 0.05
+    metric: str = "cosine"
+    n_epochs: int | None = None
+    perplexity: float = 50.0
+    learning_rate: float | str = "auto"
+    seed: int | None = 0
+    knn: str = "auto"
+    sgd: str = "torch"
+    init: str = "pca"
 
-def check_settings(
-    n_samples: int,
-    method: str,
-    n_components: int,
-    n_neighbors: int,
-    min_dist: float,
-    metric: str,
-    perplexity: float,
-    device: str,
-    knn: str,
-    sgd: str,
-    init: str,
-) -> None:
-    """Raise AtlasError on a setting that cannot work, before any data is loaded."""
-    if method not in METHODS:
-        raise AtlasError(f"unknown projection method {method!r}; choose one of {METHODS}")
-    if n_components not in (1, 2):
-        raise AtlasError(f"n_components must be 1 or 2, not {n_components}")
-    if method == "umap":
+    def __post_init__(self) -> None:
+        """Raise AtlasError on a setting that cannot work, before any data is loaded."""
+        if self.method not in METHODS:
+            raise AtlasError(f"unknown projection method {self.method!r}; choose one of {METHODS}")
+        if self.n_components not in (1, 2):
+            raise AtlasError(f"n_components must be 1 or 2, not {self.n_components}")
+        if self.method == "umap":
+            self._check_umap()
+        else:
+            from sklearn.neighbors import VALID_METRICS
+
+            if self.metric not in VALID_METRICS["brute"]:
+                raise AtlasError(f"unknown metric {self.metric!r} for t-SNE")
+
+    def _check_umap(self) -> None:
         from pynndescent.distances import named_distances
 
-        if knn not in KNN_SEARCHES:
-            raise AtlasError(f"unknown knn search {knn!r}; choose one of {KNN_SEARCHES}")
-        if sgd not in SGD_ENGINES:
-            raise AtlasError(f"unknown layout sgd {sgd!r}; choose one of {SGD_ENGINES}")
-        if init not in INITS:
-            raise AtlasError(f"unknown UMAP init {init!r}; choose one of {INITS}")
-        if knn == "exact" and metric not in EXACT_METRICS:
-            raise AtlasError(f"exact kNN supports metrics {EXACT_METRICS}, not {metric!r} (use knn='nndescent')")
-        if metric not in named_distances:
-            raise AtlasError(f"unknown metric {metric!r} for UMAP")
-        if n_neighbors < 2:
-            raise AtlasError(f"n_neighbors must be at least 2, not {n_neighbors}")
-        if not 0.0 <= min_dist <= 1.0:
-            raise AtlasError(f"min_dist must be in [0, 1] (UMAP's spread is 1), not {min_dist}")
-        if n_samples <= n_neighbors:
-            raise AtlasError(f"{n_samples} samples are too few for n_neighbors={n_neighbors}; collect more or lower it")
-    else:
-        from sklearn.neighbors import VALID_METRICS
+        if self.knn not in KNN_SEARCHES:
+            raise AtlasError(f"unknown knn search {self.knn!r}; choose one of {KNN_SEARCHES}")
+        if self.sgd not in SGD_ENGINES:
+            raise AtlasError(f"unknown layout sgd {self.sgd!r}; choose one of {SGD_ENGINES}")
+        if self.init not in INITS:
+            raise AtlasError(f"unknown UMAP init {self.init!r}; choose one of {INITS}")
+        if self.knn == "exact" and self.metric not in EXACT_METRICS:
+            raise AtlasError(f"exact kNN supports metrics {EXACT_METRICS}, not {self.metric!r} (use knn='nndescent')")
+        if self.metric not in named_distances:
+            raise AtlasError(f"unknown metric {self.metric!r} for UMAP")
+        if self.n_neighbors < 2:
+            raise AtlasError(f"n_neighbors must be at least 2, not {self.n_neighbors}")
+        if not 0.0 <= self.min_dist <= 1.0:
+            raise AtlasError(f"min_dist must be in [0, 1] (UMAP's spread is 1), not {self.min_dist}")
 
-        if metric not in VALID_METRICS["brute"]:
-            raise AtlasError(f"unknown metric {metric!r} for t-SNE")
-        if n_samples <= perplexity:
-            raise AtlasError(f"{n_samples} samples are too few for perplexity={perplexity}; collect more or lower it")
+    def check_samples(self, n_samples: int) -> None:
+        """Raise AtlasError when `n_samples` are too few for these settings."""
+        if self.method == "umap" and n_samples <= self.n_neighbors:
+            raise AtlasError(
+                f"{n_samples} samples are too few for n_neighbors={self.n_neighbors}; collect more or lower it"
+            )
+        if self.method == "tsne" and n_samples <= self.perplexity:
+            raise AtlasError(
+                f"{n_samples} samples are too few for perplexity={self.perplexity}; collect more or lower it"
+            )
+
+
+def check_device(device: str) -> None:
+    """Raise AtlasError on a device that is unknown or not here."""
     try:
         kind = torch.device(device).type
     except RuntimeError as err:
         raise AtlasError(f"unknown device {device!r}") from err
     if kind == "cuda" and not torch.cuda.is_available():
         raise AtlasError(f"device {device!r} asked for, but CUDA is not available here")
+
+
+def embed(
+    x: np.ndarray,
+    settings: LayoutSettings = LayoutSettings(),
+    device: str = "cpu",
+) -> np.ndarray:
+    """Raw (unnormalised) embedding [N, n_components] float32 of the rows of `x`, by UMAP or t-SNE.
+
+    Used for a layer's layout and for any other array (class-atlas subsets; 1-D t-SNE with n_components=1).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise AtlasError(f"expected a 2-D array of samples, got shape {x.shape}")
+    settings.check_samples(x.shape[0])
+    check_device(device)
+    _check_finite(x)
+    started = time.perf_counter()
+    result = _tsne(x, settings) if settings.method == "tsne" else _umap(x, settings, device)
+    log.info("%s of %d x %d in %.1f s", settings.method, *x.shape, time.perf_counter() - started)
+    return result.astype(np.float32)
 
 
 def resolve_knn(knn: str, metric: str, device: str, shape: tuple[int, int]) -> str:
@@ -219,35 +230,24 @@ def _check_finite(x: np.ndarray, rows: int = 65536) -> None:
             raise AtlasError(f"activations contain NaN or infinite values (first in sample {bad})")
 
 
-def _umap(
-    x: np.ndarray,
-    n_components: int,
-    n_neighbors: int,
-    min_dist: float,
-    metric: str,
-    n_epochs: int | None,
-    seed: int | None,
-    device: str,
-    knn: str,
-    sgd: str,
-    init: str,
-) -> np.ndarray:
+def _umap(x: np.ndarray, settings: LayoutSettings, device: str) -> np.ndarray:
     import umap
 
-    knn = resolve_knn(knn, metric, device, x.shape)
-    if sgd == "torch":
+    knn = resolve_knn(settings.knn, settings.metric, device, x.shape)
+    n_neighbors, metric, seed = settings.n_neighbors, settings.metric, settings.seed
+    if settings.sgd == "torch":
         indices, distances = _knn_graph(x, n_neighbors, metric, seed, device, knn)
-        return _umap_torch(x, indices, distances, n_components, min_dist, metric, n_epochs, seed, device, init)
+        return _umap_torch(x, indices, distances, settings, device)
     precomputed = (None, None, None)  # umap-learn searches itself
     if knn != "umap-learn":
         precomputed = (*_knn_graph(x, n_neighbors, metric, seed, device, knn), None)
     reducer = umap.UMAP(
-        n_components=n_components,
+        n_components=settings.n_components,
         n_neighbors=n_neighbors,
-        min_dist=min_dist,
+        min_dist=settings.min_dist,
         metric=metric,
-        n_epochs=n_epochs,
-        init=init,
+        n_epochs=settings.n_epochs,
+        init=settings.init,
         random_state=seed,
         n_jobs=1 if seed is not None else -1,  # umap-learn's parallel SGD is not repeatable
         precomputed_knn=precomputed,
@@ -275,16 +275,7 @@ def _knn_graph(
 
 
 def _umap_torch(
-    x: np.ndarray,
-    indices: np.ndarray,
-    distances: np.ndarray,
-    n_components: int,
-    min_dist: float,
-    metric: str,
-    n_epochs: int | None,
-    seed: int | None,
-    device: str,
-    init: str,
+    x: np.ndarray, indices: np.ndarray, distances: np.ndarray, settings: LayoutSettings, device: str
 ) -> np.ndarray:
     """umap-learn's fuzzy graph and initial layout, then `optimize_layout` on `device`, as umap.UMAP prepares them."""
     from sklearn.decomposition import PCA
@@ -292,6 +283,7 @@ def _umap_torch(
     from umap.umap_ import find_ab_params, fuzzy_simplicial_set, make_epochs_per_sample, noisy_scale_coords
 
     started = time.perf_counter()
+    metric, n_epochs, seed, init = settings.metric, settings.n_epochs, settings.seed, settings.init
     random_state = np.random.RandomState(seed)
     graph, _, _ = fuzzy_simplicial_set(x, indices.shape[1], random_state, metric, {}, indices, distances)
     graph = graph.tocoo()
@@ -301,13 +293,13 @@ def _umap_torch(
     graph.data[graph.data < graph.data.max() / n_epochs] = 0.0  # edges sampled less than once are dropped
     graph.eliminate_zeros()
     if init == "spectral":
-        initial = spectral_layout(x, graph, n_components, random_state, metric=metric)
+        initial = spectral_layout(x, graph, settings.n_components, random_state, metric=metric)
     else:
-        initial = PCA(n_components, random_state=random_state).fit_transform(x)
+        initial = PCA(settings.n_components, random_state=random_state).fit_transform(x)
     initial = noisy_scale_coords(initial, random_state, max_coord=10, noise=0.0001)
     initial = 10.0 * (initial - initial.min(0)) / (initial.max(0) - initial.min(0))
     log.info("fuzzy graph (%d edges) and %s init in %.1f s", graph.nnz, init, time.perf_counter() - started)
-    a, b = find_ab_params(1.0, min_dist)
+    a, b = find_ab_params(1.0, settings.min_dist)
     epochs_per_sample = make_epochs_per_sample(graph.data, n_epochs)
     return optimize_layout(initial, graph.row, graph.col, epochs_per_sample, n_epochs, a, b, seed=seed, device=device)
 
@@ -334,6 +326,9 @@ def optimize_layout(
     falls linearly from 1 to 0. The graph (`head` -> `tail`, [E]) must be symmetric, as UMAP's fuzzy union
     is: edge (j, i) is sampled with (i, j) and moves i by the same step, so only heads are updated, twice.
     Returns the layout [N, dim] float32.
+
+    A numeric kernel kept in one piece (over 60 lines): its epoch loop mirrors umap-learn's, step for step, so the
+    two can be read side by side, and splitting it would pass a dozen tensors of schedule state every epoch.
     """
     dev = torch.device(device)
     layout = torch.tensor(np.ascontiguousarray(np.asarray(initial).T), dtype=torch.float32, device=dev)  # [dim, N]
@@ -385,80 +380,57 @@ def optimize_layout(
     return layout.T.cpu().numpy()
 
 
-def _tsne(
-    x: np.ndarray, n_components: int, perplexity: float, learning_rate: float | str, metric: str, seed: int | None
-) -> np.ndarray:
+def _tsne(x: np.ndarray, settings: LayoutSettings) -> np.ndarray:
     from sklearn.manifold import TSNE
 
     tsne = TSNE(
-        n_components=n_components,
-        perplexity=perplexity,
-        learning_rate=learning_rate,
-        metric=metric,
+        n_components=settings.n_components,
+        perplexity=settings.perplexity,
+        learning_rate=settings.learning_rate,
+        metric=settings.metric,
         init="pca",
-        random_state=seed,
+        random_state=settings.seed,
         n_jobs=-1,  # processes for the neighbour search
     )
     return tsne.fit_transform(x)
 
 
+def layout_attrs(settings: LayoutSettings, device: str, shape: tuple[int, int]) -> dict:
+    """What `/<layer>/layout` records: method, metric, seed ("none" when unseeded), device and the method's own."""
+    attrs = dict(method=settings.method, metric=settings.metric, device=device)
+    attrs["seed"] = "none" if settings.seed is None else settings.seed
+    if settings.method == "tsne":
+        return {**attrs, "perplexity": settings.perplexity, "learning_rate": settings.learning_rate}
+    umap = dict(n_neighbors=settings.n_neighbors, min_dist=settings.min_dist, n_epochs=settings.n_epochs or "default")
+    knn = resolve_knn(settings.knn, settings.metric, device, shape)
+    return {**attrs, **umap, "knn": knn, "sgd": settings.sgd, "init": settings.init}
+
+
 def project_store(
     path: str | Path,
     layer: str | None = None,
-    method: str = "umap",
-    n_neighbors: int = 50,
-    min_dist: float = 0.05,
-    metric: str = "cosine",
-    seed: int | None = 0,
+    settings: LayoutSettings = LayoutSettings(),
     device: str = "cpu",
-    knn: str = "auto",
-    sgd: str = "torch",
-    init: str = "pca",
-    n_epochs: int | None = None,
-    perplexity: float = 50.0,
-    learning_rate: float | str = "auto",
 ) -> np.ndarray:
     """Lay out a layer's activations, normalise to [0, 1], and write `/<layer>/layout` [N, 2] with its parameters.
 
     Everything is checked before the store is written; a failure leaves it as it was. Returns the layout.
     """
+    if settings.n_components != 2:
+        raise AtlasError(f"a layer's layout is 2-D, not {settings.n_components}-D")
     with open_store(path) as store:
         group = layer_group(store, layer)
         layer = group.name.strip("/")
         activations = group["activations"]
-        check_settings(
-            activations.shape[0], method, 2, n_neighbors, min_dist, metric, perplexity, device, knn, sgd, init
-        )
+        settings.check_samples(activations.shape[0])
+        check_device(device)
         x = activations[:]  # UMAP needs all of it in memory
-    layout = normalize_layout(
-        embed(
-            x,
-            method=method,
-            n_neighbors=n_neighbors,
-            min_dist=min_dist,
-            metric=metric,
-            n_epochs=n_epochs,
-            perplexity=perplexity,
-            learning_rate=learning_rate,
-            seed=seed,
-            device=device,
-            knn=knn,
-            sgd=sgd,
-            init=init,
-        )
-    )
-    if method == "umap":
-        params = {"n_neighbors": n_neighbors, "min_dist": min_dist, "n_epochs": n_epochs or "default"}
-        params["knn"] = resolve_knn(knn, metric, device, x.shape)
-        params["sgd"] = sgd
-        params["init"] = init
-    else:
-        params = {"perplexity": perplexity, "learning_rate": learning_rate}
-    seed_attr = "none" if seed is None else seed
+    layout = normalize_layout(embed(x, settings, device))
     with open_store(path, "r+") as store:
         group = store[layer]
         if "grid" in group:
             log.warning("%s has grids made from its previous layout: rerun `atlas grid`", layer)
-        replace_dataset(group, "layout", layout, method=method, metric=metric, seed=seed_attr, device=device, **params)
+        made = replace_dataset(group, "layout", layout, **layout_attrs(settings, device, x.shape))
+        record_settings(made, {"settings": settings, "device": device})
     log.info("wrote /%s/layout %s", layer, layout.shape)
     return layout

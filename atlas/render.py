@@ -13,9 +13,11 @@ batch it ran in, so the batch size is free to follow the memory available.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -24,17 +26,18 @@ import torch
 from tqdm import tqdm
 
 from atlas import AtlasError
+from atlas.config import Settings
 from atlas.models import Classifier, load_model, weights_argument
 from atlas.optvis import PARAM, layer_map, model_device, optimize_images, visualize
 from atlas.optvis.objectives import atlas_direction, direction_cosine
 from atlas.optvis.param import param_spec
 from atlas.optvis.transform import Transform, image_key, preset
-from atlas.runtime import default_device, resolve
-from atlas.store import grid_group, layer_group, open_store, store_finished
+from atlas.runtime import Runtime, default_device, resolve
+from atlas.store import grid_group, layer_group, open_store, record_settings, settings_match, store_finished
 
 log = logging.getLogger(__name__)
 
-__all__ = ["render_icons", "render_store", "visualize"]
+__all__ = ["RenderSettings", "render_icons", "render_store", "visualize"]
 
 DEFAULT_CPU_BATCH = 16  # icons per batch on CPU (see benchmarks/bench_render.py)
 MAX_BATCH = 512  # beyond a few hundred 80-px icons a GPU gains nothing, and a batch is the unit of resumption
@@ -44,32 +47,55 @@ MEMORY_FRACTION = 0.8  # of the free GPU memory, leaving room for allocator frag
 IconsDone = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 
 
+@dataclass(frozen=True)
+class RenderSettings(Settings):
+    """What defines an icon, validated once; recorded with the icons, and a rerun with equal settings resumes.
+
+    Batch size, device and progress are not settings of the result: an icon depends only on (seed, cell, attempt).
+    """
+
+    size: int = 80  # paper icon size; rendered at this size, never upsampled
+    steps: int = 1024  # production configs (reference 5)
+    attempts: int = 4  # production configs; the best by its own final objective is kept
+    cossim_pow: float = 4.0  # lucid's atlas notebooks
+    transforms: str = "atlas"  # Shan Carter's stack (reference 1.5); or standard (lucid), none, crops
+    param: str = PARAM  # the image parameterisation (atlas.optvis.param.PARAMS), with its own optimiser
+    lr: float | None = None  # overrides the parameterisation's learning rate
+    whiten: bool = True  # paper, mixed4a-5b: the objective's direction is whitened by the layer's S
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.steps < 0 or self.attempts < 1:
+            raise AtlasError("size and attempts must be positive and steps not negative")
+        if self.lr is not None and not self.lr > 0:
+            raise AtlasError(f"lr must be positive, not {self.lr}")
+        preset(self.transforms, self.size)  # an AtlasError naming the known stacks
+        param_spec(self.param)
+        object.__setattr__(self, "cossim_pow", float(self.cossim_pow))  # 4 and 4.0 are one setting
+
+
 def _render_batch(
     model: Classifier,
     layer: str,
     directions: torch.Tensor,
     keys: Sequence[int],
+    settings: RenderSettings,
     *,
-    size: int,
-    steps: int,
-    cossim_pow: float,
     whitening: torch.Tensor | None,
     transforms: Sequence[Transform],
-    param: str,
-    lr: float | None,
     mixed_precision: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One attempt for each direction: (icons uint8 [B, PX, PX, 3], objective [B], cosine with the direction [B])."""
-    objective = atlas_direction(layer, directions, cossim_pow=cossim_pow, whitening=whitening)
+    objective = atlas_direction(layer, directions, cossim_pow=settings.cossim_pow, whitening=whitening)
     icons, (values, cosines) = optimize_images(
         model,
         objective,
         keys,
-        size=size,
-        steps=steps,
+        size=settings.size,
+        steps=settings.steps,
         transforms=transforms,
-        param=param,
-        lr=lr,
+        param=settings.param,
+        lr=settings.lr,
         mixed_precision=mixed_precision,
         measures=[direction_cosine(layer, directions)],
     )
@@ -93,35 +119,30 @@ def choose_batch_size(
         layer,
         torch.ones(PROBE_BATCH, channels, device=device),
         list(range(PROBE_BATCH)),
-        size=size,
-        steps=2,
-        cossim_pow=0,
+        RenderSettings(size=size, steps=2, attempts=1, cossim_pow=0),
         whitening=None,
         transforms=transforms,
-        param=PARAM,
-        lr=None,
         mixed_precision=mixed_precision,
     )
     per_icon = max(1.0, (torch.cuda.max_memory_allocated(device) - before) / PROBE_BATCH)
     return int(np.clip(MEMORY_FRACTION * free / per_icon, 1, MAX_BATCH))
 
 
+def _attempt_batches(count: int, attempts: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """(direction, attempt) pairs in batches of batch_size; an icon's attempts adjoin, so it finishes soon."""
+    items = [(index, attempt) for index in range(count) for attempt in range(attempts)]
+    return [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+
+
 def render_icons(
     model: Classifier,
     layer: str,
     directions: np.ndarray | torch.Tensor,
+    settings: RenderSettings = RenderSettings(),
     *,
-    size: int = 80,  # paper icon size; rendered at this size, never upsampled
-    steps: int = 1024,  # production configs (reference 5)
-    attempts: int = 4,  # production configs
-    batch_size: int | None = None,
-    cossim_pow: float = 4,  # lucid's atlas notebooks
     whitening: np.ndarray | torch.Tensor | None = None,
-    transforms: str | Sequence[Transform] = "atlas",
-    param: str = PARAM,
-    lr: float | None = None,
-    seed: int = 0,
     keys: Sequence[int] | None = None,
+    batch_size: int | None = None,
     mixed_precision: bool | None = None,
     memory_format: str = "auto",
     progress: bool = True,
@@ -129,15 +150,14 @@ def render_icons(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one icon per direction [N, C] of `layer`; returns (icons uint8 [N, PX, PX, 3], objective [N], cosine [N]).
 
-    Each icon keeps the best of `attempts` by its own final objective; `cosine` is the true cosine
+    Each icon keeps the best of `settings.attempts` by its own final objective; `cosine` is the true cosine
     between the icon's centre activation (on the final, untransformed icon) and its direction.
+    whitening: the matrix S of the objective (settings.whiten is the store's switch; here the matrix decides).
     keys: a stable id per direction (the cell index in `render_store`), seeding its attempts; default 0..N-1.
     on_icons(indices, icons, objective, cosine) is called after every batch for the icons it finished.
     batch_size: (direction, attempt) pairs optimised together; default from free GPU memory, or 16 on CPU.
     mixed_precision (bf16 autocast; default `atlas.runtime`'s choice) and memory_format: the run-time policy;
     the model is converted to that memory format in place.
-    param: the image parameterisation (fft, phase or pixel: atlas.optvis.param.PARAMS), with its own optimiser;
-    lr: overrides its learning rate.
     """
     device = model_device(model)
     runtime = resolve("render", device, memory_format=memory_format)
@@ -145,48 +165,70 @@ def render_icons(
     directions = torch.as_tensor(directions, dtype=torch.float32).to(device)
     count, channels = directions.shape
     keys = list(range(count)) if keys is None else list(keys)
-    if whitening is not None:
-        whitening = torch.as_tensor(whitening, dtype=torch.float32).to(device)
-    if mixed_precision is None:
-        mixed_precision = runtime.precision == "bf16"
-    stack = preset(transforms, size)
+    whitening = None if whitening is None else torch.as_tensor(whitening, dtype=torch.float32).to(device)
+    mixed_precision = runtime.precision == "bf16" if mixed_precision is None else mixed_precision
+    stack = preset(settings.transforms, settings.size)
     if batch_size is None:
-        batch_size = choose_batch_size(model, layer, channels, size, stack, mixed_precision)
-        log.info("rendering %d icons x %d attempts, %d per batch", count, attempts, batch_size)
+        batch_size = choose_batch_size(model, layer, channels, settings.size, stack, mixed_precision)
+        log.info("rendering %d icons x %d attempts, %d per batch", count, settings.attempts, batch_size)
 
-    icons = np.zeros((count, size, size, 3), np.uint8)
+    icons = np.zeros((count, settings.size, settings.size, 3), np.uint8)
     objective = np.full(count, np.nan, np.float32)
     cosine = np.full(count, np.nan, np.float32)
-    items = [(index, attempt) for index in range(count) for attempt in range(attempts)]  # an icon's attempts adjoin
-    batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+    batches = _attempt_batches(count, settings.attempts, batch_size)
     for batch in tqdm(batches, desc=f"render {layer}", unit="batch", disable=not progress):
         index = [i for i, _ in batch]
+        seeds = [image_key(settings.seed, keys[i], attempt) for i, attempt in batch]
         images, values, cosines = _render_batch(
-            model,
-            layer,
-            directions[index],
-            [image_key(seed, keys[i], attempt) for i, attempt in batch],
-            size=size,
-            steps=steps,
-            cossim_pow=cossim_pow,
-            whitening=whitening,
-            transforms=stack,
-            param=param,
-            lr=lr,
-            mixed_precision=mixed_precision,
-        )
-        for j, (i, attempt) in enumerate(batch):
+            model, layer, directions[index], seeds, settings,
+            whitening=whitening, transforms=stack, mixed_precision=mixed_precision,
+        )  # fmt: skip
+        for j, (i, attempt) in enumerate(batch):  # keep each icon's best attempt so far
             if attempt == 0 or values[j] > objective[i] or np.isnan(objective[i]):
                 icons[i], objective[i], cosine[i] = images[j], values[j], cosines[j]
-        finished = np.array([i for i, attempt in batch if attempt == attempts - 1], dtype=np.int64)
+        finished = np.array([i for i, attempt in batch if attempt == settings.attempts - 1], dtype=np.int64)
         if on_icons is not None and len(finished):
             on_icons(finished, icons[finished], objective[finished], cosine[finished])
     return icons, objective, cosine
 
 
 # the stage ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Cells:
+    """What render reads of one grid: the layer's name, the non-empty mask [G, G], the means [G, G, C], S."""
+
+    layer: str
+    non_empty: np.ndarray
+    means: np.ndarray
+    whitening: np.ndarray | None
+    model: str
+    weights: str | None
+
+
+def _read_cells(path: str | Path, layer: str | None, grid: int, whiten: bool) -> _Cells:
+    with open_store(path) as store:
+        group = layer_group(store, layer)
+        cells = grid_group(group, grid)
+        whitening = None
+        if whiten:
+            if "whitening" not in group:
+                raise AtlasError(
+                    f"{group.name} has no whitening matrix (run `atlas grid`, or render without whitening)"
+                )
+            whitening = group["whitening"][()]
+        return _Cells(
+            layer=group.name.strip("/"),
+            non_empty=cells["count"][()] >= int(cells.attrs.get("min_count", 1)),
+            means=cells["mean"][()],
+            whitening=whitening,
+            model=str(store.attrs.get("model", "")),
+            weights=weights_argument(str(store.attrs.get("weights", ""))),
+        )
+
+
 def _check_layer(model: Classifier, layer: str, channels: int, size: int) -> None:
     """The layer must give the cell means' channel count and a spatial map at the icon size."""
+    model.resolve_layer(layer)  # an AtlasError naming close matches when the model has no such layer
     found = layer_map(model, layer, size)[0]
     if found != channels:
         raise AtlasError(
@@ -195,17 +237,11 @@ def _check_layer(model: Classifier, layer: str, channels: int, size: int) -> Non
         )
 
 
-def _prepare_outputs(grid: h5py.Group, settings: dict, size: int) -> np.ndarray:
+def _prepare_outputs(grid: h5py.Group, recorded: dict, size: int) -> np.ndarray:
     """Create the icon datasets, or keep them when they were made with the same settings; returns icon_done."""
     side = grid["count"].shape[0]
     existing = grid.get("icons")
-    same = (
-        existing is not None
-        and "icon_done" in grid
-        and existing.shape == (side, side, size, size, 3)
-        and all(existing.attrs.get(key) == value for key, value in settings.items())
-    )
-    if same:
+    if existing is not None and "icon_done" in grid and settings_match(existing, recorded):
         return grid["icon_done"][()]
     if existing is not None:
         log.info("%s: render settings changed, rendering every icon again", grid.name)
@@ -215,27 +251,36 @@ def _prepare_outputs(grid: h5py.Group, settings: dict, size: int) -> np.ndarray:
     icons = grid.create_dataset(
         "icons", shape=(side, side, size, size, 3), dtype=np.uint8, chunks=(1, 1, size, size, 3), fillvalue=255
     )
-    icons.attrs.update(settings)
+    icons.attrs.update({key: value for key, value in recorded.items() if value is not None})  # readable as attrs
+    record_settings(icons, recorded)
     grid.create_dataset("icon_objective", data=np.full((side, side), np.nan, np.float32))
     grid.create_dataset("icon_cosine", data=np.full((side, side), np.nan, np.float32))
     grid.create_dataset("icon_done", data=np.zeros((side, side), bool))
     return grid["icon_done"][()]
 
 
+def _load_net(model: str | Classifier | None, weights: str | None, device: str | None, cells: _Cells) -> Classifier:
+    """The given Classifier as is, else the named model (default the store's) with its weights on `device`."""
+    if isinstance(model, Classifier):
+        return model
+    weights = weights if weights is not None else cells.weights
+    return load_model(model or cells.model, weights=weights, device=device or default_device())
+
+
+def _recorded_settings(settings: RenderSettings, net: Classifier, runtime: Runtime) -> dict:
+    """The icons' settings as the store records them: the icon-defining ones, the model and the run-time policy."""
+    policy = dict(memory_format=runtime.memory_format, precision=runtime.precision)
+    return {**dataclasses.asdict(settings), "model": net.name, "weights": net.weights, **policy}
+
+
 def render_store(
     path: str | Path,
     layer: str | None = None,
     grid: int = 20,
-    size: int = 80,
-    steps: int = 1024,
-    attempts: int = 4,
+    settings: RenderSettings = RenderSettings(),
+    *,
     batch_size: int | None = None,
-    cossim_pow: float = 4,
-    transforms: str = "atlas",
-    param: str = PARAM,
-    whiten: bool = True,
     device: str | None = None,
-    seed: int = 0,
     model: str | Classifier | None = None,
     weights: str | None = None,
     progress: bool = True,
@@ -250,88 +295,41 @@ def render_store(
     the icons' attrs.
     renderer: a stand-in for `render_icons` with its arguments (atlas.cluster's runs the cells on dask workers).
     """
-    if size < 1 or steps < 0 or attempts < 1 or (batch_size is not None and batch_size < 1):
-        raise AtlasError("size, attempts and batch size must be positive and steps not negative")
-    preset(transforms, size)  # validates the names before anything is loaded
-    param_spec(param)
-    with open_store(path) as store:
-        group = layer_group(store, layer)
-        cells = grid_group(group, grid)
-        layer = group.name.strip("/")
-        counts = cells["count"][()]
-        means = cells["mean"][()]
-        non_empty = counts >= int(cells.attrs.get("min_count", 1))
-        whitening = None
-        if whiten:
-            if "whitening" not in group:
-                raise AtlasError(
-                    f"{group.name} has no whitening matrix (run `atlas grid`, or render without whitening)"
-                )
-            whitening = group["whitening"][()]
-        model_name = str(store.attrs.get("model", "")) if model is None else model
-        weights = weights if weights is not None else weights_argument(str(store.attrs.get("weights", "")))
-
-    if isinstance(model_name, Classifier):
-        net = model_name
-        device = model_device(net)
-    else:
-        device = device or default_device()
-        net = load_model(model_name, weights=weights, device=device)
-    runtime = resolve("render", device, precision, memory_format)
+    if batch_size is not None and batch_size < 1:
+        raise AtlasError(f"batch size must be positive, not {batch_size}")
+    cells = _read_cells(path, layer, grid, settings.whiten)
+    net = _load_net(model, weights, device, cells)
+    runtime = resolve("render", model_device(net), precision, memory_format)
     runtime.prepare(net)
-    net.resolve_layer(layer)  # an AtlasError naming close matches when the model has no such layer
-    _check_layer(net, layer, means.shape[-1], size)
+    _check_layer(net, cells.layer, cells.means.shape[-1], settings.size)
 
-    settings = dict(
-        size=size,
-        steps=steps,
-        attempts=attempts,
-        cossim_pow=cossim_pow,
-        transforms=transforms,
-        param=param,
-        whiten=whiten,
-        seed=seed,
-        model=net.name,
-        weights=net.weights,
-        memory_format=runtime.memory_format,
-        precision=runtime.precision,
-    )
     start = time.perf_counter()
     with open_store(path, "r+") as store:
-        cells = store[f"{layer}/grid/{grid}"]
-        done = _prepare_outputs(cells, settings, size)
-        todo = np.flatnonzero(non_empty.ravel() & ~done.ravel())  # row-major cell ids, y * G + x
-        log.info("%s grid %d: %d of %d non-empty cells to render", layer, grid, len(todo), int(non_empty.sum()))
+        group = store[f"{cells.layer}/grid/{grid}"]
+        done = _prepare_outputs(group, _recorded_settings(settings, net, runtime), settings.size)
+        todo = np.flatnonzero(cells.non_empty.ravel() & ~done.ravel())  # row-major cell ids, y * G + x
+        total = int(cells.non_empty.sum())
+        log.info("%s grid %d: %d of %d non-empty cells to render", cells.layer, grid, len(todo), total)
 
         def write(indices: np.ndarray, icons: np.ndarray, objective: np.ndarray, cosine: np.ndarray) -> None:
             values = {"icon_objective": objective, "icon_cosine": cosine}
-            store_finished(cells, np.divmod(todo[indices], grid), ("icons", icons), values, "icon_done")
+            store_finished(group, np.divmod(todo[indices], grid), ("icons", icons), values, "icon_done")
 
         if len(todo):
             (renderer or render_icons)(
                 net,
-                layer,
-                means.reshape(-1, means.shape[-1])[todo],
-                size=size,
-                steps=steps,
-                attempts=attempts,
-                batch_size=batch_size,
-                cossim_pow=cossim_pow,
-                whitening=whitening,
-                transforms=transforms,
-                param=param,
-                seed=seed,
+                cells.layer,
+                cells.means.reshape(-1, cells.means.shape[-1])[todo],
+                settings,
+                whitening=cells.whitening,
                 keys=todo.tolist(),
-                progress=progress,
-                on_icons=write,
+                batch_size=batch_size,
                 mixed_precision=runtime.precision == "bf16",
                 memory_format=runtime.memory_format,
+                progress=progress,
+                on_icons=write,
             )
+    seconds = round(time.perf_counter() - start, 2)
     return dict(
-        layer=layer,
-        grid=grid,
-        cells=int(non_empty.sum()),
-        rendered=len(todo),
-        already_done=int(non_empty.sum()) - len(todo),
-        seconds=round(time.perf_counter() - start, 2),
+        layer=cells.layer, grid=grid, cells=total, rendered=len(todo), already_done=total - len(todo), seconds=seconds
     )

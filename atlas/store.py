@@ -11,8 +11,9 @@ these. A later stage reads what an earlier one recorded here and never recompute
                              seed, positions         the position sampler's seed; positions per image and layer
                              dataset, code_version   the data source as given; the atlas version that collected
                              memory_format, precision  collect's run-time policy (atlas/runtime.py)
-                             collect_meta            JSON of every collect setting (a rerun with the same JSON is a
-                                                     no-op; other settings are an error, never an overwrite)
+                             collect_meta            JSON of every collect setting (`record_settings`; a rerun with
+                                                     equal settings is a no-op; other settings are an error, never
+                                                     an overwrite)
     /classes               [K] str      the model's class names, in logit order
     /images/path           [M] str      image path (or demo name), in collection order
     /images/label          [M] int64    class index, -1 when unknown
@@ -25,7 +26,8 @@ these. A later stage reads what an earlier one recorded here and never recompute
     /<layer>/layout        [N, 2] float32   written by `project`, in [0, 1]; attrs: method, metric, seed ("none"
                                             when unseeded), device, and the method's parameters (UMAP: n_neighbors,
                                             min_dist, n_epochs, knn, sgd, init; t-SNE: perplexity, learning_rate;
-                                            a comparison: classes, scale, percentile, y_method, ...)
+                                            a comparison: classes, scale, percentile, y_method, ...); and
+                                            `settings`, the JSON of project's LayoutSettings and device
     /<layer>/whitening     [C, C] float32   written by `grid`: regularised inverse covariance (S);
                                             attrs: ridge, samples (how many it was computed from), centred
     /<layer>/grid/<G>/     attrs: min_count
@@ -38,8 +40,9 @@ these. A later stage reads what an earlier one recorded here and never recompute
         top_attributions   [G, G, 5] float32  those mean attributions; NaN where empty
         icons              [G, G, PX, PX, 3] uint8   written by `render`: icon [y, x] is cell y * G + x;
                                               white (255) where empty; attrs: the render settings (size, steps,
-                                              attempts, cossim_pow, transforms, whiten, seed, model, weights,
-                                              memory_format, precision)
+                                              attempts, cossim_pow, transforms, param, lr unless None, whiten,
+                                              seed, model, weights, memory_format, precision), and all of them
+                                              as JSON in `settings` (a rerun resumes only when they match)
         icon_cosine        [G, G] float32   cosine(icon's centre activation, cell mean); NaN where empty
         icon_objective     [G, G] float32   final objective of the kept attempt; NaN where empty
         icon_done          [G, G] bool      icons rendered so far (a rerun of `render` renders the rest)
@@ -57,6 +60,9 @@ model's canonical name, which never contains "/".
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +72,8 @@ import numpy as np
 from atlas import AtlasError
 
 STR = h5py.string_dtype("utf-8")
+SETTINGS = "settings"  # the attr holding the JSON of the settings that made a dataset or group
+COLLECT_SETTINGS = "collect_meta"  # the root attr holding collect's settings
 CLASSES = "classes"
 ROW_CHUNK = 4096  # rows per HDF5 chunk: large enough to stream fast, small enough to read one cheaply
 
@@ -145,6 +153,37 @@ def store_finished(
         table[where] = table_values
         group[table_name][...] = table
     group.file.flush()
+
+
+def _jsonable(value: object) -> object:
+    """json.dumps' fallback: a dataclass as its fields, anything else (a Path) as its text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+def settings_json(settings: object) -> str:
+    """The settings (a dataclass, or JSON-able dict or list) as canonical JSON: sorted keys, tuples as lists."""
+    return json.dumps(settings, sort_keys=True, default=_jsonable)
+
+
+def fingerprint(settings: object) -> str:
+    """A short stable hash of the settings: equal exactly when their canonical JSON is."""
+    return hashlib.sha1(settings_json(settings).encode()).hexdigest()[:16]
+
+
+def record_settings(node: h5py.Group | h5py.Dataset, settings: object, name: str = SETTINGS) -> None:
+    """Record the settings that made `node` (as JSON in its attr `name`), for `settings_match` to compare."""
+    node.attrs[name] = settings_json(settings)
+
+
+def settings_match(node: h5py.Group | h5py.Dataset, settings: object, name: str = SETTINGS) -> bool:
+    """Whether `node` was made with these settings; False when it recorded none or unreadable ones (older stores)."""
+    try:
+        recorded = json.loads(str(node.attrs[name]))
+    except (KeyError, ValueError):
+        return False
+    return fingerprint(recorded) == fingerprint(settings)
 
 
 def class_names(store: h5py.File, count: int) -> list[str]:

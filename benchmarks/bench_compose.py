@@ -53,12 +53,12 @@ def _store(folder: Path, sizes: list[int], n: int, icon_px: int) -> Path:
 
 
 def compose_case(sizes: list[int], n: int, icon_px: int, examples: int) -> dict:
-    from atlas.compose import compose_run
+    from atlas.compose import ComposeSettings, compose_run
 
     with tempfile.TemporaryDirectory() as tmp:
         store = _store(Path(tmp), sizes, n, icon_px)
         start = time.perf_counter()
-        compose_run(store, Path(tmp) / "run", examples=examples)
+        compose_run(store, Path(tmp) / "run", settings=ComposeSettings(examples=examples))
         seconds = time.perf_counter() - start
         tiles = sum(1 for _ in (Path(tmp) / "run/layer-mixed4c/tiles_files").rglob("*.jpg"))
         patches = sum(1 for _ in (Path(tmp) / "run/patches").rglob("*.jpg"))

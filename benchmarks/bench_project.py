@@ -66,9 +66,11 @@ def plain_umap(x: np.ndarray, **extra: object) -> np.ndarray:
 
 
 def our_umap(x: np.ndarray, **extra: object) -> np.ndarray:
-    from atlas.project import embed
+    from atlas.project import LayoutSettings, embed
 
-    return embed(x, **SETTINGS, **{"seed": 0, "device": "cpu", **extra})
+    options = {"seed": 0, "device": "cpu", **extra}
+    device = options.pop("device")
+    return embed(x, LayoutSettings(**SETTINGS, **options), device)
 
 
 def device_name(device: str) -> str:

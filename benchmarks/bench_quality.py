@@ -31,7 +31,7 @@ from atlas.models import Classifier, TFLiteNormalize, imagenet_classes, load_mod
 from atlas.optvis import optimize_images
 from atlas.optvis.objectives import class_logit
 from atlas.optvis.transform import image_key, preset
-from atlas.render import render_icons
+from atlas.render import RenderSettings, render_icons
 from atlas.store import open_store
 from benchmarks.common import ROOT, SAMPLE
 
@@ -119,7 +119,7 @@ def sample_store(model: Classifier) -> Path:
         records = images.list_images(SAMPLE, model.class_names)
         partial = store.with_suffix(".partial.h5")
         collect.collect(model, records, partial, layers=[LAYER], positions=POSITIONS, seed=0, dataset=str(SAMPLE))
-        project.project_store(partial, layer=LAYER, **config["project"])
+        project.project_store(partial, LAYER, project.LayoutSettings.from_config(config["project"]))
         grid.grid_store(partial, layer=LAYER, sizes=[GRID], min_count=config["grid"]["min_count"])
         partial.rename(store)
     return store
@@ -141,13 +141,15 @@ def atlas_icons(model: Classifier, referee: Classifier, store: Path, param: str,
         model,
         LAYER,
         means,
-        size=settings["size"],
-        steps=settings["steps"],
-        attempts=1,
-        cossim_pow=settings["cossim_pow"],
+        RenderSettings(
+            size=settings["size"],
+            steps=settings["steps"],
+            attempts=1,
+            cossim_pow=settings["cossim_pow"],
+            transforms=transforms,
+            param=param,
+        ),
         whitening=whitening,
-        transforms=transforms,
-        param=param,
         keys=full.tolist(),
         progress=False,
     )

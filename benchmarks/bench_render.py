@@ -37,7 +37,7 @@ import torch
 
 from atlas.models import Classifier, load_model
 from atlas.optvis.objectives import atlas_direction
-from atlas.render import render_icons
+from atlas.render import RenderSettings, render_icons
 from atlas.runtime import Runtime, resolve
 
 LUCENT_DIR = Path(__file__).resolve().parent / ".lucent"
@@ -72,12 +72,8 @@ def _ours(model: Classifier, directions: np.ndarray, batch: int, steps: int, tra
         model,
         LAYER,
         directions,
-        size=SIZE,
-        steps=steps,
-        attempts=1,
+        RenderSettings(size=SIZE, steps=steps, attempts=1, cossim_pow=COSSIM_POW, transforms=transforms),
         batch_size=batch,
-        cossim_pow=COSSIM_POW,
-        transforms=transforms,
         progress=False,
     )
     _sync()
@@ -121,8 +117,8 @@ POLICIES = {"baseline NCHW fp32": ("contiguous", "fp32"), "auto": ("auto", "auto
 
 def _policy_render(model: Classifier, layer: str, directions: np.ndarray, steps: int, runtime: Runtime) -> np.ndarray:
     return render_icons(
-        model, layer, directions, size=SIZE, steps=steps, attempts=1, batch_size=len(directions),
-        transforms="atlas", mixed_precision=runtime.precision == "bf16", memory_format=runtime.memory_format,
+        model, layer, directions, RenderSettings(size=SIZE, steps=steps, attempts=1, transforms="atlas"),
+        batch_size=len(directions), mixed_precision=runtime.precision == "bf16", memory_format=runtime.memory_format,
         progress=False,
     )[1]  # fmt: skip
 

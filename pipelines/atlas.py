@@ -12,31 +12,37 @@ before torch and the stages are imported, so such a run stops within a second.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from atlas import AtlasError
 from atlas.config import config_path, load_config
+from atlas.store import fingerprint
 from atlas.zoo import locate_weights, model_for_layer
+
+if TYPE_CHECKING:  # torch is imported only once the run's settings are checked
+    from atlas.images import ImageRecord
+    from atlas.models import Classifier
 
 log = logging.getLogger("pipelines.atlas")
 
 
 def stage_functions() -> dict[str, Callable]:
-    """Each config section's stage function (imported on demand: torch and umap take seconds to import)."""
+    """What each config section's keys are checked against: the stage function, or the stage's settings class
+    (imported on demand: torch and umap take seconds to import)."""
     from atlas import collect, compose, grid, project, render
 
     return {
         "collect": collect.collect,
-        "project": project.project_store,
+        "project": project.LayoutSettings,
         "grid": grid.grid_store,
-        "render": render.render_store,
-        "compose": compose.compose_run,
+        "render": render.RenderSettings,
+        "compose": compose.ComposeSettings,
     }
 
 
@@ -70,7 +76,7 @@ class Fingerprints:
         self.upstream = ""
 
     def run(self, stage: str, params: dict, work: Callable[[], object]) -> None:
-        key = hashlib.sha1(json.dumps([self.upstream, stage, params], sort_keys=True, default=str).encode()).hexdigest()
+        key = fingerprint([self.upstream, stage, params])
         self.upstream = key
         if self.done.get(stage) == key:
             log.info("%s: up to date, skipped", stage)
@@ -98,50 +104,60 @@ def run_atlas(
     same_model = model_name in (None, base.get("model"))
     model_name = model_name or base["model"]
     weights = locate_weights(model_name, weights or (base.get("weights") if same_model else None))
-    stages = stage_functions()
-    config = load_config(config_file, stages, layer or (base.get("layer") if same_model else None))
+    config = load_config(config_file, stage_functions(), layer or (base.get("layer") if same_model else None))
     data = run_data(data, config)
 
-    from atlas.grid import DEFAULT_SIZES
+    from atlas.compose import ComposeSettings
     from atlas.images import list_images
     from atlas.models import load_model
+    from atlas.project import LayoutSettings
+    from atlas.render import RenderSettings
     from atlas.runtime import default_device
 
+    # the stages' settings, validated before any work
+    config["project"] = LayoutSettings.from_config(config["project"], f"{config_file} (project:)")
+    config["render"] = RenderSettings.from_config(config["render"], f"{config_file} (render:)")
+    config["compose"] = ComposeSettings.from_config(config["compose"], f"{config_file} (compose:)")
     device = device or default_device()
 
     model = load_model(model_name, weights=weights, device=device)
     layer = model.resolve_layer(layer or (config.get("layer") if same_model else None) or model.default_layer)
     run_dir = Path(out) if out else Path("data/runs") / f"{model_name}-{layer}{f'-n{limit}' if limit else ''}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    store = run_dir / "store.h5"
     log.info("model %s, layer %s, data %s -> %s", model_name, layer, data, run_dir)
-
-    steps = Fingerprints(run_dir / "pipeline.json")
     records = list_images(data, model.class_names, model.imagenet_index)[:limit]
-    collect_args = {**config["collect"], "layers": [layer], "device": device, "dataset": str(data)}
+    _run_stages(config, model, layer, records, str(data), run_dir, device)
+    return run_dir / "index.html"
+
+
+def _run_stages(
+    config: dict, model: Classifier, layer: str, records: list[ImageRecord], dataset: str, run_dir: Path, device: str
+) -> None:
+    """collect -> project -> grid -> render -> compose into run_dir/store.h5, each skipped when up to date."""
+    from atlas import collect, compose, grid, project, render
+    from atlas.grid import DEFAULT_SIZES
+
+    store = run_dir / "store.h5"
+    steps = Fingerprints(run_dir / "pipeline.json")
+    collect_args = {**config["collect"], "layers": [layer], "device": device, "dataset": dataset}
     steps.run(
         "collect",
-        {**collect_args, "model": model_name, "weights": model.weights, "images": [r.path for r in records]},
-        lambda: stages["collect"](model, records, store, **collect_args),
+        {**collect_args, "model": model.name, "weights": model.weights, "images": [r.path for r in records]},
+        lambda: collect.collect(model, records, store, **collect_args),
     )
+    layout, icons = config["project"], config["render"]
     steps.run(
-        "project",
-        config["project"],
-        lambda: stages["project"](store, layer=layer, device=device, **config["project"]),
+        "project", {"settings": layout, "device": device}, lambda: project.project_store(store, layer, layout, device)
     )
-    steps.run("grid", config["grid"], lambda: stages["grid"](store, layer=layer, **config["grid"]))
+    steps.run("grid", config["grid"], lambda: grid.grid_store(store, layer=layer, **config["grid"]))
     sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))
-    render_args = {**config["render"], "device": device}
     steps.run(
         "render",
-        {**render_args, "sizes": sizes},
-        lambda: [stages["render"](store, layer=layer, grid=size, model=model, **render_args) for size in sizes],
+        {"settings": icons, "sizes": sizes, "device": device},
+        lambda: [render.render_store(store, layer, size, icons, model=model, device=device) for size in sizes],
     )
-    index = run_dir / "index.html"
-    steps.run(
-        "compose", config["compose"], lambda: stages["compose"](store, run_dir, layers=[layer], **config["compose"])
-    )
-    return index
+    drawn = config["compose"]
+    steps.run("compose", {"settings": drawn}, lambda: compose.compose_run(store, run_dir, [layer], settings=drawn))
 
 
 def main(argv: list[str] | None = None) -> int:

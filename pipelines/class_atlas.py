@@ -16,17 +16,18 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from atlas import AtlasError
 from atlas.class_atlas import comparison_layout_store, fit_perplexity, select_samples, write_subset_store
 from atlas.classes import resolve_class
-from atlas.compose import MANIFEST, compose_run
+from atlas.compose import MANIFEST, ComposeSettings, compose_run
 from atlas.config import check_section, config_path, load_config
 from atlas.grid import RIDGE, grid_store
-from atlas.project import project_store
-from atlas.render import render_store
-from atlas.store import class_names, layer_group, open_store
+from atlas.project import LayoutSettings, project_store
+from atlas.render import RenderSettings, render_store
+from atlas.store import COLLECT_SETTINGS, class_names, layer_group, open_store
 from pipelines.atlas import Fingerprints
 
 log = logging.getLogger("pipelines.class_atlas")
@@ -50,11 +51,11 @@ DEFAULTS = {
 }
 SECTIONS = {
     "select": select_samples,
-    "project": project_store,
+    "project": LayoutSettings,
     "layout": comparison_layout_store,
     "grid": grid_store,
-    "render": render_store,
-    "compose": compose_run,
+    "render": RenderSettings,
+    "compose": ComposeSettings,
 }
 MIN_SAMPLES = 5
 
@@ -80,6 +81,59 @@ def class_settings(config_file: Path, layer: str, comparison: bool, overrides: d
     return settings
 
 
+@dataclass(frozen=True)
+class Parent:
+    """What a class atlas takes from its parent store's layer, and what identifies that layer's data."""
+
+    layer: str
+    names: list[str]
+    model: str
+    identity: dict  # store, layer, rows, collection, whitening ridge: a select stage's upstream
+    rendered: bool  # the layer has a rendered atlas (then the classes' heat-maps are composed too)
+
+
+def read_parent(store: Path, layer: str | None) -> Parent:
+    with open_store(store) as parent:
+        group = layer_group(parent, layer)
+        layer = group.name.strip("/")
+        whitening = group.get("whitening")
+        identity = {
+            "store": str(store.resolve()),
+            "layer": layer,
+            "rows": group["activations"].shape[0],
+            "collection": str(parent.attrs.get(COLLECT_SETTINGS, "")),
+            "whitening_ridge": float(whitening.attrs.get("ridge", RIDGE)) if whitening is not None else RIDGE,
+        }
+        return Parent(
+            layer=layer,
+            names=class_names(parent, group["attributions"].shape[1]),
+            model=str(parent.attrs.get("model", "")),
+            identity=identity,
+            rendered="grid" in group and any("icons" in grid for grid in group["grid"].values()),
+        )
+
+
+def atlas_head(layer: str, classes: list[int], names: list[str]) -> dict:
+    """The manifest fields of a class atlas (one class) or a comparison (two) but its paths and sample count."""
+    if len(classes) == 2:
+        a, b = classes
+        return {
+            "id": f"compare-{layer}-{a}-{b}",
+            "kind": "comparison",
+            "class": f"{names[a]} vs {names[b]}",
+            "classes": classes,
+            "title": f"{layer}: {names[a]} (left) vs {names[b]} (right)",
+        }
+    (c,) = classes
+    return {
+        "id": f"class-{layer}-{c}",
+        "kind": "class",
+        "class": names[c],
+        "class_index": c,
+        "title": f"{layer}: {names[c]}",
+    }
+
+
 def run_class_atlas(
     store: str | Path,
     out: str | Path,
@@ -89,48 +143,25 @@ def run_class_atlas(
     config_file: str | Path | None = None,
     device: str | None = None,
     overrides: dict | None = None,
+    batch_size: int | None = None,
 ) -> list[dict]:
     """Build the class atlas of `class_name` (or, with `vs`, the comparison of the two) into the run folder `out`,
     plus the classes' heat-maps when the parent layer has a rendered atlas. Returns the manifest entries written.
 
     overrides: {section: {key: value}} over the config, e.g. {"render": {"steps": 64}}.
+    batch_size: icon attempts rendered together (not a setting of the result: `render_store`'s default).
     """
     from atlas.runtime import default_device
 
     store, out = Path(store), Path(out)
-    with open_store(store) as parent:
-        group = layer_group(parent, layer)
-        layer = group.name.strip("/")
-        names = class_names(parent, group["attributions"].shape[1])
-        model_name = str(parent.attrs.get("model", ""))
-        whitening = group.get("whitening")
-        parent_id = {
-            "store": str(store.resolve()),
-            "layer": layer,
-            "rows": group["activations"].shape[0],
-            "collection": str(parent.attrs.get("collect_meta", "")),
-            "whitening_ridge": float(whitening.attrs.get("ridge", RIDGE)) if whitening is not None else RIDGE,
-        }
-        layer_atlas = "grid" in group and any("icons" in grid for grid in group["grid"].values())
+    parent = read_parent(store, layer)
+    layer, names = parent.layer, parent.names
     classes = [resolve_class(name, names) for name in ([class_name] if vs is None else [class_name, vs])]
     if len(set(classes)) != len(classes):
         raise AtlasError(f"--class and --vs are the same class ({names[classes[0]]})")
-    comparison = vs is not None
-    settings = class_settings(Path(config_file or config_path(model_name)), layer, comparison, overrides)
+    settings = class_settings(Path(config_file or config_path(parent.model)), layer, vs is not None, overrides)
     device = device or default_device()
-
-    if comparison:
-        a, b = classes
-        head = {
-            "id": f"compare-{layer}-{a}-{b}",
-            "kind": "comparison",
-            "class": f"{names[a]} vs {names[b]}",
-            "classes": classes,
-            "title": f"{layer}: {names[a]} (left) vs {names[b]} (right)",
-        }
-    else:
-        head = {"id": f"class-{layer}-{classes[0]}", "kind": "class", "class": names[classes[0]]}
-        head.update(class_index=classes[0], title=f"{layer}: {names[classes[0]]}")
+    head = atlas_head(layer, classes, names)
     work = out / "stores"
     work.mkdir(parents=True, exist_ok=True)
     subset = work / f"{head['id']}.h5"
@@ -138,55 +169,85 @@ def run_class_atlas(
     if not subset.exists():
         steps.done.clear()  # the fingerprints describe a store that is gone
 
-    def select() -> None:
-        with open_store(store) as parent:
-            rows = select_samples(parent[layer]["attributions"], classes, **settings["select"])
-        if len(rows) < MIN_SAMPLES:
-            raise AtlasError(
-                f"only {len(rows)} samples attribute to {', '.join(names[c] for c in classes)}: too few for an atlas "
-                f"(collect more images or positions)"
-            )
-        write_subset_store(store, subset, rows, layer, kind=head["kind"], classes=classes)
-
-    steps.run("select", {**parent_id, "classes": classes, **settings["select"]}, select)
+    select = settings["select"]
+    chosen = {**parent.identity, "classes": classes, **select}
+    steps.run("select", chosen, lambda: select_subset(store, subset, parent, classes, head["kind"], select))
     with open_store(subset) as made:
         samples = made[layer]["activations"].shape[0]
-    if comparison:
+    lay_out_and_render(steps, subset, layer, classes, samples, settings, device, batch_size)
+    compose = ComposeSettings.from_config(settings["compose"])
+    head = {**head, "samples": samples}
+    steps.run(
+        "compose",
+        {"settings": compose, **head},
+        lambda: compose_run(subset, out, layers=[layer], settings=compose, atlas=head),
+    )
+    written = [head["id"]]
+    if parent.rendered:
+        written += compose_heatmaps(store, out, parent, classes, compose)
+    else:
+        log.info("%s has no rendered layer atlas in %s: no heat-map composed", layer, store)
+    manifest = json.loads((out / MANIFEST).read_text())["atlases"]
+    return [entry for entry in manifest if entry["id"] in written]
+
+
+def select_subset(store: Path, subset: Path, parent: Parent, classes: list[int], kind: str, select: dict) -> None:
+    """Write the subset store of the samples `select_samples` picks for the classes (an AtlasError when too few)."""
+    with open_store(store) as h5:
+        rows = select_samples(h5[parent.layer]["attributions"], classes, **select)
+    if len(rows) < MIN_SAMPLES:
+        raise AtlasError(
+            f"only {len(rows)} samples attribute to {', '.join(parent.names[c] for c in classes)}: too few for an "
+            f"atlas (collect more images or positions)"
+        )
+    write_subset_store(store, subset, rows, parent.layer, kind=kind, classes=classes)
+
+
+def lay_out_and_render(
+    steps: Fingerprints,
+    subset: Path,
+    layer: str,
+    classes: list[int],
+    samples: int,
+    settings: dict,
+    device: str,
+    batch_size: int | None,
+) -> None:
+    """The subset store's layout (t-SNE or UMAP; a comparison's own), grid and icons, each skipped when up to date."""
+    if len(classes) == 2:
         layout = settings["layout"]  # lowers the perplexity itself when there are few samples
         steps.run("layout", layout, lambda: comparison_layout_store(subset, *classes, layer=layer, **layout))
     else:
         project = dict(settings["project"])
         project["perplexity"] = fit_perplexity(samples, project.get("perplexity", 50))
         project["n_neighbors"] = min(project.get("n_neighbors", 20), samples - 1)
-        steps.run("project", project, lambda: project_store(subset, layer=layer, device=device, **project))
+        plane = LayoutSettings.from_config(project)
+        steps.run("project", {"settings": plane, "device": device}, lambda: project_store(subset, layer, plane, device))
     grid = settings["grid"]
     steps.run("grid", grid, lambda: grid_store(subset, layer=layer, whitening=False, **grid))
     sizes = [int(size) for size in grid.get("sizes", [8])]
-    render = {"device": device, **settings["render"]}
+    render = RenderSettings.from_config(settings["render"])
     steps.run(
         "render",
-        {**render, "sizes": sizes},
-        lambda: [render_store(subset, layer=layer, grid=size, **render) for size in sizes],
+        {"settings": render, "sizes": sizes, "device": device},
+        lambda: [render_store(subset, layer, size, render, batch_size=batch_size, device=device) for size in sizes],
     )
-    compose = settings["compose"]
-    head = {**head, "samples": samples}
-    steps.run("compose", {**compose, **head}, lambda: compose_run(subset, out, layers=[layer], atlas=head, **compose))
-    written = [head["id"]]
-    if layer_atlas:
-        for c in classes:
-            heat = Fingerprints(work / f"heatmap-{layer}-{c}.json")
-            stat = store.stat()
-            parent_state = {**parent_id, "modified": stat.st_mtime_ns, "bytes": stat.st_size}
-            heat.run(
-                "compose",
-                {**parent_state, "class": c, **compose},
-                lambda c=c: compose_run(store, out, layers=[layer], heatmap_class=c, **compose),
-            )
-            written.append(f"heatmap-{layer}-{c}")
-    else:
-        log.info("%s has no rendered layer atlas in %s: no heat-map composed", layer, store)
-    manifest = json.loads((out / MANIFEST).read_text())["atlases"]
-    return [entry for entry in manifest if entry["id"] in written]
+
+
+def compose_heatmaps(store: Path, out: Path, parent: Parent, classes: list[int], compose: ComposeSettings) -> list[str]:
+    """Each class's attribution heat-map over the parent's layer atlas (redone when the parent store changed)."""
+    written = []
+    for c in classes:
+        heat = Fingerprints(out / "stores" / f"heatmap-{parent.layer}-{c}.json")
+        stat = store.stat()
+        parent_state = {**parent.identity, "modified": stat.st_mtime_ns, "bytes": stat.st_size}
+        heat.run(
+            "compose",
+            {**parent_state, "class": c, "settings": compose},
+            lambda c=c: compose_run(store, out, layers=[parent.layer], settings=compose, heatmap_class=c),
+        )
+        written.append(f"heatmap-{parent.layer}-{c}")
+    return written
 
 
 def default_store() -> Path:

@@ -72,21 +72,21 @@ MUTANTS = [
     Mutant(
         "project-layout-min-max-no-margin",
         "atlas/project.py",
-        "            init=init,\n        )\n    )\n",
-        "            init=init,\n        ),\n        0.0,\n        100.0,\n        0.0,\n    )\n",
+        "layout = normalize_layout(embed(x, settings, device))",
+        "layout = normalize_layout(embed(x, settings, device), 0.0, 100.0, 0.0)",
         ("tests/test_project.py::test_project_store_normalises_from_widened_percentiles",),
     ),
     Mutant(
         "render-ignores-whitening",
         "atlas/render.py",
-        "            whitening=whitening,\n            transforms=stack,",
-        "            whitening=None,\n            transforms=stack,",
+        "whitening=whitening, transforms=stack, mixed_precision=mixed_precision,",
+        "whitening=None, transforms=stack, mixed_precision=mixed_precision,",
         RENDER,
     ),
     Mutant(
         "render-done-after-first-attempt",
         "atlas/render.py",
-        "if attempt == attempts - 1]",
+        "if attempt == settings.attempts - 1]",
         "if attempt == 0]",
         RENDER,
     ),
@@ -129,7 +129,7 @@ MUTANTS = [
     Mutant(
         "config-accepts-unknown-keys",
         "atlas/config.py",
-        "    _check_keys(values, set(inspect.signature(function).parameters), where)\n",
+        "    check_keys(values, set(inspect.signature(function).parameters), where)\n",
         "",
         PIPELINE,
     ),
@@ -174,6 +174,21 @@ MUTANTS = [
         "atlas/compose.py",
         'int(store.attrs["resize_size"]) if "resize_size" in store.attrs else round(input_size * 256 / 224)',
         "round(input_size * 256 / 224)",
+        ("tests/test_store.py",),
+    ),
+    # issue 17: one fingerprint decides every reuse
+    Mutant(
+        "render-resumes-despite-changed-settings",
+        "atlas/render.py",
+        'if existing is not None and "icon_done" in grid and settings_match(existing, recorded):',
+        'if existing is not None and "icon_done" in grid:',
+        RENDER,
+    ),
+    Mutant(
+        "fingerprint-ignores-key-order-normalisation",
+        "atlas/store.py",
+        "return json.dumps(settings, sort_keys=True, default=_jsonable)",
+        "return json.dumps(settings, default=_jsonable)",
         ("tests/test_store.py",),
     ),
     Mutant(

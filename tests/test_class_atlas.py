@@ -19,9 +19,9 @@ from atlas.class_atlas import (
     write_subset_store,
 )
 from atlas.cli import main
-from atlas.compose import compose_run
+from atlas.compose import ComposeSettings, compose_run
 from atlas.grid import grid_store
-from atlas.render import render_store
+from atlas.render import RenderSettings, render_store
 from pipelines.class_atlas import class_settings, run_class_atlas
 from tests.synthetic import tiny_imagenet_classifier, write_synthetic_store
 from tests.test_compose import write_rendered_store
@@ -168,8 +168,8 @@ def test_heatmap_opacity_is_attribution_over_the_populated_maximum():
 def test_compose_heatmap_fades_cells_by_attribution(tmp_path):
     store = write_rendered_store(tmp_path, sizes=(4,))
     run = tmp_path / "run"
-    compose_run(store, run, labels=False, examples=0)
-    compose_run(store, run, labels=False, examples=0, heatmap_class=3)
+    compose_run(store, run, settings=ComposeSettings(labels=False, examples=0))
+    compose_run(store, run, heatmap_class=3, settings=ComposeSettings(labels=False, examples=0))
     manifest = json.loads((run / "atlases.json").read_text())["atlases"]
     assert [(a["id"], a["kind"]) for a in manifest] == [("layer-mixed4c", "layer"), ("heatmap-mixed4c-3", "heatmap")]
     assert manifest[1]["class"] == "class 3 (heat-map)"
@@ -249,7 +249,8 @@ def test_class_atlas_adds_the_heatmap_when_the_layer_has_an_atlas(store, tmp_pat
     with h5py.File(store, "r+") as f:
         f["relu3/layout"] = np.random.default_rng(0).uniform(size=(300, 2)).astype(np.float32)
     grid_store(store, sizes=[4], min_count=2)
-    render_store(store, grid=4, size=32, steps=1, attempts=1, model=tiny_imagenet_classifier(), progress=False)
+    icon = RenderSettings(size=32, steps=1, attempts=1)
+    render_store(store, grid=4, settings=icon, model=tiny_imagenet_classifier(), progress=False)
     tiny = {"select": {"top": 20}, "render": {"size": 32, "steps": 2, "attempts": 1}}
     entries = run_class_atlas(store, tmp_path / "run", "great white shark", device="cpu", overrides=tiny)
     assert [(e["id"], e["kind"]) for e in entries] == [("class-relu3-2", "class"), ("heatmap-relu3-2", "heatmap")]

@@ -18,7 +18,7 @@ from atlas.cluster import _collect_task, collect_on_cluster, connect
 from atlas.collect import _shard_name, collect, plan_collection
 from atlas.images import list_images
 from atlas.models import Classifier, load_model
-from atlas.render import render_store
+from atlas.render import RenderSettings, render_store
 from atlas.runtime import resolve
 from tests import synthetic
 from tests.synthetic import write_synthetic_store
@@ -169,7 +169,8 @@ def grid_store(path: Path) -> Path:
 def test_render_on_two_workers_fills_the_same_icons_and_resumes(tmp_path, client, capsys):
     # one cell's two attempts per batch in both runs (a cluster task is one cell here), so the same arithmetic
     single = grid_store(tmp_path / "single.h5")
-    render_store(single, grid=3, size=32, steps=4, attempts=2, batch_size=2, transforms="none", whiten=False)
+    icon = RenderSettings(size=32, steps=4, attempts=2, transforms="none", whiten=False)
+    render_store(single, grid=3, settings=icon, batch_size=2)
     spread = grid_store(tmp_path / "cluster.h5")
     argv = ["render", str(spread), "--grid", "3", "--size", "32", "--steps", "4", "--attempts", "2",
             "--batch-size", "2", "--transforms", "none", "--no-whiten",

@@ -15,7 +15,17 @@ from PIL import Image
 
 from atlas import AtlasError
 from atlas.cli import main
-from atlas.compose import Grid, Heatmap, compose_run, density_scale, draw_labels, level_grids, patch_box, write_dzi
+from atlas.compose import (
+    ComposeSettings,
+    Grid,
+    Heatmap,
+    compose_run,
+    density_scale,
+    draw_labels,
+    level_grids,
+    patch_box,
+    write_dzi,
+)
 from atlas.store import STR
 from atlas.view import serve_in_thread
 
@@ -168,7 +178,7 @@ def test_dzi_levels_tiles_and_grid_per_level(tmp_path: Path) -> None:
 
 def test_compose_run_end_to_end(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    index = compose_run(store, out, labels=False, examples=3)
+    index = compose_run(store, out, settings=ComposeSettings(labels=False, examples=3))
     assert index == out / "index.html" and index.is_file()
     assert (out / "vendor/openseadragon/openseadragon.min.js").is_file()
     manifest = json.loads((out / "atlases.json").read_text())["atlases"]
@@ -230,17 +240,17 @@ def test_compose_run_end_to_end(store: Path, tmp_path: Path) -> None:
 
 def test_compose_is_rerunnable_and_keeps_other_atlases(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    compose_run(store, out, grids=[8], examples=0)
+    compose_run(store, out, grids=[8], settings=ComposeSettings(examples=0))
     manifest = json.loads((out / "atlases.json").read_text())
     other = {"id": "class-5-mixed4c", "kind": "class", "layer": "mixed4c", "class": "class 5", "title": "class 5"}
     manifest["atlases"].append(other)
     (out / "atlases.json").write_text(json.dumps(manifest))
-    compose_run(store, out, examples=1)
+    compose_run(store, out, settings=ComposeSettings(examples=1))
     atlases = json.loads((out / "atlases.json").read_text())["atlases"]
     assert [a["id"] for a in atlases] == ["layer-mixed4c", "class-5-mixed4c"]
     assert [g["size"] for g in atlases[0]["grids"]] == [4, 8]
     labelled = np.asarray(Image.open(out / "layer-mixed4c/grid-8/atlas.png"))
-    compose_run(store, out, grids=[8], labels=False, examples=0)
+    compose_run(store, out, grids=[8], settings=ComposeSettings(labels=False, examples=0))
     assert not np.array_equal(labelled, np.asarray(Image.open(out / "layer-mixed4c/grid-8/atlas.png")))
 
 
@@ -249,7 +259,7 @@ def test_unrendered_icons_are_left_blank(store: Path, tmp_path: Path, caplog: py
         count = f["mixed4c/grid/8/count"][()]
         y, x = np.argwhere(count >= 3)[0]
         f["mixed4c/grid/8/icon_done"][y, x] = False  # as if `atlas render` was interrupted
-    compose_run(store, tmp_path / "run", grids=[8], labels=False, examples=0)
+    compose_run(store, tmp_path / "run", grids=[8], settings=ComposeSettings(labels=False, examples=0))
     atlas = np.asarray(Image.open(tmp_path / "run/layer-mixed4c/grid-8/atlas.png"))
     assert (atlas[y * ICON_PX : (y + 1) * ICON_PX, x * ICON_PX : (x + 1) * ICON_PX] == 255).all()
     assert (atlas != 255).any()
@@ -288,3 +298,13 @@ def test_cli_compose_and_view_server(store: Path, tmp_path: Path, capsys: pytest
         server.server_close()
     assert main(["view", str(tmp_path)]) == 2
     assert "no index.html" in capsys.readouterr().err
+
+
+def test_compose_settings_are_checked_once_from_a_config():
+    assert ComposeSettings.from_config({"examples": 0}) == ComposeSettings(examples=0)
+    with pytest.raises(AtlasError, match="unknown key 'label'.*did you mean labels"):
+        ComposeSettings.from_config({"label": False})
+    with pytest.raises(AtlasError, match="tile format 'gif'"):
+        ComposeSettings(tile_format="gif")
+    with pytest.raises(AtlasError, match="examples per cell"):
+        ComposeSettings(examples=-1)

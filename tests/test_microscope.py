@@ -15,7 +15,7 @@ from torch import nn
 
 from atlas import AtlasError
 from atlas.cli import main
-from atlas.compose import VIEWER, compose_run
+from atlas.compose import VIEWER, ComposeSettings, compose_run
 from atlas.images import ImageDataset, ImageRecord, collate
 from atlas.microscope import (
     RESULTS,
@@ -72,7 +72,7 @@ def build_site(folder: Path, units: str = "4", with_atlas: bool = True) -> Path:
     run = folder / "run"
     run.mkdir(parents=True, exist_ok=True)
     if with_atlas:
-        compose_run(write_rendered_store(folder, sizes=(4, 8), n=400), run, examples=1)
+        compose_run(write_rendered_store(folder, sizes=(4, 8), n=400), run, settings=ComposeSettings(examples=1))
         (folder / "store.h5").rename(run / "store.h5")
     photos = write_photos(folder / "photos")
     assert main(["microscope", "--model", TINY, "--layer", LAYER, "--data", str(photos), "--units", units,
@@ -223,7 +223,7 @@ def test_units_link_to_their_best_atlas_cell(tmp_path: Path) -> None:
     # composing the folder again refreshes the atlas viewer in atlas.html and keeps the microscope's home page
     home = (run / "index.html").read_text()
     (run / "atlas.html").write_text("stale")
-    assert compose_run(run / "store.h5", run, labels=False, examples=0) == run / "atlas.html"
+    assert compose_run(run / "store.h5", run, settings=ComposeSettings(labels=False, examples=0)) == run / "atlas.html"
     assert (run / "index.html").read_text() == home
     assert (run / "atlas.html").read_text() == (VIEWER / "index.html").read_text()
 

@@ -19,7 +19,7 @@ from atlas.optvis.param import (
     shipped_spectrum,
 )
 from atlas.optvis.transform import ImageRandom, image_key, random_crop
-from atlas.render import render_icons, render_store
+from atlas.render import RenderSettings, render_icons
 from pipelines.class_atlas import class_settings
 from pipelines.microscope import run_microscope
 from tests.test_optvis import stripe_detector
@@ -119,13 +119,15 @@ def test_renderers_take_the_parameterisation_by_name(tmp_path):
     model = stripe_detector(True)
     directions = torch.ones(2, 1)
     icons = {
-        kind: render_icons(model, "relu", directions, size=32, steps=2, attempts=1, param=kind, progress=False)[0]
+        kind: render_icons(
+            model, "relu", directions, RenderSettings(size=32, steps=2, attempts=1, param=kind), progress=False
+        )[0]
         for kind in PARAMS
     }
     assert all(icon.shape == (2, 32, 32, 3) for icon in icons.values())
     assert not np.array_equal(icons["phase"], icons["fft"]) and not np.array_equal(icons["fft"], icons["pixel"])
     with pytest.raises(AtlasError, match="unknown image parameterisation"):
-        render_store(tmp_path / "missing.h5", param="wavelet")  # refused before the store is opened
+        RenderSettings(param="wavelet")  # refused before any store is opened
     with pytest.raises(AtlasError, match="unknown image parameterisation"):
         run_microscope(model, tmp_path / "site", param="wavelet")
     config = Path(__file__).resolve().parents[1] / "configs" / "efficientnet-lite0.yaml"

@@ -12,6 +12,7 @@ from threadpoolctl import threadpool_limits
 from atlas import AtlasError
 from atlas.cli import main
 from atlas.project import (
+    LayoutSettings,
     embed,
     exact_knn,
     normalize_layout,
@@ -116,7 +117,9 @@ def test_torch_sgd_matches_umap_learns_quality():
     centres = rng.normal(size=(6, 24)) * 3
     x = np.maximum(centres[np.arange(1200) % 6] + rng.normal(size=(1200, 24)), 0).astype(np.float32)
     scores = {
-        sgd: trustworthiness(x, embed(x, n_neighbors=15, seed=0, sgd=sgd), n_neighbors=10, metric="cosine")
+        sgd: trustworthiness(
+            x, embed(x, LayoutSettings(n_neighbors=15, seed=0, sgd=sgd)), n_neighbors=10, metric="cosine"
+        )
         for sgd in ("torch", "umap-learn")
     }
     assert scores["torch"] > scores["umap-learn"] - 0.01, scores
@@ -124,7 +127,7 @@ def test_torch_sgd_matches_umap_learns_quality():
 
 @pytest.mark.parametrize("engine", [{"sgd": "torch"}, {"sgd": "umap-learn", "init": "spectral"}])
 def test_project_store_writes_a_seeded_normalised_layout(synthetic_store, engine):
-    layout = project_store(synthetic_store, seed=3, **FAST, **engine)
+    layout = project_store(synthetic_store, settings=LayoutSettings(seed=3, **FAST, **engine))
     with h5py.File(synthetic_store) as f:
         stored = f["mixed4c/layout"]
         assert stored.shape == (2000, 2) and stored.dtype == np.float32
@@ -138,14 +141,14 @@ def test_project_store_writes_a_seeded_normalised_layout(synthetic_store, engine
     # the layout keeps the clusters apart: a sample's nearest layout neighbour is in its cluster
     _, nearest = NearestNeighbors(n_neighbors=2).fit(layout).kneighbors(layout)
     assert (clusters[nearest[:, 1]] == clusters).mean() > 0.95
-    again = project_store(synthetic_store, seed=3, **FAST, **engine)
+    again = project_store(synthetic_store, settings=LayoutSettings(seed=3, **FAST, **engine))
     np.testing.assert_array_equal(again, layout)
-    assert not np.array_equal(project_store(synthetic_store, seed=4, **FAST, **engine), layout)
+    assert not np.array_equal(project_store(synthetic_store, settings=LayoutSettings(seed=4, **FAST, **engine)), layout)
 
 
 def test_project_store_normalises_from_widened_percentiles(tmp_path):
     path = write_synthetic_store(tmp_path / "small.h5", n=300)
-    layout = project_store(path, n_neighbors=10, n_epochs=30, sgd="torch")
+    layout = project_store(path, settings=LayoutSettings(n_neighbors=10, n_epochs=30, sgd="torch"))
     with h5py.File(path) as f:
         np.testing.assert_array_equal(f["mixed4c/layout"][:], layout)
     # the 1st and 99th percentiles widened by 10 % of their range map to [0, 1]: they land at 1/12 and 11/12
@@ -159,9 +162,9 @@ def test_tsne_layout_in_one_and_two_dimensions():
     active = np.arange(12) // 6 == side[:, None]  # the two groups fire on different halves of the channels
     x = np.maximum(rng.normal(size=(200, 12)) + 3 * active, 0).astype(np.float32)
     with threadpool_limits(1):  # OpenMP threads spin-wait on a busy 2-core machine: one thread is far faster here
-        line = embed(x, method="tsne", n_components=1, perplexity=15, seed=0)
-        again = embed(x, method="tsne", n_components=1, perplexity=15, seed=0)
-        plane = normalize_layout(embed(x, method="tsne", perplexity=15, seed=0))
+        line = embed(x, LayoutSettings(method="tsne", n_components=1, perplexity=15, seed=0))
+        again = embed(x, LayoutSettings(method="tsne", n_components=1, perplexity=15, seed=0))
+        plane = normalize_layout(embed(x, LayoutSettings(method="tsne", perplexity=15, seed=0)))
     assert line.shape == (200, 1) and np.isfinite(line).all()
     np.testing.assert_array_equal(line, again)
     # the two groups of samples stay apart along the line: neighbours on it are of one group
@@ -183,7 +186,7 @@ def test_too_few_samples_for_n_neighbors_is_an_error(tmp_path):
     with pytest.raises(AtlasError, match="too few for n_neighbors=50"):
         project_store(path)
     with pytest.raises(AtlasError, match="too few for perplexity=50"):
-        project_store(path, method="tsne")
+        project_store(path, settings=LayoutSettings(method="tsne"))
     assert digest(path) == before
 
 
@@ -193,7 +196,7 @@ def test_non_finite_activations_are_an_error(synthetic_store, bad):
         f["mixed4c/activations"][123, 4] = bad
     before = digest(synthetic_store)
     with pytest.raises(AtlasError, match="NaN or infinite values .first in sample 123"):
-        project_store(synthetic_store, **FAST)
+        project_store(synthetic_store, settings=LayoutSettings(**FAST))
     assert digest(synthetic_store) == before
 
 
@@ -210,8 +213,10 @@ def test_non_finite_activations_are_an_error(synthetic_store, bad):
     ],
 )
 def test_bad_settings_are_errors(synthetic_store, settings, message):
+    settings = dict(settings)
+    device = settings.pop("device", "cpu")
     with pytest.raises(AtlasError, match=message):
-        project_store(synthetic_store, **settings)
+        project_store(synthetic_store, settings=LayoutSettings(**settings), device=device)
 
 
 def test_cli_project(synthetic_store, capsys):
@@ -221,3 +226,9 @@ def test_cli_project(synthetic_store, capsys):
         assert f["mixed4c/layout"].shape == (2000, 2)
     assert main(["project", str(synthetic_store), "--layer", "nope"]) == 2
     assert "not in the store" in capsys.readouterr().err
+
+
+def test_layout_settings_from_config_rejects_an_unknown_key_by_name():
+    assert LayoutSettings.from_config({"n_neighbors": 15}) == LayoutSettings(n_neighbors=15)
+    with pytest.raises(AtlasError, match="unknown key 'n_neighbours'.*did you mean n_neighbors"):
+        LayoutSettings.from_config({"n_neighbours": 15})

@@ -13,7 +13,8 @@ from atlas import AtlasError, render
 from atlas.cli import main
 from atlas.models import Classifier, capture
 from atlas.optvis.transform import image_key
-from atlas.render import render_icons, render_store
+from atlas.render import RenderSettings, render_icons, render_store
+from atlas.store import fingerprint
 from tests.synthetic import tiny_classifier, write_synthetic_store
 
 EMPTY = [(0, 0), (1, 2)]  # cells below min_count in the test grids
@@ -74,9 +75,14 @@ def directions(count: int, channels: int = 16) -> np.ndarray:
 # render_icons ------------------------------------------------------------------------------------------
 def test_icons_reach_a_clearly_higher_objective_than_their_starting_noise(small_model):
     # no transforms: the atlas stack jitters by up to 32 px, more than this toy net's 15-px receptive field
-    settings = dict(size=32, attempts=1, batch_size=4, transforms="none", progress=False)
-    noise, start, start_cos = render_icons(small_model, "relu3", directions(4), steps=0, **settings)
-    icons, final, final_cos = render_icons(small_model, "relu3", directions(4), steps=48, **settings)
+    settings = dict(size=32, attempts=1, transforms="none")
+    run = dict(batch_size=4, progress=False)
+    noise, start, start_cos = render_icons(
+        small_model, "relu3", directions(4), RenderSettings(steps=0, **settings), **run
+    )
+    icons, final, final_cos = render_icons(
+        small_model, "relu3", directions(4), RenderSettings(steps=48, **settings), **run
+    )
     assert icons.shape == (4, 32, 32, 3) and icons.dtype == np.uint8
     assert (final > 3 * start).all() and (final > start + 0.02).all()
     assert (final_cos > start_cos).all()
@@ -94,7 +100,7 @@ def test_best_of_attempts_is_chosen_per_icon(small_model, monkeypatch):
 
     monkeypatch.setattr(render, "_render_batch", spy)
     icons, objective, cosine = render_icons(
-        small_model, "relu3", directions(5), size=32, steps=6, attempts=3, batch_size=15, progress=False
+        small_model, "relu3", directions(5), RenderSettings(size=32, steps=6, attempts=3), batch_size=15, progress=False
     )
     ((images, values, cosines),) = attempts_seen  # one batch: (icon, attempt) pairs in icon-major order
     values = values.reshape(5, 3)
@@ -106,9 +112,10 @@ def test_best_of_attempts_is_chosen_per_icon(small_model, monkeypatch):
 
 
 def test_an_icon_does_not_depend_on_its_batch(small_model):
-    settings = dict(size=32, steps=4, attempts=2, progress=False, keys=[10, 11, 12])
-    together = render_icons(small_model, "relu3", directions(3), batch_size=6, **settings)
-    one_by_one = render_icons(small_model, "relu3", directions(3), batch_size=1, **settings)
+    settings = dict(progress=False, keys=[10, 11, 12])
+    icon = RenderSettings(size=32, steps=4, attempts=2)
+    together = render_icons(small_model, "relu3", directions(3), icon, batch_size=6, **settings)
+    one_by_one = render_icons(small_model, "relu3", directions(3), icon, batch_size=1, **settings)
     assert np.abs(together[0].astype(int) - one_by_one[0].astype(int)).max() <= 1
     np.testing.assert_allclose(together[1], one_by_one[1], rtol=1e-3)
 
@@ -116,7 +123,8 @@ def test_an_icon_does_not_depend_on_its_batch(small_model):
 # render_store ------------------------------------------------------------------------------------------
 def test_render_store_writes_icons_objective_and_cosine(tmp_path, small_model):
     path = grid_store(tmp_path / "s.h5")
-    summary = render_store(path, grid=3, size=32, steps=3, attempts=2, batch_size=4, model=small_model, progress=False)
+    icon = RenderSettings(size=32, steps=3, attempts=2)
+    summary = render_store(path, grid=3, settings=icon, batch_size=4, model=small_model, progress=False)
     assert summary["cells"] == 7 and summary["rendered"] == 7 and summary["already_done"] == 0
     out = read_icons(path)
     assert out["icons"].shape == (3, 3, 32, 32, 3) and out["icons"].dtype == np.uint8
@@ -133,9 +141,7 @@ def test_render_store_writes_icons_objective_and_cosine(tmp_path, small_model):
         small_model,
         "relu3",
         mean[None],
-        size=32,
-        steps=3,
-        attempts=2,
+        icon,
         whitening=whitening,
         keys=[2 * 3 + 1],
         progress=False,
@@ -144,7 +150,8 @@ def test_render_store_writes_icons_objective_and_cosine(tmp_path, small_model):
 
 
 def test_render_store_resumes_after_an_interruption(tmp_path, small_model):
-    settings = dict(grid=3, size=32, steps=3, attempts=1, batch_size=3, model=small_model, progress=False)
+    icon = RenderSettings(size=32, steps=3, attempts=1)
+    settings = dict(grid=3, settings=icon, batch_size=3, model=small_model, progress=False)
     path = grid_store(tmp_path / "s.h5")
 
     def interrupted(*args, on_icons, **kwargs):
@@ -169,10 +176,10 @@ def test_render_store_resumes_after_an_interruption(tmp_path, small_model):
 
 def test_render_store_renders_again_when_settings_change(tmp_path, small_model):
     path = grid_store(tmp_path / "s.h5")
-    settings = dict(grid=3, size=32, attempts=1, model=small_model, progress=False)
-    render_store(path, steps=0, **settings)
+    settings = dict(grid=3, model=small_model, progress=False)
+    render_store(path, settings=RenderSettings(size=32, attempts=1, steps=0), **settings)
     start = read_icons(path)["icon_objective"]
-    assert render_store(path, steps=20, **settings)["rendered"] == 7
+    assert render_store(path, settings=RenderSettings(size=32, attempts=1, steps=20), **settings)["rendered"] == 7
     assert (read_icons(path)["icon_objective"][np.isfinite(start)] > start[np.isfinite(start)]).all()
 
 
@@ -185,13 +192,17 @@ def test_render_store_renders_again_when_settings_change(tmp_path, small_model):
         ({}, dict(layer="relu9"), "not in the store"),
         ({}, dict(transforms="fancy"), "unknown transforms"),
         ({}, dict(attempts=0), "positive"),
+        ({}, dict(batch_size=0), "positive"),
     ],
 )
 def test_render_store_rejects_bad_input_before_writing(tmp_path, small_model, store_kwargs, render_kwargs, message):
     path = grid_store(tmp_path / "s.h5", **store_kwargs)
-    kwargs = dict(grid=3, size=32, steps=1, attempts=1, model=small_model, progress=False) | render_kwargs
+    icon = dict(size=32, steps=1, attempts=1) | {
+        k: v for k, v in render_kwargs.items() if k in ("transforms", "attempts")
+    }
+    kwargs = dict(grid=3, model=small_model, progress=False) | {k: v for k, v in render_kwargs.items() if k not in icon}
     with pytest.raises(AtlasError, match=message):
-        render_store(path, **kwargs)
+        render_store(path, settings=RenderSettings(**icon), **kwargs)
     with h5py.File(path) as f:
         assert "icons" not in f["relu3/grid/3"]
 
@@ -199,7 +210,7 @@ def test_render_store_rejects_bad_input_before_writing(tmp_path, small_model, st
 def test_render_store_loads_the_stores_model(tmp_path):
     path = grid_store(tmp_path / "s.h5", model="synthetic", weights="none")
     with pytest.raises(AtlasError, match="synthetic"):
-        render_store(path, grid=3, steps=1, attempts=1, progress=False)
+        render_store(path, grid=3, settings=RenderSettings(steps=1, attempts=1), progress=False)
 
 
 def test_cli_render_with_random_inceptionv1(tmp_path, capsys):
@@ -222,10 +233,10 @@ def test_efficientnet_lite0_real_weights_icons_improve(tmp_path):
         channels=112,
         grid=2,
     )
-    settings = dict(layer="_blocks.10", grid=2, size=48, attempts=1, device="cpu", progress=False)
-    render_store(path, steps=0, **settings)
+    settings = dict(layer="_blocks.10", grid=2, device="cpu", progress=False)
+    render_store(path, settings=RenderSettings(size=48, attempts=1, steps=0), **settings)
     start = read_icons(path, "_blocks.10", 2)
-    render_store(path, steps=12, **settings)
+    render_store(path, settings=RenderSettings(size=48, attempts=1, steps=12), **settings)
     final = read_icons(path, "_blocks.10", 2)
     done = final["icon_done"]
     assert (final["icon_objective"][done] > start["icon_objective"][done]).all()
@@ -235,13 +246,14 @@ def test_efficientnet_lite0_real_weights_icons_improve(tmp_path):
 def test_render_store_keeps_each_cells_best_attempt_when_attempts_straddle_batches(tmp_path, small_model):
     path = grid_store(tmp_path / "s.h5")
     policy = dict(precision="fp32", memory_format="contiguous")  # as the attempts below are run
-    render_store(path, grid=3, size=32, steps=3, attempts=3, batch_size=4, model=small_model, progress=False, **policy)
+    icon = RenderSettings(size=32, steps=3, attempts=3)
+    render_store(path, grid=3, settings=icon, batch_size=4, model=small_model, progress=False, **policy)
     out = read_icons(path)
     with h5py.File(path) as f:
         means, whitening = f["relu3/grid/3/mean"][()].reshape(9, -1), f["relu3/whitening"][()]
     cells = np.flatnonzero(out["icon_done"].ravel())
     # each attempt on its own (an icon depends only on seed, cell and attempt)
-    settings = dict(size=32, steps=3, cossim_pow=4, whitening=torch.as_tensor(whitening), param=render.PARAM, lr=None)
+    settings = dict(whitening=torch.as_tensor(whitening))
     stack = render.preset("atlas", 32)
     tries = [
         render._render_batch(
@@ -249,6 +261,7 @@ def test_render_store_keeps_each_cells_best_attempt_when_attempts_straddle_batch
             "relu3",
             torch.as_tensor(means[cells]),
             [image_key(0, c, a) for c in cells],
+            icon,
             transforms=stack,
             mixed_precision=False,
             **settings,
@@ -266,7 +279,8 @@ def test_render_store_keeps_each_cells_best_attempt_when_attempts_straddle_batch
 
 def test_stored_objective_is_the_whitened_objective_of_the_stored_icon(tmp_path, small_model):
     path = grid_store(tmp_path / "s.h5")
-    render_store(path, grid=3, size=32, steps=4, attempts=1, batch_size=4, model=small_model, progress=False)
+    icon = RenderSettings(size=32, steps=4, attempts=1)
+    render_store(path, grid=3, settings=icon, batch_size=4, model=small_model, progress=False)
     out = read_icons(path)
     with h5py.File(path) as f:
         means, whitening = f["relu3/grid/3/mean"][()].reshape(9, -1), f["relu3/whitening"][()]
@@ -284,3 +298,34 @@ def test_stored_objective_is_the_whitened_objective_of_the_stored_icon(tmp_path,
     whitened, plain = objective(means[cells] @ whitening), objective(means[cells])
     np.testing.assert_allclose(out["icon_objective"].ravel()[cells], whitened, rtol=1e-3, atol=1e-6)
     assert np.abs(plain - whitened).max() > 0.1 * np.abs(whitened).max()  # the matrix matters here
+
+
+# RenderSettings ----------------------------------------------------------------------------------------
+def test_render_settings_from_config_rejects_an_unknown_key_by_name():
+    assert RenderSettings.from_config({"steps": 8, "param": "pixel"}) == RenderSettings(steps=8, param="pixel")
+    with pytest.raises(AtlasError, match="unknown key 'stpes'.*did you mean steps"):
+        RenderSettings.from_config({"stpes": 8})
+    with pytest.raises(AtlasError, match="unknown image parameterisation"):
+        RenderSettings.from_config({"param": "wavelet"})
+
+
+def test_render_settings_fingerprint_follows_the_fields():
+    base = RenderSettings()
+    assert fingerprint(base) == fingerprint(RenderSettings(cossim_pow=4))  # the defaults, as 4 and 4.0
+    assert fingerprint(base) == fingerprint(RenderSettings.from_config({"size": 80, "seed": 0}))
+    for changed in (dict(size=64), dict(steps=1), dict(attempts=1), dict(cossim_pow=2), dict(transforms="none")):
+        assert fingerprint(RenderSettings(**changed)) != fingerprint(base), changed
+    for changed in (dict(param="pixel"), dict(lr=0.01), dict(whiten=False), dict(seed=1)):
+        assert fingerprint(RenderSettings(**changed)) != fingerprint(base), changed
+
+
+def test_render_store_rerun_with_one_changed_setting_renders_again(tmp_path, small_model):
+    path = grid_store(tmp_path / "s.h5")
+    run = dict(grid=3, model=small_model, progress=False)
+    icon = RenderSettings(size=32, steps=1, attempts=1)
+    assert render_store(path, settings=icon, **run)["rendered"] == 7
+    assert render_store(path, settings=icon, batch_size=2, **run)["rendered"] == 0  # batch size is no setting
+    assert render_store(path, settings=RenderSettings(size=32, steps=1, attempts=1, seed=3), **run)["rendered"] == 7
+    with h5py.File(path, "r+") as f:  # a store written before settings were recorded as one JSON attr
+        del f["relu3/grid/3/icons"].attrs["settings"]
+    assert render_store(path, settings=icon, **run)["rendered"] == 7

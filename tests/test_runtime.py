@@ -13,7 +13,7 @@ from atlas import AtlasError
 from atlas.collect import attribution_pass, attributions, collect, collect_batch
 from atlas.images import list_images
 from atlas.models import Classifier, capture
-from atlas.render import render_icons, render_store
+from atlas.render import RenderSettings, render_icons, render_store
 from atlas.runtime import Runtime, resolve
 from tests.synthetic import tiny_classifier
 from tests.test_attributions import LAYER, pooled_classifier
@@ -147,7 +147,7 @@ def test_render_in_bf16_reaches_the_fp32_objective(small_model):  # noqa: F811 (
     directions = np.random.default_rng(0).gamma(2.0, 1.0, size=(4, 16)).astype(np.float32)
     values = {
         precision: render_icons(
-            small_model, "relu3", directions, size=32, steps=30, attempts=1, batch_size=4,
+            small_model, "relu3", directions, RenderSettings(size=32, steps=30, attempts=1), batch_size=4,
             mixed_precision=precision == "bf16", progress=False,
         )[1]
         for precision in ("fp32", "bf16")
@@ -157,7 +157,8 @@ def test_render_in_bf16_reaches_the_fp32_objective(small_model):  # noqa: F811 (
 
 def test_render_records_the_policy(tmp_path, small_model):  # noqa: F811 (the fixture)
     path = grid_store(tmp_path / "s.h5")
-    render_store(path, grid=3, size=32, steps=1, attempts=1, model=small_model, progress=False, precision="fp32")
+    icon = RenderSettings(size=32, steps=1, attempts=1)
+    render_store(path, grid=3, settings=icon, model=small_model, progress=False, precision="fp32")
     with h5py.File(path) as f:
         icons = f["relu3/grid/3/icons"]
         assert (icons.attrs["memory_format"], icons.attrs["precision"]) == ("channels_last", "fp32")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -12,9 +13,9 @@ from PIL import Image
 
 from atlas import AtlasError
 from atlas.collect import collect
-from atlas.compose import compose_run, patch_box
+from atlas.compose import ComposeSettings, compose_run, patch_box
 from atlas.images import ImageRecord, load_rgb, to_model_input
-from atlas.store import CLASSES, STR, class_names
+from atlas.store import CLASSES, STR, class_names, fingerprint, record_settings, settings_match
 from tests.synthetic import tiny_classifier
 from tests.test_compose import INPUT_SIZE, MAP_SIDE, write_rendered_store
 
@@ -47,7 +48,7 @@ def test_compose_names_cells_and_cuts_patches_as_the_store_says(tmp_path: Path) 
         paths = f["images/path"].asstr()[()]
         image_index, position = f["mixed4c/image_index"][()], f["mixed4c/position"][()]
     out = tmp_path / "run"
-    compose_run(store, out, labels=False, examples=2)
+    compose_run(store, out, settings=ComposeSettings(labels=False, examples=2))
     cells = json.loads((out / "layer-mixed4c/grid-4/cells.json").read_text())["cells"]
     shown = [c for c in cells if c["top"]]
     assert shown and all(t["name"] == names[t["class"]] for c in shown for t in c["top"])
@@ -68,10 +69,29 @@ def test_compose_names_cells_and_cuts_patches_as_the_store_says(tmp_path: Path) 
 
 
 def test_a_store_whose_weights_file_is_gone_is_an_error_not_other_weights(tmp_path: Path) -> None:
-    from atlas.render import render_store
+    from atlas.render import RenderSettings, render_store
     from tests.test_render import grid_store
 
     weights = tmp_path / "trained.pth"
     path = grid_store(tmp_path / "s.h5", model="tests.synthetic:tiny_classifier", weights=str(weights))
     with pytest.raises(AtlasError, match=f"weights file {weights} .* is gone"):
-        render_store(path, grid=3, steps=1, attempts=1, progress=False)
+        render_store(path, grid=3, settings=RenderSettings(steps=1, attempts=1), progress=False)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    steps: int = 8
+    names: tuple[str, ...] = ("a", "b")
+
+
+def test_settings_are_recorded_and_matched_by_one_fingerprint(tmp_path: Path) -> None:
+    assert fingerprint({"a": 1, "b": [2, 3]}) == fingerprint({"b": (2, 3), "a": 1})  # key order, tuple or list
+    assert fingerprint(Knobs()) == fingerprint({"steps": 8, "names": ["a", "b"]})  # a dataclass is its fields
+    assert fingerprint(Knobs(steps=9)) != fingerprint(Knobs()) and fingerprint({"a": 1}) != fingerprint({"a": 2})
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        group = f.create_group("made")
+        assert not settings_match(group, Knobs())  # nothing recorded (a store from before): settings differ
+        record_settings(group, Knobs())
+        assert settings_match(group, Knobs()) and not settings_match(group, Knobs(steps=9))
+        group.attrs["settings"] = "not json"
+        assert not settings_match(group, Knobs())  # unreadable: settings differ, no crash

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from atlas.compose import compose_run
+from atlas.compose import ComposeSettings, compose_run
 from tests.browser import ARTIFACTS, needs_chromium, served_page
 from tests.test_compose import write_rendered_store
 
@@ -20,7 +20,7 @@ COARSE, FINE, ICON_PX = 10, 40, 80  # 3200 px atlas: the home view is small enou
 def test_viewer_zooms_and_shows_the_hovered_cell(tmp_path: Path) -> None:
     store = write_rendered_store(tmp_path, sizes=(COARSE, FINE), n=3000, icon_px=ICON_PX)
     run = tmp_path / "run"
-    compose_run(store, run, examples=2)
+    compose_run(store, run, settings=ComposeSettings(examples=2))
     # a second atlas of the same layer, as a class atlas will be: the viewer offers a class switch
     manifest = json.loads((run / "atlases.json").read_text())
     layer_atlas = manifest["atlases"][0]
@@ -88,7 +88,7 @@ def test_viewer_zooms_and_shows_the_hovered_cell(tmp_path: Path) -> None:
 def test_viewer_shows_a_heatmap_cells_attribution_to_its_class(tmp_path: Path) -> None:
     store = write_rendered_store(tmp_path, sizes=(4,))
     run = tmp_path / "run"
-    compose_run(store, run, examples=0, heatmap_class=3)
+    compose_run(store, run, heatmap_class=3, settings=ComposeSettings(examples=0))
     cells = json.loads((run / "heatmap-mixed4c-3/grid-4/cells.json").read_text())["cells"]
     cell = next(c for c in cells if not c["empty"])
     with served_page(run, tmp_path / "chromium-profile", {"width": 1000, "height": 700}) as (page, url, errors):

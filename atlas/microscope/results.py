@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import h5py
 
+from atlas.store import fingerprint, record_settings
+
 RESULTS = "microscope.h5"
-
-
-def settings_key(settings: dict) -> str:
-    """A short, stable hash of a lens's settings: the name of its results group."""
-    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def lens_group(results: h5py.File, model: str, layer: str, lens: str, settings: dict) -> h5py.Group:
     """The results group of one lens for these settings (made when new), marked as the lens's latest."""
     parent = results.require_group(f"{model}/{layer}/{lens}")
-    key = settings_key(settings)
+    key = fingerprint(settings)  # the group's name: equal settings find their results again
     group = parent.require_group(key)
-    group.attrs["settings"] = json.dumps(settings, sort_keys=True)
+    record_settings(group, settings)
     parent.attrs["latest"] = key
     return group
 
