@@ -7,6 +7,7 @@ it on one line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -215,6 +216,8 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cossim-pow", type=float, help="exponent of the cosine in the objective (default 4)")
     p.add_argument("--transforms", help="atlas (default, paper), standard (lucid) or none")
     p.add_argument("--param", choices=PARAM_CHOICES, help=PARAM_HELP)
+    p.add_argument("--lr", type=float, help="learning rate (default: the parameterisation's own)")
+    p.add_argument("--decay-power", type=float, help="fft spectrum 1/f^decay_power (default 1, lucid's)")
     p.add_argument(
         "--no-whiten", dest="whiten", action="store_false", default=None, help="do not whiten the target direction"
     )
@@ -229,7 +232,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> None:
         from atlas.render import RenderSettings, render_store
 
-        flags = ("size", "steps", "attempts", "cossim_pow", "transforms", "param", "whiten", "seed")
+        flags = [field.name for field in dataclasses.fields(RenderSettings)]
         options = dict(
             layer=args.layer,
             grid=args.grid,

@@ -61,6 +61,7 @@ class RenderSettings(Settings):
     transforms: str = "atlas"  # Shan Carter's stack (reference 1.5); or standard (lucid), none, crops
     param: str = PARAM  # the image parameterisation (atlas.optvis.param.PARAMS), with its own optimiser
     lr: float | None = None  # overrides the parameterisation's learning rate
+    decay_power: float = 1.0  # fft spectrum 1/f^decay_power: lucid's 1; configs cite the measured choice
     whiten: bool = True  # paper, mixed4a-5b: the objective's direction is whitened by the layer's S
     seed: int = 0
 
@@ -69,9 +70,12 @@ class RenderSettings(Settings):
             raise AtlasError("size and attempts must be positive and steps not negative")
         if self.lr is not None and not self.lr > 0:
             raise AtlasError(f"lr must be positive, not {self.lr}")
+        if not self.decay_power >= 0:
+            raise AtlasError(f"decay_power must not be negative, not {self.decay_power}")
         preset(self.transforms, self.size)  # an AtlasError naming the known stacks
         param_spec(self.param)
-        object.__setattr__(self, "cossim_pow", float(self.cossim_pow))  # 4 and 4.0 are one setting
+        for name in ("cossim_pow", "decay_power"):  # 4 and 4.0 are one setting
+            object.__setattr__(self, name, float(getattr(self, name)))
 
 
 def _render_batch(
@@ -96,6 +100,7 @@ def _render_batch(
         transforms=transforms,
         param=settings.param,
         lr=settings.lr,
+        decay_power=settings.decay_power,
         mixed_precision=mixed_precision,
         measures=[direction_cosine(layer, directions)],
     )

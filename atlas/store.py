@@ -40,9 +40,10 @@ these. A later stage reads what an earlier one recorded here and never recompute
         top_attributions   [G, G, 5] float32  those mean attributions; NaN where empty
         icons              [G, G, PX, PX, 3] uint8   written by `render`: icon [y, x] is cell y * G + x;
                                               white (255) where empty; attrs: the render settings (size, steps,
-                                              attempts, cossim_pow, transforms, param, lr unless None, whiten,
-                                              seed, model, weights, memory_format, precision), and all of them
-                                              as JSON in `settings` (a rerun resumes only when they match)
+                                              attempts, cossim_pow, transforms, param, lr unless None,
+                                              decay_power, whiten, seed, model, weights, memory_format,
+                                              precision), and all of them as JSON in `settings` (a rerun
+                                              resumes only when they match)
         icon_cosine        [G, G] float32   cosine(icon's centre activation, cell mean); NaN where empty
         icon_objective     [G, G] float32   final objective of the kept attempt; NaN where empty
         icon_done          [G, G] bool      icons rendered so far (a rerun of `render` renders the rest)

@@ -4,9 +4,10 @@
    images are classified by EfficientNet-Lite1, an independent checkpoint (the judge): top-1 and top-5, at
    equal steps and at equal wall time (each parameterisation gets the seconds the default took).
 2. Atlas icons: a store of the 1000 sample photos (../shared/data/imagenet-sample), a 20 x 20 grid of
-   Lite0 `_blocks.10`; every non-empty cell gets one icon per parameterisation (and fft with crops),
-   with the render settings of configs/efficientnet-lite0.yaml: the mean cosine of icon and cell
-   direction, and how often the judge's top-5 holds the cell's top attributed class.
+   Lite0 `_blocks.10`; the `ATLAS_CELLS` busiest cells get one icon per variant of the render settings
+   of configs/efficientnet-lite0.yaml (`ATLAS`: the config, the settings before it, and the config with
+   one thing changed): the mean cosine of icon and cell direction, and how often the judge's top-5
+   holds the cell's top attributed class.
 3. Contact sheets: benchmarks/quality/<param>-<transforms>.png, the same 16 classes (left, from part 1)
    and the 16 busiest cells (right, from part 2) for each parameterisation.
 
@@ -38,8 +39,16 @@ from benchmarks.common import ROOT, SAMPLE
 HERE = Path(__file__).resolve().parent
 SHEETS = HERE / "quality"
 CACHE = HERE / ".quality"  # the sample store, reused between runs; ignored by git
-# (parameterisation, transforms) of the atlas icons: the config's transforms (Shan Carter's stack) for each, and crops
-ATLAS = [("fft", "atlas"), ("phase", "atlas"), ("pixel", "atlas"), ("fft", "crops")]
+# atlas-icon variants: (name, changes to the config's render settings, the transfer sheet its icons join)
+BEFORE = dict(size=64, steps=256, decay_power=1.0, lr=None)  # the config's render settings before issue 13's change
+ATLAS = [
+    ("before", BEFORE, ("fft", "standard")),
+    ("config", {}, ("fft", "crops")),
+    ("config, decay 1 and lr of lucid", dict(decay_power=1.0, lr=None), None),
+    ("config, phase", dict(param="phase", lr=None), ("phase", "crops")),
+    ("config, pixel", dict(param="pixel", lr=None), ("pixel", "crops")),
+]
+ATLAS_CELLS = 64  # the busiest cells of 235: five variants at the config's steps in minutes
 # (parameterisation, transforms) compared on transfer: today's (lucid's fft + standard stack), then each with crops
 TRANSFER = [("fft", "standard"), ("phase", "crops"), ("fft", "crops"), ("pixel", "crops")]
 DEFAULT = ("fft", "crops")  # the default (the Microscope's): the equal-time rows get the seconds it took
@@ -125,44 +134,35 @@ def sample_store(model: Classifier) -> Path:
     return store
 
 
-def atlas_icons(model: Classifier, referee: Classifier, store: Path, param: str, transforms: str) -> dict:
-    """One icon per non-empty cell with `param`, `transforms` and the config's other render settings; cosine and
-    judge agreement."""
-    settings = yaml.safe_load((ROOT / "configs" / "efficientnet-lite0.yaml").read_text())["render"]
+def atlas_icons(model: Classifier, referee: Classifier, store: Path, changes: dict) -> dict:
+    """One icon for each of the busiest cells with the config's render settings and `changes` (one attempt);
+    cosine and judge agreement."""
+    config = yaml.safe_load((ROOT / "configs" / "efficientnet-lite0.yaml").read_text())["render"]
+    settings = RenderSettings.from_config({**config, "attempts": 1, **changes})
     with open_store(store) as h5:
         cells = h5[f"{LAYER}/grid/{GRID}"]
         counts = cells["count"][()].ravel()
         full = np.flatnonzero(counts >= int(cells.attrs.get("min_count", 1)))
-        means = cells["mean"][()].reshape(-1, cells["mean"].shape[-1])[full]
-        top_class = cells["top_classes"][()].reshape(-1, cells["top_classes"].shape[-1])[full, 0]
-        whitening = h5[f"{LAYER}/whitening"][()]
+        busiest = full[np.argsort(-counts[full], kind="stable")[:ATLAS_CELLS]]  # busiest first
+        means = cells["mean"][()].reshape(-1, cells["mean"].shape[-1])[busiest]
+        top_class = cells["top_classes"][()].reshape(-1, cells["top_classes"].shape[-1])[busiest, 0]
+        whitening = h5[f"{LAYER}/whitening"][()] if settings.whiten else None
     start = time.perf_counter()
     icons, _, cosine = render_icons(
-        model,
-        LAYER,
-        means,
-        RenderSettings(
-            size=settings["size"],
-            steps=settings["steps"],
-            attempts=1,
-            cossim_pow=settings["cossim_pow"],
-            transforms=transforms,
-            param=param,
-        ),
-        whitening=whitening,
-        keys=full.tolist(),
-        progress=False,
+        model, LAYER, means, settings, whitening=whitening, keys=busiest.tolist(), progress=False
     )
     seconds = time.perf_counter() - start
-    busiest = np.argsort(-counts[full], kind="stable")[:SHEET_CELLS]
     return dict(
-        cells=len(full),
-        size=settings["size"],
-        steps=settings["steps"],
+        param=settings.param,
+        size=settings.size,
+        steps=settings.steps,
+        decay_power=settings.decay_power,
+        lr=settings.lr,
+        cells=len(busiest),
         mean_cosine=float(np.mean(cosine)),
         judge_top5_has_top_class=float((top5(referee, icons) == top_class[:, None]).any(1).mean()),
         seconds=seconds,
-        sheet=icons[busiest],
+        sheet=icons[:SHEET_CELLS],
     )
 
 
@@ -196,9 +196,8 @@ def run() -> list[dict]:
     rows, sheets, seconds, cells = [], {}, {}, {}
 
     def write_sheets() -> None:
-        for param, transforms in sheets:
-            icons = cells.get((param, transforms), cells.get((param, "atlas")))
-            contact_sheet(sheets[param, transforms], icons, SHEETS / f"{param}-{transforms}.png")
+        for key, pictures in sheets.items():
+            contact_sheet(pictures, cells.get(key), SHEETS / "{}-{}.png".format(*key))
 
     for param, transforms in TRANSFER:
         result = transfer(model, referee, param, CLASSES, STEPS, transforms=transforms)
@@ -209,10 +208,12 @@ def run() -> list[dict]:
         write_sheets()
     if SAMPLE.is_dir():
         store = sample_store(model)
-        for param, transforms in ATLAS:
-            result = atlas_icons(model, referee, store, param, transforms)
-            cells[param, transforms] = result.pop("sheet")
-            rows.append(_shown(dict(part="atlas icons", param=param, transforms=transforms, **result)))
+        for name, changes, sheet in ATLAS:
+            result = atlas_icons(model, referee, store, changes)
+            icons = result.pop("sheet")
+            if sheet:
+                cells[sheet] = icons
+            rows.append(_shown(dict(part="atlas icons", budget=name, **result)))
             write_sheets()
     else:
         rows.append(_shown(dict(part="atlas icons", skipped=f"no sample photos at {SAMPLE}")))

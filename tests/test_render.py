@@ -315,7 +315,7 @@ def test_render_settings_fingerprint_follows_the_fields():
     assert fingerprint(base) == fingerprint(RenderSettings.from_config({"size": 80, "seed": 0}))
     for changed in (dict(size=64), dict(steps=1), dict(attempts=1), dict(cossim_pow=2), dict(transforms="none")):
         assert fingerprint(RenderSettings(**changed)) != fingerprint(base), changed
-    for changed in (dict(param="pixel"), dict(lr=0.01), dict(whiten=False), dict(seed=1)):
+    for changed in (dict(param="pixel"), dict(lr=0.01), dict(decay_power=1.5), dict(whiten=False), dict(seed=1)):
         assert fingerprint(RenderSettings(**changed)) != fingerprint(base), changed
 
 
