@@ -40,15 +40,16 @@ HERE = Path(__file__).resolve().parent
 SHEETS = HERE / "quality"
 CACHE = HERE / ".quality"  # the sample store, reused between runs; ignored by git
 # atlas-icon variants: (name, changes to the config's render settings, the transfer sheet its icons join)
-BEFORE = dict(size=64, steps=256, decay_power=1.0, lr=None)  # the config's render settings before issue 13's change
+BEFORE = dict(size=64, steps=256, whiten=True)  # the config's render settings before issue 13's change
 ATLAS = [
     ("before", BEFORE, ("fft", "standard")),
     ("config", {}, ("fft", "crops")),
-    ("config, decay 1 and lr of lucid", dict(decay_power=1.0, lr=None), None),
-    ("config, phase", dict(param="phase", lr=None), ("phase", "crops")),
-    ("config, pixel", dict(param="pixel", lr=None), ("pixel", "crops")),
+    ("config, whitened", dict(whiten=True), None),
+    ("config, decay 1.5 at lr 0.02", dict(decay_power=1.5, lr=0.02), None),
+    ("config, phase", dict(param="phase"), ("phase", "crops")),
+    ("config, pixel", dict(param="pixel"), ("pixel", "crops")),
 ]
-ATLAS_CELLS = 64  # the busiest cells of 235: five variants at the config's steps in minutes
+ATLAS_CELLS = 64  # the busiest cells of 235: six variants at the config's steps in minutes
 # (parameterisation, transforms) compared on transfer: today's (lucid's fft + standard stack), then each with crops
 TRANSFER = [("fft", "standard"), ("phase", "crops"), ("fft", "crops"), ("pixel", "crops")]
 DEFAULT = ("fft", "crops")  # the default (the Microscope's): the equal-time rows get the seconds it took
@@ -158,6 +159,7 @@ def atlas_icons(model: Classifier, referee: Classifier, store: Path, changes: di
         steps=settings.steps,
         decay_power=settings.decay_power,
         lr=settings.lr,
+        whiten=settings.whiten,
         cells=len(busiest),
         mean_cosine=float(np.mean(cosine)),
         judge_top5_has_top_class=float((top5(referee, icons) == top_class[:, None]).any(1).mean()),
