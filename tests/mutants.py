@@ -198,6 +198,20 @@ MUTANTS = [
         "return imagenet_label",
         ("tests/test_inceptionv1.py::test_imagenet_labels_of_images_become_inceptionv1_logits",),
     ),
+    Mutant(
+        "render-ignores-decay-power",
+        "atlas/render.py",
+        "        decay_power=settings.decay_power,\n",
+        "",
+        RENDER,
+    ),
+    Mutant(
+        "lrn-symmetric-window",
+        "atlas/inceptionv1.py",
+        "band = ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2))",
+        "band = (offset.abs() <= self.size // 2)",
+        ("tests/test_inceptionv1.py",),
+    ),
 ]
 
 

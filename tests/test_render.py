@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import h5py
@@ -118,6 +119,15 @@ def test_an_icon_does_not_depend_on_its_batch(small_model):
     one_by_one = render_icons(small_model, "relu3", directions(3), icon, batch_size=1, **settings)
     assert np.abs(together[0].astype(int) - one_by_one[0].astype(int)).max() <= 1
     np.testing.assert_allclose(together[1], one_by_one[1], rtol=1e-3)
+
+
+def test_each_optimisation_setting_reaches_the_icons(small_model):
+    run = dict(progress=False, keys=[10, 11])
+    base = RenderSettings(size=32, steps=4, attempts=1, whiten=False)
+    icons = render_icons(small_model, "relu3", directions(2), base, **run)[0]
+    for changed in (dict(decay_power=2.0), dict(lr=0.2), dict(param="pixel"), dict(cossim_pow=0.0)):
+        other = render_icons(small_model, "relu3", directions(2), dataclasses.replace(base, **changed), **run)[0]
+        assert np.abs(other.astype(int) - icons.astype(int)).max() > 8, changed
 
 
 # render_store ------------------------------------------------------------------------------------------
