@@ -86,7 +86,7 @@ def _lucent(model: Classifier, directions: np.ndarray, steps: int) -> float:
         sys.path.append(str(LUCENT_DIR))  # appended: the project's own packages win over copies in there
     from lucent.optvis import objectives, param, render, transform
 
-    hook_name = "net_" + model.aliases[LAYER]  # lucent names modules by their path joined with "_"
+    hook_name = "net_" + model.resolve_layer(LAYER).replace(".", "_")  # lucent: module paths joined with "_"
     start = time.perf_counter()
     for vec in directions:
         ours = atlas_direction(LAYER, torch.as_tensor(vec), cossim_pow=COSSIM_POW)
