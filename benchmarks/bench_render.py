@@ -15,7 +15,7 @@ weights) and EfficientNet-Lite0 (real weights): the pre-issue-15 path (NCHW fp32
 the same format and precision (a batch of 16 at the icon size), and the
 ratio of the mean final objectives on the same cells and seeds (target: within 2 %; speed: >= 1.4x).
 
-torch-lucent is not a project dependency. Install it beside this file (the folder ignores itself):
+torch-lucent is not a project dependency. `make bench` installs it beside this file (the folder ignores itself):
 
     mkdir -p benchmarks/.lucent && echo '*' > benchmarks/.lucent/.gitignore
     .venv/bin/python -m pip --isolated install --no-deps --target benchmarks/.lucent torch-lucent==0.1.8 \
