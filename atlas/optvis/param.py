@@ -204,8 +204,16 @@ def image(
     own photos), default the shipped one of the demo photos.
     """
     rand = keys if isinstance(keys, ImageRandom) else ImageRandom(keys, device)
-    settings = dict(decorrelate=decorrelate, alpha=alpha, sd=sd, decay_power=decay_power, magnitude=magnitude)
-    return ImageParam(size, rand, kind=param, **settings)
+    return ImageParam(
+        size,
+        rand,
+        kind=param,
+        decorrelate=decorrelate,
+        alpha=alpha,
+        sd=sd,
+        decay_power=decay_power,
+        magnitude=magnitude,
+    )
 
 
 def write_demo_spectrum() -> Path:
