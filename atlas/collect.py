@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -178,6 +179,22 @@ def collect_batch(
             "attributions": attr.reshape(len(rows) * count, -1).cpu().numpy(),
         }
     return out
+
+
+def timed_rate(model: Classifier, layer: str, positions: int, images: int = 2) -> float:
+    """Images per second of `collect_batch` on `images` random inputs with `positions` each, after an untimed
+    one-image warm-up: a short measurement on this device for a run's plan, not a benchmark."""
+    name = model.resolve_layer(layer)
+    shape = next(tuple(shape) for layer_name, *shape in model.layer_shapes() if layer_name == name)
+    device = next(model.parameters()).device
+    runtime = resolve("collect", device)
+    runtime.prepare(model)
+    batch = runtime.inputs(torch.rand(images, 3, model.input_size, model.input_size))
+    with runtime.autocast():
+        collect_batch(model, batch[:1], [0], {name: shape}, positions, 0)
+        started = time.perf_counter()
+        collect_batch(model, batch, list(range(images)), {name: shape}, positions, 0)
+    return images / (time.perf_counter() - started)
 
 
 # the stage ----------------------------------------------------------------------------------------------

@@ -197,6 +197,23 @@ def render_icons(
     return icons, objective, cosine
 
 
+def timed_rate(model: Classifier, layer: str, channels: int, settings: RenderSettings, steps: int = 3) -> float:
+    """Icon-steps per second of `render_icons` at `settings` on random directions, one batch as a run sizes it,
+    after a one-step warm-up: a short measurement on this device for a run's plan, not a benchmark."""
+    stack = preset(settings.transforms, settings.size)
+    runtime = resolve("render", model_device(model))
+    runtime.prepare(model)
+    batch = choose_batch_size(model, layer, channels, settings.size, stack, runtime.precision == "bf16")
+    directions = torch.rand(batch, channels, generator=torch.Generator().manual_seed(0))
+    seconds = []
+    for count in (1, 1, 1 + steps):  # warm-up, then the difference leaves out each call's fixed costs
+        started = time.perf_counter()
+        short = dataclasses.replace(settings, steps=count, attempts=1)
+        render_icons(model, layer, directions, short, batch_size=batch, progress=False)
+        seconds.append(time.perf_counter() - started)
+    return batch * steps / max(seconds[2] - seconds[1], 1e-9)
+
+
 # the stage ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Cells:

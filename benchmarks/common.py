@@ -12,10 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
 
 
-def in_subprocess(module: str, function: str, **kwargs: object) -> dict:
+def in_subprocess(module: str, function: str, timeout: float | None = None, **kwargs: object) -> dict | None:
     """Call `module.function(**kwargs)` in a new Python process; return its dict plus `peak_rss_mib`.
 
     The function returns a JSON-serialisable dict; peak RSS is the child's own resident high-water mark (Linux).
+    With `timeout` (seconds), a call still running then is killed and None returned.
     """
     code = (
         "import json, re, sys, importlib\n"
@@ -26,9 +27,17 @@ def in_subprocess(module: str, function: str, **kwargs: object) -> dict:
         "print('@@' + json.dumps(result))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(kwargs)], env=env, capture_output=True, text=True, check=False
-    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(kwargs)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return None
     if done.returncode:
         raise RuntimeError(f"{module}.{function} failed:\n{done.stderr[-3000:]}")
     line = next(line for line in done.stdout.splitlines() if line.startswith("@@"))

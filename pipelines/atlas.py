@@ -57,14 +57,21 @@ def pick_model(model_name: str | None, layer: str | None, config_file: str | Pat
 
 
 def run_data(data: str | None, config: dict) -> str:
-    """The data argument, else the config's; the demo photos when the config's folder is not there."""
-    if data:
-        return data
-    configured = config.get("data") or "demo"
-    if configured != "demo" and not Path(configured).exists():
-        log.info("data folder %s does not exist: using the bundled demo photos (give yours with DATA=)", configured)
-        return "demo"
-    return configured
+    """The data argument, else the config's; the demo photos when the config's folder is not there.
+
+    On the demo photos a config that names a `demo_config` runs at that config's settings instead (the paper's
+    one position per image gives 22 samples); one log line says which data and settings the run uses.
+    """
+    demo = f" at the settings of configs/{config['demo_config']}" if config.get("demo_config") else ""
+    configured = data or config.get("data") or "demo"
+    missing = not data and configured != "demo" and not Path(configured).exists()
+    if missing:
+        log.info(
+            "data folder %s does not exist: using the bundled demo photos%s (give yours with DATA=)", configured, demo
+        )
+    elif configured == "demo" and demo:
+        log.info("data: the bundled demo photos%s", demo)
+    return "demo" if missing else configured
 
 
 class Fingerprints:
@@ -104,8 +111,11 @@ def run_atlas(
     same_model = model_name in (None, base.get("model"))
     model_name = model_name or base["model"]
     weights = locate_weights(model_name, weights or (base.get("weights") if same_model else None))
+    data = run_data(data, base)
+    if data == "demo" and base.get("demo_config"):
+        config_file = Path(config_file).parent / base["demo_config"]
+        base = load_config(config_file, {}, None)
     config = load_config(config_file, stage_functions(), layer or (base.get("layer") if same_model else None))
-    data = run_data(data, config)
 
     from atlas.compose import ComposeSettings
     from atlas.images import list_images
@@ -130,6 +140,35 @@ def run_atlas(
     return run_dir / "index.html"
 
 
+def run_plan(config: dict, model: Classifier, layer: str, images: int, device: str) -> str:
+    """One line: images, samples, cells per grid, icons x attempts x steps, and the time that collect and render
+    should take, from a few seconds' timed warm-up of each on `device` (projection and composition not counted)."""
+    from atlas import collect, render
+    from atlas.grid import DEFAULT_MIN_COUNT, DEFAULT_SIZES
+
+    channels, height, width = next(tuple(s) for name, *s in model.layer_shapes() if name == layer)
+    positions = min(int(config["collect"].get("positions", 1)), (height - 2) * (width - 2))
+    samples = images * positions
+    sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))
+    min_count = int(config["grid"].get("min_count", DEFAULT_MIN_COUNT))
+    icons = sum(min(size * size, samples // min_count) for size in sizes)  # at most one per cell of min_count
+    settings = config["render"]
+    collect_s = images / collect.timed_rate(model, layer, positions)
+    render_s = icons * settings.attempts * settings.steps / render.timed_rate(model, layer, channels, settings)
+    return (
+        f"plan: {images:,} images x {positions} positions = {samples:,} samples; grids "
+        f"{', '.join(f'{g}x{g}' for g in sizes)} ({', '.join(f'{g * g:,}' for g in sizes)} cells); at most {icons:,} "
+        f"icons x {settings.attempts} attempts x {settings.steps} steps; estimate {_duration(collect_s + render_s)} "
+        f"(collect {_duration(collect_s)}, render {_duration(render_s)}, from a timed warm-up on {device})"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def _run_stages(
     config: dict, model: Classifier, layer: str, records: list[ImageRecord], dataset: str, run_dir: Path, device: str
 ) -> None:
@@ -137,6 +176,7 @@ def _run_stages(
     from atlas import collect, compose, grid, project, render
     from atlas.grid import DEFAULT_SIZES
 
+    log.info("%s", run_plan(config, model, layer, len(records), device))
     store = run_dir / "store.h5"
     steps = Fingerprints(run_dir / "pipeline.json")
     collect_args = {**config["collect"], "layers": [layer], "device": device, "dataset": dataset}

@@ -212,6 +212,14 @@ MUTANTS = [
         "band = (offset.abs() <= self.size // 2)",
         ("tests/test_inceptionv1.py",),
     ),
+    # issue 21: a stage that loads a dataset whole instead of streaming it in row blocks
+    Mutant(
+        "grid-reads-the-store-whole",
+        "atlas/grid.py",
+        "CHUNK_ROWS = 65536  # rows per streamed block",
+        "CHUNK_ROWS = 10**9  # rows per streamed block",
+        ("tests/test_memory.py",),
+    ),
 ]
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import h5py
@@ -36,13 +38,19 @@ def write_folder(folder: Path, count: int) -> Path:
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_make_atlas_runs_every_stage_and_a_rerun_skips_them(tmp_path, capsys):
+def test_make_atlas_runs_every_stage_and_a_rerun_skips_them(tmp_path, capsys, caplog):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"model": "tiny", **TINY_RUN}))
     out = tmp_path / "run"
     argv = ["--config", str(config), "--model", "tests.synthetic:tiny_classifier", "--device", "cpu"]
     argv += ["--data", str(write_folder(tmp_path / "images", 12)), "--out", str(out)]
-    assert pipeline.main(argv) == 0
+    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+        assert pipeline.main(argv) == 0
+    plan = next(r.message for r in caplog.records if r.message.startswith("plan: "))
+    assert plan.startswith("plan: 12 images x 4 positions = 48 samples; grids 3x3 (9 cells); at most 9 icons x 1 ")
+    assert re.search(
+        r"attempts x 2 steps; estimate \d+ s \(collect \d+ s, render \d+ s, from a timed warm-up on cpu\)", plan
+    )
     assert (out / "index.html").is_file()
     assert str(out / "index.html") in capsys.readouterr().out
     assert [p.relative_to(out).as_posix() for p in out.glob("layer-*/grid-*/atlas.png")] == [
@@ -87,3 +95,18 @@ def test_demo_set_is_22_readable_photos_with_labels():
     for record in records:
         image = load_rgb(record.path, min_side=64)
         assert image.mode == "RGB" and min(image.size) >= 64
+
+
+def test_the_paper_config_on_the_demo_photos_runs_at_its_cpu_demo_settings(tmp_path, monkeypatch, caplog):
+    """configs/inceptionv1.yaml takes one position per image: on the 22 demo photos it runs inceptionv1-cpu.yaml."""
+    seen = {}
+    monkeypatch.setattr(pipeline, "_run_stages", lambda config, model, layer, records, *rest: seen.update(locals()))
+    monkeypatch.chdir(tmp_path)  # the config's data folder, data/imagenet/train, is not there
+    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+        pipeline.run_atlas(CONFIG_DIR / "inceptionv1.yaml", None, "mixed4c", None, None, "cpu", tmp_path, "random")
+    cpu_demo = yaml.safe_load((CONFIG_DIR / "inceptionv1-cpu.yaml").read_text())
+    assert seen["config"]["collect"]["positions"] == cpu_demo["collect"]["positions"] == 64
+    assert seen["config"]["grid"]["sizes"] == cpu_demo["grid"]["sizes"]
+    assert seen["layer"] == "mixed4c" and len(seen["records"]) == 22
+    fallback = [r.message for r in caplog.records if "demo photos" in r.message]
+    assert len(fallback) == 1 and "at the settings of configs/inceptionv1-cpu.yaml" in fallback[0]
