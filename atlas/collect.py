@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import jvp, vmap
-from tqdm import tqdm
 
 from atlas import AtlasError, __version__
 from atlas.images import ImageDataset, ImageRecord, collate
 from atlas.models import Classifier
+from atlas.progress import progress as progress_of
 from atlas.runtime import Runtime, resolve
 from atlas.store import (
     CLASSES,
@@ -339,8 +339,7 @@ def load_batches(
         pin_memory=pin_memory,
     )
     total = len(pending)
-    disable = total == 0 or (None if progress is None else not progress)  # None: a bar only on a terminal
-    yield from tqdm(loader, total=total, desc="collect", unit="batch", disable=disable)
+    yield from progress_of(loader, total=total, desc="collect", unit="batch", disable=total == 0 or progress is False)
 
 
 def _shard_name(first_row: int) -> str:
@@ -413,7 +412,7 @@ def merge_parts(
             group = f.create_group(layer)
             group.attrs.update(channels=channels, height=height, width=width)
             datasets[layer] = {}
-        for shard in tqdm(shards, desc="merge", unit="batch", disable=None):
+        for shard in progress_of(shards, desc="merge", unit="batch"):
             with np.load(shard) as data:
                 skipped += [
                     f"{records[r].path}: {why}"

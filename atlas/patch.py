@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from atlas import AtlasError
 from atlas.images import ImageDataset, ImageRecord, collate, load_rgb
 from atlas.models import Classifier
+from atlas.progress import progress
 from atlas.runtime import resolve
 from atlas.store import grid_group, layer_group, open_store
 
@@ -318,7 +318,7 @@ def _tally(
     """Predict every correctly classified image unpatched, with the patch and with noise at every placement."""
     patch_tiles, control_tiles = tiles
     tally = _Tally()
-    for rows, batch, bad in tqdm(loader, desc="patch", unit="batch", disable=None):
+    for rows, batch, bad in progress(loader, desc="patch", unit="batch"):
         tally.skipped += [f"{records[row].path}: {reason}" for row, reason in bad]
         if batch is None:
             continue

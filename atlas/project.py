@@ -20,10 +20,11 @@ The layout SGD is chosen by `sgd`:
 - "umap-learn": umap-learn's numba SGD on the CPU, edge after edge, as the paper ran it. Seeded, it runs on
   one thread (its parallel SGD is not repeatable); `seed=None` trades repeatability for all cores.
 The fuzzy graph comes from umap-learn in both cases; the initial layout (`init`) is:
-- "pca" (default): the first two principal components, fitted on at most 100k evenly strided rows and applied
-  in blocks (sklearn's PCA would centre a copy of all the data: 2 GB at 1M x 512). At 100k x 512 it took 0.35 s against 11.3 s for the
-  spectral init, and the layout's trustworthiness was 0.9847 against 0.9827; at 1M samples the spectral
-  init ran for more than 9 minutes on 2 cores before it was stopped (ARPACK with 1000 Lanczos vectors).
+- "pca" (default): the first two principal components, fitted on at most 100k evenly strided rows and
+  applied in blocks (sklearn's PCA would centre a copy of all the data: 2 GB at 1M x 512). At 100k x 512 it
+  took 0.35 s against 11.3 s for the spectral init, and the layout's trustworthiness was 0.9847 against
+  0.9827; at 1M samples the spectral init ran for more than 9 minutes on 2 cores before it was stopped
+  (ARPACK with 1000 Lanczos vectors).
 - "spectral": umap-learn's default, the paper's: the graph Laplacian's eigenvectors.
 
 Output: `/<layer>/layout` [N, 2] float32 in [0, 1], attrs: the method and every parameter used.
@@ -40,10 +41,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from atlas import AtlasError
 from atlas.config import Settings
+from atlas.progress import progress
 from atlas.store import layer_group, open_store, record_settings, replace_dataset
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,7 @@ def optimize_layout(
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(seed is not None or deterministic)  # CUDA's index_add_ sums in any order
     try:
-        for epoch in tqdm(range(n_epochs), desc="layout", unit="epoch", disable=None):
+        for epoch in progress(range(n_epochs), desc="layout", unit="epoch"):
             learning_rate = 1.0 - epoch / n_epochs
             sampled = torch.nonzero(next_sample <= epoch).squeeze(1)
             if sampled.numel() == 0:

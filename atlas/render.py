@@ -23,7 +23,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from atlas import AtlasError
 from atlas.config import Settings
@@ -32,6 +31,7 @@ from atlas.optvis import PARAM, layer_map, model_device, optimize_images, visual
 from atlas.optvis.objectives import atlas_direction, direction_cosine
 from atlas.optvis.param import param_spec
 from atlas.optvis.transform import Transform, image_key, preset
+from atlas.progress import progress as progress_of
 from atlas.runtime import Runtime, default_device, resolve
 from atlas.store import grid_group, layer_group, open_store, record_settings, settings_match, store_finished
 
@@ -181,7 +181,7 @@ def render_icons(
     objective = np.full(count, np.nan, np.float32)
     cosine = np.full(count, np.nan, np.float32)
     batches = _attempt_batches(count, settings.attempts, batch_size)
-    for batch in tqdm(batches, desc=f"render {layer}", unit="batch", disable=not progress):
+    for batch in progress_of(batches, desc=f"render {layer}", unit="batch", disable=not progress):
         index = [i for i, _ in batch]
         seeds = [image_key(settings.seed, keys[i], attempt) for i, attempt in batch]
         images, values, cosines = _render_batch(

@@ -11,7 +11,6 @@ import h5py
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from atlas import AtlasError
 from atlas.images import ImageRecord, load_rgb, to_model_input
@@ -21,6 +20,7 @@ from atlas.optvis import PARAM, forward, model_device, optimize_images
 from atlas.optvis.objectives import caricature, channel, deepdream
 from atlas.optvis.param import param_spec
 from atlas.optvis.transform import image_key, preset
+from atlas.progress import progress as progress_of
 from atlas.render import choose_batch_size
 from atlas.runtime import resolve
 from atlas.store import STR, store_finished
@@ -121,7 +121,7 @@ def render_units(
     options = settings.optimiser_options()
     batch_size = batch_size or choose_batch_size(model, layer, channels, side, options["transforms"], mixed_precision)
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-    for batch in tqdm(batches, desc=f"units {layer}", unit="batch", disable=not progress):
+    for batch in progress_of(batches, desc=f"units {layer}", unit="batch", disable=not progress):
         images, (values,) = optimize_images(
             model,
             channel(layer, batch),
