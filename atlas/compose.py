@@ -198,7 +198,9 @@ def write_dzi(
         grid = by_size[per_level[level]]
         # halve the level above while the grid stays the same; start from the grid's own atlas when it changes
         source = base if base_size == grid.size else grid.image
-        base, base_size = source.resize((width, width), Image.LANCZOS, reducing_gap=3.0), grid.size
+        # Pillow copies an image "resized" to its own size: the finest level takes the atlas itself (655 MB at 160)
+        base = source if source.width == width else source.resize((width, width), Image.LANCZOS, reducing_gap=3.0)
+        base_size = grid.size
         picture = base
         if draw is not None and width / grid.size >= min_cell_fraction * icon_px:
             picture = base.copy()
@@ -507,6 +509,7 @@ def compose_atlas(
         if settings.labels:
             label(picture, grid)
         picture.save(grid_dir / "atlas.png", compress_level=3)  # fast enough for 12800 px atlases, still small
+        del picture  # a labelled copy of the atlas: as large as the atlas itself
         cells = cells_json(grid, names, picked[grid.size], example_info)
         (grid_dir / "cells.json").write_text(json.dumps(cells, separators=(",", ":")))
         entry_grids.append(
