@@ -71,7 +71,7 @@ class Size:
 
 SIZES = {
     "toy": Size(2, 2, 2, 300, 10, 300, 2, 2, 0, (1, 2), 1, 1000, 10),
-    "medium": Size(16, 8, 32, 5000, None, 600, 64, 32, 2, (16, 64), 4, 20_000, None),
+    "medium": Size(16, 8, 32, 4000, 100, 600, 64, 32, 2, (16, 64), 4, 20_000, None),
     "full": Size(64, 16, 64, 20_000, None, 1000, 512, 256, 16, (64, 128, 256, 512, 1024), 16, 1_000_000, None),
 }
 
@@ -102,7 +102,11 @@ class Context:
         return result, time.perf_counter() - started
 
     def measured(self, name: str) -> dict:
-        return next((row for row in self.rows if row["name"] == name), {})
+        """The row `name` of an earlier step; a LookupError naming it when that step did not run or failed."""
+        row = next((row for row in self.rows if row["name"] == name and row["status"] == "measured"), None)
+        if row is None:
+            raise LookupError(f"needs the row {name!r}, from an earlier step of this run")
+        return row
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -481,10 +485,22 @@ def copy_photos(source: Path, dest: Path, count: int, side: int = PHOTO_SIDE) ->
     return len(list(dest.glob("*.jpg")))
 
 
+def write_results(out: Path, head: dict, rows: list[dict]) -> str:
+    """gpu_check.json and gpu_check.md (summary, then every row's details) in `out`; returns the stamped summary."""
+    from benchmarks.run import _table
+
+    (out / "gpu_check.json").write_text(json.dumps({**head, "rows": rows}, indent=1, default=str))
+    stamp = ", ".join(f"{key} {value}" for key, value in head.items())
+    summary = f"{stamp}\n\n" + _table([{key: row.get(key, "") for key in SUMMARY} for row in rows])
+    details = _table([{key: value for key, value in row.items() if key not in SUMMARY[2:]} for row in rows])
+    (out / "gpu_check.md").write_text(f"# GPU check\n\n{summary}\n## Details\n\n{details}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     from atlas.images import list_images
     from benchmarks.common import SAMPLE
-    from benchmarks.run import _table, machine
+    from benchmarks.run import machine
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -510,22 +526,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    head = {"device": args.device, "machine": machine(), "torch": torch.__version__, "size": args.size}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         ctx = Context(args.device, args.size, list_images(source), Path(work))
+        head["photos"] = f"{source} ({len(ctx.photos)})"
         for step in CHECKS + MEASUREMENTS:
             if not args.only or step.__name__ in args.only:
                 ctx.rows += run_step(step, ctx)
-    seconds = time.perf_counter() - started
-    head = {"device": args.device, "machine": machine(), "torch": torch.__version__, "size": args.size,
-            "photos": f"{source} ({len(ctx.photos)})", "seconds": round(seconds, 1)}  # fmt: skip
-    (out / "gpu_check.json").write_text(json.dumps({**head, "rows": ctx.rows}, indent=1, default=str))
-    summary = _table([{key: row.get(key, "") for key in SUMMARY} for row in ctx.rows])
-    stamp = ", ".join(f"{key} {value}" for key, value in head.items())
-    details = _table([{key: value for key, value in row.items() if key not in SUMMARY[2:]} for row in ctx.rows])
-    (out / "gpu_check.md").write_text(f"# GPU check\n\n{stamp}\n\n{summary}\n## Details\n\n{details}")
+                # after every step, so a run stopped by its time limit keeps what it found
+                summary = write_results(out, {**head, "seconds": round(time.perf_counter() - started, 1)}, ctx.rows)
     failed = [row["name"] for row in ctx.rows if row["status"] in ("FAIL", "ERROR")]
-    print(f"\n{stamp}\n\n{summary}\n{'FAILED: ' + ', '.join(failed) if failed else 'every check holds'}"
-          f" (results in {out})")  # fmt: skip
+    print(f"\n{summary}\n{'FAILED: ' + ', '.join(failed) if failed else 'every check holds'} (results in {out})")
     return 1 if failed else 0
 
 
