@@ -337,7 +337,6 @@ def compiled_render_rate(device: str, size: str) -> dict:
 
 def measure_render(ctx: Context) -> list[dict]:
     from atlas.models import load_model
-    from benchmarks.common import in_subprocess
 
     size = ctx.size
     model = load_model(RENDER_MODEL, weights="random", device=ctx.device)
@@ -357,17 +356,27 @@ def measure_render(ctx: Context) -> list[dict]:
     rate = _render_rate(ctx, model, directions[:icons], False, 1)
     rows.append(_measure("render: one icon at a time (lucent-style)", f"{rate:.3g} icon-steps/s", batch=1,
                          precision="fp32", icon_steps_per_s=rate, **common))  # fmt: skip
+    return rows
+
+
+def measure_compile(ctx: Context) -> list[dict]:
+    """`render_icons` with the model under torch.compile, in its own process with a time limit: last, as the
+    slowest and least sure step (the renderer adds and removes hooks every step, and each new set recompiles)."""
+    from benchmarks.common import in_subprocess
+
+    batch = ctx.size.render_batches[0]
     name = f"render: torch.compile, batch {batch}"
+    common = {"model": RENDER_MODEL, "layer": RENDER_LAYER, "size": 80, "steps": ctx.size.render_steps}
     try:
         compiled = in_subprocess("benchmarks.gpu_check", "compiled_render_rate", timeout=COMPILE_TIMEOUT_S,
                                  device=ctx.device, size=ctx.size_name)  # fmt: skip
     except RuntimeError as err:  # the child's traceback ends with the reason
         reason = str(err).strip().splitlines()[-1][:160]
-        rows.append({**_measure(name, f"not supported: hooks ({reason})"), "status": "not supported"})
-    else:
-        result = f"{compiled['icon_steps_per_s']:.3g} icon-steps/s" if compiled else f"over {COMPILE_TIMEOUT_S} s"
-        rows.append(_measure(name, result, **common, **(compiled or {})))
-    return rows
+        result = f"not supported: {'hooks (' + reason + ')' if 'hook' in reason.lower() else reason}"
+        return [{**_measure(name, result, **common), "status": "not supported"}]
+    if compiled is None:
+        return [{**_measure(name, f"did not finish within {COMPILE_TIMEOUT_S} s", **common), "status": "not supported"}]
+    return [_measure(name, f"{compiled['icon_steps_per_s']:.3g} icon-steps/s", **common, **compiled)]
 
 
 class _Timings(logging.Handler):
@@ -440,7 +449,7 @@ def estimate_paper_run(ctx: Context) -> list[dict]:
 
 
 CHECKS = [check_collect, check_render, check_umap, check_class_atlas]
-MEASUREMENTS = [measure_collect, measure_render, measure_project, measure_grid, estimate_paper_run]
+MEASUREMENTS = [measure_collect, measure_render, measure_project, measure_grid, estimate_paper_run, measure_compile]
 SUMMARY = ("kind", "name", "status", "result", "limit", "seconds")
 
 
@@ -510,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "gpu-check"))
     names = [step.__name__ for step in CHECKS + MEASUREMENTS]
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's; 1 at toy size)")
     parser.add_argument("--only", nargs="+", choices=names, help="run only these steps")
     parser.add_argument("--copy-photos", type=int, metavar="N", help=f"copy N photos of {SAMPLE} to --photos; exit")
     args = parser.parse_args(argv)
@@ -519,14 +529,17 @@ def main(argv: list[str] | None = None) -> int:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("gpu_check: --device cuda, but torch sees no CUDA device (use --device cpu)", file=sys.stderr)
         return 2
-    if args.size == "toy":  # tiny inputs: more threads only wait on each other (tests/conftest.py's one_thread)
-        torch.set_num_threads(1)
+    # tiny inputs: more threads only wait on each other (tests/conftest.py's one_thread), worst on a busy CPU
+    threads = args.threads or (1 if args.size == "toy" else None)
+    if threads:
+        torch.set_num_threads(threads)
     photos = Path(args.photos)
     source = photos if photos.is_dir() and any(photos.iterdir()) else "demo"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    head = {"device": args.device, "machine": machine(), "torch": torch.__version__, "size": args.size}
+    head = {"device": args.device, "machine": machine(), "torch": torch.__version__, "size": args.size,
+            "threads": torch.get_num_threads()}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         ctx = Context(args.device, args.size, list_images(source), Path(work))
         head["photos"] = f"{source} ({len(ctx.photos)})"
