@@ -78,7 +78,7 @@ bench: install
 	$(PY) -m benchmarks.run
 
 # the GPU check (benchmarks/gpu_check.py, benchmarks/README.md): the device against the CPU, and its rates.
-# DEVICE defaults to cuda; SMALL=1 runs it at toy size (seconds; `make gpu-check DEVICE=cpu SMALL=1`). On the GPU
+# DEVICE defaults to cuda; SMALL=1 runs it at toy size (`make gpu-check DEVICE=cpu SMALL=1`: about a minute). On the GPU
 # machine, without a venv: python3 -m benchmarks.gpu_check (after installing .whl/, see benchmarks/README.md)
 gpu-check: install
 	$(PY) -m benchmarks.gpu_check --device $(or $(DEVICE),cuda) $(if $(SMALL),--size toy) $(if $(OUT),--out $(OUT))

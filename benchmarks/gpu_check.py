@@ -320,19 +320,28 @@ def _pixel_loop_rate(ctx: Context, model: torch.nn.Module, directions: np.ndarra
     return _steps_rate(ctx, run, len(directions), ctx.size.render_steps)
 
 
-def compiled_render_rate(device: str, size: str) -> dict:
+def compiled_render_rate(device: str, size: str, threads: int) -> dict:
     """Icon-steps/s of `render_icons` with the model under torch.compile (run in its own process, with a timeout)."""
     from atlas.models import load_model
 
+    torch.set_num_threads(threads)  # the parent's
     ctx = Context(device, size, [], Path())
     model = load_model(RENDER_MODEL, weights="random", device=device)
     backend = "inductor" if torch.device(device).type == "cuda" else "eager"  # eager: tracing only, quick on a CPU
     model.compile(backend=backend)
     batch = ctx.size.render_batches[0]
     directions = np.random.default_rng(0).gamma(2.0, 1.0, size=(batch, 512)).astype(np.float32)
-    rate = _render_rate(ctx, model, directions, torch.device(device).type == "cuda", batch)
+    bf16 = torch.device(device).type == "cuda"  # the policy's precision there; compare with that row
+    rate = _render_rate(ctx, model, directions, bf16, batch)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    return {"icon_steps_per_s": rate, "backend": backend, "batch": batch, "compiled_graphs": graphs}
+    precision = "bf16" if bf16 else "fp32"
+    return {
+        "icon_steps_per_s": rate,
+        "precision": precision,
+        "backend": backend,
+        "batch": batch,
+        "compiled_graphs": graphs,
+    }
 
 
 def measure_render(ctx: Context) -> list[dict]:
@@ -354,8 +363,8 @@ def measure_render(ctx: Context) -> list[dict]:
                          precision="fp32", icon_steps_per_s=rate, **common))  # fmt: skip
     icons = min(4, batch)
     rate = _render_rate(ctx, model, directions[:icons], False, 1)
-    rows.append(_measure("render: one icon at a time (lucent-style)", f"{rate:.3g} icon-steps/s", batch=1,
-                         precision="fp32", icon_steps_per_s=rate, **common))  # fmt: skip
+    name = "render: one icon at a time (lucent-style; ours at batch 1)"
+    rows.append(_measure(name, f"{rate:.3g} icon-steps/s", batch=1, precision="fp32", icon_steps_per_s=rate, **common))
     return rows
 
 
@@ -369,7 +378,7 @@ def measure_compile(ctx: Context) -> list[dict]:
     common = {"model": RENDER_MODEL, "layer": RENDER_LAYER, "size": 80, "steps": ctx.size.render_steps}
     try:
         compiled = in_subprocess("benchmarks.gpu_check", "compiled_render_rate", timeout=COMPILE_TIMEOUT_S,
-                                 device=ctx.device, size=ctx.size_name)  # fmt: skip
+                                 device=ctx.device, size=ctx.size_name, threads=torch.get_num_threads())  # fmt: skip
     except RuntimeError as err:  # the child's traceback ends with the reason
         reason = str(err).strip().splitlines()[-1][:160]
         result = f"not supported: {'hooks (' + reason + ')' if 'hook' in reason.lower() else reason}"
