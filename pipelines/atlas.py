@@ -140,16 +140,15 @@ def run_atlas(
     return run_dir / "index.html"
 
 
-def run_plan(config: dict, model: Classifier, layer: str, images: int, device: str) -> str:
+def run_plan(config: dict, model: Classifier, layer: str, images: int, sizes: list[int], device: str) -> str:
     """One line: images, samples, cells per grid, icons x attempts x steps, and the time that collect and render
     should take, from a few seconds' timed warm-up of each on `device` (projection and composition not counted)."""
     from atlas import collect, render
-    from atlas.grid import DEFAULT_MIN_COUNT, DEFAULT_SIZES
+    from atlas.grid import DEFAULT_MIN_COUNT
 
     channels, height, width = next(tuple(s) for name, *s in model.layer_shapes() if name == layer)
     positions = min(int(config["collect"].get("positions", 1)), (height - 2) * (width - 2))
     samples = images * positions
-    sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))
     min_count = int(config["grid"].get("min_count", DEFAULT_MIN_COUNT))
     icons = sum(min(size * size, samples // min_count) for size in sizes)  # at most one per cell of min_count
     settings = config["render"]
@@ -176,7 +175,8 @@ def _run_stages(
     from atlas import collect, compose, grid, project, render
     from atlas.grid import DEFAULT_SIZES
 
-    log.info("%s", run_plan(config, model, layer, len(records), device))
+    sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))
+    log.info("%s", run_plan(config, model, layer, len(records), sizes, device))
     store = run_dir / "store.h5"
     steps = Fingerprints(run_dir / "pipeline.json")
     collect_args = {**config["collect"], "layers": [layer], "device": device, "dataset": dataset}
@@ -190,7 +190,6 @@ def _run_stages(
         "project", {"settings": layout, "device": device}, lambda: project.project_store(store, layer, layout, device)
     )
     steps.run("grid", config["grid"], lambda: grid.grid_store(store, layer=layer, **config["grid"]))
-    sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))
     steps.run(
         "render",
         {"settings": icons, "sizes": sizes, "device": device},
