@@ -3,10 +3,12 @@
 UMAP runs in four parts: the k-nearest-neighbour graph, umap-learn's fuzzy graph, the initial layout, and
 the layout SGD. The kNN graph is chosen by `knn`:
 - "umap-learn": umap-learn's pynndescent search as umap.UMAP runs it: on one thread when seeded.
-- "nndescent": the same search on all CPU cores. pynndescent gives every thread its own seeded random stream
-  over a fixed block of rows, so a seeded run is repeatable for a given thread count. At 100k x 512 on 2
-  idle cores it took 29 s against 50 s on one thread; on oversubscribed cores it can be slower than one
-  thread (OpenMP threads spin-wait).
+- "nndescent": pynndescent on all CPU cores, with pynndescent's own number of random-projection trees (10 at
+  100k, 12 at 1M) where umap-learn asks for 5 + sqrt(N) / 20 (21 at 100k, 55 at 1M). Each tree keeps one C-dim
+  hyperplane per split: at 1M x 512 umap-learn's 55 trees held the stage at 9 GB of RSS (benchmarks/results.md,
+  scale). The trees only start the search, which NN-descent then refines. pynndescent gives every thread its
+  own seeded random stream over a fixed block of rows, so a seeded run is repeatable for a given thread count;
+  on oversubscribed cores it can be slower than one thread (OpenMP threads spin-wait).
 - "exact": brute-force search in torch, in blocks of query rows, on `device`: the GPU path (1M x 512 is
   5e14 multiply-adds). On the CPU it is quicker than NN-descent only for small inputs.
 - "auto" (default): "exact" on an accelerator and for small inputs on the CPU (N^2 C up to 2e11, e.g.
@@ -240,8 +242,8 @@ def _umap(x: np.ndarray, settings: LayoutSettings, device: str) -> np.ndarray:
     knn = resolve_knn(settings.knn, settings.metric, device, x.shape)
     n_neighbors, metric, seed = settings.n_neighbors, settings.metric, settings.seed
     if settings.sgd == "torch":
-        indices, distances = _knn_graph(x, n_neighbors, metric, seed, device, knn)
-        return _umap_torch(x, indices, distances, settings, device)
+        # the neighbour arrays are passed unnamed: _umap_torch drops them once the fuzzy graph is made
+        return _umap_torch(x, *_knn_graph(x, n_neighbors, metric, seed, device, knn), settings, device)
     precomputed = (None, None, None)  # umap-learn searches itself
     if knn != "umap-learn":
         precomputed = (*_knn_graph(x, n_neighbors, metric, seed, device, knn), None)
@@ -265,14 +267,19 @@ def _umap(x: np.ndarray, settings: LayoutSettings, device: str) -> np.ndarray:
 def _knn_graph(
     x: np.ndarray, n_neighbors: int, metric: str, seed: int | None, device: str, knn: str
 ) -> tuple[np.ndarray, np.ndarray]:
+    from pynndescent import NNDescent
     from umap.umap_ import nearest_neighbors
 
     started = time.perf_counter()
+    random_state = np.random.RandomState(seed)
     if knn == "exact":
         indices, distances = exact_knn(x, n_neighbors, metric=metric, device=device)
+    elif knn == "nndescent":  # umap-learn's settings but pynndescent's tree count (module docstring)
+        iterations = max(5, round(math.log2(len(x))))
+        search = NNDescent(x, n_neighbors, metric, random_state=random_state, n_iters=iterations, max_candidates=60)
+        indices, distances = search.neighbor_graph
     else:  # umap-learn's own search runs on one thread when seeded, as umap.UMAP does
-        threads = -1 if knn == "nndescent" or seed is None else 1
-        random_state = np.random.RandomState(seed)
+        threads = -1 if seed is None else 1
         indices, distances, _ = nearest_neighbors(x, n_neighbors, metric, {}, False, random_state, n_jobs=threads)
     log.info("kNN graph (%s, k=%d, %s) in %.1f s", knn, n_neighbors, metric, time.perf_counter() - started)
     return indices, distances
@@ -289,6 +296,7 @@ def _umap_torch(
     metric, n_epochs, seed, init = settings.metric, settings.n_epochs, settings.seed, settings.init
     random_state = np.random.RandomState(seed)
     graph, _, _ = fuzzy_simplicial_set(x, indices.shape[1], random_state, metric, {}, indices, distances)
+    del indices, distances  # 400 MB at 1M x 50, not needed by the layout SGD
     graph = graph.tocoo()
     graph.sum_duplicates()
     if n_epochs is None:
@@ -304,7 +312,9 @@ def _umap_torch(
     log.info("fuzzy graph (%d edges) and %s init in %.1f s", graph.nnz, init, time.perf_counter() - started)
     a, b = find_ab_params(1.0, settings.min_dist)
     epochs_per_sample = make_epochs_per_sample(graph.data, n_epochs)
-    return optimize_layout(initial, graph.row, graph.col, epochs_per_sample, n_epochs, a, b, seed=seed, device=device)
+    head, tail = graph.row, graph.col
+    del graph  # its weights (a float per edge) are in epochs_per_sample now
+    return optimize_layout(initial, head, tail, epochs_per_sample, n_epochs, a, b, seed=seed, device=device)
 
 
 def pca_start(

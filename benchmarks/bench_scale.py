@@ -18,6 +18,8 @@ Beside ours, in the same run: umap-learn (`umap.UMAP` with the paper's n_neighbo
 own defaults otherwise: spectral init, its own SGD, unseeded so it uses every core) on the same activations, at
 100k and at 1M within UMAP_LEARN_TIMEOUT_S.
 
+`SCALE_STAGES=project python -m benchmarks.run scale` stops after the projection rows; `SCALE_UMAP_ROWS=N` runs
+umap-learn only up to N rows.
 Targets (issue 21): every stage at 1M within 6 GiB peak RSS; `x_100k` is the growth ratio 1M / 100k.
 Needs about 8 GB of free disk in the temporary folder ($TMPDIR) and takes about 40 minutes on 2 CPU cores.
 """
@@ -45,6 +47,8 @@ BLOCK = 65536  # rows written at once
 PAPER_UMAP = {"n_neighbors": 50, "min_dist": 0.05, "metric": "cosine"}  # mixed4a-5b
 UMAP_LEARN_TIMEOUT_S = 600  # at 1M its spectral init alone ran over 9 minutes on 2 cores (bench_project)
 LIMIT_MIB = 6 * 1024  # the issue's bound on every stage's peak RSS at 1M
+STAGES = os.environ.get("SCALE_STAGES", "all")  # "project": the store, ours and umap-learn only
+UMAP_LEARN_MAX_ROWS = int(os.environ.get("SCALE_UMAP_ROWS", max(ROWS)))  # umap-learn runs up to this many rows
 
 
 def write_paper_store(
@@ -120,8 +124,18 @@ def project_case(path: str) -> dict:
     from atlas.project import LayoutSettings, project_store
 
     started = time.perf_counter()
-    project_store(path, LAYER, LayoutSettings(**PAPER_UMAP, seed=0), "cpu")
-    return {"seconds": time.perf_counter() - started}
+    layout = project_store(path, LAYER, LayoutSettings(**PAPER_UMAP, seed=0), "cpu")
+    return {"seconds": time.perf_counter() - started, "trustworthiness": _trustworthiness(path, layout)}
+
+
+def _trustworthiness(path: str, layout: np.ndarray, samples: int = 3000) -> float:
+    """sklearn's trustworthiness (10 neighbours, cosine) of the same evenly strided rows of every layout."""
+    from sklearn.manifold import trustworthiness
+
+    rows = np.linspace(0, len(layout) - 1, samples).astype(np.int64)
+    with h5py.File(path) as store:
+        x = store[f"{LAYER}/activations"][rows]
+    return round(float(trustworthiness(x, layout[rows], n_neighbors=10, metric="cosine")), 4)
 
 
 def grid_case(path: str) -> dict:
@@ -154,8 +168,8 @@ def umap_learn_case(path: str) -> dict:
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="n_jobs value")
-        umap.UMAP(**PAPER_UMAP).fit_transform(x)
-    return {"seconds": time.perf_counter() - started}
+        layout = umap.UMAP(**PAPER_UMAP).fit_transform(x)
+    return {"seconds": time.perf_counter() - started, "trustworthiness": _trustworthiness(path, layout)}
 
 
 def _chromium_rss_mib(profile: Path) -> float:
@@ -285,13 +299,16 @@ def run_size(n: int, folder: Path, umap_timeout: float | None) -> list[dict]:
     _free_page_cache(store)
     row("project (ours: UMAP 50/0.05/cosine)", in_subprocess("benchmarks.bench_scale", "project_case", path=str(store)))
     umap = None
-    if umap_timeout:
+    if umap_timeout and n <= UMAP_LEARN_MAX_ROWS:
         umap = in_subprocess("benchmarks.bench_scale", "umap_learn_case", timeout=umap_timeout, path=str(store))
+    ran = umap_timeout and n <= UMAP_LEARN_MAX_ROWS
     row(
         "project baseline: umap-learn UMAP(50/0.05/cosine), its defaults",
         umap,
-        "" if umap else "not run" if not umap_timeout else f"did not finish within {umap_timeout:.0f} s",
+        "" if umap else f"did not finish within {umap_timeout:.0f} s" if ran else "not run (SCALE_UMAP_ROWS)",
     )
+    if STAGES == "project":
+        return rows
     _free_page_cache(store)
     row("grid 20/40/80/160", in_subprocess("benchmarks.bench_scale", "grid_case", path=str(store)))
     row(
