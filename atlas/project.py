@@ -276,7 +276,9 @@ def _knn_graph(
         indices, distances = exact_knn(x, n_neighbors, metric=metric, device=device)
     elif knn == "nndescent":  # umap-learn's settings but pynndescent's tree count (module docstring)
         iterations = max(5, round(math.log2(len(x))))
-        search = NNDescent(x, n_neighbors, metric, random_state=random_state, n_iters=iterations, max_candidates=60)
+        search = NNDescent(
+            x, metric=metric, n_neighbors=n_neighbors, random_state=random_state, n_iters=iterations, max_candidates=60
+        )
         indices, distances = search.neighbor_graph
     else:  # umap-learn's own search runs on one thread when seeded, as umap.UMAP does
         threads = -1 if seed is None else 1

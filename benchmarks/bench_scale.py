@@ -187,13 +187,15 @@ def _chromium_rss_mib(profile: Path) -> float:
     return round(total / 1024, 1)
 
 
-def viewer_case(folder: Path, grid: int = max(SIZES), fixed: bool = False) -> dict:
+def viewer_case(folder: Path, grid: int = max(SIZES), fixed: bool = False, filled: bool = False) -> dict:
     """Open the composed folder in headless Chromium, zoom in until `grid` shows (or, `fixed`, open that grid's
     atlas.png from a link), hover a non-empty cell; time and memory."""
     from tests.browser import served_page
 
     profile = Path(tempfile.mkdtemp(prefix="chromium-"))
-    screenshot = Path(__file__).with_name("scale") / f"viewer-{grid}{'-fixed' if fixed else ''}.png"
+    screenshot = (
+        Path(__file__).with_name("scale") / f"viewer-{grid}{'-fixed' if fixed else ''}{'-filled' if filled else ''}.png"
+    )
     screenshot.parent.mkdir(exist_ok=True)
     with served_page(folder, profile, {"width": 1400, "height": 900}) as (page, url, errors):
         started = time.perf_counter()
@@ -321,6 +323,40 @@ def run_size(n: int, folder: Path, umap_timeout: float | None) -> list[dict]:
     row("compose (4 examples per cell)", {**composed, "run_mib": _folder_mib(out)}, "icons are flat colours")
     row("viewer: zoom in to 160x160 (headless Chromium)", viewer_case(out), "RSS: all Chromium processes")
     row("viewer: 160x160 atlas.png from a link", viewer_case(out, fixed=True), "RSS: all Chromium processes")
+    return rows
+
+
+def spread_layout(path: str, seed: int = 0) -> dict:
+    """Stand-in for project: a layout spread over the square (50 overlapping blobs, bench_grid's), so that the
+    160 x 160 grid is nearly full, as a real atlas's is, where UMAP of the synthetic clusters fills ~4 % of it."""
+    rng = np.random.default_rng(seed)
+    centres = rng.random((50, 2))
+    with h5py.File(path, "r+") as store:
+        n = store[f"{LAYER}/activations"].shape[0]
+        if f"{LAYER}/layout" in store:
+            del store[f"{LAYER}/layout"]
+        points = centres[rng.integers(0, len(centres), n)] + rng.normal(0, 0.08, (n, 2))
+        store[f"{LAYER}/layout"] = np.clip(points, 0.0, 1.0).astype(np.float32)
+    return {"seconds": 0.0}
+
+
+def run_filled(n: int = max(ROWS)) -> list[dict]:
+    """grid, stand-in icons, compose and the viewer on a nearly full 160 x 160 grid (`spread_layout`, no project)."""
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as temporary:
+        store, out = Path(temporary) / "store.h5", Path(temporary) / "run"
+        in_subprocess("benchmarks.bench_scale", "write_paper_store", path=str(store), n=n)
+        spread_layout(str(store))
+        stages = [
+            ("grid 20/40/80/160, spread layout", "grid_case", {"path": str(store)}),
+            ("render stand-in: flat-colour icons (not render)", "flat_icons", {"path": str(store), "sizes": SIZES}),
+            ("compose (4 examples per cell), spread layout", "compose_case", {"path": str(store), "out": str(out)}),
+        ]
+        for stage, function, arguments in stages:
+            _free_page_cache(store)
+            rows.append({"stage": stage, "rows": n, **in_subprocess("benchmarks.bench_scale", function, **arguments)})
+            print(rows[-1], flush=True)
+        rows.append({"stage": "viewer: zoom in to 160x160, spread layout", "rows": n, **viewer_case(out, filled=True)})
     return rows
 
 

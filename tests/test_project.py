@@ -13,6 +13,7 @@ from atlas import AtlasError
 from atlas.cli import main
 from atlas.project import (
     LayoutSettings,
+    _knn_graph,
     embed,
     exact_knn,
     normalize_layout,
@@ -60,6 +61,23 @@ def test_exact_knn_matches_brute_force(metric):
     want_distances, want_indices = NearestNeighbors(n_neighbors=10, metric=metric).fit(x).kneighbors(x)
     np.testing.assert_allclose(distances, want_distances, atol=1e-4)
     assert (np.sort(indices[:, 1:], axis=1) == np.sort(want_indices[:, 1:], axis=1)).mean() > 0.99
+
+
+@pytest.mark.parametrize("knn", ["nndescent", "umap-learn"])
+def test_approximate_knn_finds_the_true_neighbours(knn):
+    """Both NN-descent searches (pynndescent's tree count, umap-learn's own call) against the exact neighbours."""
+    rng = np.random.default_rng(2)
+    x = np.maximum(rng.normal(size=(6000, 16)) + rng.normal(size=(30, 16))[rng.integers(0, 30, 6000)], 0)
+    x = x.astype(np.float32)
+    indices, distances = _knn_graph(x, 10, "cosine", 0, "cpu", knn)
+    assert indices.shape == distances.shape == (6000, 10)
+    want_distances, want_indices = NearestNeighbors(n_neighbors=10, metric="cosine").fit(x).kneighbors(x)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(indices, want_indices, strict=True)])
+    assert recall > 0.95, recall
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cosine_distance = 1 - np.einsum("nc,nkc->nk", unit, unit[indices])  # of the neighbours it returned
+    np.testing.assert_allclose(distances, cosine_distance, atol=1e-4)
+    assert np.abs(np.sort(distances, axis=1) - want_distances).mean() < 1e-3
 
 
 def test_exact_knn_puts_each_point_first_among_duplicates():
