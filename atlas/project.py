@@ -5,8 +5,9 @@ the layout SGD. The kNN graph is chosen by `knn`:
 - "umap-learn": umap-learn's pynndescent search as umap.UMAP runs it: on one thread when seeded.
 - "nndescent": pynndescent on all CPU cores, with pynndescent's own number of random-projection trees (10 at
   100k, 12 at 1M) where umap-learn asks for 5 + sqrt(N) / 20 (21 at 100k, 55 at 1M). Each tree keeps one C-dim
-  hyperplane per split: at 1M x 512 umap-learn's 55 trees held the stage at 9 GB of RSS (benchmarks/results.md,
-  scale). The trees only start the search, which NN-descent then refines. pynndescent gives every thread its
+  hyperplane per split; with umap-learn's count the stage peaked at 9.3 GB at 1M x 512 (benchmarks/results.md,
+  scale; not yet measured again with pynndescent's). At 100k both counts gave recall@50 above 0.996 at equal
+  memory. The trees only start the search, which NN-descent then refines. pynndescent gives every thread its
   own seeded random stream over a fixed block of rows, so a seeded run is repeatable for a given thread count;
   on oversubscribed cores it can be slower than one thread (OpenMP threads spin-wait).
 - "exact": brute-force search in torch, in blocks of query rows, on `device`: the GPU path (1M x 512 is
@@ -47,7 +48,7 @@ import torch
 from atlas import AtlasError
 from atlas.config import Settings
 from atlas.progress import progress
-from atlas.store import layer_group, open_store, record_settings, replace_dataset
+from atlas.store import iter_rows, layer_group, open_store, record_settings, replace_dataset
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ def pca_start(
     from sklearn.decomposition import PCA
 
     pca = PCA(n_components, random_state=random_state).fit(x[:: math.ceil(len(x) / max_rows)])
-    return np.concatenate([pca.transform(x[start : start + 65536]) for start in range(0, len(x), 65536)])
+    return np.concatenate([pca.transform(rows) for _, rows in iter_rows(x)])
 
 
 def optimize_layout(
