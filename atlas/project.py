@@ -42,6 +42,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -58,6 +59,7 @@ SGD_ENGINES = ("torch", "umap-learn")
 INITS = ("pca", "spectral")
 EXACT_METRICS = ("cosine", "euclidean")
 EXACT_KNN_MAX_WORK = 2e11  # N^2 C multiply-adds up to which 'auto' searches exactly on the CPU
+EDGE_BLOCK = 1 << 21  # edges per block of an SGD epoch: bounds the epoch's temporaries (about 1 GB at most)
 PCA_ROWS = 100_000  # rows the PCA start is fitted on: two components of C <= 1024 channels are settled by then
 
 
@@ -237,6 +239,25 @@ def _check_finite(x: np.ndarray, rows: int = 65536) -> None:
             raise AtlasError(f"activations contain NaN or infinite values (first in sample {bad})")
 
 
+def unit_rows(x: np.ndarray, tolerance: float = 1e-4, rows: int = 65536) -> bool:
+    """Whether every row of `x` has length 1 (or 0, as a normalised all-zero row keeps), checked by blocks."""
+    for start in range(0, x.shape[0], rows):
+        lengths = np.linalg.norm(x[start : start + rows], axis=1)
+        if not (np.abs(lengths - 1.0) <= tolerance)[lengths > 0].all():
+            return False
+    return True
+
+
+def read_unit_rows(dataset: h5py.Dataset | np.ndarray, rows: int = 65536) -> np.ndarray:
+    """All rows of `dataset` [N, C] as float32, each scaled to length 1 (all-zero rows stay zero), by blocks."""
+    x = np.empty(dataset.shape, dtype=np.float32)
+    for start, block in iter_rows(dataset, rows):
+        lengths = np.linalg.norm(block, axis=1, keepdims=True)
+        with np.errstate(invalid="ignore"):  # an infinite row becomes NaN, which embed reports by sample
+            x[start : start + len(block)] = block / np.where(lengths > 0, lengths, 1.0)
+    return x
+
+
 def _umap(x: np.ndarray, settings: LayoutSettings, device: str) -> np.ndarray:
     import umap
 
@@ -276,11 +297,21 @@ def _knn_graph(
     if knn == "exact":
         indices, distances = exact_knn(x, n_neighbors, metric=metric, device=device)
     elif knn == "nndescent":  # umap-learn's settings but pynndescent's tree count (module docstring)
+        # pynndescent searches cosine on an L2-normalised copy (2 GB at 1M x 512); rows that are already unit
+        # length are searched as they are, by squared euclidean distance, which is twice the cosine distance
+        unit = metric == "cosine" and unit_rows(x)
         iterations = max(5, round(math.log2(len(x))))
         search = NNDescent(
-            x, metric=metric, n_neighbors=n_neighbors, random_state=random_state, n_iters=iterations, max_candidates=60
+            x,
+            metric="sqeuclidean" if unit else metric,
+            n_neighbors=n_neighbors,
+            random_state=random_state,
+            n_iters=iterations,
+            max_candidates=60,
         )
         indices, distances = search.neighbor_graph
+        if unit:
+            distances = distances / 2.0
     else:  # umap-learn's own search runs on one thread when seeded, as umap.UMAP does
         threads = -1 if seed is None else 1
         indices, distances, _ = nearest_neighbors(x, n_neighbors, metric, {}, False, random_state, n_jobs=threads)
@@ -314,7 +345,7 @@ def _umap_torch(
     initial = 10.0 * (initial - initial.min(0)) / (initial.max(0) - initial.min(0))
     log.info("fuzzy graph (%d edges) and %s init in %.1f s", graph.nnz, init, time.perf_counter() - started)
     a, b = find_ab_params(1.0, settings.min_dist)
-    epochs_per_sample = make_epochs_per_sample(graph.data, n_epochs)
+    epochs_per_sample = make_epochs_per_sample(graph.data, n_epochs).astype(np.float32)
     head, tail = graph.row, graph.col
     del graph  # its weights (a float per edge) are in epochs_per_sample now
     return optimize_layout(initial, head, tail, epochs_per_sample, n_epochs, a, b, seed=seed, device=device)
@@ -343,6 +374,7 @@ def optimize_layout(
     repulsion_strength: float = 1.0,
     seed: int | None = 0,
     device: str = "cpu",
+    edge_block: int = EDGE_BLOCK,
 ) -> np.ndarray:
     """UMAP's layout SGD in torch: the edges sampled in an epoch move their ends at once, from the same positions.
 
@@ -352,18 +384,20 @@ def optimize_layout(
     (1 + a d^(2b))) (x_i - x_k); each coordinate step is clipped to [-4, 4] and scaled by a learning rate that
     falls linearly from 1 to 0. The graph (`head` -> `tail`, [E]) must be symmetric, as UMAP's fuzzy union
     is: edge (j, i) is sampled with (i, j) and moves i by the same step, so only heads are updated, twice.
+    An epoch's attractions are applied together, then its repulsions, from the positions the attractions left.
+    Both are summed over blocks of `edge_block` edges into one step buffer, so memory does not grow with the
+    number of edges sampled at once (5 negative samples per edge: 9 GB at 1M samples in one piece). The
+    schedule is float32 (umap-learn's is float64): at n_epochs <= 1000 its rounding is below 1e-4 of an epoch.
     Returns the layout [N, dim] float32.
-
-    A numeric kernel kept in one piece (over 60 lines): its epoch loop mirrors umap-learn's, step for step, so the
-    two can be read side by side, and splitting it would pass a dozen tensors of schedule state every epoch.
     """
     dev = torch.device(device)
     layout = torch.tensor(np.ascontiguousarray(np.asarray(initial).T), dtype=torch.float32, device=dev)  # [dim, N]
     n_vertices = layout.shape[1]
+    step = torch.zeros_like(layout)
     # int32 or int64 indices as given (scipy's are int32): no copy of the graph's two largest arrays on the CPU
     head = torch.as_tensor(np.asarray(head), device=dev)
     tail = torch.as_tensor(np.asarray(tail), device=dev)
-    period = torch.as_tensor(np.asarray(epochs_per_sample), dtype=torch.float64, device=dev)
+    period = torch.as_tensor(np.asarray(epochs_per_sample), dtype=torch.float32, device=dev)
     next_sample = period.clone()
     next_negatives = period / negative_sample_rate
     generator = torch.Generator(device=dev)
@@ -371,41 +405,61 @@ def optimize_layout(
         generator.seed()
     else:
         generator.manual_seed(seed)
+    blocks = [slice(start, start + edge_block) for start in range(0, len(period), edge_block)]
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(seed is not None or deterministic)  # CUDA's index_add_ sums in any order
     try:
         for epoch in progress(range(n_epochs), desc="layout", unit="epoch"):
             learning_rate = 1.0 - epoch / n_epochs
-            sampled = torch.nonzero(next_sample <= epoch).squeeze(1)
-            if sampled.numel() == 0:
-                continue
-            heads = head.index_select(0, sampled)
-            tails = tail.index_select(0, sampled)
-            # gathered one coordinate row at a time: on the CPU, 1-D index_select beats selecting along dim 1
-            offset = torch.stack([row.index_select(0, heads) - row.index_select(0, tails) for row in layout])
-            squared = (offset * offset).sum(0)
-            power = squared.pow(b)
-            pull = (-2.0 * a * b) * power / (squared * (a * power + 1.0))
-            pull = torch.where(squared > 0, pull, 0.0)
-            # the scale goes on the step, not index_add_'s `alpha`, which takes a far slower path on the CPU
-            layout.index_add_(1, heads, (pull * offset).clamp_(-4.0, 4.0).mul_(2.0 * learning_rate))
-
-            periods = period.index_select(0, sampled)
-            next_sample.index_add_(0, sampled, periods)
-            negative_period = periods / negative_sample_rate
-            due = next_negatives.index_select(0, sampled)
-            counts = ((epoch - due) / negative_period).long().clamp_min_(0)  # umap-learn truncates the same way
-            next_negatives.index_add_(0, sampled, counts * negative_period)
-            sources = heads.repeat_interleave(counts)
-            others = torch.randint(n_vertices, sources.shape, generator=generator, device=dev)
-            offset = torch.stack([row.index_select(0, sources) - row.index_select(0, others) for row in layout])
-            squared = (offset * offset).sum(0)
-            push = (2.0 * repulsion_strength * b) / ((0.001 + squared) * (a * squared.pow(b) + 1.0))
-            push = torch.where(squared > 0, push, 0.0)
-            layout.index_add_(1, sources, (push * offset).clamp_(-4.0, 4.0).mul_(learning_rate))
+            due = [torch.nonzero(next_sample[block] <= epoch).squeeze(1).add_(block.start) for block in blocks]
+            step.zero_()
+            for sampled in due:
+                _attract(layout, step, head.index_select(0, sampled), tail.index_select(0, sampled), a, b)
+            layout.add_(step, alpha=2.0 * learning_rate)
+            step.zero_()
+            for sampled in due:
+                periods = period.index_select(0, sampled)
+                next_sample.index_add_(0, sampled, periods)
+                negative_period = periods / negative_sample_rate
+                owed = (epoch - next_negatives.index_select(0, sampled)) / negative_period
+                counts = owed.long().clamp_min_(0)  # umap-learn truncates the same way
+                next_negatives.index_add_(0, sampled, counts * negative_period)
+                sources = head.index_select(0, sampled).repeat_interleave(counts)
+                others = torch.randint(n_vertices, sources.shape, generator=generator, device=dev)
+                _repel(layout, step, sources, others, a, b, repulsion_strength)
+            layout.add_(step, alpha=learning_rate)
     finally:
         torch.use_deterministic_algorithms(deterministic)
     return layout.T.cpu().numpy()
+
+
+def _attract(layout: torch.Tensor, step: torch.Tensor, heads: torch.Tensor, tails: torch.Tensor, a: float, b: float):
+    """Add the clipped attraction of each edge (heads -> tails) to its head's step."""
+    # gathered one coordinate row at a time: on the CPU, 1-D index_select beats selecting along dim 1
+    offset = torch.stack([row.index_select(0, heads) - row.index_select(0, tails) for row in layout])
+    squared = (offset * offset).sum(0)
+    power = squared.pow(b)
+    pull = (-2.0 * a * b) * power / (squared * (a * power + 1.0))
+    pull = torch.where(squared > 0, pull, 0.0)
+    # the scale goes on the sum, not index_add_'s `alpha`, which takes a far slower path on the CPU
+    step.index_add_(1, heads, (pull * offset).clamp_(-4.0, 4.0))
+
+
+def _repel(
+    layout: torch.Tensor,
+    step: torch.Tensor,
+    sources: torch.Tensor,
+    others: torch.Tensor,
+    a: float,
+    b: float,
+    strength: float,
+):
+    """Add the clipped repulsion of each negative sample (sources from others) to its source's step."""
+    offset = torch.stack([row.index_select(0, sources) - row.index_select(0, others) for row in layout])
+    squared = (offset * offset).sum(0)
+    push = (2.0 * strength * b) / ((0.001 + squared) * (a * squared.pow(b) + 1.0))
+    push = torch.where(squared > 0, push, 0.0)
+    step.index_add_(1, sources, (push * offset).clamp_(-4.0, 4.0))
 
 
 def _tsne(x: np.ndarray, settings: LayoutSettings) -> np.ndarray:
@@ -452,7 +506,9 @@ def project_store(
         activations = group["activations"]
         settings.check_samples(activations.shape[0])
         check_device(device)
-        x = activations[:]  # UMAP needs all of it in memory
+        # UMAP needs all of it in memory. The cosine distance ignores a row's length, so cosine layouts read unit
+        # rows: the neighbour search then needs no normalised copy, and the PCA start sees directions
+        x = read_unit_rows(activations) if settings.metric == "cosine" else activations[:]
     layout = normalize_layout(embed(x, settings, device))
     with open_store(path, "r+") as store:
         group = store[layer]

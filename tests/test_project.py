@@ -19,7 +19,9 @@ from atlas.project import (
     normalize_layout,
     optimize_layout,
     project_store,
+    read_unit_rows,
     resolve_knn,
+    unit_rows,
 )
 from tests.synthetic import write_synthetic_store
 
@@ -63,12 +65,14 @@ def test_exact_knn_matches_brute_force(metric):
     assert (np.sort(indices[:, 1:], axis=1) == np.sort(want_indices[:, 1:], axis=1)).mean() > 0.99
 
 
-@pytest.mark.parametrize("knn", ["nndescent", "umap-learn"])
-def test_approximate_knn_finds_the_true_neighbours(knn):
-    """Both NN-descent searches (pynndescent's tree count, umap-learn's own call) against the exact neighbours."""
+@pytest.mark.parametrize("knn, unit", [("nndescent", False), ("nndescent", True), ("umap-learn", False)])
+def test_approximate_knn_finds_the_true_neighbours(knn, unit):
+    """Both NN-descent searches (pynndescent's tree count, umap-learn's own call) against the exact neighbours;
+    unit rows, as project_store reads them for cosine, take the squared euclidean search without a copy."""
     rng = np.random.default_rng(2)
     x = np.maximum(rng.normal(size=(6000, 16)) + rng.normal(size=(30, 16))[rng.integers(0, 30, 6000)], 0)
-    x = x.astype(np.float32)
+    x = read_unit_rows(x.astype(np.float32)) if unit else x.astype(np.float32)
+    assert unit_rows(x) == unit
     indices, distances = _knn_graph(x, 10, "cosine", 0, "cpu", knn)
     assert indices.shape == distances.shape == (6000, 10)
     want_distances, want_indices = NearestNeighbors(n_neighbors=10, metric="cosine").fit(x).kneighbors(x)
@@ -126,6 +130,22 @@ def test_optimize_layout_pulls_neighbours_together_and_pushes_the_rest_apart():
     np.testing.assert_array_equal(
         layout, optimize_layout(start, head, tail, np.ones(len(head)), n_epochs=100, a=1.577, b=0.895, seed=1)
     )
+
+
+def test_optimize_layout_in_edge_blocks_moves_as_in_one_piece():
+    # an epoch's edges in blocks of 7 are summed into one step from the same positions: the same layout, up to
+    # rounding (which later epochs of this small dense graph amplify, hence only 4)
+    rng = np.random.default_rng(3)
+    head, tail = np.nonzero(np.triu(rng.random((30, 30)) < 0.3, 1))
+    head, tail = np.concatenate([head, tail]), np.concatenate([tail, head])
+    start = rng.uniform(0, 10, size=(30, 2)).astype(np.float32)
+    period = rng.choice([1.0, 2.0, 3.5], size=len(head))
+    layouts = [
+        optimize_layout(start, head, tail, period, n_epochs=4, a=1.577, b=0.895, seed=2, edge_block=block)
+        for block in (7, len(head))
+    ]
+    np.testing.assert_allclose(layouts[0], layouts[1], atol=1e-4)
+    assert np.abs(layouts[0] - start).max() > 0.5
 
 
 def test_torch_sgd_matches_umap_learns_quality():
