@@ -1,13 +1,13 @@
 """Stage 2, `atlas project`: lay the activation vectors out in 2-D (UMAP or t-SNE) and normalise to [0, 1].
 
-UMAP runs in four parts: the k-nearest-neighbour graph, umap-learn's fuzzy graph, the initial layout, and
-the layout SGD. The kNN graph is chosen by `knn`:
+UMAP runs in four parts: the k-nearest-neighbour graph, the fuzzy graph (`fuzzy_graph`: umap-learn's
+memberships and union, in less memory), the initial layout, and the layout SGD. The kNN graph is chosen by `knn`:
 - "umap-learn": umap-learn's pynndescent search as umap.UMAP runs it: on one thread when seeded.
 - "nndescent": pynndescent on all CPU cores, with pynndescent's own number of random-projection trees (10 at
   100k, 12 at 1M) where umap-learn asks for 5 + sqrt(N) / 20 (21 at 100k, 55 at 1M). Each tree keeps one C-dim
   hyperplane per split; with umap-learn's count the stage peaked at 9.3 GB at 1M x 512 (benchmarks/results.md,
-  scale; not yet measured again with pynndescent's). At 100k both counts gave recall@50 above 0.996 at equal
-  memory. The trees only start the search, which NN-descent then refines. pynndescent gives every thread its
+  scale, before the changes under "Memory"). At 100k both counts gave recall@50 above 0.996 at equal memory.
+  The trees only start the search, which NN-descent then refines. pynndescent gives every thread its
   own seeded random stream over a fixed block of rows, so a seeded run is repeatable for a given thread count;
   on oversubscribed cores it can be slower than one thread (OpenMP threads spin-wait).
 - "exact": brute-force search in torch, in blocks of query rows, on `device`: the GPU path (1M x 512 is
@@ -22,13 +22,23 @@ The layout SGD is chosen by `sgd`:
   trustworthiness within 0.003. Seeded, it repeats exactly.
 - "umap-learn": umap-learn's numba SGD on the CPU, edge after edge, as the paper ran it. Seeded, it runs on
   one thread (its parallel SGD is not repeatable); `seed=None` trades repeatability for all cores.
-The fuzzy graph comes from umap-learn in both cases; the initial layout (`init`) is:
+The initial layout (`init`) is:
 - "pca" (default): the first two principal components, fitted on at most 100k evenly strided rows and
   applied in blocks (sklearn's PCA would centre a copy of all the data: 2 GB at 1M x 512). At 100k x 512 it
   took 0.35 s against 11.3 s for the spectral init, and the layout's trustworthiness was 0.9847 against
   0.9827; at 1M samples the spectral init ran for more than 9 minutes on 2 cores before it was stopped
   (ARPACK with 1000 Lanczos vectors).
 - "spectral": umap-learn's default, the paper's: the graph Laplacian's eigenvectors.
+
+Memory, at 1M x 512 with the defaults (peak RSS with 0.7 GB of imports; /tmp probe of `project_store` on the
+scale benchmark's store, one thread on a busy machine): the kNN search 4.4 GB, the fuzzy graph 3.7 GB, the
+layout SGD 2.9 GB. Before (issue 21's first scale run): 9.3 GB. What changed:
+- cosine layouts read the store as unit rows, so pynndescent makes no normalised copy (2 GB);
+- `fuzzy_graph` unites the memberships through one sorted key per edge, where umap-learn's sparse-matrix sums
+  took 2.8 GB above their input;
+- the rows are dropped once the kNN graph and the PCA start are made, when `embed` is given the dataset;
+- the SGD works through each epoch in blocks of edges (1.7 GB of temporaries at 200k in one piece, growing
+  with N), with a float32 schedule.
 
 Output: `/<layer>/layout` [N, 2] float32 in [0, 1], attrs: the method and every parameter used.
 """
@@ -202,24 +212,34 @@ def check_device(device: str) -> None:
 
 
 def embed(
-    x: np.ndarray,
+    x: np.ndarray | h5py.Dataset,
     settings: LayoutSettings = LayoutSettings(),
     device: str = "cpu",
 ) -> np.ndarray:
     """Raw (unnormalised) embedding [N, n_components] float32 of the rows of `x`, by UMAP or t-SNE.
 
     Used for a layer's layout and for any other array (class-atlas subsets; 1-D t-SNE with n_components=1).
+    `x` may be an HDF5 dataset: it is then read here, and the torch UMAP drops the rows once it has the kNN
+    graph and a PCA start (at 1M x 512 they are 2 GB of the 5 GB its layout SGD would otherwise hold).
     """
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
+    if len(x.shape) != 2:
         raise AtlasError(f"expected a 2-D array of samples, got shape {x.shape}")
     settings.check_samples(x.shape[0])
     check_device(device)
-    _check_finite(x)
     started = time.perf_counter()
-    result = _tsne(x, settings) if settings.method == "tsne" else _umap(x, settings, device)
+    result = _tsne(read_rows(x, settings.metric), settings) if settings.method == "tsne" else _umap(x, settings, device)
     log.info("%s of %d x %d in %.1f s", settings.method, *x.shape, time.perf_counter() - started)
     return result.astype(np.float32)
+
+
+def read_rows(x: np.ndarray | h5py.Dataset, metric: str) -> np.ndarray:
+    """The rows of `x` as a float32 array, checked finite. A dataset is read, as unit rows for cosine: the cosine
+    distance ignores a row's length, and pynndescent then needs no normalised copy."""
+    if isinstance(x, h5py.Dataset):
+        x = read_unit_rows(x) if metric == "cosine" else x[:]
+    x = np.asarray(x, dtype=np.float32)
+    _check_finite(x)
+    return x
 
 
 def resolve_knn(knn: str, metric: str, device: str, shape: tuple[int, int]) -> str:
@@ -258,14 +278,14 @@ def read_unit_rows(dataset: h5py.Dataset | np.ndarray, rows: int = 65536) -> np.
     return x
 
 
-def _umap(x: np.ndarray, settings: LayoutSettings, device: str) -> np.ndarray:
+def _umap(source: np.ndarray | h5py.Dataset, settings: LayoutSettings, device: str) -> np.ndarray:
     import umap
 
+    if settings.sgd == "torch":
+        return _umap_torch(source, settings, device)
+    x = read_rows(source, settings.metric)
     knn = resolve_knn(settings.knn, settings.metric, device, x.shape)
     n_neighbors, metric, seed = settings.n_neighbors, settings.metric, settings.seed
-    if settings.sgd == "torch":
-        # the neighbour arrays are passed unnamed: _umap_torch drops them once the fuzzy graph is made
-        return _umap_torch(x, *_knn_graph(x, n_neighbors, metric, seed, device, knn), settings, device)
     precomputed = (None, None, None)  # umap-learn searches itself
     if knn != "umap-learn":
         precomputed = (*_knn_graph(x, n_neighbors, metric, seed, device, knn), None)
@@ -319,36 +339,90 @@ def _knn_graph(
     return indices, distances
 
 
-def _umap_torch(
-    x: np.ndarray, indices: np.ndarray, distances: np.ndarray, settings: LayoutSettings, device: str
-) -> np.ndarray:
+def _umap_torch(source: np.ndarray | h5py.Dataset, settings: LayoutSettings, device: str) -> np.ndarray:
     """umap-learn's fuzzy graph and initial layout, then `optimize_layout` on `device`, as umap.UMAP prepares them."""
-    from umap.spectral import spectral_layout
-    from umap.umap_ import find_ab_params, fuzzy_simplicial_set, make_epochs_per_sample, noisy_scale_coords
+    from umap.umap_ import find_ab_params, noisy_scale_coords
 
-    started = time.perf_counter()
-    metric, n_epochs, seed, init = settings.metric, settings.n_epochs, settings.seed, settings.init
-    random_state = np.random.RandomState(seed)
-    graph, _, _ = fuzzy_simplicial_set(x, indices.shape[1], random_state, metric, {}, indices, distances)
-    del indices, distances  # 400 MB at 1M x 50, not needed by the layout SGD
-    graph = graph.tocoo()
-    graph.sum_duplicates()
-    if n_epochs is None:
-        n_epochs = 500 if graph.shape[0] <= 10_000 else 200  # umap-learn's defaults
-    graph.data[graph.data < graph.data.max() / n_epochs] = 0.0  # edges sampled less than once are dropped
-    graph.eliminate_zeros()
-    if init == "spectral":
-        initial = spectral_layout(x, graph, settings.n_components, random_state, metric=metric)
-    else:
-        initial = pca_start(x, settings.n_components, random_state)
+    random_state = np.random.RandomState(settings.seed)
+    (head, tail, weight), initial = _graph_and_start(source, settings, device, random_state)
+    n_epochs = settings.n_epochs or (500 if len(initial) <= 10_000 else 200)  # umap-learn's defaults
+    sampled = weight >= weight.max() / n_epochs  # edges sampled less than once are dropped, as umap-learn does
+    head, tail, weight = head[sampled], tail[sampled], weight[sampled]
+    epochs_per_sample = weight.max() / weight  # umap-learn's make_epochs_per_sample, in float32
+    del weight
     initial = noisy_scale_coords(initial, random_state, max_coord=10, noise=0.0001)
     initial = 10.0 * (initial - initial.min(0)) / (initial.max(0) - initial.min(0))
-    log.info("fuzzy graph (%d edges) and %s init in %.1f s", graph.nnz, init, time.perf_counter() - started)
     a, b = find_ab_params(1.0, settings.min_dist)
-    epochs_per_sample = make_epochs_per_sample(graph.data, n_epochs).astype(np.float32)
-    head, tail = graph.row, graph.col
-    del graph  # its weights (a float per edge) are in epochs_per_sample now
+    seed = settings.seed
     return optimize_layout(initial, head, tail, epochs_per_sample, n_epochs, a, b, seed=seed, device=device)
+
+
+def _graph_and_start(
+    source: np.ndarray | h5py.Dataset, settings: LayoutSettings, device: str, random_state: np.random.RandomState
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """The fuzzy graph's edges and the initial layout: the only step that holds the rows (read here from a dataset)."""
+    from scipy.sparse import coo_matrix
+    from umap.spectral import spectral_layout
+
+    x = read_rows(source, settings.metric)
+    knn = resolve_knn(settings.knn, settings.metric, device, x.shape)
+    indices, distances = _knn_graph(x, settings.n_neighbors, settings.metric, settings.seed, device, knn)
+    started = time.perf_counter()
+    if settings.init == "pca":
+        initial = pca_start(x, settings.n_components, random_state)
+        n = len(x)
+        del x, source  # the rows are not needed after this: freed here when read from a dataset
+        edges = fuzzy_graph(indices, distances)
+    else:
+        edges = fuzzy_graph(indices, distances)
+        n = len(x)
+        graph = coo_matrix((edges[2], (edges[0], edges[1])), shape=(n, n))
+        initial = spectral_layout(x, graph, settings.n_components, random_state, metric=settings.metric)
+    log.info(
+        "fuzzy graph (%d edges) and %s init in %.1f s", len(edges[0]), settings.init, time.perf_counter() - started
+    )
+    return edges, initial
+
+
+def fuzzy_graph(indices: np.ndarray, distances: np.ndarray, block: int = 1 << 22) -> tuple[np.ndarray, ...]:
+    """UMAP's fuzzy simplicial set of a kNN graph as symmetric edges (head, tail, weight): int32, int32, float32.
+
+    The memberships are umap-learn's (`smooth_knn_dist`, `compute_membership_strengths`); each pair's weight is
+    their fuzzy union a + b - ab, as `fuzzy_simplicial_set` makes it. There it is built from sparse-matrix sums
+    that took 2.8 GB above its input at 1M x 50; here from one sorted key per edge, searched `block` at a time.
+    Self-loops and missing neighbours (-1) are dropped. Edge order: each row's kNN edges by tail, then the
+    reverse of every edge whose reverse is not among them.
+    """
+    from umap.umap_ import compute_membership_strengths, smooth_knn_dist
+
+    n, k = indices.shape
+    distances = distances.astype(np.float32, copy=False)
+    sigmas, rhos = smooth_knn_dist(distances, float(k), local_connectivity=1.0)
+    _, tail, weight, _ = compute_membership_strengths(indices, distances, sigmas, rhos)
+    by_tail = np.argsort(tail.reshape(n, k), axis=1)  # each row's edges in tail order: the keys are then sorted
+    tail = np.take_along_axis(tail.reshape(n, k), by_tail, axis=1).ravel()
+    weight = np.take_along_axis(weight.reshape(n, k), by_tail, axis=1).ravel()
+    del by_tail
+    head = np.repeat(np.arange(n, dtype=np.int32), k)
+    kept = weight > 0  # self-loops have weight 0, missing neighbours were left at (0, 0, 0)
+    head, tail, weight = head[kept], tail[kept], weight[kept]
+    del kept
+    keys = head.astype(np.int64) * n + tail
+    reverse = np.zeros_like(weight)  # the weight of each edge's reverse, 0 where it has none
+    for start in range(0, len(keys), block):
+        wanted = tail[start : start + block].astype(np.int64) * n + head[start : start + block]
+        where = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        found = keys[where] == wanted
+        reverse[start : start + block][found] = weight[where[found]]
+    del keys
+    union = weight + reverse - weight * reverse
+    lonely = reverse == 0
+    del reverse, weight
+    return (
+        np.concatenate([head, tail[lonely]]),
+        np.concatenate([tail, head[lonely]]),
+        np.concatenate([union, union[lonely]]),
+    )
 
 
 def pca_start(
@@ -504,17 +578,13 @@ def project_store(
         group = layer_group(store, layer)
         layer = group.name.strip("/")
         activations = group["activations"]
-        settings.check_samples(activations.shape[0])
-        check_device(device)
-        # UMAP needs all of it in memory. The cosine distance ignores a row's length, so cosine layouts read unit
-        # rows: the neighbour search then needs no normalised copy, and the PCA start sees directions
-        x = read_unit_rows(activations) if settings.metric == "cosine" else activations[:]
-    layout = normalize_layout(embed(x, settings, device))
+        shape = activations.shape
+        layout = normalize_layout(embed(activations, settings, device))
     with open_store(path, "r+") as store:
         group = store[layer]
         if "grid" in group:
             log.warning("%s has grids made from its previous layout: rerun `atlas grid`", layer)
-        made = replace_dataset(group, "layout", layout, **layout_attrs(settings, device, x.shape))
+        made = replace_dataset(group, "layout", layout, **layout_attrs(settings, device, shape))
         record_settings(made, {"settings": settings, "device": device})
     log.info("wrote /%s/layout %s", layer, layout.shape)
     return layout

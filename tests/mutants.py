@@ -72,9 +72,24 @@ MUTANTS = [
     Mutant(
         "project-layout-min-max-no-margin",
         "atlas/project.py",
-        "layout = normalize_layout(embed(x, settings, device))",
-        "layout = normalize_layout(embed(x, settings, device), 0.0, 100.0, 0.0)",
+        "layout = normalize_layout(embed(activations, settings, device))",
+        "layout = normalize_layout(embed(activations, settings, device), 0.0, 100.0, 0.0)",
         ("tests/test_project.py::test_project_store_normalises_from_widened_percentiles",),
+    ),
+    Mutant(
+        "fuzzy-union-is-a-sum",
+        "atlas/project.py",
+        "union = weight + reverse - weight * reverse",
+        "union = weight + reverse",
+        ("tests/test_project.py::test_fuzzy_graph_is_umap_learns_fuzzy_simplicial_set",),
+    ),
+    Mutant(
+        "layout-sgd-moves-each-block-from-moved-positions",
+        "atlas/project.py",
+        "tail.index_select(0, sampled), a, b)\n            layout.add_(step, alpha=2.0 * learning_rate)",
+        "tail.index_select(0, sampled), a, b)\n                layout.add_(step, alpha=2.0 * learning_rate)\n"
+        "                step.zero_()",
+        ("tests/test_project.py::test_optimize_layout_in_edge_blocks_moves_as_in_one_piece",),
     ),
     Mutant(
         "render-ignores-whitening",

@@ -16,6 +16,7 @@ from atlas.project import (
     _knn_graph,
     embed,
     exact_knn,
+    fuzzy_graph,
     normalize_layout,
     optimize_layout,
     project_store,
@@ -146,6 +147,25 @@ def test_optimize_layout_in_edge_blocks_moves_as_in_one_piece():
     ]
     np.testing.assert_allclose(layouts[0], layouts[1], atol=1e-4)
     assert np.abs(layouts[0] - start).max() > 0.5
+
+
+def test_fuzzy_graph_is_umap_learns_fuzzy_simplicial_set():
+    """The adapter over umap-learn's internals: the same symmetric edges and union weights as its own graph,
+    on a kNN graph with a missing neighbour (-1); fails if umap-learn changes the functions it borrows."""
+    from scipy.sparse import coo_matrix
+    from umap.umap_ import fuzzy_simplicial_set
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    indices, distances = exact_knn(x, 12, metric="euclidean")
+    indices[7, -1], distances[7, -1] = -1, np.inf
+    head, tail, weight = fuzzy_graph(indices, distances)
+    assert head.dtype == tail.dtype == np.int32 and weight.dtype == np.float32
+    ours = coo_matrix((weight, (head, tail)), shape=(300, 300)).tocsr()
+    assert ours.nnz == len(head)  # no edge twice
+    theirs, _, _ = fuzzy_simplicial_set(x, 12, np.random.RandomState(0), "euclidean", {}, indices, distances)
+    assert ours.nnz == theirs.nnz and (ours != ours.T).nnz == 0
+    np.testing.assert_allclose(ours.toarray(), theirs.toarray(), rtol=1e-6, atol=1e-7)
 
 
 def test_torch_sgd_matches_umap_learns_quality():
