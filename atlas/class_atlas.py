@@ -31,7 +31,8 @@ import numpy as np
 
 from atlas import AtlasError
 from atlas.grid import layer_whitening
-from atlas.project import LayoutSettings, embed, normalize_layout
+from atlas.layout import LayoutSettings, embed
+from atlas.project import normalize_layout
 from atlas.store import CLASSES, iter_rows, layer_group, open_store, replace_dataset
 
 log = logging.getLogger(__name__)

@@ -299,7 +299,7 @@ def _add_project(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("project", help="stage 2: 2-D layout of a layer's activations (UMAP or t-SNE), in [0, 1]")
     p.add_argument("store", help="HDF5 store with activations (`atlas collect`)")
     p.add_argument("--layer", help="the store's layer (default: its only one)")
-    # the flags' defaults are LayoutSettings' (atlas/project.py): a flag not given is not passed
+    # the flags' defaults are LayoutSettings' (atlas/layout.py): a flag not given is not passed
     p.add_argument("--method", choices=["umap", "tsne"], help="default: umap")
     p.add_argument("--n-neighbors", type=int, help="UMAP neighbours (default and paper: 50; mixed3a/3b: 200)")
     p.add_argument("--min-dist", type=float, help="UMAP min_dist (default and paper: 0.05)")

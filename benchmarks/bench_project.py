@@ -66,7 +66,7 @@ def plain_umap(x: np.ndarray, **extra: object) -> np.ndarray:
 
 
 def our_umap(x: np.ndarray, **extra: object) -> np.ndarray:
-    from atlas.project import LayoutSettings, embed
+    from atlas.layout import LayoutSettings, embed
 
     options = {"seed": 0, "device": "cpu", **extra}
     device = options.pop("device")
@@ -83,10 +83,10 @@ def cases(n: int) -> list[tuple[str, object, dict]]:
     """(name, function, keyword arguments) of each measurement at N samples."""
     unseeded = ("plain umap-learn", plain_umap, {"random_state": None})
     if n >= 1_000_000:  # the GPU path; plain umap-learn seeded would run its SGD on one core for an hour
-        return [unseeded] + [("atlas.project.embed", our_umap, {"device": "cuda", "init": i}) for i in INITS]
-    ours = [("atlas.project.embed", our_umap, {})]
+        return [unseeded] + [("atlas.layout.embed", our_umap, {"device": "cuda", "init": i}) for i in INITS]
+    ours = [("atlas.layout.embed", our_umap, {})]
     if n == 100_000:  # our kNN and start with umap-learn's SGD: the two changes apart
-        ours.append(("atlas.project.embed", our_umap, {"sgd": "umap-learn"}))
+        ours.append(("atlas.layout.embed", our_umap, {"sgd": "umap-learn"}))
     return [("plain umap-learn", plain_umap, {}), unseeded, *ours]
 
 
@@ -94,7 +94,7 @@ def run() -> list[dict]:
     import torch
     from sklearn.manifold import trustworthiness
 
-    from atlas.project import resolve_knn
+    from atlas.layout import resolve_knn
 
     small = clustered_activations(5000, seed=1)  # above 4096 rows, where umap-learn also uses pynndescent
     _, compile_seconds, _ = measure(

@@ -4,7 +4,7 @@ Checks (each: pass or fail, with the measured value beside its tolerance; the sc
 fails or a measurement raises):
 - collect: EfficientNet-Lite0 (real weights) on photos, the device's policy against CPU fp32;
 - render: icons of Lite0's default layer in fp32 and bf16 on the device against CPU fp32 at equal steps;
-- umap: `atlas.project.embed` on the device against the CPU, trustworthiness of a subsample;
+- umap: `atlas.layout.embed` on the device against the CPU, trustworthiness of a subsample;
 - class-atlas: project, grid, render, compose and a class atlas on the device, end to end, on a synthetic store.
 Measurements: collect and forward rates, render icon-steps/s (batches, fp32/bf16, a plain pixel loop, one icon
 at a time, torch.compile), project at scale (exact kNN, fuzzy graph and init, torch SGD), grid, and from these
@@ -191,7 +191,7 @@ def check_render(ctx: Context) -> list[dict]:
 def check_umap(ctx: Context) -> list[dict]:
     from sklearn.manifold import trustworthiness
 
-    from atlas.project import LayoutSettings, embed
+    from atlas.layout import LayoutSettings, embed
     from benchmarks.bench_project import clustered_activations
 
     x = clustered_activations(ctx.size.umap_rows)
@@ -389,7 +389,7 @@ def measure_compile(ctx: Context) -> list[dict]:
 
 
 class _Timings(logging.Handler):
-    """The seconds that atlas.project logs for its parts (the last argument of its kNN and fuzzy-graph lines)."""
+    """The seconds that atlas.layout logs for its parts (the last argument of its kNN and fuzzy-graph lines)."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
@@ -410,7 +410,7 @@ def measure_project(ctx: Context) -> list[dict]:
     store = ctx.work / "paper.h5"
     write_paper_store(store, rows)
     settings = LayoutSettings(**PAPER_UMAP, knn="exact", n_epochs=ctx.size.project_epochs, seed=0)
-    logger, timings = logging.getLogger("atlas.project"), _Timings()
+    logger, timings = logging.getLogger("atlas.layout"), _Timings()
     level = logger.level
     logger.addHandler(timings)
     logger.setLevel(logging.INFO)

@@ -78,18 +78,18 @@ MUTANTS = [
     ),
     Mutant(
         "fuzzy-union-is-a-sum",
-        "atlas/project.py",
+        "atlas/layout.py",
         "union = weight + reverse - weight * reverse",
         "union = weight + reverse",
-        ("tests/test_project.py::test_fuzzy_graph_is_umap_learns_fuzzy_simplicial_set",),
+        ("tests/test_layout.py::test_fuzzy_graph_is_umap_learns_fuzzy_simplicial_set",),
     ),
     Mutant(
         "layout-sgd-moves-each-block-from-moved-positions",
-        "atlas/project.py",
+        "atlas/layout.py",
         "tail.index_select(0, sampled), a, b)\n            layout.add_(step, alpha=2.0 * learning_rate)",
         "tail.index_select(0, sampled), a, b)\n                layout.add_(step, alpha=2.0 * learning_rate)\n"
         "                step.zero_()",
-        ("tests/test_project.py::test_optimize_layout_in_edge_blocks_moves_as_in_one_piece",),
+        ("tests/test_layout.py::test_optimize_layout_in_edge_blocks_moves_as_in_one_piece",),
     ),
     Mutant(
         "render-ignores-whitening",
