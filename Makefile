@@ -14,6 +14,8 @@ DEVICE ?=
 OUT ?=
 CONFIG ?=
 WEIGHTS ?=
+# FORCE=1 redoes every stage of `make atlas`; FORCE=render (or "grid render") redoes those and the later ones
+FORCE ?=
 CLASS ?= great white shark
 VS ?=
 STORE ?=
@@ -50,7 +52,8 @@ lint: install
 atlas: install
 	$(PY) -m pipelines.atlas $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) \
 		$(if $(LAYER),--layer $(LAYER)) $(if $(DATA),--data $(DATA)) $(if $(N),--limit $(N)) \
-		$(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT)) $(if $(WEIGHTS),--weights $(WEIGHTS))
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+		$(if $(FORCE),--force $(filter-out 1,$(FORCE)))
 
 # a class atlas (or with VS, a two-class comparison) from STORE (default: `make atlas`'s) into OUT (default: its folder)
 class-atlas: install
