@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
 from atlas import AtlasError, __version__
-from atlas.runtime import default_device
+from atlas.config import Parser, check_number
+from atlas.runtime import check_device, default_device
 
 
 def _add_layers(sub: argparse._SubParsersAction) -> None:
@@ -159,6 +161,7 @@ def _run_patch(args: argparse.Namespace) -> None:
         sizes = tuple(float(v) for v in args.sizes.split(",")) if args.sizes else lab.SEARCH_RATIOS
     except ValueError as err:
         raise AtlasError(f"--sizes {args.sizes!r} is not a comma-separated list of fractions") from err
+    ratios = sizes if args.search else (lab.DEFAULT_RATIO if args.size is None else args.size,)
     report, path = run_patch_experiment(
         args.patch,
         args.data,
@@ -167,7 +170,7 @@ def _run_patch(args: argparse.Namespace) -> None:
         model_name=args.model or "efficientnet-lite0",
         weights=args.weights,
         source=args.source,
-        ratios=sizes if args.search else (args.size or lab.DEFAULT_RATIO,),
+        ratios=tuple(lab.check_ratio(ratio) for ratio in ratios),
         corners=tuple(lab.CORNERS) if args.search else (args.corner,),
         limit=args.limit,
         examples=args.examples,
@@ -476,7 +479,7 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="atlas", description="Activation atlases for PyTorch image classifiers")
+    parser = Parser(prog="atlas", description="Activation atlases for PyTorch image classifiers")
     parser.add_argument("--version", action="version", version=f"atlas {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -491,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
     try:
+        check_edge(args)
         args.run(args)
     except AtlasError as err:
         print(f"atlas {args.command}: error: {err}", file=sys.stderr)
@@ -501,7 +505,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except BrokenPipeError:
+        # the reader has gone (`atlas layers ... | head`): stop without a word, and keep Python's flush at exit quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a process killed by SIGPIPE
     return 0
+
+
+def check_edge(args: argparse.Namespace) -> None:
+    """The flags every sub-command shares, checked before any work: --device against the devices torch sees, and
+    --limit (the stages check their own numbers, for the command line and configs alike)."""
+    if getattr(args, "device", None):
+        check_device(args.device)
+    if getattr(args, "limit", None) is not None:
+        check_number("--limit", args.limit, 1)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def visible_devices() -> list[str]:
+    """The devices torch sees here: the CPU, each CUDA device, and Apple's MPS when present."""
+    mps = getattr(torch.backends, "mps", None)
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return ["cpu", *cuda, *(["mps"] if mps is not None and mps.is_available() else [])]
+
+
+def check_device(device: str | torch.device) -> str:
+    """The device, when torch knows it and sees it here; else a one-line AtlasError naming the devices torch sees."""
+    seen = visible_devices()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise AtlasError(f"unknown device {str(device)!r}; torch sees: {', '.join(seen)}") from err
+    wanted = f"cuda:{parsed.index or 0}" if parsed.type == "cuda" else parsed.type  # plain "cuda" is cuda:0
+    if parsed.type != "cpu" and wanted not in seen:
+        raise AtlasError(f"device {str(device)!r} is not here; torch sees: {', '.join(seen)}")
+    return str(device)
+
+
 @cache
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
@@ -95,9 +115,7 @@ def resolve(
         raise AtlasError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if memory_format not in MEMORY_FORMATS:
         raise AtlasError(f"memory format {memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}")
-    device = torch.device(device or default_device())
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AtlasError("device cuda asked for, but torch sees no CUDA device")
+    device = torch.device(check_device(device or default_device()))
     if memory_format == "auto":
         memory_format = "channels_last"
     if precision == "auto":

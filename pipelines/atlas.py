@@ -12,7 +12,6 @@ before torch and the stages are imported, so such a run stops within a second.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from atlas import AtlasError
-from atlas.config import config_path, load_config
+from atlas.config import Parser, check_number, config_path, load_config
 from atlas.store import COLLECT_SETTINGS, fingerprint, settings_match
 from atlas.zoo import locate_weights, model_for_layer
 
@@ -233,19 +232,20 @@ def run_atlas(
         config_file = Path(config_file).parent / base["demo_config"]
         base = load_config(config_file, {}, None)
     config = load_config(config_file, stage_functions(), layer or (base.get("layer") if same_model else None))
+    check_numbers(config, limit)
 
     from atlas.compose import ComposeSettings
     from atlas.images import list_images
     from atlas.models import load_model
     from atlas.project import LayoutSettings
     from atlas.render import RenderSettings
-    from atlas.runtime import default_device
+    from atlas.runtime import check_device, default_device
 
     # the stages' settings, validated before any work
     config["project"] = LayoutSettings.from_config(config["project"], f"{config_file} (project:)")
     config["render"] = RenderSettings.from_config(config["render"], f"{config_file} (render:)")
     config["compose"] = ComposeSettings.from_config(config["compose"], f"{config_file} (compose:)")
-    device = device or default_device()
+    device = check_device(device or default_device())
 
     model = load_model(model_name, weights=weights, device=device)
     layer = model.resolve_layer(layer or (config.get("layer") if same_model else None) or model.default_layer)
@@ -257,14 +257,26 @@ def run_atlas(
     return run_dir / "index.html"
 
 
+def check_numbers(config: dict, limit: int | None) -> None:
+    """The run's numbers that need no model, checked before it loads (a layer's shape bounds positions later)."""
+    if limit is not None:
+        check_number("--limit (N)", limit, 1)
+    for key in ("positions", "batch_size"):
+        if key in config["collect"]:
+            check_number(f"collect: {key}", config["collect"][key], 1)
+    sizes = config["grid"].get("sizes", [])
+    for size in sizes if isinstance(sizes, list) else [sizes]:
+        check_number("grid: sizes", size, 1)
+
+
 def run_plan(config: dict, model: Classifier, layer: str, images: int, sizes: list[int], device: str) -> str:
     """One line: images, samples, cells per grid, icons x attempts x steps, and the time that collect and render
     should take, from a few seconds' timed warm-up of each on `device` (projection and composition not counted)."""
     from atlas import collect, render
     from atlas.grid import DEFAULT_MIN_COUNT
 
-    channels, height, width = next(tuple(s) for name, *s in model.layer_shapes() if name == layer)
-    positions = min(int(config["collect"].get("positions", 1)), (height - 2) * (width - 2))
+    channels = next(s[0] for name, *s in model.layer_shapes() if name == layer)
+    positions = config["collect"].get("positions", 1)  # checked against the layer's interior before the plan
     samples = images * positions
     min_count = int(config["grid"].get("min_count", DEFAULT_MIN_COUNT))
     icons = sum(min(size * size, samples // min_count) for size in sizes)  # at most one per cell of min_count
@@ -301,6 +313,8 @@ def _run_stages(
 
     sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))
     min_count = int(config["grid"].get("min_count", DEFAULT_MIN_COUNT))
+    shape = next(tuple(s) for name, *s in model.layer_shapes() if name == layer)
+    collect.check_counts(records, {layer: shape}, config["collect"].get("positions", 1))
     log.info("%s", run_plan(config, model, layer, len(records), sizes, device))
     store = run_dir / "store.h5"
     steps = Fingerprints(run_dir / "pipeline.json", force)
@@ -353,7 +367,7 @@ def _run_stages(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="config file (default: configs/<model>.yaml, else the offline default's)")
     parser.add_argument("--model", help="model (default: the zoo model that owns --layer, else the config's)")
     parser.add_argument("--layer")
@@ -387,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     except AtlasError as err:
         print(f"make atlas: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "make atlas: interrupted; finished stages and batches are kept, rerun the same command to go on",
+            file=sys.stderr,
+        )
+        return 130
     folder = index.parent
     pngs = sorted(folder.glob("layer-*/grid-*/atlas.png"))
     print(f"\natlas images: {', '.join(str(p) for p in pngs) or '(none)'}")
