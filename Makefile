@@ -59,7 +59,7 @@ atlas: install
 class-atlas: install
 	$(PY) -m pipelines.class_atlas --class "$(CLASS)" $(if $(VS),--vs "$(VS)") $(if $(STORE),--store $(STORE)) \
 		$(if $(OUT),--out $(OUT)) $(if $(LAYER),--layer $(LAYER)) $(if $(CONFIG),--config $(CONFIG)) \
-		$(if $(DEVICE),--device $(DEVICE))
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(FORCE),--force)
 
 # Microscope pages for the units of one layer into OUT (default data/microscope); reruns reuse finished units
 microscope: install

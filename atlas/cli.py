@@ -376,6 +376,7 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="icon attempts optimised together")
     p.add_argument("--param", choices=PARAM_CHOICES, help=PARAM_HELP)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="build it even for a class no sample has as top class")
 
     def run(args: argparse.Namespace) -> None:
         import time
@@ -404,6 +405,7 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
             args.device,
             overrides,
             args.batch_size,
+            args.force,
         )
         print_written(entries, Path(args.out), time.perf_counter() - started)
 

@@ -93,11 +93,15 @@ class Fingerprints:
         self.force = set(force)
         self.rerun = False
 
-    def run(self, stage: str, params: dict, work: Callable[[], object], present: Callable[[], bool]) -> None:
+    def run(
+        self, stage: str, params: dict, work: Callable[[], object], present: Callable[[], bool] | None = None
+    ) -> None:
+        """Run `work` unless the stage is up to date; `present` checks its outputs (None: only the cache decides, for
+        callers that clear the cache with their outputs)."""
         key = fingerprint([self.upstream, stage, params])
         self.upstream = key
         cached = self.done.get(stage) == key
-        if stage not in self.force and not self.rerun and cached and present():
+        if stage not in self.force and not self.rerun and cached and (present is None or present()):
             log.info("%s: up to date, skipped", stage)
             return
         if cached and stage not in self.force and not self.rerun:
