@@ -16,6 +16,8 @@ CONFIG ?=
 WEIGHTS ?=
 # FORCE=1 redoes every stage of `make atlas`; FORCE=render (or "grid render") redoes those and the later ones
 FORCE ?=
+# torch's CPU threads (default: the cores this process may use, fewer when the machine is loaded)
+THREADS ?=
 CLASS ?= great white shark
 VS ?=
 STORE ?=
@@ -53,7 +55,7 @@ atlas: install
 	$(PY) -m pipelines.atlas $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) \
 		$(if $(LAYER),--layer $(LAYER)) $(if $(DATA),--data $(DATA)) $(if $(N),--limit $(N)) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
-		$(if $(FORCE),--force $(filter-out 1,$(FORCE)))
+		$(if $(FORCE),--force $(filter-out 1,$(FORCE))) $(if $(THREADS),--threads $(THREADS))
 
 # a class atlas (or with VS, a two-class comparison) from STORE (default: `make atlas`'s) into OUT (default: its folder)
 class-atlas: install

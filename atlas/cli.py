@@ -15,7 +15,7 @@ from pathlib import Path
 
 from atlas import AtlasError, __version__
 from atlas.config import Parser, check_number
-from atlas.runtime import check_device, default_device
+from atlas.runtime import check_device, default_device, set_threads
 
 
 def _add_layers(sub: argparse._SubParsersAction) -> None:
@@ -472,6 +472,9 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+THREADS_HELP = (
+    "torch's CPU threads (default: the cores this process may use, fewer when other processes keep them busy)"
+)
 COMMANDS = [
     *(_add_models, _add_layers, _add_collect, _add_patch, _add_render, _add_compose, _add_view, _add_project),
     _add_grid,
@@ -484,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="atlas", description="Activation atlases for PyTorch image classifiers")
     parser.add_argument("--version", action="version", version=f"atlas {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -516,11 +520,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_edge(args: argparse.Namespace) -> None:
     """The flags every sub-command shares, checked before any work: --device against the devices torch sees, and
-    --limit (the stages check their own numbers, for the command line and configs alike)."""
+    --limit (the stages check their own numbers, for the command line and configs alike); then torch's threads."""
     if getattr(args, "device", None):
         check_device(args.device)
     if getattr(args, "limit", None) is not None:
         check_number("--limit", args.limit, 1)
+    logging.getLogger("atlas").debug("%d torch threads", set_threads(args.threads))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "efficientnet-lite0"
 TOP_KEYS = {
     *("model", "layer", "data", "weights", "layers", "collect", "project", "grid", "render", "compose"),
+    "threads",  # torch's intra-op threads (default: atlas.runtime.default_threads)
     "demo_config",  # the config (in configs/) a run uses instead when its data falls back to the demo photos
     "class_atlas",  # its sub-sections are checked by pipelines.class_atlas
 }

@@ -21,6 +21,7 @@ the renderer adds and removes hooks every step, so each call would recompile.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -37,6 +38,25 @@ STAGES_TOLERATING_BF16 = ("render",)  # collection's attributions do not (see th
 def default_device() -> str:
     """CUDA when available, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_threads() -> int:
+    """torch's intra-op threads when none are asked for: the cores this process may run on (its affinity, which
+    containers and taskset narrow; torch counts every core), less the load the rest of the machine puts on them
+    (the 1-minute load average). torch's threads spin on a core that another process holds: on 2 cores beside one
+    busy process, 13 icons took 97 s on torch's 2 threads against 3 s on one (issue 28)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - load)))
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads (default: `default_threads()`) and return how many."""
+    from atlas.config import check_number  # atlas.config stays free of torch; this module is not
+
+    count = default_threads() if threads is None else check_number("threads", threads, 1)
+    torch.set_num_threads(count)
+    return count
 
 
 def visible_devices() -> list[str]:

@@ -224,6 +224,7 @@ def run_atlas(
     out: Path | None = None,
     weights: str | None = None,
     force: Collection[str] = (),
+    threads: int | None = None,
 ) -> Path:
     """Build the atlas of one model layer; returns the viewer's index.html. `force`: stages to redo (and with
     them every later stage) even when the store holds their outputs."""
@@ -243,13 +244,14 @@ def run_atlas(
     from atlas.models import load_model
     from atlas.project import LayoutSettings
     from atlas.render import RenderSettings
-    from atlas.runtime import check_device, default_device
+    from atlas.runtime import check_device, default_device, set_threads
 
     # the stages' settings, validated before any work
     config["project"] = LayoutSettings.from_config(config["project"], f"{config_file} (project:)")
     config["render"] = RenderSettings.from_config(config["render"], f"{config_file} (render:)")
     config["compose"] = ComposeSettings.from_config(config["compose"], f"{config_file} (compose:)")
     device = check_device(device or default_device())
+    log.info("%d torch threads", set_threads(threads or config.get("threads")))
 
     model = load_model(model_name, weights=weights, device=device)
     layer = model.resolve_layer(layer or (config.get("layer") if same_model else None) or model.default_layer)
@@ -379,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="use the first N images only")
     parser.add_argument("--device")
     parser.add_argument("--weights", help="weights file, or 'random'")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the config's, else free cores)")
     parser.add_argument("--out", type=Path, help="run folder (default: data/runs/<model>-<layer>)")
     parser.add_argument(
         "--force",
@@ -401,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             args.weights,
             STAGES if args.force == [] else args.force or (),
+            args.threads,
         )
     except AtlasError as err:
         print(f"make atlas: error: {err}", file=sys.stderr)
