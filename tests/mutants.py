@@ -220,6 +220,93 @@ MUTANTS = [
         "CHUNK_ROWS = 10**9  # rows per streamed block",
         ("tests/test_memory.py",),
     ),
+    # issue 28: runs that looked fine and were not, and the one-line bugs of its mutation audit
+    Mutant(
+        "pipeline-json-decides-alone",
+        "pipelines/atlas.py",
+        "and cached and (present is None or present()):",
+        "and cached:",
+        (
+            "tests/test_pipeline.py::test_the_store_decides_a_deleted_or_truncated_store_is_rebuilt_and_force_redoes_stages",
+        ),
+    ),
+    Mutant(
+        "positions-unchecked",
+        "atlas/collect.py",
+        "    check_counts(records, layer_shapes, positions)\n",
+        "",
+        ("tests/test_edges.py::test_positions_outside_the_layers_interior_are_refused",),
+    ),
+    Mutant(
+        "no-readable-image-is-a-success",
+        "atlas/collect.py",
+        "if len(skipped) == len(records):",
+        "if False:",
+        ("tests/test_edges.py::test_a_folder_without_one_readable_image_is_an_error_not_an_empty_store",),
+    ),
+    Mutant(
+        "class-without-winners-accepted",
+        "pipelines/class_atlas.py",
+        "if count == 0 and not force:",
+        "if False:",
+        ("tests/test_class_atlas.py",),
+    ),
+    Mutant(
+        "per-layer-override-of-the-default-layer",
+        "atlas/config.py",
+        '.get(layer or config.get("layer"), {})',
+        '.get(config.get("layer"), {})',
+        ("tests/test_pipeline.py::test_a_per_layer_override_applies_that_layers_settings_only",),
+    ),
+    Mutant(
+        "decay-power-nan-accepted",
+        "atlas/render.py",
+        "if not self.decay_power >= 0:",
+        "if self.decay_power < 0:",
+        ("tests/test_render.py::test_a_nan_or_negative_decay_power_is_refused_before_any_render",),
+    ),
+    Mutant(
+        "class-names-keep-hyphens",
+        "atlas/classes.py",
+        'return re.sub(r"[^0-9a-z]+", "", name.lower())',
+        'return re.sub(r"[^0-9a-z-]+", "", name.lower())',
+        ("tests/test_classes.py",),
+    ),
+    Mutant(
+        "class-folders-labelled-by-position",
+        "atlas/images.py",
+        "return by_name.get(normal_name(name), -1)",
+        "return by_name.get(name, -1)",
+        ("tests/test_images.py::test_class_sub_folders_are_labelled_by_the_class_they_name_in_any_spelling",),
+    ),
+    Mutant(
+        "jitter-never-largest-offset",
+        "atlas/optvis/transform.py",
+        "rows = rand.integers(d + 1)[:, None]",
+        "rows = rand.integers(d)[:, None]",
+        ("tests/test_optvis.py::test_jitter_reaches_every_offset_from_0_to_d",),
+    ),
+    Mutant(
+        "patch-noise-of-seed-0",
+        "atlas/patch.py",
+        "noise_tiles(placements, seed)]",
+        "noise_tiles(placements, 0)]",
+        ("tests/test_patch.py::test_the_noise_control_draws_its_noise_from_the_seed",),
+    ),
+    Mutant(
+        "exif-orientation-ignored",
+        "atlas/images.py",
+        "image = ImageOps.exif_transpose(image)",
+        "image = image",
+        ("tests/test_images.py::test_the_exif_orientation_is_applied",),
+    ),
+    Mutant(
+        "centre-crop-offsets-swapped",
+        "atlas/images.py",
+        "left, top = (width - crop_size) // 2, (height - crop_size) // 2",
+        "top, left = (width - crop_size) // 2, (height - crop_size) // 2",
+        ("tests/test_images.py::test_the_centre_crop_stays_inside_a_landscape_or_portrait_photo",),
+    ),
 ]
 
 

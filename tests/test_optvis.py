@@ -264,3 +264,12 @@ def test_visualize_with_alpha_and_logit_objective():
     model = colour_detector((1.0, 0.0, 0.0))
     images, values = visualize(model, objectives.class_logit([0, 1]), size=16, batch=2, steps=2, alpha=True)
     assert images.shape == (2, 16, 16, 4) and images.dtype == np.uint8 and values.shape == (2,)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_jitter_reaches_every_offset_from_0_to_d(d):
+    x = torch.arange(20.0).view(1, 1, 1, 20).expand(64, 3, 20, 20)
+    offsets = jitter(d)(x, ImageRandom(list(range(64))))[:, 0, 0, 0]
+    assert sorted(offsets.unique().tolist()) == list(range(d + 1))  # jitter(1) moves about half the images
+    rows = jitter(d)(x.transpose(2, 3), ImageRandom(list(range(64))))[:, 0, :, 0]
+    assert sorted(rows[:, 0].unique().tolist()) == list(range(d + 1))

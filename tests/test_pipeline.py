@@ -161,3 +161,14 @@ def test_an_unrendered_icon_or_a_missing_atlas_image_is_not_up_to_date(tmp_path)
         f["relu3/grid/3/icon_done"][1, 0] = True
     assert pipeline.rendered(store, "relu3", [3])
     assert not pipeline.collected(store, "relu3")  # no collection in it
+
+
+def test_a_per_layer_override_applies_that_layers_settings_only(tmp_path):
+    config = tmp_path / "layers.yaml"
+    overrides = {"mixed3a": {"project": {"n_neighbors": 200}}, "mixed5b": {"project": {"n_neighbors": 15}}}
+    config.write_text(yaml.safe_dump({**TINY_RUN, "layer": "mixed4c", "layers": overrides}))
+    neighbours = {
+        layer: load_config(config, pipeline.stage_functions(), layer)["project"]["n_neighbors"]
+        for layer in ("mixed3a", "mixed5b", "mixed4c", None)
+    }
+    assert neighbours == {"mixed3a": 200, "mixed5b": 15, "mixed4c": 5, None: 5}
