@@ -307,6 +307,13 @@ MUTANTS = [
         "top, left = (width - crop_size) // 2, (height - crop_size) // 2",
         ("tests/test_images.py::test_the_centre_crop_stays_inside_a_landscape_or_portrait_photo",),
     ),
+    Mutant(
+        "shard-names-unpadded",
+        "atlas/collect.py",
+        'return f"batch-{first_row:09d}.npz"',
+        'return f"batch-{first_row}.npz"',
+        ("tests/test_collect.py::test_a_merge_of_more_than_ten_shards_keeps_the_row_order",),
+    ),
 ]
 
 
