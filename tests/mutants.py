@@ -314,6 +314,13 @@ MUTANTS = [
         'return f"batch-{first_row}.npz"',
         ("tests/test_collect.py::test_a_merge_of_more_than_ten_shards_keeps_the_row_order",),
     ),
+    Mutant(
+        "fft-image-without-lucids-scale",
+        "atlas/optvis/param.py",
+        'norm="ortho") / FFT_MAGIC',
+        'norm="ortho")',
+        ("tests/test_optvis.py::test_fft_image_is_lucids_formula_at_its_overall_scale",),
+    ),
 ]
 
 
