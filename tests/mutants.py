@@ -321,6 +321,13 @@ MUTANTS = [
         'norm="ortho")',
         ("tests/test_optvis.py::test_fft_image_is_lucids_formula_at_its_overall_scale",),
     ),
+    Mutant(
+        "deep-zoom-levels-round-down",
+        "atlas/compose.py",
+        "top = math.ceil(math.log2(full))",
+        "top = math.floor(math.log2(full))",
+        ("tests/test_compose.py::test_deep_zoom_has_a_level_per_halving_down_to_1_px_on_any_canvas",),
+    ),
 ]
 
 
