@@ -14,6 +14,10 @@ DEVICE ?=
 OUT ?=
 CONFIG ?=
 WEIGHTS ?=
+# FORCE=1 redoes every stage of `make atlas`; FORCE=render (or "grid render") redoes those and the later ones
+FORCE ?=
+# torch's CPU threads (default: the cores this process may use, fewer when the machine is loaded)
+THREADS ?=
 CLASS ?= great white shark
 VS ?=
 STORE ?=
@@ -50,13 +54,14 @@ lint: install
 atlas: install
 	$(PY) -m pipelines.atlas $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) \
 		$(if $(LAYER),--layer $(LAYER)) $(if $(DATA),--data $(DATA)) $(if $(N),--limit $(N)) \
-		$(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT)) $(if $(WEIGHTS),--weights $(WEIGHTS))
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+		$(if $(FORCE),--force $(filter-out 1,$(FORCE))) $(if $(THREADS),--threads $(THREADS))
 
 # a class atlas (or with VS, a two-class comparison) from STORE (default: `make atlas`'s) into OUT (default: its folder)
 class-atlas: install
 	$(PY) -m pipelines.class_atlas --class "$(CLASS)" $(if $(VS),--vs "$(VS)") $(if $(STORE),--store $(STORE)) \
 		$(if $(OUT),--out $(OUT)) $(if $(LAYER),--layer $(LAYER)) $(if $(CONFIG),--config $(CONFIG)) \
-		$(if $(DEVICE),--device $(DEVICE))
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(FORCE),--force)
 
 # Microscope pages for the units of one layer into OUT (default data/microscope); reruns reuse finished units
 microscope: install

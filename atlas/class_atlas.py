@@ -86,6 +86,16 @@ def select_samples(
     return chosen
 
 
+def winner_counts(
+    attributions: h5py.Dataset | np.ndarray, classes: Sequence[int], chunk_rows: int = 65536
+) -> list[int]:
+    """For each class, the samples whose largest attribution is to it (one streamed pass)."""
+    counts = np.zeros(attributions.shape[1], np.int64)
+    for _start, rows in iter_rows(attributions, chunk_rows):
+        counts += np.bincount(rows.argmax(axis=1), minlength=len(counts))
+    return [int(counts[c]) for c in classes]
+
+
 # the subset store ---------------------------------------------------------------------------------------
 def write_subset_store(
     parent: str | Path, out: str | Path, rows: np.ndarray, layer: str | None = None, **attrs: object

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import difflib
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from atlas import AtlasError
@@ -11,31 +11,68 @@ from atlas import AtlasError
 INCEPTIONV1_LOGITS = 1008  # lucid's InceptionV1 head: 1000 ImageNet classes, a 'dummy' and 7 unused
 
 
-def squash_name(name: str) -> str:
-    """Lower case, with runs of spaces, '_' and '-' as one space: how names are compared."""
-    return re.sub(r"[\s_\-]+", " ", name).strip().lower()
+def normal_name(name: str) -> str:
+    """Lower-case letters and digits only: how names are compared ("Great-White_Shark", "greatwhiteshark" and
+    "great white shark" are one name)."""
+    return re.sub(r"[^0-9a-z]+", "", name.lower())
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest insertions, deletions and substitutions that turn `a` into `b`."""
+    previous = list(range(len(b) + 1))
+    for i, char in enumerate(a, 1):
+        current = [i]
+        for j, other in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char != other)))
+        previous = current
+    return previous[-1]
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """Up to `n` distinct candidates that `word` may have meant, best first: those whose normal name contains the
+    word's, then the nearest by edit distance on normal names (within a third of the word's length, at least 2), of a
+    length nearest the word's."""
+    wanted = normal_name(word)
+    scored = []
+    for candidate in dict.fromkeys(candidates):
+        normal = normal_name(candidate)
+        distance = edit_distance(wanted, normal)
+        if wanted and wanted in normal or distance <= max(2, len(wanted) // 3):
+            scored.append((wanted not in normal, distance, abs(len(normal) - len(wanted)), candidate))
+    return [candidate for *_score, candidate in sorted(scored, key=lambda item: item[:3])][:n]
 
 
 def resolve_class(name_or_index: str | int, class_names: list[str]) -> int:
-    """Index of a class given by index or by name (case, spaces, '_' and '-' are ignored).
-
-    An unknown name gets an AtlasError with the closest names as suggestions.
-    """
+    """Index of a class given by index, by ImageNet WordNet id (n01484850), or by name in any case, spacing or
+    punctuation. An unknown name gets an AtlasError with the closest names as suggestions."""
     text = str(name_or_index).strip()
     if re.fullmatch(r"-?\d+", text):
         index = int(text)
         if not 0 <= index < len(class_names):
             raise AtlasError(f"class index {index} is out of range 0..{len(class_names) - 1}")
         return index
-    squashed = [squash_name(c) for c in class_names]
-    wanted = squash_name(text)
-    if wanted in squashed:
-        return squashed.index(wanted)
-    close = difflib.get_close_matches(wanted, squashed, n=5, cutoff=0.6)
-    contains = [c for c in squashed if wanted in c][:5]
-    suggestions = list(dict.fromkeys(close + contains))[:5]
-    hint = "; did you mean " + ", ".join(f"{class_names[squashed.index(s)]!r}" for s in suggestions) + "?"
+    if re.fullmatch(r"n\d{8}", text):
+        return wordnet_class(text, len(class_names))
+    normals = [normal_name(c) for c in class_names]
+    if normal_name(text) in normals:
+        return normals.index(normal_name(text))
+    suggestions = close_matches(text, class_names)
+    hint = "; did you mean " + ", ".join(repr(s) for s in suggestions) + "?"
     raise AtlasError(f"unknown class {text!r}" + (hint if suggestions else ""))
+
+
+def wordnet_class(wnid: str, count: int) -> int:
+    """The logit of an ImageNet-1k WordNet id in a model of `count` classes (ImageNet's 1000, or InceptionV1's)."""
+    from atlas.images import imagenet_wnids  # atlas.images names classes with this module
+
+    wnids = imagenet_wnids()
+    if wnid not in wnids:
+        raise AtlasError(f"{wnid} is not the WordNet id of an ImageNet-1k class")
+    if count == len(wnids):
+        return wnids.index(wnid)
+    if count == INCEPTIONV1_LOGITS:
+        return inceptionv1_imagenet_index(wnids)[wnids.index(wnid)]
+    raise AtlasError(f"a WordNet id names an ImageNet class, and this model has {count} classes: give a name or index")
 
 
 def _inceptionv1_lines() -> list[tuple[str, int, str]]:

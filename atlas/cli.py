@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
 from atlas import AtlasError, __version__
-from atlas.runtime import default_device
+from atlas.config import Parser, check_number
+from atlas.runtime import check_device, default_device, set_threads
 
 
 def _add_layers(sub: argparse._SubParsersAction) -> None:
@@ -159,6 +161,7 @@ def _run_patch(args: argparse.Namespace) -> None:
         sizes = tuple(float(v) for v in args.sizes.split(",")) if args.sizes else lab.SEARCH_RATIOS
     except ValueError as err:
         raise AtlasError(f"--sizes {args.sizes!r} is not a comma-separated list of fractions") from err
+    ratios = sizes if args.search else (lab.DEFAULT_RATIO if args.size is None else args.size,)
     report, path = run_patch_experiment(
         args.patch,
         args.data,
@@ -167,7 +170,7 @@ def _run_patch(args: argparse.Namespace) -> None:
         model_name=args.model or "efficientnet-lite0",
         weights=args.weights,
         source=args.source,
-        ratios=sizes if args.search else (args.size or lab.DEFAULT_RATIO,),
+        ratios=tuple(lab.check_ratio(ratio) for ratio in ratios),
         corners=tuple(lab.CORNERS) if args.search else (args.corner,),
         limit=args.limit,
         examples=args.examples,
@@ -373,6 +376,7 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="icon attempts optimised together")
     p.add_argument("--param", choices=PARAM_CHOICES, help=PARAM_HELP)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="build it even for a class no sample has as top class")
 
     def run(args: argparse.Namespace) -> None:
         import time
@@ -401,6 +405,7 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
             args.device,
             overrides,
             args.batch_size,
+            args.force,
         )
         print_written(entries, Path(args.out), time.perf_counter() - started)
 
@@ -467,6 +472,9 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+THREADS_HELP = (
+    "torch's CPU threads (default: the cores this process may use, fewer when other processes keep them busy)"
+)
 COMMANDS = [
     *(_add_models, _add_layers, _add_collect, _add_patch, _add_render, _add_compose, _add_view, _add_project),
     _add_grid,
@@ -476,9 +484,10 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="atlas", description="Activation atlases for PyTorch image classifiers")
+    parser = Parser(prog="atlas", description="Activation atlases for PyTorch image classifiers")
     parser.add_argument("--version", action="version", version=f"atlas {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -491,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
     )
     try:
+        check_edge(args)
         args.run(args)
     except AtlasError as err:
         print(f"atlas {args.command}: error: {err}", file=sys.stderr)
@@ -501,7 +511,21 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except BrokenPipeError:
+        # the reader has gone (`atlas layers ... | head`): stop without a word, and keep Python's flush at exit quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a process killed by SIGPIPE
     return 0
+
+
+def check_edge(args: argparse.Namespace) -> None:
+    """The flags every sub-command shares, checked before any work: --device against the devices torch sees, and
+    --limit (the stages check their own numbers, for the command line and configs alike); then torch's threads."""
+    if getattr(args, "device", None):
+        check_device(args.device)
+    if getattr(args, "limit", None) is not None:
+        check_number("--limit", args.limit, 1)
+    logging.getLogger("atlas").debug("%d torch threads", set_threads(args.threads))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from atlas import AtlasError, __version__
+from atlas.config import check_number
 from atlas.images import ImageDataset, ImageRecord, collate
 from atlas.models import Classifier
 from atlas.progress import progress as progress_of
@@ -256,6 +257,8 @@ def plan_collection(
     names = [model.resolve_layer(name) for name in (layers or [model.default_layer])]
     shapes = {name: shape for name, *shape in model.layer_shapes() if name in names}
     layer_shapes = {name: tuple(shapes[name]) for name in names}
+    check_counts(records, layer_shapes, positions)
+    check_number("batch_size", batch_size, 1)
     meta = {
         "model": model.name,
         "weights": model.weights,
@@ -283,6 +286,17 @@ def plan_collection(
     if len(pending) < len(batches):
         log.info("resuming: %d of %d batches already done in %s", len(batches) - len(pending), len(batches), parts)
     return CollectionPlan(meta, layer_shapes, parts, batches, pending)
+
+
+def check_counts(records: list[ImageRecord], layer_shapes: dict[str, tuple[int, int, int]], positions: object) -> None:
+    """One-line AtlasErrors before any work: no images, or positions outside what every layer's interior holds
+    (they would be silently capped, while the store records the number asked for)."""
+    if not records:
+        raise AtlasError("no images to collect: the data source is empty (or --limit left none)")
+    layer, (_c, height, width) = min(layer_shapes.items(), key=lambda item: item[1][1] * item[1][2])
+    interior = (height - 2) * (width - 2)
+    where = f"layer {layer} is {height}x{width}: {interior} interior positions"
+    check_number(f"positions ({where})", positions, 1, interior)
 
 
 def missing_batches(parts: Path, batches: list[list[int]]) -> list[list[int]]:
@@ -433,8 +447,11 @@ def merge_parts(
                 if key not in datasets[layer]:  # every image was skipped
                     _append(f[layer], datasets[layer], key, np.zeros((0, *tail), dtype=dtype))
         images.create_dataset("skipped", data=np.array(skipped, dtype=object), dtype=STR)
-    os.replace(tmp, out)
     shutil.rmtree(parts)
+    if len(skipped) == len(records):  # an empty store is no result: say why instead
+        tmp.unlink()
+        raise AtlasError(f"none of the {len(records)} images could be read (the first: {skipped[0]})")
+    os.replace(tmp, out)
     if skipped:
         log.warning(
             "%d of %d images could not be read and were skipped (listed in /images/skipped)", len(skipped), len(records)

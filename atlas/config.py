@@ -9,13 +9,16 @@ for one layer (the paper's early layers use other UMAP settings).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
 import inspect
+import math
+import numbers
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import yaml
 
@@ -26,6 +29,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "efficientnet-lite0"
 TOP_KEYS = {
     *("model", "layer", "data", "weights", "layers", "collect", "project", "grid", "render", "compose"),
+    "threads",  # torch's intra-op threads (default: atlas.runtime.default_threads)
     "demo_config",  # the config (in configs/) a run uses instead when its data falls back to the demo photos
     "class_atlas",  # its sub-sections are checked by pipelines.class_atlas
 }
@@ -85,3 +89,21 @@ def check_keys(values: dict, accepted: set[str], where: str) -> None:
             close = difflib.get_close_matches(key, sorted(accepted), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(accepted))}"
             raise AtlasError(f"unknown key {key!r} in {where}{hint}")
+
+
+def check_number(name: str, value: object, low: float, high: float | None = None, kind: type = int) -> int | float:
+    """`value` as an int (or with kind=float, a finite number) in [low, high]: the one check of every number a user
+    gives, from the command line or a config alike. Otherwise a one-line AtlasError naming it and the allowed range."""
+    what = "an integer" if kind is int else "a number"
+    allowed = f"from {low:,} to {high:,}" if high is not None else f"at least {low:,}"
+    typed = isinstance(value, numbers.Integral if kind is int else numbers.Real) and not isinstance(value, bool)
+    if not typed or not math.isfinite(value) or value < low or (high is not None and value > high):
+        raise AtlasError(f"{name} must be {what} {allowed}, not {value!r}")
+    return kind(value)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one line on stderr for a bad argument, as for every other bad value (the usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from atlas import AtlasError
+from atlas.config import check_number
 from atlas.store import iter_rows, layer_group, open_store, replace_dataset
 
 log = logging.getLogger(__name__)
@@ -124,12 +126,26 @@ def _first_non_finite(dataset: h5py.Dataset) -> str:
 
 
 def _check_sizes(sizes: Iterable[int], min_count: int) -> list[int]:
-    sizes = sorted({int(size) for size in sizes})
-    if not sizes or sizes[0] < 1:
-        raise AtlasError(f"grid sizes must be positive integers, not {sizes}")
-    if min_count < 1:
-        raise AtlasError(f"min_count must be at least 1, not {min_count}")
+    sizes = sorted({check_number("grid size", size, 1) for size in sizes})
+    if not sizes:
+        raise AtlasError("no grid sizes given")
+    check_number("min_count", min_count, 1)
     return sizes
+
+
+def _check_room(sizes: list[int], samples: int, channels: int, classes: int) -> None:
+    """A one-line AtlasError, with the estimate, for a grid whose sums (float64) and means (float32) of activations
+    and attributions would take more than half this machine's memory."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_cell = (channels + classes) * 12
+    largest = math.isqrt(int(memory / 2 / per_cell))
+    for size in sizes:
+        if size > largest:
+            raise AtlasError(
+                f"grid size {size} is too large: {size * size:,} cells (for {samples:,} samples) need about "
+                f"{size * size * per_cell / 2**30:,.0f} GiB of sums and means, and this machine has "
+                f"{memory / 2**30:.0f} GiB; grid sizes from 1 to {largest:,}"
+            )
 
 
 def _read_layout(group: h5py.Group, n: int) -> np.ndarray:
@@ -235,6 +251,7 @@ def grid_store(
             raise AtlasError(f"{group.name} has {n} samples: too few to grid")
         if "attributions" not in group or group["attributions"].shape[0] != n:
             raise AtlasError(f"{group.name} lacks one attribution vector per sample: rerun `atlas collect`")
+        _check_room(sizes, n, group["activations"].shape[1], group["attributions"].shape[-1])
         cells = {size: cell_ids(_read_layout(group, n), size) for size in sizes}
         # sums are made for the sizes that no larger size is a multiple of; the others are block sums of those
         source = {size: max(other for other in sizes if other % size == 0) for size in sizes}

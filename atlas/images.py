@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from atlas import AtlasError
-from atlas.classes import squash_name
+from atlas.classes import normal_name
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 WNID = re.compile(r"^(n\d{8})")
@@ -74,7 +74,7 @@ def _folder_images(root: Path, class_names: list[str], imagenet_index: list[int]
     # ImageFolder convention: a top-level sub-folder is a class; its index is the model's class when the
     # name is a WordNet id or a class name, else its position among the sorted sub-folders
     folders = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
-    by_name = {squash_name(name): i for i, name in enumerate(class_names)}
+    by_name = {normal_name(name): i for i, name in enumerate(class_names)}
     folder_label = {}
     for i, folder in enumerate(folders):
         label = _label_from_name(folder, by_name, imagenet_index)
@@ -95,7 +95,7 @@ def _label_from_name(name: str, by_name: dict[str, int], imagenet_index: list[in
             return _model_label(imagenet_wnids().index(match.group(1)), imagenet_index)
         except ValueError:
             return -1
-    return by_name.get(squash_name(name), -1)
+    return by_name.get(normal_name(name), -1)
 
 
 def _model_label(imagenet_label: int, imagenet_index: list[int] | None) -> int:

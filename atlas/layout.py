@@ -59,6 +59,7 @@ from sklearn.base import BaseEstimator
 from atlas import AtlasError
 from atlas.config import Settings
 from atlas.progress import progress
+from atlas.runtime import check_device
 from atlas.store import iter_rows
 
 log = logging.getLogger(__name__)
@@ -179,16 +180,6 @@ class LayoutSettings(Settings):
             raise AtlasError(
                 f"{n_samples} samples are too few for perplexity={self.perplexity}; collect more or lower it"
             )
-
-
-def check_device(device: str) -> None:
-    """Raise AtlasError on a device that is unknown or not here."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as err:
-        raise AtlasError(f"unknown device {device!r}") from err
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise AtlasError(f"device {device!r} asked for, but CUDA is not available here")
 
 
 def embed(

@@ -11,7 +11,6 @@ named layers (module paths, plus the paper's aliases for torchvision's GoogLeNet
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from atlas import AtlasError
-from atlas.classes import inceptionv1_classes, inceptionv1_imagenet_index
+from atlas.classes import close_matches, inceptionv1_classes, inceptionv1_imagenet_index
 from atlas.images import imagenet_wnids
 from atlas.zoo import ZOO, ModelInfo, locate_weights
 
@@ -98,7 +97,7 @@ class Classifier(nn.Module):
         if name in modules and name:
             return by_path.get(name, name)
         known = list(self.aliases) + self.layer_names()
-        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        close = close_matches(name, known)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; `atlas layers {self.name}` lists them"
         raise AtlasError(f"unknown layer {name!r} for {self.name}{hint}")
 
@@ -307,7 +306,7 @@ def torchvision_model(name: str, weights: str | None = None) -> Classifier:
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
-        close = difflib.get_close_matches(name, list(ZOO) + torchvision.models.list_models(), n=5)
+        close = close_matches(name, list(ZOO) + torchvision.models.list_models())
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise AtlasError(f"unknown model {name!r}{hint} (or give your own as package.module:factory)")
     builder = torchvision.models.get_model_builder(name)

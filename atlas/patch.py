@@ -116,10 +116,16 @@ class Placement:
     left: int
 
 
+def check_ratio(ratio: float) -> float:
+    """A patch side as a fraction of the input: in (0, 1]; else a one-line AtlasError."""
+    if not 0.0 < ratio <= 1.0:  # also refuses NaN
+        raise AtlasError(f"patch size must be a fraction of the image in (0, 1], not {ratio}")
+    return ratio
+
+
 def corner_placement(image_size: int, ratio: float = DEFAULT_RATIO, corner: str = "tl") -> Placement:
     """Where a `ratio * image_size` square goes at `corner`: fractions of `image_size - size`, as in the notebook."""
-    if not 0.0 < ratio <= 1.0:
-        raise AtlasError(f"patch size {ratio} must be a fraction of the image in (0, 1]")
+    check_ratio(ratio)
     if corner not in CORNERS:
         raise AtlasError(f"unknown corner {corner!r}; use one of {', '.join(CORNERS)}")
     size = max(1, round(ratio * image_size))

@@ -21,6 +21,7 @@ the renderer adds and removes hooks every step, so each call would recompile.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -37,6 +38,45 @@ STAGES_TOLERATING_BF16 = ("render",)  # collection's attributions do not (see th
 def default_device() -> str:
     """CUDA when available, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_threads() -> int:
+    """torch's intra-op threads when none are asked for: the cores this process may run on (its affinity, which
+    containers and taskset narrow; torch counts every core), less the load the rest of the machine puts on them
+    (the 1-minute load average). torch's threads spin on a core that another process holds: on 2 cores beside one
+    busy process, 13 icons took 97 s on torch's 2 threads against 3 s on one (issue 28)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - load)))
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads (default: `default_threads()`) and return how many."""
+    from atlas.config import check_number  # atlas.config stays free of torch; this module is not
+
+    count = default_threads() if threads is None else check_number("threads", threads, 1)
+    torch.set_num_threads(count)
+    return count
+
+
+def visible_devices() -> list[str]:
+    """The devices torch sees here: the CPU, each CUDA device, and Apple's MPS when present."""
+    mps = getattr(torch.backends, "mps", None)
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return ["cpu", *cuda, *(["mps"] if mps is not None and mps.is_available() else [])]
+
+
+def check_device(device: str | torch.device) -> str:
+    """The device, when torch knows it and sees it here; else a one-line AtlasError naming the devices torch sees."""
+    seen = visible_devices()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise AtlasError(f"unknown device {str(device)!r}; torch sees: {', '.join(seen)}") from err
+    wanted = f"cuda:{parsed.index or 0}" if parsed.type == "cuda" else parsed.type  # plain "cuda" is cuda:0
+    if parsed.type != "cpu" and wanted not in seen:
+        raise AtlasError(f"device {str(device)!r} is not here; torch sees: {', '.join(seen)}")
+    return str(device)
 
 
 @cache
@@ -95,9 +135,7 @@ def resolve(
         raise AtlasError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if memory_format not in MEMORY_FORMATS:
         raise AtlasError(f"memory format {memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}")
-    device = torch.device(device or default_device())
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AtlasError("device cuda asked for, but torch sees no CUDA device")
+    device = torch.device(check_device(device or default_device()))
     if memory_format == "auto":
         memory_format = "channels_last"
     if precision == "auto":

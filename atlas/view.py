@@ -25,7 +25,8 @@ def make_server(run_dir: str | Path, port: int = 8000) -> http.server.ThreadingH
     """An HTTP server of `run_dir` on 127.0.0.1:`port` (0: any free port); the caller runs serve_forever."""
     run_dir = Path(run_dir)
     if not (run_dir / "index.html").is_file():
-        raise AtlasError(f"{run_dir} has no index.html (run `atlas compose STORE {run_dir}` first)")
+        store = run_dir / "store.h5" if (run_dir / "store.h5").is_file() else "STORE.h5"
+        raise AtlasError(f"{run_dir} has no index.html (run `atlas compose {store} --out {run_dir}` first)")
     handler = functools.partial(_QuietHandler, directory=str(run_dir))
     try:
         return http.server.ThreadingHTTPServer((HOST, port), handler)

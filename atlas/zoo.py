@@ -12,7 +12,6 @@ live in `atlas.models` and are named here by their import path.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import logging
 import os
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlas import AtlasError
+from atlas.classes import close_matches
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def model_for_layer(layer: str) -> str:
     if owners:
         raise AtlasError(f"layer {layer!r} is in several zoo models ({', '.join(owners)}); name one with --model")
     known = {name: info.name for info in ZOO.values() for name in info.layers}
-    close = difflib.get_close_matches(layer, list(known), n=5, cutoff=0.6)
+    close = close_matches(layer, known)
     hint = f"; did you mean {', '.join(f'{c} ({known[c]})' for c in close)}?" if close else ""
     raise AtlasError(f"layer {layer!r} is no zoo model's own layer name{hint} (or name the model with --model)")
 

@@ -12,11 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
 
 
-def in_subprocess(module: str, function: str, timeout: float | None = None, **kwargs: object) -> dict | None:
+def in_subprocess(
+    module: str, function: str, timeout: float | None = None, drop_env: tuple[str, ...] = (), **kwargs: object
+) -> dict | None:
     """Call `module.function(**kwargs)` in a new Python process; return its dict plus `peak_rss_mib`.
 
     The function returns a JSON-serialisable dict; peak RSS is the child's own resident high-water mark (Linux).
-    With `timeout` (seconds), a call still running then is killed and None returned.
+    With `timeout` (seconds), a call still running then is killed and None returned. `drop_env`: environment
+    variables the child does not inherit.
     """
     code = (
         "import json, re, sys, importlib\n"
@@ -26,7 +29,7 @@ def in_subprocess(module: str, function: str, timeout: float | None = None, **kw
         "result['peak_rss_mib'] = round(int(hwm) / 1024, 1)\n"
         "print('@@' + json.dumps(result))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**{k: v for k, v in os.environ.items() if k not in drop_env}, "PYTHONPATH": str(ROOT)}
     try:
         done = subprocess.run(
             [sys.executable, "-c", code, json.dumps(kwargs)],

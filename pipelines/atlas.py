@@ -1,9 +1,10 @@
 """`make atlas`: collect -> project -> grid -> render -> compose, into one run folder.
 
 The run folder holds `store.h5` (the stages' HDF5 contract), the composed atlas and its viewer.
-Each stage's parameters and its upstream are fingerprinted in `pipeline.json`; a stage whose
-fingerprint has not changed since it last finished is skipped, so an interrupted or repeated run
-only does what is missing.
+The store is the truth: a stage is skipped only when its outputs are complete in the store (and the run
+folder) and its parameters and upstream have the same fingerprint as when it last finished (`pipeline.json`
+caches the fingerprints; it never decides alone). An interrupted or repeated run only does what is missing;
+`--force [STAGE ...]` redoes stages whatever the store holds.
 
 Everything that can stop a run (the model a layer picks, the config, a missing weights file) is settled
 before torch and the stages are imported, so such a run stops within a second.
@@ -11,18 +12,17 @@ before torch and the stages are imported, so such a run stops within a second.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from atlas import AtlasError
-from atlas.config import config_path, load_config
-from atlas.store import fingerprint
+from atlas.config import Parser, check_number, config_path, load_config
+from atlas.store import COLLECT_SETTINGS, fingerprint, settings_match
 from atlas.zoo import locate_weights, model_for_layer
 
 if TYPE_CHECKING:  # torch is imported only once the run's settings are checked
@@ -74,26 +74,144 @@ def run_data(data: str | None, config: dict) -> str:
     return "demo" if missing else configured
 
 
-class Fingerprints:
-    """pipeline.json: for each finished stage, a hash of its parameters and of its upstream's hash."""
+STAGES = ("collect", "project", "grid", "render", "compose")
+LAYER_ROWS = ("activations", "image_index", "position", "attributions")  # collect's per-sample datasets
 
-    def __init__(self, path: Path):
+
+class Fingerprints:
+    """pipeline.json: for each finished stage, a hash of its parameters and of its upstream's hash.
+
+    The file only caches: a stage is skipped when its hash is unchanged *and* its outputs are complete in the
+    store (and run folder), so a deleted or truncated store is rebuilt. Once a stage runs, every later stage runs
+    too (its inputs changed); `force` names stages to run whatever the cache and the store say.
+    """
+
+    def __init__(self, path: Path, force: Collection[str] = ()):
         self.path = path
         self.done: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
         self.upstream = ""
+        self.force = set(force)
+        self.rerun = False
 
-    def run(self, stage: str, params: dict, work: Callable[[], object]) -> None:
+    def run(
+        self, stage: str, params: dict, work: Callable[[], object], present: Callable[[], bool] | None = None
+    ) -> None:
+        """Run `work` unless the stage is up to date; `present` checks its outputs (None: only the cache decides, for
+        callers that clear the cache with their outputs)."""
         key = fingerprint([self.upstream, stage, params])
         self.upstream = key
-        if self.done.get(stage) == key:
+        cached = self.done.get(stage) == key
+        if stage not in self.force and not self.rerun and cached and (present is None or present()):
             log.info("%s: up to date, skipped", stage)
             return
+        if cached and stage not in self.force and not self.rerun:
+            log.info("%s: pipeline.json says done but its outputs are missing or incomplete: running it again", stage)
+        self.rerun = True
+        self.done.pop(stage, None)  # a run killed inside the stage must not read as finished
+        self.path.write_text(json.dumps(self.done, indent=1))
         started = time.perf_counter()
         log.info("%s: running", stage)
         work()
         self.done[stage] = key
         self.path.write_text(json.dumps(self.done, indent=1))
         log.info("%s: done in %.1f s", stage, time.perf_counter() - started)
+
+
+def collected(store: Path, layer: str) -> bool:
+    """Whether the store opens and holds a finished collection of `layer`: its settings record and every per-sample
+    dataset, all with the same number of rows (more than none)."""
+    import h5py
+
+    try:
+        with h5py.File(store, "r") as f:
+            group = f.get(layer)
+            if COLLECT_SETTINGS not in f.attrs or group is None or not all(n in group for n in LAYER_ROWS):
+                return False
+            rows = {group[name].shape[0] for name in LAYER_ROWS}
+    except OSError:  # missing, truncated or not HDF5
+        return False
+    return len(rows) == 1 and rows.pop() > 0
+
+
+def projected(store: Path, layer: str, recorded: dict) -> bool:
+    """Whether the layer has a layout of every sample, made with these settings."""
+    import h5py
+
+    try:
+        with h5py.File(store, "r") as f:
+            layout = f[layer].get("layout")
+            return (
+                layout is not None
+                and layout.shape == (len(f[layer]["activations"]), 2)
+                and (settings_match(layout, recorded))
+            )
+    except (OSError, KeyError):
+        return False
+
+
+def gridded(store: Path, layer: str, sizes: list[int], min_count: int) -> bool:
+    """Whether every grid size exists with its cells of every sample, at this min_count."""
+    import h5py
+
+    try:
+        with h5py.File(store, "r") as f:
+            rows = len(f[layer]["activations"])
+            grids = [f[layer].get(f"grid/{size}") for size in sizes]
+            return all(
+                g is not None
+                and g.attrs.get("min_count") == min_count
+                and len(g["cell"]) == rows
+                and all(name in g for name in ("count", "mean", "attribution", "top_classes"))
+                for g in grids
+            )
+    except (OSError, KeyError):
+        return False
+
+
+def rendered(store: Path, layer: str, sizes: list[int]) -> bool:
+    """Whether every grid size has an icon for every cell that holds min_count samples."""
+    import h5py
+
+    try:
+        with h5py.File(store, "r") as f:
+            for size in sizes:
+                grid = f[layer][f"grid/{size}"]
+                full = grid["count"][()] >= grid.attrs["min_count"]
+                if "icons" not in grid or not grid["icon_done"][()][full].all():
+                    return False
+    except (OSError, KeyError):
+        return False
+    return True
+
+
+def composed(run_dir: Path, layer: str, sizes: list[int]) -> bool:
+    """Whether the run folder holds the viewer and every grid's atlas image."""
+    pngs = [run_dir / f"layer-{layer}" / f"grid-{size}" / "atlas.png" for size in sizes]
+    return (run_dir / "index.html").is_file() and all(png.is_file() for png in pngs)
+
+
+def drop_icons(store: Path, layer: str, sizes: list[int]) -> None:
+    """Delete the layer's icons at these grid sizes, so that a forced render renders every one again."""
+    import h5py
+
+    with h5py.File(store, "a") as f:
+        for size in sizes:
+            grid = f[layer][f"grid/{size}"]
+            for name in ("icons", "icon_objective", "icon_cosine", "icon_done"):
+                if name in grid:
+                    del grid[name]
+
+
+def fresh_store(store: Path, layer: str, forced: bool) -> None:
+    """Before collect runs: remove a store that is not a finished collection (a rerun merges it anew from the
+    batch shards), and when forced, the store and its shards both."""
+    import shutil
+
+    parts = store.with_name(store.name + ".parts")
+    if forced and parts.exists():
+        shutil.rmtree(parts)
+    if store.exists() and (forced or not collected(store, layer)):
+        store.unlink()
 
 
 def run_atlas(
@@ -105,8 +223,11 @@ def run_atlas(
     device: str | None = None,
     out: Path | None = None,
     weights: str | None = None,
+    force: Collection[str] = (),
+    threads: int | None = None,
 ) -> Path:
-    """Build the atlas of one model layer; returns the viewer's index.html."""
+    """Build the atlas of one model layer; returns the viewer's index.html. `force`: stages to redo (and with
+    them every later stage) even when the store holds their outputs."""
     base = load_config(config_file, {}, None)
     same_model = model_name in (None, base.get("model"))
     model_name = model_name or base["model"]
@@ -116,19 +237,21 @@ def run_atlas(
         config_file = Path(config_file).parent / base["demo_config"]
         base = load_config(config_file, {}, None)
     config = load_config(config_file, stage_functions(), layer or (base.get("layer") if same_model else None))
+    check_numbers(config, limit)
 
     from atlas.compose import ComposeSettings
     from atlas.images import list_images
     from atlas.models import load_model
     from atlas.project import LayoutSettings
     from atlas.render import RenderSettings
-    from atlas.runtime import default_device
+    from atlas.runtime import check_device, default_device, set_threads
 
     # the stages' settings, validated before any work
     config["project"] = LayoutSettings.from_config(config["project"], f"{config_file} (project:)")
     config["render"] = RenderSettings.from_config(config["render"], f"{config_file} (render:)")
     config["compose"] = ComposeSettings.from_config(config["compose"], f"{config_file} (compose:)")
-    device = device or default_device()
+    device = check_device(device or default_device())
+    log.info("%d torch threads", set_threads(threads or config.get("threads")))
 
     model = load_model(model_name, weights=weights, device=device)
     layer = model.resolve_layer(layer or (config.get("layer") if same_model else None) or model.default_layer)
@@ -136,8 +259,20 @@ def run_atlas(
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("model %s, layer %s, data %s -> %s", model_name, layer, data, run_dir)
     records = list_images(data, model.class_names, model.imagenet_index)[:limit]
-    _run_stages(config, model, layer, records, str(data), run_dir, device)
+    _run_stages(config, model, layer, records, str(data), run_dir, device, force)
     return run_dir / "index.html"
+
+
+def check_numbers(config: dict, limit: int | None) -> None:
+    """The run's numbers that need no model, checked before it loads (a layer's shape bounds positions later)."""
+    if limit is not None:
+        check_number("--limit (N)", limit, 1)
+    for key in ("positions", "batch_size"):
+        if key in config["collect"]:
+            check_number(f"collect: {key}", config["collect"][key], 1)
+    sizes = config["grid"].get("sizes", [])
+    for size in sizes if isinstance(sizes, list) else [sizes]:
+        check_number("grid: sizes", size, 1)
 
 
 def run_plan(config: dict, model: Classifier, layer: str, images: int, sizes: list[int], device: str) -> str:
@@ -146,8 +281,8 @@ def run_plan(config: dict, model: Classifier, layer: str, images: int, sizes: li
     from atlas import collect, render
     from atlas.grid import DEFAULT_MIN_COUNT
 
-    channels, height, width = next(tuple(s) for name, *s in model.layer_shapes() if name == layer)
-    positions = min(int(config["collect"].get("positions", 1)), (height - 2) * (width - 2))
+    channels = next(s[0] for name, *s in model.layer_shapes() if name == layer)
+    positions = config["collect"].get("positions", 1)  # checked against the layer's interior before the plan
     samples = images * positions
     min_count = int(config["grid"].get("min_count", DEFAULT_MIN_COUNT))
     icons = sum(min(size * size, samples // min_count) for size in sizes)  # at most one per cell of min_count
@@ -169,38 +304,76 @@ def _duration(seconds: float) -> str:
 
 
 def _run_stages(
-    config: dict, model: Classifier, layer: str, records: list[ImageRecord], dataset: str, run_dir: Path, device: str
+    config: dict,
+    model: Classifier,
+    layer: str,
+    records: list[ImageRecord],
+    dataset: str,
+    run_dir: Path,
+    device: str,
+    force: Collection[str] = (),
 ) -> None:
     """collect -> project -> grid -> render -> compose into run_dir/store.h5, each skipped when up to date."""
     from atlas import collect, compose, grid, project, render
-    from atlas.grid import DEFAULT_SIZES
+    from atlas.grid import DEFAULT_MIN_COUNT, DEFAULT_SIZES
 
     sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))
+    min_count = int(config["grid"].get("min_count", DEFAULT_MIN_COUNT))
+    shape = next(tuple(s) for name, *s in model.layer_shapes() if name == layer)
+    collect.check_counts(records, {layer: shape}, config["collect"].get("positions", 1))
     log.info("%s", run_plan(config, model, layer, len(records), sizes, device))
     store = run_dir / "store.h5"
-    steps = Fingerprints(run_dir / "pipeline.json")
+    steps = Fingerprints(run_dir / "pipeline.json", force)
     collect_args = {**config["collect"], "layers": [layer], "device": device, "dataset": dataset}
+
+    def collect_stage() -> None:
+        fresh_store(store, layer, "collect" in steps.force)
+        collect.collect(model, records, store, **collect_args)
+
     steps.run(
         "collect",
         {**collect_args, "model": model.name, "weights": model.weights, "images": [r.path for r in records]},
-        lambda: collect.collect(model, records, store, **collect_args),
+        collect_stage,
+        lambda: collected(store, layer),
     )
     layout, icons = config["project"], config["render"]
+    recorded = {"settings": layout, "device": device}
     steps.run(
-        "project", {"settings": layout, "device": device}, lambda: project.project_store(store, layer, layout, device)
+        "project",
+        recorded,
+        lambda: project.project_store(store, layer, layout, device),
+        lambda: projected(store, layer, recorded),
     )
-    steps.run("grid", config["grid"], lambda: grid.grid_store(store, layer=layer, **config["grid"]))
+    steps.run(
+        "grid",
+        config["grid"],
+        lambda: grid.grid_store(store, layer=layer, **config["grid"]),
+        lambda: gridded(store, layer, sizes, min_count),
+    )
+
+    def render_stage() -> None:
+        if "render" in steps.force:
+            drop_icons(store, layer, sizes)
+        for size in sizes:
+            render.render_store(store, layer, size, icons, model=model, device=device)
+
     steps.run(
         "render",
         {"settings": icons, "sizes": sizes, "device": device},
-        lambda: [render.render_store(store, layer, size, icons, model=model, device=device) for size in sizes],
+        render_stage,
+        lambda: rendered(store, layer, sizes),
     )
     drawn = config["compose"]
-    steps.run("compose", {"settings": drawn}, lambda: compose.compose_run(store, run_dir, [layer], settings=drawn))
+    steps.run(
+        "compose",
+        {"settings": drawn},
+        lambda: compose.compose_run(store, run_dir, [layer], settings=drawn),
+        lambda: composed(run_dir, layer, sizes),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="config file (default: configs/<model>.yaml, else the offline default's)")
     parser.add_argument("--model", help="model (default: the zoo model that owns --layer, else the config's)")
     parser.add_argument("--layer")
@@ -208,7 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="use the first N images only")
     parser.add_argument("--device")
     parser.add_argument("--weights", help="weights file, or 'random'")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the config's, else free cores)")
     parser.add_argument("--out", type=Path, help="run folder (default: data/runs/<model>-<layer>)")
+    parser.add_argument(
+        "--force",
+        nargs="*",
+        choices=STAGES,
+        metavar="STAGE",
+        help=f"redo these stages ({', '.join(STAGES)}; none named: all) and every later one, whatever the store holds",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
@@ -222,10 +403,18 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             args.out,
             args.weights,
+            STAGES if args.force == [] else args.force or (),
+            args.threads,
         )
     except AtlasError as err:
         print(f"make atlas: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "make atlas: interrupted; finished stages and batches are kept, rerun the same command to go on",
+            file=sys.stderr,
+        )
+        return 130
     folder = index.parent
     pngs = sorted(folder.glob("layer-*/grid-*/atlas.png"))
     print(f"\natlas images: {', '.join(str(p) for p in pngs) or '(none)'}")

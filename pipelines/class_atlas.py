@@ -11,7 +11,6 @@ fingerprinted (<out>/stores/<atlas id>.json) and a repeated run skips the stages
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -20,10 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlas import AtlasError
-from atlas.class_atlas import comparison_layout_store, fit_perplexity, select_samples, write_subset_store
+from atlas.class_atlas import (
+    comparison_layout_store,
+    fit_perplexity,
+    select_samples,
+    winner_counts,
+    write_subset_store,
+)
 from atlas.classes import resolve_class
 from atlas.compose import MANIFEST, ComposeSettings, compose_run
-from atlas.config import check_section, config_path, load_config
+from atlas.config import Parser, check_section, config_path, load_config
 from atlas.grid import RIDGE, grid_store
 from atlas.project import LayoutSettings, project_store
 from atlas.render import RenderSettings, render_store
@@ -58,6 +63,7 @@ SECTIONS = {
     "compose": ComposeSettings,
 }
 MIN_SAMPLES = 5
+FEW_WINNERS = 64  # winner samples below which a class is warned of: fewer than the class grid's 8 x 8 cells
 
 
 def class_settings(config_file: Path, layer: str, comparison: bool, overrides: dict | None = None) -> dict:
@@ -144,12 +150,14 @@ def run_class_atlas(
     device: str | None = None,
     overrides: dict | None = None,
     batch_size: int | None = None,
+    force: bool = False,
 ) -> list[dict]:
     """Build the class atlas of `class_name` (or, with `vs`, the comparison of the two) into the run folder `out`,
     plus the classes' heat-maps when the parent layer has a rendered atlas. Returns the manifest entries written.
 
     overrides: {section: {key: value}} over the config, e.g. {"render": {"steps": 64}}.
     batch_size: icon attempts rendered together (not a setting of the result: `render_store`'s default).
+    force: build it even for a class that no sample of the store has as its top attribution.
     """
     from atlas.runtime import default_device
 
@@ -171,7 +179,7 @@ def run_class_atlas(
 
     select = settings["select"]
     chosen = {**parent.identity, "classes": classes, **select}
-    steps.run("select", chosen, lambda: select_subset(store, subset, parent, classes, head["kind"], select))
+    steps.run("select", chosen, lambda: select_subset(store, subset, parent, classes, head["kind"], select, force))
     with open_store(subset) as made:
         samples = made[layer]["activations"].shape[0]
     lay_out_and_render(steps, subset, layer, classes, samples, settings, device, batch_size)
@@ -191,10 +199,16 @@ def run_class_atlas(
     return [entry for entry in manifest if entry["id"] in written]
 
 
-def select_subset(store: Path, subset: Path, parent: Parent, classes: list[int], kind: str, select: dict) -> None:
+def select_subset(
+    store: Path, subset: Path, parent: Parent, classes: list[int], kind: str, select: dict, force: bool = False
+) -> None:
     """Write the subset store of the samples `select_samples` picks for the classes (an AtlasError when too few)."""
     with open_store(store) as h5:
-        rows = select_samples(h5[parent.layer]["attributions"], classes, **select)
+        attributions = h5[parent.layer]["attributions"]
+        check_winners(
+            winner_counts(attributions, classes), [parent.names[c] for c in classes], len(attributions), force
+        )
+        rows = select_samples(attributions, classes, **select)
     if len(rows) < MIN_SAMPLES:
         raise AtlasError(
             f"only {len(rows)} samples attribute to {', '.join(parent.names[c] for c in classes)}: too few for an "
@@ -256,8 +270,28 @@ def default_store() -> Path:
     return Path("data/runs") / f"{config['model']}-{config['layer']}" / "store.h5"
 
 
+def check_winners(counts: list[int], names: list[str], samples: int, force: bool) -> None:
+    """Say when the data cannot answer: a warning line for a class with few winner samples (its atlas rests on
+    weak attributions), and an AtlasError, unless forced, for one with none (its atlas would show other classes)."""
+    for name, count in zip(names, counts, strict=True):
+        if count == 0 and not force:
+            raise AtlasError(
+                f"no sample of the store has {name!r} as its top class (0 of {samples:,} winner samples): its atlas "
+                f"would show other classes; collect images of it, or force it (--force)"
+            )
+        if count < FEW_WINNERS:
+            log.warning(
+                "class %r: only %d of %s samples have it as their top class (fewer than %d): its atlas rests "
+                "mostly on weak attributions",
+                name,
+                count,
+                f"{samples:,}",
+                FEW_WINNERS,
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--class", dest="class_name", required=True, help="class name or index")
     parser.add_argument("--vs", help="second class: a two-class comparison (--class left, --vs right)")
     parser.add_argument("--store", type=Path, help="collected store (default: that of `make atlas`)")
@@ -265,13 +299,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", help="the store's layer (default: its only one)")
     parser.add_argument("--config", help="settings (default: configs/<the store's model>.yaml, class_atlas:)")
     parser.add_argument("--device")
+    parser.add_argument("--force", action="store_true", help="build it even for a class no sample has as top class")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     store = args.store or default_store()
     out = args.out or store.parent
     started = time.perf_counter()
     try:
-        entries = run_class_atlas(store, out, args.class_name, args.vs, args.layer, args.config, args.device)
+        entries = run_class_atlas(
+            store, out, args.class_name, args.vs, args.layer, args.config, args.device, force=args.force
+        )
     except AtlasError as err:
         print(f"make class-atlas: error: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import h5py
@@ -16,13 +17,14 @@ from atlas.class_atlas import (
     comparison_x,
     heatmap_opacity,
     select_samples,
+    winner_counts,
     write_subset_store,
 )
 from atlas.cli import main
 from atlas.compose import ComposeSettings, compose_run
 from atlas.grid import grid_store
 from atlas.render import RenderSettings, render_store
-from pipelines.class_atlas import class_settings, run_class_atlas
+from pipelines.class_atlas import FEW_WINNERS, check_winners, class_settings, run_class_atlas
 from tests.synthetic import tiny_imagenet_classifier, write_synthetic_store
 from tests.test_compose import write_rendered_store
 
@@ -257,3 +259,32 @@ def test_class_atlas_adds_the_heatmap_when_the_layer_has_an_atlas(store, tmp_pat
     heat = entries[1]
     assert heat["layer"] == "relu3" and heat["class_index"] == SHARK and heat["class"] == "great white shark (heat-map)"
     assert (tmp_path / "run" / heat["grids"][0]["image"]).is_file()
+
+
+def test_winner_counts_are_the_rows_whose_top_attribution_is_each_class(store):
+    attributions = attributions_of(store)
+    with h5py.File(store) as f:
+        counts = winner_counts(f["relu3/attributions"], [SHARK, TIGER_SHARK, 500], chunk_rows=37)
+    assert counts == [len(brute_winner(attributions, [c])) for c in (SHARK, TIGER_SHARK, 500)]
+    assert counts[0] > 0 and counts[2] == 0
+
+
+def test_a_class_with_few_winners_is_warned_of_and_one_with_none_refused_unless_forced(caplog):
+    with caplog.at_level(logging.WARNING, logger="pipelines.class_atlas"):
+        check_winners([2, FEW_WINNERS], ["great white shark", "tiger shark"], 1408, force=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"class 'great white shark': only 2 of 1,408 samples have it as their top class (fewer than {FEW_WINNERS}): "
+        "its atlas rests mostly on weak attributions"
+    ]
+    with pytest.raises(AtlasError, match=r"no sample of the store has 'grey whale' as its top class \(0 of 1,408"):
+        check_winners([0], ["grey whale"], 1408, force=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines.class_atlas"):
+        check_winners([0], ["grey whale"], 1408, force=True)
+    assert "only 0 of 1,408" in caplog.records[0].getMessage()
+
+
+def test_cli_refuses_a_class_without_winner_samples_in_one_line(store, tmp_path, capsys):
+    assert main(["class-atlas", str(store), "--class", "500", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(0 of 300 winner samples)" in err[0] and "--force" in err[0]

@@ -247,3 +247,17 @@ def test_an_interrupted_collection_keeps_its_finished_shards_and_collects_only_t
     with h5py.File(whole) as a, h5py.File(out) as b:
         for key in ("activations", "image_index", "position", "attributions"):
             np.testing.assert_array_equal(a[f"relu3/{key}"][:], b[f"relu3/{key}"][:])
+
+
+def test_a_merge_of_more_than_ten_shards_keeps_the_row_order(tmp_path):
+    """Shards sort by name: with 12 one-image batches, batch 10 must still come after batch 9."""
+    from tests.synthetic import tiny_classifier
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+    out = collect(tiny_classifier(), list_images(folder), tmp_path / "s.h5", positions=2, batch_size=1, workers=0)
+    with h5py.File(out) as f:
+        assert f["relu3/image_index"][()].tolist() == [row for row in range(12) for _ in range(2)]

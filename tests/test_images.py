@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -67,3 +69,30 @@ def test_the_bound_counts_the_pixels_a_jpeg_decodes_to(tmp_path):
         load_rgb(tmp_path / "wide.jpg", max_pixels=1_000_000)  # no draft asked: decoded in full
     with pytest.raises(Image.DecompressionBombError):
         load_rgb(tmp_path / "wide.png", min_side=128, max_pixels=1_000_000)
+
+
+def test_the_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with orientation 6 (rotate 90 degrees clockwise to view) loads upright."""
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = 255  # left half white as stored: the top half once turned clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    loaded = np.asarray(load_rgb(tmp_path / "phone.jpg"))
+    assert loaded.shape == (40, 20, 3)
+    assert loaded[:18].mean() > 240 and loaded[22:].mean() < 15
+
+
+@pytest.mark.parametrize("size", [(200, 100), (100, 200)])
+def test_the_centre_crop_stays_inside_a_landscape_or_portrait_photo(size):
+    tensor = to_model_input(Image.new("RGB", size, (255, 255, 255)), 50, 50)
+    assert tensor.shape == (3, 50, 50) and tensor.min() == 1.0  # no black rows or columns from outside the photo
+
+
+def test_class_sub_folders_are_labelled_by_the_class_they_name_in_any_spelling(tmp_path):
+    names = ["tench", "great white shark", "three-toed sloth"]  # no folder's sorted position is its class
+    for folder in ("three_toed_sloth", "Great-White-Shark", "unnamed"):
+        (tmp_path / folder).mkdir()
+        blank_png(tmp_path / folder / "a.png", 8, 8)
+    labels = {Path(r.path).parent.name: r.label for r in list_images(str(tmp_path), names)}
+    assert labels == {"three_toed_sloth": 2, "Great-White-Shark": 1, "unnamed": 2}  # unnamed: its sorted position

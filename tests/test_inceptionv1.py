@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from atlas import AtlasError
-from atlas.classes import inceptionv1_classes, resolve_class, squash_name
+from atlas.classes import inceptionv1_classes, normal_name, resolve_class
 from atlas.cli import main as cli_main
 from atlas.config import CONFIG_DIR
 from atlas.images import list_images
@@ -104,7 +104,7 @@ def test_imagenet_labels_of_images_become_inceptionv1_logits(tmp_path):
     for record in list_images("demo", model.class_names, model.imagenet_index):  # foolbox names its ImageNet-1k label
         if record.label >= 0:
             imagenet_name = imagenet_classes()[int(Path(record.path).stem.split("_")[-1])]
-            assert squash_name(model.class_names[record.label]) == squash_name(imagenet_name)
+            assert normal_name(model.class_names[record.label]) == normal_name(imagenet_name)
 
 
 @pytest.mark.parametrize(

@@ -264,3 +264,28 @@ def test_visualize_with_alpha_and_logit_objective():
     model = colour_detector((1.0, 0.0, 0.0))
     images, values = visualize(model, objectives.class_logit([0, 1]), size=16, batch=2, steps=2, alpha=True)
     assert images.shape == (2, 16, 16, 4) and images.dtype == np.uint8 and values.shape == (2,)
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_jitter_reaches_every_offset_from_0_to_d(d):
+    x = torch.arange(20.0).view(1, 1, 1, 20).expand(64, 3, 20, 20)
+    offsets = jitter(d)(x, ImageRandom(list(range(64))))[:, 0, 0, 0]
+    assert sorted(offsets.unique().tolist()) == list(range(d + 1))  # jitter(1) moves about half the images
+    rows = jitter(d)(x.transpose(2, 3), ImageRandom(list(range(64))))[:, 0, :, 0]
+    assert sorted(rows[:, 0].unique().tolist()) == list(range(d + 1))
+
+
+@pytest.mark.parametrize("size", [32, 65])
+def test_fft_image_is_lucids_formula_at_its_overall_scale(size):
+    """lucid's fft_image: spectrum x 1/max(f, 1/size) x sqrt(w h), numpy's (unnormalised) inverse FFT, then / 4."""
+    coefficients = torch.randn(1, 3, size, size // 2 + 1, 2, generator=torch.Generator().manual_seed(0))
+    param = image(size, [0], decorrelate=False)
+    with torch.no_grad():
+        param.tensor.copy_(coefficients)
+        ours = param.spatial()[0].double().numpy()
+    fy, fx = np.fft.fftfreq(size)[:, None], np.fft.rfftfreq(size)[None, :]
+    scale = 1.0 / np.maximum(np.sqrt(fx**2 + fy**2), 1.0 / size) * np.sqrt(size * size)
+    real, imaginary = coefficients[0, ..., 0].double().numpy(), coefficients[0, ..., 1].double().numpy()
+    spectrum = (real + 1j * imaginary) * scale
+    lucid = np.fft.irfft2(spectrum, s=(size, size)) / 4.0
+    np.testing.assert_allclose(ours, lucid, rtol=1e-4, atol=1e-5)

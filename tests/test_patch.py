@@ -304,3 +304,16 @@ def test_the_search_prefers_a_placement_that_flips_over_a_higher_target_probabil
 def test_a_patch_over_the_size_bound_is_a_clear_error(tmp_path: Path):
     with pytest.raises(AtlasError, match="cannot be read: .*over the bound|cannot be read: .*exceeds limit"):
         lab.load_patch(str(blank_png(tmp_path / "bomb.png", 20000, 10000)))
+
+
+def test_the_noise_control_draws_its_noise_from_the_seed(tmp_path: Path):
+    records = [ImageRecord(str(write_image(tmp_path / f"dim{i}.png", (0.2, 0.0, 0.0))), RED) for i in range(2)]
+    model = colour_model(RedOrRough())
+    noise = {
+        seed: [
+            row["noise_p_target_after"]
+            for row in measure(model, patch_of((0.0, 0.0, 1.0)), records, seed=seed)[0]["images"]
+        ]
+        for seed in (0, 3)
+    }
+    assert noise[0] != noise[3]  # another seed, other noise: probabilities after the noise patch differ

@@ -110,3 +110,65 @@ def test_the_paper_config_on_the_demo_photos_runs_at_its_cpu_demo_settings(tmp_p
     assert seen["layer"] == "mixed4c" and len(seen["records"]) == 22
     fallback = [r.message for r in caplog.records if "demo photos" in r.message]
     assert len(fallback) == 1 and "at the settings of configs/inceptionv1-cpu.yaml" in fallback[0]
+
+
+def stages_run(caplog) -> list[str]:
+    """The stages that the last run logged as running, in order."""
+    return [r.message.split(":")[0] for r in caplog.records if r.message.endswith(": running")]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_store_decides_a_deleted_or_truncated_store_is_rebuilt_and_force_redoes_stages(tmp_path, caplog):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": "tiny", **TINY_RUN}))
+    out = tmp_path / "run"
+    argv = ["--config", str(config), "--model", "tests.synthetic:tiny_classifier", "--device", "cpu"]
+    argv += ["--data", str(write_folder(tmp_path / "images", 8)), "--out", str(out)]
+    store = out / "store.h5"
+    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+        assert pipeline.main(argv) == 0
+        complete = store.read_bytes()
+        for damage in (lambda: store.write_bytes(complete[: len(complete) // 2]), store.unlink):
+            damage()
+            caplog.clear()
+            assert pipeline.main(argv) == 0
+            assert stages_run(caplog) == list(pipeline.STAGES)
+            assert pipeline.collected(store, "relu3") and pipeline.rendered(store, "relu3", [3])
+        caplog.clear()
+        assert pipeline.main([*argv, "--force", "render"]) == 0
+        assert stages_run(caplog) == ["render", "compose"]
+        caplog.clear()
+        assert pipeline.main([*argv, "--force"]) == 0
+        assert stages_run(caplog) == list(pipeline.STAGES)
+
+
+def test_an_unrendered_icon_or_a_missing_atlas_image_is_not_up_to_date(tmp_path):
+    run = tmp_path / "run"
+    (run / "layer-relu3" / "grid-3").mkdir(parents=True)
+    (run / "index.html").write_text("")
+    assert not pipeline.composed(run, "relu3", [3])
+    (run / "layer-relu3" / "grid-3" / "atlas.png").write_bytes(b"")
+    assert pipeline.composed(run, "relu3", [3])
+    store = tmp_path / "store.h5"
+    with h5py.File(store, "w") as f:
+        grid = f.create_group("relu3/grid/3")
+        grid.attrs["min_count"] = 2
+        grid["count"] = np.array([[0, 2, 1], [3, 0, 0], [0, 0, 0]])
+        grid["icons"] = np.zeros((3, 3, 1, 1, 3), np.uint8)
+        grid["icon_done"] = np.array([[False, True, False], [False, False, False], [False] * 3])
+    assert not pipeline.rendered(store, "relu3", [3])  # cell (1, 0) holds 3 samples and has no icon
+    with h5py.File(store, "a") as f:
+        f["relu3/grid/3/icon_done"][1, 0] = True
+    assert pipeline.rendered(store, "relu3", [3])
+    assert not pipeline.collected(store, "relu3")  # no collection in it
+
+
+def test_a_per_layer_override_applies_that_layers_settings_only(tmp_path):
+    config = tmp_path / "layers.yaml"
+    overrides = {"mixed3a": {"project": {"n_neighbors": 200}}, "mixed5b": {"project": {"n_neighbors": 15}}}
+    config.write_text(yaml.safe_dump({**TINY_RUN, "layer": "mixed4c", "layers": overrides}))
+    neighbours = {
+        layer: load_config(config, pipeline.stage_functions(), layer)["project"]["n_neighbors"]
+        for layer in ("mixed3a", "mixed5b", "mixed4c", None)
+    }
+    assert neighbours == {"mixed3a": 200, "mixed5b": 15, "mixed4c": 5, None: 5}

@@ -339,3 +339,9 @@ def test_render_store_rerun_with_one_changed_setting_renders_again(tmp_path, sma
     with h5py.File(path, "r+") as f:  # a store written before settings were recorded as one JSON attr
         del f["relu3/grid/3/icons"].attrs["settings"]
     assert render_store(path, settings=icon, **run)["rendered"] == 7
+
+
+@pytest.mark.parametrize("decay_power", [float("nan"), -1.0])
+def test_a_nan_or_negative_decay_power_is_refused_before_any_render(decay_power):
+    with pytest.raises(AtlasError, match="decay_power must not be negative"):
+        RenderSettings(decay_power=decay_power)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from atlas.collect import attribution_pass, attributions, collect, collect_batch
 from atlas.images import list_images
 from atlas.models import Classifier, capture
 from atlas.render import RenderSettings, render_icons, render_store
-from atlas.runtime import Runtime, resolve
+from atlas.runtime import Runtime, default_threads, resolve, set_threads
 from tests.synthetic import tiny_classifier
 from tests.test_attributions import LAYER, pooled_classifier
 from tests.test_render import grid_store, small_model  # noqa: F401 (a fixture)
@@ -163,3 +165,23 @@ def test_render_records_the_policy(tmp_path, small_model):  # noqa: F811 (the fi
         icons = f["relu3/grid/3/icons"]
         assert (icons.attrs["memory_format"], icons.attrs["precision"]) == ("channels_last", "fp32")
     assert small_model.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_default_threads_are_the_affinitys_cores_less_the_load(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert default_threads() == 4  # quiet
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.1, 0.0, 0.0))
+    assert default_threads() == 3  # one busy process
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert default_threads() == 1  # never fewer than one
+
+
+def test_set_threads_checks_the_number_and_sets_torchs(monkeypatch):
+    threads = torch.get_num_threads()
+    try:
+        assert set_threads(1) == torch.get_num_threads() == 1
+        with pytest.raises(AtlasError, match="threads must be an integer at least 1, not 0"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(threads)
