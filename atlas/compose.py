@@ -10,6 +10,9 @@ other atlas kinds (class atlases) can be added beside the layer atlases later:
     <atlas id>/grid-<G>/atlas.png                 the atlas of grid size G: one icon per cell, sized by density
     <atlas id>/grid-<G>/cells.json                cells of grid G: count, top classes, icon quality, examples
                                                   (and on a heat-map: attribution to its class, opacity)
+    <atlas id>/grid-<G>/attribution.bin           every cell's mean attribution to every class, quantised
+                                                  (attribution_table): the viewer shades any class from it
+    <atlas id>/classes.json                       the store's class names, for the viewer's class search
     <atlas id>/tiles.dzi, tiles_files/            Deep Zoom pyramid across the grid sizes (OpenSeadragon reads it)
     patches/<layer>/<sample>.jpg                  dataset example patches, shared by all atlases of a layer
     patches/<atlas id>/<sample>.jpg               those of an atlas from a subset store (class atlases)
@@ -40,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from atlas import AtlasError
-from atlas.class_atlas import heatmap_opacity
+from atlas.class_atlas import HEATMAP_POPULATED, heatmap_opacity
 from atlas.config import Settings
 from atlas.images import load_rgb, to_model_input
 from atlas.store import class_names, grid_group, iter_rows, layer_group, open_store
@@ -404,6 +407,19 @@ def cells_json(grid: Grid, names: list[str], examples: np.ndarray, example_info:
     return {"grid": grid.size, "min_count": grid.min_count, "total": int(grid.count.sum()), "cells": cells}
 
 
+def attribution_table(attribution: np.ndarray) -> bytes:
+    """A grid's mean attributions [G, G, C] as the viewer reads them: float32 [C] scales, then int8 [C, G * G].
+
+    Class-major, so that the viewer takes one class as one contiguous slice; each class is scaled by its
+    largest magnitude (value = int8 * scale), which keeps a class's own shading exact to 1/127 of its range.
+    Little-endian, as typed arrays are in every browser. 25.8 MB for a 160 x 160 grid of 1008 classes.
+    """
+    table = np.nan_to_num(attribution.reshape(-1, attribution.shape[-1]).T.astype(np.float32))  # [C, cells]
+    scale = np.abs(table).max(axis=1) / 127
+    quantised = np.round(table / np.where(scale > 0, scale, 1)[:, None]).astype(np.int8)
+    return scale.astype("<f4").tobytes() + quantised.tobytes()
+
+
 def fade_cells(image: Image.Image, opacity: np.ndarray) -> Image.Image:
     """Blend each cell of an atlas toward the white background by its opacity [G, G] in [0, 1] (1: as drawn)."""
     pixels = np.asarray(image).copy()
@@ -512,20 +528,25 @@ def compose_atlas(
         del picture  # a labelled copy of the atlas: as large as the atlas itself
         cells = cells_json(grid, names, picked[grid.size], example_info)
         (grid_dir / "cells.json").write_text(json.dumps(cells, separators=(",", ":")))
+        (grid_dir / "attribution.bin").write_bytes(attribution_table(grid_group(group, grid.size)["attribution"][()]))
         entry_grids.append(
             {
                 "size": grid.size,
                 "min_count": grid.min_count,
                 "image": f"{folder}/grid-{grid.size}/atlas.png",
                 "cells": f"{folder}/grid-{grid.size}/cells.json",
+                "attribution": f"{folder}/grid-{grid.size}/attribution.bin",
             }
         )
+    (atlas_dir / "classes.json").write_text(json.dumps(names))
     draw = label if settings.labels else None
     per_level = write_dzi(grids, atlas_dir / "tiles", draw=draw, tile_format=settings.tile_format)
     log.info("%s: %d Deep Zoom levels written", layer, len(per_level))
     return {
         "icon_size": grids[0].image.width // grids[0].size,
         "grids": entry_grids,
+        "class_names": f"{folder}/classes.json",
+        "heatmap_populated": HEATMAP_POPULATED,  # the viewer shades a class as heatmap_opacity does
         "tiles": {"dzi": f"{folder}/tiles.dzi", "level_grids": per_level},
     }
 

@@ -232,6 +232,14 @@ def test_compose_run_end_to_end(store: Path, tmp_path: Path) -> None:
                         assert example["patch"] is None
                     else:
                         assert Image.open(out / example["patch"]).size == (24, 24)
+            # every class's attribution of every cell, to 1/254 of the class's largest magnitude
+            raw = (out / grid["attribution"]).read_bytes()
+            classes = attribution.shape[-1]
+            scale = np.frombuffer(raw[: 4 * classes], "<f4")
+            table = np.frombuffer(raw[4 * classes :], np.int8).reshape(classes, size * size) * scale[:, None]
+            expected = attribution.reshape(-1, classes).T
+            np.testing.assert_allclose(table, expected, atol=np.abs(expected).max() / 254 + 1e-7)
+    assert json.loads((out / entry["class_names"]).read_text()) == [f"class {k}" for k in range(10)]
     levels = entry["tiles"]["level_grids"]
     assert levels == level_grids([4, 8], ICON_PX)
     assert (out / entry["tiles"]["dzi"]).is_file()

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
+from atlas.class_atlas import heatmap_opacity
 from atlas.compose import ComposeSettings, compose_run
+from atlas.store import STR
 from tests.browser import ARTIFACTS, needs_chromium, served_page
 from tests.test_compose import write_rendered_store
 
@@ -99,4 +102,95 @@ def test_viewer_shows_a_heatmap_cells_attribution_to_its_class(tmp_path: Path) -
         value = page.evaluate("v => Number(v).toPrecision(3)", cell["heatmap"]["attribution"])  # the viewer's format
         opacity = page.evaluate("v => Math.round(100 * v)", cell["heatmap"]["opacity"])
         assert info.locator(".heat").inner_text() == f"{value} (shown at {opacity} %)"
+    assert not errors, errors
+
+
+SHARK = 2  # the class chosen by name below; the store never ran class-atlas for it
+
+
+def _named_store(tmp_path: Path, sizes: tuple[int, ...]) -> Path:
+    """A rendered store whose classes have ImageNet-like names, "great white shark" among them."""
+    store = write_rendered_store(tmp_path, sizes=sizes, n=3000, icon_px=ICON_PX)
+    names = [f"class {k}" for k in range(10)]
+    names[SHARK] = "great white shark"
+    with h5py.File(store, "a") as f:
+        f.create_dataset("classes", data=np.array(names, dtype=object), dtype=STR)
+    return store
+
+
+def _shade_opacity(page: object, grid: int) -> np.ndarray:
+    """The opacity [G, G] each cell is shown at under the class shading (1 - the white overlay's alpha)."""
+    page.wait_for_function(f"document.querySelector('.class-shade')?.dataset.grid === '{grid}'")
+    alpha = page.evaluate(
+        "() => { const c = document.querySelector('.class-shade');"
+        " return [...c.getContext('2d').getImageData(0, 0, c.width, c.height).data].filter((_, i) => i % 4 === 3); }"
+    )
+    return 1 - np.array(alpha).reshape(grid, grid) / 255
+
+
+@needs_chromium
+def test_any_class_shades_the_cells_from_the_stores_attributions(tmp_path: Path) -> None:
+    store = _named_store(tmp_path, (COARSE, FINE))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    with h5py.File(store) as f:
+        grid = f[f"mixed4c/grid/{COARSE}"]
+        attribution, count = grid["attribution"][:, :, SHARK], grid["count"][()]
+        expected = heatmap_opacity(attribution, count, int(grid.attrs["min_count"]))
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("document.querySelectorAll('#class-names option').length === 10")
+        search = page.locator("#class-search")
+        search.fill("no such class")
+        search.press("Enter")
+        assert "unknown" in search.get_attribute("class")
+        assert page.locator(".class-shade").count() == 0
+        search.fill("Great White Shark")  # type-ahead over every class name, any case
+        search.press("Enter")
+        shown = _shade_opacity(page, COARSE)
+        np.testing.assert_allclose(shown, expected, atol=0.02)  # int8 attributions, 8-bit alpha
+        assert page.locator("#class-atlas").is_hidden()  # no class atlas of the shark to offer
+        y, x = np.unravel_index(np.argmax(np.where(count >= 3, attribution, -np.inf)), count.shape)
+        page.goto(f"{url}#atlas=layer-mixed4c&grid={COARSE}&cell={x},{y}")
+        page.reload()
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("document.querySelectorAll('#class-names option').length === 10")
+        search.fill("great white shark")
+        search.press("Enter")
+        value = page.locator(f'#info[data-x="{x}"][data-y="{y}"] .class-attribution')
+        value.wait_for()
+        shown_value, rest = value.inner_text().split(" ", 1)
+        assert float(shown_value) == pytest.approx(float(attribution[y, x]), abs=float(np.abs(attribution).max()) / 127)
+        assert rest == "(shown at 100 %)"  # the cell with the largest attribution
+        screenshot = tmp_path / "class-on-demand.png"
+        page.screenshot(path=str(screenshot))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, ARTIFACTS / "class-on-demand.png")
+        search.fill("")
+        search.press("Enter")
+        page.wait_for_function("document.querySelector('.class-shade') === null")
+    assert not errors, errors
+
+
+@needs_chromium
+def test_an_existing_class_atlas_is_offered_beside_the_shading(tmp_path: Path) -> None:
+    store = _named_store(tmp_path, (COARSE,))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    manifest = json.loads((run / "atlases.json").read_text())
+    layer_atlas = manifest["atlases"][0]
+    shark_atlas = {**layer_atlas, "id": "class-mixed4c-2", "kind": "class", "class": "great white shark"}
+    manifest["atlases"].append({**shark_atlas, "class_index": SHARK, "title": "mixed4c: great white shark"})
+    (run / "atlases.json").write_text(json.dumps(manifest))
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1000, "height": 700}) as (page, url, errors):
+        page.goto(url)
+        page.wait_for_function("document.querySelectorAll('#class-names option').length === 10")
+        page.locator("#class-search").fill("great white shark")
+        page.locator("#class-search").press("Enter")
+        link = page.locator("#class-atlas")
+        assert link.inner_text() == "open the class atlas of great white shark"
+        link.click()
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        assert page.locator("#title").inner_text() == "tiny · mixed4c: great white shark"
     assert not errors, errors

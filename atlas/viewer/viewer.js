@@ -9,7 +9,10 @@
     atlases: [], // entries of atlases.json
     atlas: null, // the entry shown
     grid: "auto", // "auto": the grid the pyramid shows at this zoom; else a grid size (its atlas.png)
-    cells: new Map(), // cells.json url -> Promise of Map "y,x" -> cell
+    cells: new Map(), // cells.json url -> Promise of {byKey: Map "y,x" -> cell, count: Int32Array [G * G]}
+    tables: new Map(), // attribution.bin url -> Promise of {scale: Float32Array [C], values: Int8Array [C * G * G]}
+    names: [], // the class names of the atlas's store (classes.json)
+    classIndex: null, // the class every cell is shaded by, or null
     pointer: null, // last pointer position over the atlas, in viewer pixels
     pinned: null, // {grid, x, y} kept by a click
   };
@@ -29,6 +32,9 @@
   const highlight = document.createElement("div");
   highlight.className = "cell-highlight";
   let highlightPlaced = false;
+  // white over each cell, as opaque as the cell is not the chosen class's: the heat-map of compose's fade_cells
+  const shade = Object.assign(document.createElement("canvas"), { className: "class-shade" });
+  let shadePlaced = false;
 
   function el(tag, props, ...children) {
     const node = Object.assign(document.createElement(tag), props);
@@ -69,8 +75,11 @@
     document.title = `${atlas.title} · activation atlas`;
     byId("title").textContent = atlas.model ? `${atlas.model} · ${atlas.title}` : atlas.title;
     document.body.dataset.ready = "";
+    loadClassNames(atlas);
     viewer.addOnceHandler("open", () => {
-      highlightPlaced = false; // opening clears the overlays
+      highlightPlaced = shadePlaced = false; // opening clears the overlays
+      delete shade.dataset.grid;
+      drawShade();
       if (keepView) viewer.viewport.fitBounds(keepView, true);
       if (focus) focusCell(focus);
       showStatus();
@@ -136,7 +145,11 @@
           if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
           return response.json();
         })
-        .then((data) => new Map(data.cells.map((cell) => [`${cell.y},${cell.x}`, cell])));
+        .then((data) => {
+          const count = new Int32Array(grid * grid);
+          for (const cell of data.cells) count[cell.y * grid + cell.x] = cell.count;
+          return { byKey: new Map(data.cells.map((cell) => [`${cell.y},${cell.x}`, cell])), count };
+        });
       request.catch(() => state.cells.delete(url)); // retry on the next hover
       state.cells.set(url, request);
     }
@@ -169,9 +182,10 @@
     }
     try {
       const cells = await cellsOf(target.grid);
+      const shading = shadingOn() ? await classShading(target.grid, state.classIndex) : null;
       if (mine !== ticket) return;
       placeHighlight(target);
-      showCell(target, cells.get(`${target.y},${target.x}`));
+      showCell(target, cells.byKey.get(`${target.y},${target.x}`), shading);
     } catch (error) {
       showError(`Cannot read the cells of grid ${target.grid}: ${error.message}`);
     }
@@ -189,7 +203,7 @@
     byId("info").replaceChildren(el("p", { className: "error" }, message));
   }
 
-  function showCell(target, cell) {
+  function showCell(target, cell, shading) {
     const info = byId("info");
     Object.assign(info.dataset, { grid: target.grid, x: target.x, y: target.y, count: cell ? cell.count : 0 });
     const parts = [el("h2", {}, `Cell (x ${target.x}, y ${target.y}) of ${target.grid} × ${target.grid}`)];
@@ -215,6 +229,18 @@
                 "dd",
                 { className: "heat", title: "the cell's mean attribution to the class; the heat-map shows the cell at this share" },
                 `${number(cell.heatmap.attribution)} (shown at ${Math.round(100 * (cell.heatmap.opacity ?? 0))} %)`
+              ),
+            ]
+          : []),
+        ...(shading
+          ? [
+              el("dt", {}, `attribution to ${state.names[shading.classIndex]}`),
+              el(
+                "dd",
+                { className: "class-attribution", title: "the cell's mean attribution to the class you chose" },
+                `${number(shading.values[target.y * target.grid + target.x])} (shown at ${Math.round(
+                  100 * shading.opacity[target.y * target.grid + target.x]
+                )} %)`
               ),
             ]
           : [])
@@ -246,6 +272,134 @@
     info.replaceChildren(...parts);
   }
 
+  // Any class on demand: the class names come with the atlas, each grid's attributions only once a class is chosen
+  function loadClassNames(atlas) {
+    state.names = [];
+    byId("class-names").replaceChildren();
+    if (!atlas.class_names) return; // composed before attribution tables were written
+    fetch(atlas.class_names)
+      .then((response) => {
+        if (!response.ok) throw new Error(`${atlas.class_names}: HTTP ${response.status}`);
+        return response.json();
+      })
+      .then((names) => {
+        if (state.atlas !== atlas) return;
+        state.names = names;
+        byId("class-names").replaceChildren(...names.map((name) => new Option(name)));
+        byId("class-search").value = state.classIndex === null ? "" : names[state.classIndex] ?? "";
+        offerClassAtlas();
+      })
+      .catch((error) => showError(`Cannot read the class names: ${error.message}`));
+  }
+
+  // atlases composed before attribution tables were written have no class names and cannot be shaded
+  function shadingOn() {
+    return state.classIndex !== null && Boolean(state.atlas.class_names);
+  }
+
+  function tableOf(grid) {
+    const url = gridEntry(grid).attribution;
+    if (!state.tables.has(url)) {
+      const request = fetch(url)
+        .then((response) => {
+          if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+          return response.arrayBuffer();
+        })
+        .then((buffer) => {
+          const classes = buffer.byteLength / (4 + grid * grid); // float32 scales, then int8 [C, G * G]
+          return { scale: new Float32Array(buffer, 0, classes), values: new Int8Array(buffer, 4 * classes) };
+        });
+      request.catch(() => state.tables.delete(url));
+      state.tables.set(url, request);
+    }
+    return state.tables.get(url);
+  }
+
+  // Each cell's attribution to class k and its opacity, as compose's heat-map (class_atlas.heatmap_opacity):
+  // over the largest attribution among well-populated cells, 0 where empty or negative
+  async function classShading(grid, k) {
+    const [table, cells] = await Promise.all([tableOf(grid), cellsOf(grid)]);
+    const n = grid * grid;
+    const values = new Float32Array(n);
+    for (let i = 0; i < n; i++) values[i] = table.values[k * n + i] * table.scale[k];
+    const minCount = gridEntry(grid).min_count;
+    const count = cells.count;
+    const total = count.reduce((sum, c) => sum + c, 0);
+    const populated = (state.atlas.heatmap_populated ?? 0) * (total / n);
+    const largestWhere = (keep) => {
+      let largest = -Infinity;
+      for (let i = 0; i < n; i++) if (keep(i)) largest = Math.max(largest, values[i]);
+      return largest;
+    };
+    const kept = (i) => count[i] >= minCount;
+    let largest = largestWhere((i) => kept(i) && count[i] >= populated);
+    if (largest === -Infinity) largest = largestWhere(kept);
+    if (!(largest > 0)) largest = largestWhere(kept);
+    const opacity = new Float32Array(n);
+    if (largest > 0) {
+      for (let i = 0; i < n; i++) opacity[i] = kept(i) ? Math.min(1, Math.max(0, values[i] / largest)) : 0;
+    }
+    return { classIndex: k, values, opacity };
+  }
+
+  async function drawShade() {
+    const item = viewer.world.getItemAt(0);
+    if (!shadingOn() || !item) {
+      if (shadePlaced) viewer.removeOverlay(shade);
+      shadePlaced = false;
+      delete shade.dataset.grid;
+      return;
+    }
+    const grid = shownGrid();
+    const k = state.classIndex;
+    if (shadePlaced && shade.dataset.grid === String(grid) && shade.dataset.class === String(k)) return;
+    let shading;
+    try {
+      shading = await classShading(grid, k);
+    } catch (error) {
+      showError(`Cannot read the attributions of grid ${grid}: ${error.message}`);
+      return;
+    }
+    if (state.classIndex !== k || shownGrid() !== grid || viewer.world.getItemAt(0) !== item) return; // changed meanwhile
+    Object.assign(shade, { width: grid, height: grid });
+    const context = shade.getContext("2d");
+    const pixels = context.createImageData(grid, grid);
+    for (let i = 0; i < grid * grid; i++) {
+      pixels.data.set([255, 255, 255, Math.round(255 * (1 - shading.opacity[i]))], 4 * i);
+    }
+    context.putImageData(pixels, 0, 0);
+    const rect = item.getBounds();
+    if (shadePlaced) viewer.updateOverlay(shade, rect);
+    else viewer.addOverlay(shade, rect);
+    shadePlaced = true;
+    Object.assign(shade.dataset, { grid, class: k });
+  }
+
+  // A class atlas of the chosen class, where `atlas class-atlas` made one, is a click away
+  function offerClassAtlas() {
+    const link = byId("class-atlas");
+    const found = state.atlases.find(
+      (atlas) =>
+        atlas.layer === state.atlas.layer &&
+        atlas.kind === "class" &&
+        atlas.class_index === state.classIndex &&
+        atlas.id !== state.atlas.id
+    );
+    link.hidden = !found;
+    if (found) {
+      link.textContent = `open the class atlas of ${found.class}`;
+      link.dataset.atlas = found.id;
+    }
+  }
+
+  function chooseClass(k) {
+    state.classIndex = k;
+    offerClassAtlas();
+    drawShade();
+    const target = state.pinned ?? cellAt(state.pointer);
+    if (target) show(target);
+  }
+
   function showStatus() {
     const grid = viewer.world.getItemAt(0) ? shownGrid() : null;
     byId("status").textContent = grid ? `showing the ${grid} × ${grid} grid` : "";
@@ -274,6 +428,7 @@
 
   viewer.addHandler("animation-finish", () => {
     showStatus();
+    drawShade(); // the grid may have changed with the zoom
     if (!state.pinned && state.pointer) show(cellAt(state.pointer)); // the grid may have changed with the zoom
   });
 
@@ -287,6 +442,18 @@
     open(atlas, atlas.grids.some((grid) => String(grid.size) === state.grid) ? state.grid : "auto");
   });
   byId("grid").addEventListener("change", (event) => open(state.atlas, event.target.value));
+  byId("class-search").addEventListener("change", (event) => {
+    const wanted = event.target.value.trim().toLowerCase();
+    const k = state.names.findIndex((name) => name.toLowerCase() === wanted);
+    event.target.classList.toggle("unknown", wanted !== "" && k < 0);
+    event.target.title = wanted !== "" && k < 0 ? `no class is named “${event.target.value}”` : "";
+    if (wanted === "" || k >= 0) chooseClass(k >= 0 ? k : null);
+  });
+  byId("class-atlas").addEventListener("click", (event) => {
+    event.preventDefault();
+    const atlas = state.atlases.find((candidate) => candidate.id === event.target.dataset.atlas);
+    open(atlas, atlas.grids.some((grid) => String(grid.size) === state.grid) ? state.grid : "auto");
+  });
 
   fetch("atlases.json")
     .then((response) => {
