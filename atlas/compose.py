@@ -8,12 +8,13 @@ other atlas kinds (class atlases) can be added beside the layer atlases later:
                                                   the folder's home page (move_viewer_beside_home)
     atlases.json                                  {"atlases": [entry, ...]}: id, kind, layer, class, title, paths
     <atlas id>/grid-<G>/atlas.png                 the atlas of grid size G: one icon per cell, sized by density
+    <atlas id>/grid-<G>/tiles.dzi, tiles_files/   its Deep Zoom pyramid (OpenSeadragon reads it); the viewer
+                                                  shows the grid whose cells are large enough at the zoom
     <atlas id>/grid-<G>/cells.json                cells of grid G: count, top classes, icon quality, examples
                                                   (and on a heat-map: attribution to its class, opacity)
     <atlas id>/grid-<G>/attribution.bin           every cell's mean attribution to every class, quantised
                                                   (attribution_table): the viewer shades any class from it
     <atlas id>/classes.json                       the store's class names, for the viewer's class search
-    <atlas id>/tiles.dzi, tiles_files/            Deep Zoom pyramid across the grid sizes (OpenSeadragon reads it)
     patches/<layer>/<sample>.jpg                  dataset example patches, shared by all atlases of a layer
     patches/<atlas id>/<sample>.jpg               those of an atlas from a subset store (class atlases)
 
@@ -159,51 +160,32 @@ def draw_labels(image: Image.Image, grid: Grid, names: list[str]) -> None:
             image.paste(label, (round(left), round((y + 1) * cell_px - label.height)), label)
 
 
-def level_grids(sizes: list[int], icon_px: int, min_cell_fraction: float = 0.5) -> list[int]:
-    """The grid size drawn at each Deep Zoom level (level 0 is 1 px wide, the last is the finest grid's atlas).
-
-    A level shows the finest grid whose cells are at least `min_cell_fraction` of the icon size there, else
-    the coarsest: zooming in switches to finer grids, as in the paper's front-end (reference 1.6).
-    """
-    full = max(sizes) * icon_px
-    top = math.ceil(math.log2(full))
-    grids = []
-    for level in range(top + 1):
-        width = math.ceil(full / 2 ** (top - level))
-        legible = [size for size in sizes if width / size >= min_cell_fraction * icon_px]
-        grids.append(max(legible) if legible else min(sizes))
-    return grids
-
-
 def write_dzi(
-    grids: list[Grid],
+    grid: Grid,
     stem: Path,
     draw: Callable[[Image.Image, Grid], None] | None = None,
     tile_size: int = 254,  # Deep Zoom's customary tile and overlap (Microsoft's tools, deepzoom.py)
     overlap: int = 1,
     tile_format: str = "jpg",
     min_cell_fraction: float = 0.5,
-) -> list[int]:
-    """Write `stem`.dzi and `stem`_files/<level>/<col>_<row>.<format>; return the grid size of each level.
+) -> int:
+    """Write `stem`.dzi and `stem`_files/<level>/<col>_<row>.<format>, the pyramid of one grid's atlas; return
+    its number of levels (level 0 is 1 px wide, the last is the atlas itself).
 
-    `draw(image, grid)` adds labels to levels where that grid's cells are legible.
+    `draw(image, grid)` adds labels to levels where the cells are at least `min_cell_fraction` of the icon size.
     """
-    by_size = {grid.size: grid for grid in grids}
-    icon_px = grids[0].image.width // grids[0].size
-    per_level = level_grids(sorted(by_size), icon_px, min_cell_fraction)
-    full = max(by_size) * icon_px
+    icon_px = grid.image.width // grid.size
+    full = grid.image.width
+    top = math.ceil(math.log2(full))
     folder = stem.parent / f"{stem.name}_files"
     if folder.exists():
         shutil.rmtree(folder)  # a previous run may have had more levels
-    base, base_size = None, None
-    for level in range(len(per_level) - 1, -1, -1):
-        width = math.ceil(full / 2 ** (len(per_level) - 1 - level))
-        grid = by_size[per_level[level]]
-        # halve the level above while the grid stays the same; start from the grid's own atlas when it changes
-        source = base if base_size == grid.size else grid.image
-        # Pillow copies an image "resized" to its own size: the finest level takes the atlas itself (655 MB at 160)
-        base = source if source.width == width else source.resize((width, width), Image.LANCZOS, reducing_gap=3.0)
-        base_size = grid.size
+    base = grid.image
+    for level in range(top, -1, -1):
+        width = math.ceil(full / 2 ** (top - level))
+        # each level halves the one above; Pillow copies an image "resized" to its own size, so the finest
+        # level takes the atlas itself (655 MB at 160)
+        base = base if base.width == width else base.resize((width, width), Image.LANCZOS, reducing_gap=3.0)
         picture = base
         if draw is not None and width / grid.size >= min_cell_fraction * icon_px:
             picture = base.copy()
@@ -214,7 +196,7 @@ def write_dzi(
         f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="{tile_format}" Overlap="{overlap}" '
         f'TileSize="{tile_size}">\n  <Size Width="{full}" Height="{full}"/>\n</Image>\n'
     )
-    return per_level
+    return top + 1
 
 
 def _write_tiles(image: Image.Image, folder: Path, tile_size: int, overlap: int, tile_format: str) -> None:
@@ -529,6 +511,9 @@ def compose_atlas(
         cells = cells_json(grid, names, picked[grid.size], example_info)
         (grid_dir / "cells.json").write_text(json.dumps(cells, separators=(",", ":")))
         (grid_dir / "attribution.bin").write_bytes(attribution_table(grid_group(group, grid.size)["attribution"][()]))
+        draw = label if settings.labels else None
+        levels = write_dzi(grid, grid_dir / "tiles", draw=draw, tile_format=settings.tile_format)
+        log.info("%s grid %d: %d Deep Zoom levels written", layer, grid.size, levels)
         entry_grids.append(
             {
                 "size": grid.size,
@@ -536,18 +521,15 @@ def compose_atlas(
                 "image": f"{folder}/grid-{grid.size}/atlas.png",
                 "cells": f"{folder}/grid-{grid.size}/cells.json",
                 "attribution": f"{folder}/grid-{grid.size}/attribution.bin",
+                "tiles": f"{folder}/grid-{grid.size}/tiles.dzi",
             }
         )
     (atlas_dir / "classes.json").write_text(json.dumps(names))
-    draw = label if settings.labels else None
-    per_level = write_dzi(grids, atlas_dir / "tiles", draw=draw, tile_format=settings.tile_format)
-    log.info("%s: %d Deep Zoom levels written", layer, len(per_level))
     return {
         "icon_size": grids[0].image.width // grids[0].size,
         "grids": entry_grids,
         "class_names": f"{folder}/classes.json",
         "heatmap_populated": HEATMAP_POPULATED,  # the viewer shades a class as heatmap_opacity does
-        "tiles": {"dzi": f"{folder}/tiles.dzi", "level_grids": per_level},
     }
 
 

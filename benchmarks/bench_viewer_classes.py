@@ -68,7 +68,7 @@ def viewer_case(run: Path) -> dict:
         started = time.perf_counter()
         page.goto(url)
         page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
-        page.wait_for_function("window.atlasViewer.world.getItemAt(0).getFullyLoaded()", timeout=60_000)
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()", timeout=60_000)
         page.wait_for_function(f"document.querySelectorAll('#class-names option').length === {CLASSES}")
         open_s = time.perf_counter() - started
         timings = []

@@ -37,19 +37,21 @@ def test_viewer_zooms_and_shows_the_hovered_cell(tmp_path: Path) -> None:
     with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
         page.goto(url)
         page.wait_for_function("document.body.dataset.ready === '1'")
-        page.wait_for_function("window.atlasViewer.world.getItemAt(0).getFullyLoaded()")
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()")
         assert page.locator("#status").get_attribute("data-grid") == str(COARSE)
         assert page.locator("#class option").all_inner_texts() == ["all samples", "class 3"]
         box = page.locator("#atlas").bounding_box()
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-        for _ in range(6):  # scroll-zoom in until the pyramid switches to the fine grid
+        for _ in range(12):  # scroll-zoom in until the viewer switches to the fine grid
             page.mouse.wheel(0, -300)
             page.wait_for_timeout(150)
+            if page.locator("#status").get_attribute("data-grid") == str(FINE):
+                break
         page.wait_for_function(f"document.getElementById('status').dataset.grid === '{FINE}'", timeout=10_000)
-        page.wait_for_function("window.atlasViewer.world.getItemAt(0).getFullyLoaded()")
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()")
         # hover the centre of the non-empty fine cell closest to the middle of the view
         centre = page.evaluate(
-            "() => { const v = window.atlasViewer, item = v.world.getItemAt(0);"
+            "() => { const v = window.atlasViewer, item = window.atlasShownItem();"
             " const p = item.viewportToImageCoordinates(v.viewport.getCenter(true)); return [p.x, p.y]; }"
         )
         side = ICON_PX
@@ -57,7 +59,7 @@ def test_viewer_zooms_and_shows_the_hovered_cell(tmp_path: Path) -> None:
         nearest = np.argmin((xs + 0.5 - centre[0] / side) ** 2 + (ys + 0.5 - centre[1] / side) ** 2)
         y, x = int(ys[nearest]), int(xs[nearest])
         point = page.evaluate(
-            "([x, y]) => { const item = window.atlasViewer.world.getItemAt(0);"
+            "([x, y]) => { const item = window.atlasShownItem();"
             " const p = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));"
             " const r = window.atlasViewer.canvas.getBoundingClientRect(); return [r.left + p.x, r.top + p.y]; }",
             [(x + 0.5) * side, (y + 0.5) * side],
@@ -193,4 +195,102 @@ def test_an_existing_class_atlas_is_offered_beside_the_shading(tmp_path: Path) -
         link.click()
         page.wait_for_function("document.body.dataset.ready === '1'")
         assert page.locator("#title").inner_text() == "tiny · mixed4c: great white shark"
+    assert not errors, errors
+
+
+def _zoom_until(page: object, grid: int, factor: float) -> None:
+    """Zoom about the centre by `factor` a step at a time until the status names `grid`."""
+    for _ in range(40):
+        if page.locator("#status").get_attribute("data-grid") == str(grid):
+            break
+        page.evaluate("f => { const v = window.atlasViewer.viewport; v.zoomBy(f, v.getCenter(true), true); }", factor)
+        page.wait_for_timeout(50)  # a frame or two: the viewer updates the grid as the viewport changes
+    page.wait_for_function(f"document.getElementById('status').dataset.grid === '{grid}'")
+    page.wait_for_function("window.atlasShownItem().getFullyLoaded()")
+
+
+@needs_chromium
+def test_zoom_switches_the_grid_and_its_shading(tmp_path: Path) -> None:
+    middle = 20
+    store = _named_store(tmp_path, (COARSE, middle, FINE))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
+        tiles: list[str] = []
+        page.on("request", lambda request: tiles.append(request.url) if "tiles_files" in request.url else None)
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()")
+        # the home view is the coarsest grid, and only its pyramid is fetched
+        assert page.locator("#status").get_attribute("data-grid") == str(COARSE)
+        assert tiles and all(f"grid-{COARSE}/" in tile for tile in tiles)
+        page.locator("#class-search").fill("great white shark")
+        page.locator("#class-search").press("Enter")
+        page.wait_for_function(f"document.querySelector('.class-shade')?.dataset.grid === '{COARSE}'")
+        _zoom_until(page, middle, 1.1)
+        _zoom_until(page, FINE, 1.1)
+        assert any(f"grid-{FINE}/" in tile for tile in tiles)
+        opacities = page.evaluate(
+            "() => { const w = window.atlasViewer.world; return [...Array(w.getItemCount()).keys()]"
+            ".map(i => w.getItemAt(i).getOpacity()); }"
+        )
+        assert opacities == [0, 0, 1]  # the fine grid alone is drawn
+        with h5py.File(store) as f:
+            grid = f[f"mixed4c/grid/{FINE}"]
+            expected = heatmap_opacity(grid["attribution"][:, :, SHARK], grid["count"][()], 3)
+        np.testing.assert_allclose(_shade_opacity(page, FINE), expected, atol=0.02)  # the fine grid's shading
+        _zoom_until(page, COARSE, 1 / 1.1)  # zooming out goes back through the grids
+        page.evaluate("() => window.atlasViewer.viewport.goHome(true)")
+        page.wait_for_function(f"document.getElementById('status').dataset.grid === '{COARSE}'")
+    assert not errors, errors
+
+
+@needs_chromium
+def test_a_copied_link_opens_the_same_view(tmp_path: Path) -> None:
+    store = _named_store(tmp_path, (COARSE, FINE))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("document.querySelectorAll('#class-names option').length === 10")
+        page.locator("#class-search").fill("great white shark")
+        page.locator("#class-search").press("Enter")
+        _zoom_until(page, FINE, 1.2)
+        with h5py.File(store) as f:
+            count = f[f"mixed4c/grid/{FINE}/count"][()]
+        y, x = np.argwhere(count >= 3)[len(np.argwhere(count >= 3)) // 2]  # a cell with samples, off the centre
+        page.evaluate(
+            "p => window.atlasViewer.viewport.panTo(new OpenSeadragon.Point(p[0], p[1]), true)",
+            [(x + 0.5) / FINE, (y + 0.5) / FINE],
+        )
+        box = page.locator("#atlas").bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # pin the cell in the middle
+        pinned = page.locator(f'#info[data-grid="{FINE}"]')
+        pinned.wait_for()
+        cell = (pinned.get_attribute("data-x"), pinned.get_attribute("data-y"))
+        assert cell == (str(x), str(y))
+        page.wait_for_timeout(300)  # past the pan's animation-finish, which writes the URL too
+        before = page.evaluate(
+            "() => { const v = window.atlasViewer.viewport, c = v.getCenter(); return [v.getZoom(), c.x, c.y]; }"
+        )
+        page.locator("#copy-link").click()
+        page.wait_for_function("document.getElementById('status').textContent === 'link copied'")
+        link = page.evaluate("() => navigator.clipboard.readText()")
+        assert link == page.evaluate("() => location.href")
+        assert f"cell={cell[0]}%2C{cell[1]}" in link and "class=2" in link
+        page.goto("about:blank")
+        page.goto(link)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        restored = page.locator(f'#info[data-grid="{FINE}"][data-x="{cell[0]}"][data-y="{cell[1]}"]')
+        restored.wait_for()  # the pinned cell, with its panel
+        after = page.evaluate(
+            "() => { const v = window.atlasViewer.viewport, c = v.getCenter(); return [v.getZoom(), c.x, c.y]; }"
+        )
+        np.testing.assert_allclose(after, before, rtol=1e-3, atol=1e-3)
+        assert page.locator("#status").get_attribute("data-grid") == str(FINE)
+        page.wait_for_function(f"document.querySelector('.class-shade')?.dataset.grid === '{FINE}'")
+        assert page.locator("#class-search").input_value() == "great white shark"
+        assert restored.locator(".class-attribution").count() == 1
     assert not errors, errors

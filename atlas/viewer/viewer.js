@@ -8,7 +8,9 @@
   const state = {
     atlases: [], // entries of atlases.json
     atlas: null, // the entry shown
-    grid: "auto", // "auto": the grid the pyramid shows at this zoom; else a grid size (its atlas.png)
+    grid: "auto", // "auto": the grid whose cells are large enough at this zoom (autoGrid); else a grid size
+    items: new Map(), // grid size -> its OpenSeadragon TiledImage (every grid in "auto", else the fixed one)
+    shown: null, // the grid size on screen
     cells: new Map(), // cells.json url -> Promise of {byKey: Map "y,x" -> cell, count: Int32Array [G * G]}
     tables: new Map(), // attribution.bin url -> Promise of {scale: Float32Array [C], values: Int8Array [C * G * G]}
     names: [], // the class names of the atlas's store (classes.json)
@@ -28,6 +30,8 @@
     gestureSettingsMouse: { clickToZoom: false }, // a click pins a cell instead
   });
   window.atlasViewer = viewer; // for tests and the browser console
+  window.atlasShownItem = () => state.items.get(state.shown); // the TiledImage on screen, for tests
+  const CELL_PX = 64; // screen pixels a grid's cells need before zooming in shows it: its icons are legible
 
   const highlight = document.createElement("div");
   highlight.className = "cell-highlight";
@@ -65,75 +69,115 @@
     fillSelect(byId("grid"), [["auto", "by zoom"], ...grids], state.grid);
   }
 
-  // focus: a cell {grid, x, y} of the fixed grid to zoom to and pin once the atlas is open
-  function open(atlas, grid, focus = null) {
+  // view: {zoom, x, y} of the viewport to restore; focus: a cell {grid, x, y} to pin (and zoom to, without a view)
+  function open(atlas, grid, focus = null, view = null) {
     const keepView = state.atlas && state.atlas.id === atlas.id ? viewer.viewport.getBounds() : null;
-    Object.assign(state, { atlas, grid, pinned: null });
+    Object.assign(state, { atlas, grid, pinned: null, items: new Map(), shown: null });
     showControls();
-    const params = { atlas: atlas.id, grid, ...(focus ? { cell: `${focus.x},${focus.y}` } : {}) };
-    history.replaceState(null, "", "#" + new URLSearchParams(params)); // a linkable view
     document.title = `${atlas.title} · activation atlas`;
     byId("title").textContent = atlas.model ? `${atlas.model} · ${atlas.title}` : atlas.title;
     document.body.dataset.ready = "";
     loadClassNames(atlas);
+    const grids = grid === "auto" ? atlas.grids : [gridEntry(Number(grid))];
     viewer.addOnceHandler("open", () => {
       highlightPlaced = shadePlaced = false; // opening clears the overlays
       delete shade.dataset.grid;
-      drawShade();
+      grids.forEach((entry, index) => state.items.set(entry.size, viewer.world.getItemAt(index)));
       if (keepView) viewer.viewport.fitBounds(keepView, true);
-      if (focus) focusCell(focus);
-      showStatus();
+      if (view) {
+        viewer.viewport.zoomTo(view.zoom, null, true);
+        viewer.viewport.panTo(new OpenSeadragon.Point(view.x, view.y), true);
+      }
+      updateGrid();
+      if (focus) focusCell(focus, !view);
       document.body.dataset.ready = "1";
+      writeUrl();
     });
-    const entry = gridEntry(Number(grid));
-    viewer.open(entry ? { type: "image", url: entry.image, buildPyramid: false } : atlas.tiles.dzi);
+    // every grid's pyramid is in the world; only the shown one is opaque, and OpenSeadragon loads no tiles
+    // of a transparent image
+    viewer.open(grids.map((entry, index) => ({ tileSource: entry.tiles, x: 0, y: 0, width: 1, index, opacity: 0 })));
     showHint();
   }
 
-  // `cell=x,y` in the URL names a cell of the fixed grid (the microscope's unit pages link to cells this way)
-  function parseCell(grid, value) {
-    const size = Number(grid);
+  // The view in the URL, so that a copied link opens the same view: atlas, grid, class, zoom, centre, pinned cell
+  function writeUrl() {
+    if (document.body.dataset.ready !== "1") return;
+    const centre = viewer.viewport.getCenter();
+    const params = { atlas: state.atlas.id, grid: state.grid };
+    if (state.classIndex !== null) params.class = state.classIndex;
+    Object.assign(params, { zoom: viewer.viewport.getZoom().toFixed(4), x: centre.x.toFixed(4), y: centre.y.toFixed(4) });
+    if (state.pinned) {
+      params.cell = `${state.pinned.x},${state.pinned.y}`;
+      if (state.grid === "auto") params.cellgrid = state.pinned.grid;
+    }
+    history.replaceState(null, "", "#" + new URLSearchParams(params));
+  }
+
+  // `cell=x,y` in the URL names a cell of the fixed grid (the microscope's unit pages link to cells this way),
+  // or of grid `cellgrid`
+  function parseCell(grid, value, cellGrid) {
+    const size = Number(cellGrid ?? grid);
+    if (!state.atlas.grids.some((entry) => entry.size === size)) return null;
     const [x, y] = (value ?? "").split(",").map((part) => (part.trim() === "" ? NaN : Number(part)));
     const inside = (v) => Number.isInteger(v) && v >= 0 && v < size;
     return inside(x) && inside(y) ? { grid: size, x, y } : null;
   }
 
-  function focusCell(target) {
-    const item = viewer.world.getItemAt(0);
-    const side = item.getContentSize().x / target.grid;
-    const context = 2; // cells shown on each side of it
+  function parseView(wanted) {
+    const [zoom, x, y] = ["zoom", "x", "y"].map((key) => Number(wanted.get(key) ?? NaN));
+    return zoom > 0 && Number.isFinite(x) && Number.isFinite(y) ? { zoom, x, y } : null;
+  }
+
+  // All grids' images span the viewport's unit square (x and y from 0 to 1 for a square atlas)
+  function cellRect(target, context = 0) {
+    const bounds = viewer.world.getItemAt(0).getBounds();
+    const side = bounds.width / target.grid;
     const span = (2 * context + 1) * side;
-    const rect = item.imageToViewportRectangle((target.x - context) * side, (target.y - context) * side, span, span);
-    viewer.viewport.fitBounds(rect, true);
+    return new OpenSeadragon.Rect(
+      bounds.x + (target.x - context) * side,
+      bounds.y + (target.y - context) * side,
+      span,
+      span
+    );
+  }
+
+  function focusCell(target, zoom = true) {
+    if (zoom) viewer.viewport.fitBounds(cellRect(target, 2), true); // with 2 cells on each side
     state.pinned = target;
     show(target);
   }
 
-  // The grid on screen. The pyramid's levels each come from one grid (tiles.level_grids); OpenSeadragon
-  // draws the highest level whose pixels still cover minPixelRatio screen pixels, so the same rule finds it.
+  // The finest grid whose cells cover CELL_PX screen pixels at the current zoom, else the coarsest
+  function autoGrid() {
+    const atlasPx = viewer.viewport.getZoom(true) * viewer.viewport.getContainerSize().x;
+    const sizes = state.atlas.grids.map((entry) => entry.size).sort((a, b) => a - b);
+    return sizes.filter((size) => atlasPx / size >= CELL_PX).pop() ?? sizes[0];
+  }
+
   function shownGrid() {
-    if (state.grid !== "auto") return Number(state.grid);
-    const item = viewer.world.getItemAt(0);
-    const levels = state.atlas.tiles.level_grids;
-    const full = item.getContentSize().x;
-    const screen = item.viewportToImageZoom(viewer.viewport.getZoom(true)) * full;
-    let level = 0;
-    for (let candidate = 0; candidate < levels.length; candidate++) {
-      const width = Math.ceil(full / 2 ** (levels.length - 1 - candidate));
-      if (screen / width >= viewer.minPixelRatio) level = candidate;
-    }
-    return levels[level];
+    return state.grid === "auto" ? autoGrid() : Number(state.grid);
+  }
+
+  // Show the grid the zoom asks for: its image opaque, the others transparent (and so not loaded)
+  function updateGrid() {
+    const grid = shownGrid();
+    if (grid === state.shown) return;
+    state.shown = grid;
+    for (const [size, item] of state.items) item.setOpacity(size === grid ? 1 : 0);
+    showStatus();
+    drawShade();
+    if (!state.pinned && state.pointer) show(cellAt(state.pointer)); // the hovered cell is one of the new grid
   }
 
   function cellAt(position) {
     const item = viewer.world.getItemAt(0);
     if (!item || !position) return null;
-    const size = item.getContentSize();
-    const point = item.viewerElementToImageCoordinates(position);
-    const u = point.x / size.x;
-    const v = point.y / size.y;
+    const bounds = item.getBounds();
+    const point = viewer.viewport.viewerElementToViewportCoordinates(position);
+    const u = (point.x - bounds.x) / bounds.width;
+    const v = (point.y - bounds.y) / bounds.height;
     if (!(u >= 0 && u < 1 && v >= 0 && v < 1)) return null;
-    const grid = shownGrid();
+    const grid = state.shown;
     return { grid, x: Math.floor(u * grid), y: Math.floor(v * grid) };
   }
 
@@ -157,10 +201,7 @@
   }
 
   function placeHighlight(target) {
-    const item = viewer.world.getItemAt(0);
-    const size = item.getContentSize();
-    const side = size.x / target.grid;
-    const rect = item.imageToViewportRectangle(target.x * side, target.y * side, side, side);
+    const rect = cellRect(target);
     highlight.classList.toggle("pinned", Boolean(state.pinned));
     if (highlightPlaced) viewer.updateOverlay(highlight, rect);
     else viewer.addOverlay(highlight, rect);
@@ -350,7 +391,7 @@
       delete shade.dataset.grid;
       return;
     }
-    const grid = shownGrid();
+    const grid = state.shown;
     const k = state.classIndex;
     if (shadePlaced && shade.dataset.grid === String(grid) && shade.dataset.class === String(k)) return;
     let shading;
@@ -360,7 +401,7 @@
       showError(`Cannot read the attributions of grid ${grid}: ${error.message}`);
       return;
     }
-    if (state.classIndex !== k || shownGrid() !== grid || viewer.world.getItemAt(0) !== item) return; // changed meanwhile
+    if (state.classIndex !== k || state.shown !== grid || viewer.world.getItemAt(0) !== item) return; // changed meanwhile
     Object.assign(shade, { width: grid, height: grid });
     const context = shade.getContext("2d");
     const pixels = context.createImageData(grid, grid);
@@ -398,10 +439,11 @@
     drawShade();
     const target = state.pinned ?? cellAt(state.pointer);
     if (target) show(target);
+    writeUrl();
   }
 
   function showStatus() {
-    const grid = viewer.world.getItemAt(0) ? shownGrid() : null;
+    const grid = state.shown;
     byId("status").textContent = grid ? `showing the ${grid} × ${grid} grid` : "";
     byId("status").dataset.grid = grid ?? "";
   }
@@ -424,13 +466,13 @@
     const same = state.pinned && target && ["grid", "x", "y"].every((key) => state.pinned[key] === target[key]);
     state.pinned = same ? null : target;
     show(target);
+    writeUrl();
   });
 
-  viewer.addHandler("animation-finish", () => {
-    showStatus();
-    drawShade(); // the grid may have changed with the zoom
-    if (!state.pinned && state.pointer) show(cellAt(state.pointer)); // the grid may have changed with the zoom
+  viewer.addHandler("viewport-change", () => {
+    if (state.items.size) updateGrid(); // every frame of a zoom: the grid switches as the icons grow
   });
+  viewer.addHandler("animation-finish", writeUrl);
 
   byId("layer").addEventListener("change", (event) => {
     const layer = event.target.value;
@@ -449,6 +491,13 @@
     event.target.title = wanted !== "" && k < 0 ? `no class is named “${event.target.value}”` : "";
     if (wanted === "" || k >= 0) chooseClass(k >= 0 ? k : null);
   });
+  byId("copy-link").addEventListener("click", () => {
+    writeUrl();
+    navigator.clipboard.writeText(location.href).then(
+      () => (byId("status").textContent = "link copied"),
+      (error) => (byId("status").textContent = `cannot copy the link: ${error.message}`)
+    );
+  });
   byId("class-atlas").addEventListener("click", (event) => {
     event.preventDefault();
     const atlas = state.atlases.find((candidate) => candidate.id === event.target.dataset.atlas);
@@ -466,7 +515,10 @@
       const wanted = new URLSearchParams(location.hash.slice(1));
       const atlas = state.atlases.find((candidate) => candidate.id === wanted.get("atlas")) ?? state.atlases[0];
       const grid = atlas.grids.some((entry) => String(entry.size) === wanted.get("grid")) ? wanted.get("grid") : "auto";
-      open(atlas, grid, parseCell(grid, wanted.get("cell")));
+      const k = Number(wanted.get("class") ?? NaN);
+      state.classIndex = Number.isInteger(k) && k >= 0 ? k : null;
+      state.atlas = atlas; // parseCell reads its grids
+      open(atlas, grid, parseCell(grid, wanted.get("cell"), wanted.get("cellgrid")), parseView(wanted));
     })
     .catch((error) => {
       const hint = location.protocol === "file:" ? " Browsers do not let a file:// page read its data: run `atlas view <run folder>`." : "";
