@@ -212,9 +212,12 @@ def _write_tiles(image: Image.Image, folder: Path, tile_size: int, overlap: int,
             image.crop(box).save(folder / f"{col}_{row}.{tile_format}", quality=90)
 
 
-def pick_examples(activations: h5py.Dataset, cell: np.ndarray, mean: np.ndarray, per_cell: int) -> np.ndarray:
-    """Per cell, the `per_cell` samples whose activation is closest (cosine) to the cell's mean; [cells, per_cell]
-    sample indices, -1 where a cell has fewer samples."""
+def pick_examples(
+    activations: h5py.Dataset, cell: np.ndarray, mean: np.ndarray, per_cell: int, image: np.ndarray
+) -> np.ndarray:
+    """Per cell, the `per_cell` samples whose activation is closest (cosine) to the cell's mean, at most one per
+    photo (`image`: each sample's image index): a cell's neighbouring positions of one photo look alike.
+    [cells, per_cell] sample indices, -1 where a cell has fewer photos."""
     mean = mean.reshape(-1, mean.shape[-1])
     if per_cell == 0:
         return np.zeros((len(mean), 0), np.int64)
@@ -226,6 +229,10 @@ def pick_examples(activations: h5py.Dataset, cell: np.ndarray, mean: np.ndarray,
         norm = np.maximum(np.linalg.norm(rows, axis=1), 1e-12)
         score[start : start + len(rows)] = np.einsum("nc,nc->n", rows, mean_unit[cells]) / norm
     order = np.lexsort((-score, cell))  # by cell, best first within a cell
+    _, first = np.unique(cell[order] * (int(image.max(initial=0)) + 1) + image[order], return_index=True)
+    best_of_photo = np.zeros(len(order), bool)
+    best_of_photo[first] = True  # the first (best) sample of each photo in each cell
+    order = order[best_of_photo]
     sorted_cells = cell[order]
     rank = np.arange(len(order)) - np.searchsorted(sorted_cells, sorted_cells)
     keep = rank < per_cell
@@ -444,16 +451,26 @@ def _draw_grids(group: h5py.Group, sizes: list[int], heatmap_class: int | None) 
 
 
 def _example_patches(
-    store: h5py.File, group: h5py.Group, grids: list[Grid], per_cell: int, patch_dir: Path, patch_url: str
+    store: h5py.File,
+    group: h5py.Group,
+    grids: list[Grid],
+    per_cell: int,
+    patch_dir: Path,
+    patch_url: str,
+    names: list[str],
 ) -> tuple[dict[int, np.ndarray], dict[int, dict]]:
-    """The example samples picked for each grid's cells, and each one's image, position and written patch."""
+    """The example samples picked for each grid's cells, and each one's image, position, written patch and the
+    photo's class (`names` of the store's classes)."""
+    image_index, position = group["image_index"][()], group["position"][()]
     picked = {
-        grid.size: pick_examples(group["activations"], grid.cell, grid_group(group, grid.size)["mean"][()], per_cell)
+        grid.size: pick_examples(
+            group["activations"], grid.cell, grid_group(group, grid.size)["mean"][()], per_cell, image_index
+        )
         for grid in grids
     }
     samples = np.unique(np.concatenate([p[p >= 0] for p in picked.values()]))
-    image_index, position = group["image_index"][()], group["position"][()]
     paths = store["images/path"].asstr()[()].tolist()
+    labels = store["images/label"][()] if "images/label" in store else np.full(len(paths), -1)
     wanted: dict[int, list[tuple[str, tuple[int, int]]]] = {}
     for sample in samples.tolist():
         wanted.setdefault(int(image_index[sample]), []).append((f"{sample}.jpg", tuple(position[sample])))
@@ -471,6 +488,8 @@ def _example_patches(
             "image": paths[image_index[s]],
             "position": position[s].tolist(),
             "patch": f"{patch_url}/{s}.jpg" if int(image_index[s]) in read else None,
+            # the photo's label, in the model's class order (atlas.images); -1 or past the names where unknown
+            "class": names[label] if 0 <= (label := int(labels[image_index[s]])) < len(names) else None,
         }
         for s in samples.tolist()
     }
@@ -498,7 +517,9 @@ def compose_atlas(
     names = class_names(store, grid_group(group, sizes[0])["attribution"].shape[-1])
     label = partial(draw_labels, names=names)
     patch_dir = patch_dir or f"patches/{layer}"
-    picked, example_info = _example_patches(store, group, grids, settings.examples, out_dir / patch_dir, patch_dir)
+    picked, example_info = _example_patches(
+        store, group, grids, settings.examples, out_dir / patch_dir, patch_dir, names
+    )
     entry_grids = []
     for grid in grids:
         grid_dir = atlas_dir / f"grid-{grid.size}"

@@ -57,6 +57,7 @@ def write_rendered_store(
     with h5py.File(path, "w") as f:
         f.attrs.update(model="tiny", input_size=INPUT_SIZE)
         f.create_dataset("images/path", data=np.array(images, dtype=object), dtype=STR)
+        f["images/label"] = np.array([0, 1, 2, 3, 4, 5, -1], np.int64)  # the last photo is unlabelled
         layer = f.create_group("mixed4c")
         layer.attrs.update(channels=8, height=MAP_SIDE, width=MAP_SIDE)
         layer["activations"] = activations
@@ -210,9 +211,13 @@ def test_compose_run_end_to_end(store: Path, tmp_path: Path) -> None:
                 if len(best):
                     assert c["top"][0]["attribution"] == pytest.approx(attribution[y, x, best[0]], rel=1e-3)
                 assert (c["icon_cosine"] is None) == (count[y, x] < 3)
-                assert len(c["examples"]) == min(3, count[y, x])
+                members = np.flatnonzero(cell_of == y * size + x)
+                photos = np.unique(layer["image_index"][()][members])
+                assert len(c["examples"]) == min(3, len(photos))  # at most one crop per photo
+                assert len({example["image"] for example in c["examples"]}) == len(c["examples"])
                 for example in c["examples"]:
-                    members = np.flatnonzero(cell_of == y * size + x)
+                    label = paths.tolist().index(example["image"])
+                    assert example["class"] == (f"class {label}" if label < 6 else None)
                     matches = [
                         s
                         for s in members

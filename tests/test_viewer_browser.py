@@ -73,6 +73,11 @@ def test_viewer_zooms_and_shows_the_hovered_cell(tmp_path: Path) -> None:
         page.wait_for_function("[...document.querySelectorAll('#info .examples img')].every(img => img.complete)")
         loaded = page.evaluate("[...document.querySelectorAll('#info .examples img')].map(i => i.naturalWidth)")
         assert all(width > 0 for width in loaded)
+        cells = json.loads((run / f"layer-mixed4c/grid-{FINE}/cells.json").read_text())["cells"]
+        examples = next(c for c in cells if (c["x"], c["y"]) == (x, y))["examples"]
+        captions = [e["class"] or Path(e["image"]).name for e in examples]  # the photo's class where labelled
+        assert info.locator(".examples figcaption").all_inner_texts() == captions
+        assert any(e["class"] for e in examples)
         screenshot = tmp_path / "viewer.png"
         page.screenshot(path=str(screenshot))
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -293,4 +298,26 @@ def test_a_copied_link_opens_the_same_view(tmp_path: Path) -> None:
         page.wait_for_function(f"document.querySelector('.class-shade')?.dataset.grid === '{FINE}'")
         assert page.locator("#class-search").input_value() == "great white shark"
         assert restored.locator(".class-attribution").count() == 1
+    assert not errors, errors
+
+
+@needs_chromium
+def test_the_layer_menu_is_in_natural_order(tmp_path: Path) -> None:
+    store = write_rendered_store(tmp_path, sizes=(4,))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    manifest = json.loads((run / "atlases.json").read_text())
+    atlas = manifest["atlases"][0]
+    layers = ["_blocks.10", "_blocks.6", "_blocks.2", "_blocks.6.se"]
+    manifest["atlases"] = [{**atlas, "id": f"layer-{layer}", "layer": layer, "title": layer} for layer in layers]
+    (run / "atlases.json").write_text(json.dumps(manifest))
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1000, "height": 700}) as (page, url, errors):
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        assert page.locator("#layer option").all_inner_texts() == [
+            "_blocks.2",
+            "_blocks.6",
+            "_blocks.6.se",
+            "_blocks.10",
+        ]
     assert not errors, errors

@@ -50,6 +50,8 @@
     return value === null || value === undefined ? "–" : Number(value).toPrecision(3);
   }
 
+  const naturalOrder = new Intl.Collator(undefined, { numeric: true });
+
   function fillSelect(select, options, value) {
     select.replaceChildren(...options.map(([key, text]) => new Option(text, key, false, key === value)));
   }
@@ -59,7 +61,8 @@
   }
 
   function showControls() {
-    const layers = [...new Set(state.atlases.map((atlas) => atlas.layer))];
+    // natural order: _blocks.6 before _blocks.10
+    const layers = [...new Set(state.atlases.map((atlas) => atlas.layer))].sort(naturalOrder.compare);
     fillSelect(byId("layer"), layers.map((layer) => [layer, layer]), state.atlas.layer);
     const siblings = state.atlases.filter((atlas) => atlas.layer === state.atlas.layer);
     byId("class-choice").hidden = siblings.length < 2;
@@ -306,9 +309,14 @@
         const picture = example.patch
           ? el("img", { src: example.patch, alt: where, title: where })
           : el("div", { className: "missing", title: where }, "image not readable");
-        return el("figure", {}, picture, el("figcaption", { title: where }, example.image.split(/[\\/]/).pop()));
+        // captioned with the photo's class where it is labelled, else its file name; the full path on hover
+        const caption = example.class ?? example.image.split(/[\\/]/).pop();
+        return el("figure", {}, picture, el("figcaption", { title: where }, caption));
       });
-      parts.push(el("h3", {}, "Dataset examples (closest to the cell's mean)"), el("div", { className: "examples" }, ...figures));
+      parts.push(
+        el("h3", {}, "Dataset examples (closest to the cell's mean, one per photo)"),
+        el("div", { className: "examples" }, ...figures)
+      );
     }
     info.replaceChildren(...parts);
   }
