@@ -267,7 +267,11 @@ def _add_compose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", type=int, action="append", help="grid size (repeatable; default: all rendered)")
     # the flags' defaults are ComposeSettings' (atlas/compose.py)
     p.add_argument(
-        "--no-labels", dest="labels", action="store_false", default=None, help="do not write top-class labels"
+        "--no-labels",
+        dest="labels",
+        action="store_false",
+        default=None,
+        help="do not write top-class labels into atlas.png",
     )
     p.add_argument("--examples", type=int, help="dataset example patches per cell (default 4; 0: none)")
     p.add_argument("--tile-format", choices=["jpg", "png"], help="Deep Zoom tiles (default jpg)")

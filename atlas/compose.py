@@ -33,10 +33,9 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 
 import h5py
@@ -163,18 +162,15 @@ def draw_labels(image: Image.Image, grid: Grid, names: list[str]) -> None:
 def write_dzi(
     grid: Grid,
     stem: Path,
-    draw: Callable[[Image.Image, Grid], None] | None = None,
     tile_size: int = 254,  # Deep Zoom's customary tile and overlap (Microsoft's tools, deepzoom.py)
     overlap: int = 1,
     tile_format: str = "jpg",
-    min_cell_fraction: float = 0.5,
 ) -> int:
     """Write `stem`.dzi and `stem`_files/<level>/<col>_<row>.<format>, the pyramid of one grid's atlas; return
     its number of levels (level 0 is 1 px wide, the last is the atlas itself).
 
-    `draw(image, grid)` adds labels to levels where the cells are at least `min_cell_fraction` of the icon size.
+    Unlabelled: the viewer writes the labels over it as text, as many as the zoom leaves room for.
     """
-    icon_px = grid.image.width // grid.size
     full = grid.image.width
     top = math.ceil(math.log2(full))
     folder = stem.parent / f"{stem.name}_files"
@@ -186,11 +182,7 @@ def write_dzi(
         # each level halves the one above; Pillow copies an image "resized" to its own size, so the finest
         # level takes the atlas itself (655 MB at 160)
         base = base if base.width == width else base.resize((width, width), Image.LANCZOS, reducing_gap=3.0)
-        picture = base
-        if draw is not None and width / grid.size >= min_cell_fraction * icon_px:
-            picture = base.copy()
-            draw(picture, grid)
-        _write_tiles(picture, folder / str(level), tile_size, overlap, tile_format)
+        _write_tiles(base, folder / str(level), tile_size, overlap, tile_format)
     stem.with_suffix(".dzi").write_text(
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="{tile_format}" Overlap="{overlap}" '
@@ -424,7 +416,7 @@ def fade_cells(image: Image.Image, opacity: np.ndarray) -> Image.Image:
 class ComposeSettings(Settings):
     """How an atlas is drawn and written, validated once."""
 
-    labels: bool = True  # the top class of about one cell per LABEL_SPACING_PX, as the paper's front-end
+    labels: bool = True  # atlas.png: the top class of about one cell per LABEL_SPACING_PX (the viewer draws its own)
     examples: int = 4  # dataset example patches per cell (the paper's viewer shows a few per cell)
     tile_format: str = "jpg"  # of the Deep Zoom tiles: jpg (small) or png (lossless)
 
@@ -515,7 +507,6 @@ def compose_atlas(
     atlas_dir = out_dir / folder
     grids = _draw_grids(group, sizes, heatmap_class)
     names = class_names(store, grid_group(group, sizes[0])["attribution"].shape[-1])
-    label = partial(draw_labels, names=names)
     patch_dir = patch_dir or f"patches/{layer}"
     picked, example_info = _example_patches(
         store, group, grids, settings.examples, out_dir / patch_dir, patch_dir, names
@@ -526,14 +517,13 @@ def compose_atlas(
         grid_dir.mkdir(parents=True, exist_ok=True)
         picture = grid.image.copy()
         if settings.labels:
-            label(picture, grid)
+            draw_labels(picture, grid, names)
         picture.save(grid_dir / "atlas.png", compress_level=3)  # fast enough for 12800 px atlases, still small
         del picture  # a labelled copy of the atlas: as large as the atlas itself
         cells = cells_json(grid, names, picked[grid.size], example_info)
         (grid_dir / "cells.json").write_text(json.dumps(cells, separators=(",", ":")))
         (grid_dir / "attribution.bin").write_bytes(attribution_table(grid_group(group, grid.size)["attribution"][()]))
-        draw = label if settings.labels else None
-        levels = write_dzi(grid, grid_dir / "tiles", draw=draw, tile_format=settings.tile_format)
+        levels = write_dzi(grid, grid_dir / "tiles", tile_format=settings.tile_format)
         log.info("%s grid %d: %d Deep Zoom levels written", layer, grid.size, levels)
         entry_grids.append(
             {

@@ -321,3 +321,64 @@ def test_the_layer_menu_is_in_natural_order(tmp_path: Path) -> None:
             "_blocks.10",
         ]
     assert not errors, errors
+
+
+def _labels(page: object) -> list[dict]:
+    return page.evaluate(
+        "() => [...document.querySelectorAll('.labels .label')].map(l => ({text: l.textContent, title: l.title,"
+        " x: Number(l.dataset.x), y: Number(l.dataset.y), grid: Number(l.dataset.grid), step: Number(l.dataset.step)}))"
+    )
+
+
+@needs_chromium
+def test_labels_are_text_that_follows_the_zoom_and_the_class(tmp_path: Path) -> None:
+    store = _named_store(tmp_path, (COARSE, FINE))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    with h5py.File(store) as f:
+        grids = {size: f[f"mixed4c/grid/{size}"] for size in (COARSE, FINE)}
+        count = {size: g["count"][()] for size, g in grids.items()}
+        attribution = {size: g["attribution"][:, :, SHARK] for size, g in grids.items()}
+        top = {size: g["top_classes"][()] if "top_classes" in g else None for size, g in grids.items()}
+    names = [f"class {k}" for k in range(10)]
+    names[SHARK] = "great white shark"
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("document.querySelectorAll('.labels .label').length > 0")
+        home = _labels(page)
+        # zoomed out: one label per block of cells, the densest cell's top class, in full (cut only by CSS)
+        assert all(label["grid"] == COARSE and label["step"] > 1 for label in home)
+        assert len(home) < (count[COARSE] >= 3).sum()
+        for label in home:
+            x, y, step = label["x"], label["y"], label["step"]
+            block = count[COARSE][y - y % step : y - y % step + step, x - x % step : x - x % step + step]
+            assert count[COARSE][y, x] == block.max()
+            assert label["text"] == label["title"]
+        _zoom_until(page, FINE, 1.1)
+        page.evaluate("() => window.atlasViewer.viewport.zoomBy(1.6, null, true)")
+        page.wait_for_function("[...document.querySelectorAll('.labels .label')].every(l => l.dataset.step === '1')")
+        # zoomed in: every cell in view with samples is labelled with its own top class
+        labels = _labels(page)
+        assert labels and all(label["grid"] == FINE for label in labels)
+        for label in labels:
+            assert label["title"] == names[top[FINE][label["y"], label["x"]][0]]
+        page.evaluate("() => window.atlasViewer.viewport.goHome(true)")
+        page.wait_for_function("[...document.querySelectorAll('.labels .label')].every(l => l.dataset.step !== '1')")
+        # with a class chosen, each block's label is the cell most attributed to it, among those half shown or more
+        page.locator("#class-search").fill("great white shark")
+        page.locator("#class-search").press("Enter")
+        page.wait_for_function("document.querySelector('.class-shade')?.dataset.class === '2'")
+        opacity = heatmap_opacity(attribution[COARSE], count[COARSE], 3)
+        ranked = _labels(page)
+        assert ranked
+        tolerance = np.abs(attribution[COARSE]).max() / 127
+        for label in ranked:
+            x, y, step = label["x"], label["y"], label["step"]
+            rows, cols = slice(y - y % step, y - y % step + step), slice(x - x % step, x - x % step + step)
+            shown = np.where(opacity[rows, cols] >= 0.5, attribution[COARSE][rows, cols], -np.inf)
+            assert opacity[y, x] >= 0.5 - 0.02 and attribution[COARSE][y, x] >= shown.max() - tolerance
+        page.locator("#labels").uncheck()  # labels off
+        page.wait_for_function("document.querySelectorAll('.labels .label').length === 0")
+        assert "labels=0" in page.evaluate("() => location.hash")
+    assert not errors, errors

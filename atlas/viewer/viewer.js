@@ -15,6 +15,7 @@
     tables: new Map(), // attribution.bin url -> Promise of {scale: Float32Array [C], values: Int8Array [C * G * G]}
     names: [], // the class names of the atlas's store (classes.json)
     classIndex: null, // the class every cell is shaded by, or null
+    labels: true, // the top-class labels over the atlas
     pointer: null, // last pointer position over the atlas, in viewer pixels
     pinned: null, // {grid, x, y} kept by a click
   };
@@ -32,6 +33,8 @@
   window.atlasViewer = viewer; // for tests and the browser console
   window.atlasShownItem = () => state.items.get(state.shown); // the TiledImage on screen, for tests
   const CELL_PX = 64; // screen pixels a grid's cells need before zooming in shows it: its icons are legible
+  const LABEL_PX = 90; // about one label per 90 screen px each way: fewer labels zoomed out, more zoomed in
+  const LABEL_MIN_OPACITY = 0.5; // with a class shown, only cells at least half shown are labelled (as compose)
 
   const highlight = document.createElement("div");
   highlight.className = "cell-highlight";
@@ -39,6 +42,10 @@
   // white over each cell, as opaque as the cell is not the chosen class's: the heat-map of compose's fade_cells
   const shade = Object.assign(document.createElement("canvas"), { className: "class-shade" });
   let shadePlaced = false;
+  // text labels over the atlas, inside OpenSeadragon's canvas element so that pointer events over a label
+  // still reach the viewer (hover, drag, click) while the label shows its full name on hover
+  const labelLayer = Object.assign(document.createElement("div"), { className: "labels" });
+  viewer.canvas.append(labelLayer);
 
   function el(tag, props, ...children) {
     const node = Object.assign(document.createElement(tag), props);
@@ -92,6 +99,7 @@
         viewer.viewport.panTo(new OpenSeadragon.Point(view.x, view.y), true);
       }
       updateGrid();
+      drawLabels();
       if (focus) focusCell(focus, !view);
       document.body.dataset.ready = "1";
       writeUrl();
@@ -108,6 +116,7 @@
     const centre = viewer.viewport.getCenter();
     const params = { atlas: state.atlas.id, grid: state.grid };
     if (state.classIndex !== null) params.class = state.classIndex;
+    if (!state.labels) params.labels = 0;
     Object.assign(params, { zoom: viewer.viewport.getZoom().toFixed(4), x: centre.x.toFixed(4), y: centre.y.toFixed(4) });
     if (state.pinned) {
       params.cell = `${state.pinned.x},${state.pinned.y}`;
@@ -445,9 +454,72 @@
     state.classIndex = k;
     offerClassAtlas();
     drawShade();
+    drawLabels();
     const target = state.pinned ?? cellAt(state.pointer);
     if (target) show(target);
     writeUrl();
+  }
+
+  // Per block of about LABEL_PX square on screen, aligned to the grid, the top class of one cell: the densest,
+  // or with a class chosen the one most attributed to it (compose's draw_labels, at the zoom of the moment)
+  let labelTicket = 0;
+  async function drawLabels() {
+    const mine = ++labelTicket;
+    const item = viewer.world.getItemAt(0);
+    if (!state.labels || !item || !state.shown) {
+      labelLayer.replaceChildren();
+      return;
+    }
+    const grid = state.shown;
+    let cells, shading;
+    try {
+      cells = await cellsOf(grid);
+      shading = shadingOn() ? await classShading(grid, state.classIndex) : null;
+    } catch {
+      return; // the panel says what could not be read
+    }
+    if (mine !== labelTicket) return;
+    const bounds = item.getBounds(true);
+    const side = bounds.width / grid;
+    const cellPx = viewer.viewport.deltaPixelsFromPointsNoRotate(new OpenSeadragon.Point(side, 0), true).x;
+    const step = Math.max(1, Math.ceil(LABEL_PX / cellPx));
+    const view = viewer.viewport.getBounds(true);
+    const range = (from, extent, origin) => {
+      const first = Math.max(0, Math.floor((from - origin) / side));
+      const last = Math.min(grid, Math.ceil((from + extent - origin) / side));
+      return [first - (first % step), last];
+    };
+    const [x0, x1] = range(view.x, view.width, bounds.x);
+    const [y0, y1] = range(view.y, view.height, bounds.y);
+    const minCount = gridEntry(grid).min_count;
+    const labels = [];
+    for (let by = y0; by < y1; by += step) {
+      for (let bx = x0; bx < x1; bx += step) {
+        let best = -1;
+        let bestScore = -Infinity;
+        for (let y = by; y < Math.min(by + step, grid); y++) {
+          for (let x = bx; x < Math.min(bx + step, grid); x++) {
+            const i = y * grid + x;
+            if (cells.count[i] < minCount || (shading && shading.opacity[i] < LABEL_MIN_OPACITY)) continue;
+            const score = shading ? shading.values[i] : cells.count[i];
+            if (score > bestScore) [best, bestScore] = [i, score];
+          }
+        }
+        const x = best % grid;
+        const y = Math.floor(best / grid);
+        const name = best >= 0 ? cells.byKey.get(`${y},${x}`)?.top[0]?.name : undefined;
+        if (!name) continue;
+        const at = viewer.viewport.pixelFromPointNoRotate(
+          new OpenSeadragon.Point(bounds.x + (x + 0.5) * side, bounds.y + (y + 1) * side),
+          true
+        );
+        const label = el("span", { className: "label", textContent: name, title: name });
+        Object.assign(label.dataset, { x, y, grid, step });
+        Object.assign(label.style, { left: `${at.x}px`, top: `${at.y}px`, maxWidth: `${step * cellPx - 4}px` });
+        labels.push(label);
+      }
+    }
+    labelLayer.replaceChildren(...labels);
   }
 
   function showStatus() {
@@ -478,7 +550,9 @@
   });
 
   viewer.addHandler("viewport-change", () => {
-    if (state.items.size) updateGrid(); // every frame of a zoom: the grid switches as the icons grow
+    if (!state.items.size) return;
+    updateGrid(); // every frame of a zoom: the grid switches as the icons grow
+    drawLabels();
   });
   viewer.addHandler("animation-finish", writeUrl);
 
@@ -498,6 +572,11 @@
     event.target.classList.toggle("unknown", wanted !== "" && k < 0);
     event.target.title = wanted !== "" && k < 0 ? `no class is named “${event.target.value}”` : "";
     if (wanted === "" || k >= 0) chooseClass(k >= 0 ? k : null);
+  });
+  byId("labels").addEventListener("change", (event) => {
+    state.labels = event.target.checked;
+    drawLabels();
+    writeUrl();
   });
   byId("copy-link").addEventListener("click", () => {
     writeUrl();
@@ -525,6 +604,8 @@
       const grid = atlas.grids.some((entry) => String(entry.size) === wanted.get("grid")) ? wanted.get("grid") : "auto";
       const k = Number(wanted.get("class") ?? NaN);
       state.classIndex = Number.isInteger(k) && k >= 0 ? k : null;
+      state.labels = wanted.get("labels") !== "0";
+      byId("labels").checked = state.labels;
       state.atlas = atlas; // parseCell reads its grids
       open(atlas, grid, parseCell(grid, wanted.get("cell"), wanted.get("cellgrid")), parseView(wanted));
     })
