@@ -117,7 +117,7 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", help="model name (default: efficientnet-lite0; with --suggest: the store's model)")
     p.add_argument("--weights", help="weights file, or 'random' (default: the model's ImageNet weights)")
-    p.add_argument("--patch", help="image file, crop image@x0,y0,x1,y1, or atlas icon store.h5:layer:G:y,x")
+    p.add_argument("--patch", help="image file, crop image@x0,y0,x1,y1, or atlas icon store.h5:layer:G:x=X,y=Y")
     p.add_argument("--data", help="image folder, text file of image paths, or 'demo'")
     p.add_argument("--target", help="class the patch should flip images to (name or index)")
     p.add_argument("--source", help="patch only images of this class (default: all labelled images, own labels)")
@@ -191,7 +191,7 @@ def _print_suggestions(args: argparse.Namespace) -> None:
     cells = suggest_patches(
         args.store, *args.suggest, model_name=args.model, layer=args.layer, grid=args.grid, top=args.top
     )
-    print("cell\tcount\tscore\tpatch")
+    print("cell (x,y)\tcount\tscore\tpatch")
     for c in cells:
         print(f"{c['cell'][0]},{c['cell'][1]}\t{c['count']}\t{c['score']:.4g}\t{c['spec']}")
 

@@ -12,6 +12,7 @@ import pytest
 
 from atlas.class_atlas import heatmap_opacity
 from atlas.compose import ComposeSettings, compose_run
+from atlas.patch import load_patch
 from atlas.store import STR
 from tests.browser import ARTIFACTS, needs_chromium, served_page
 from tests.test_compose import write_rendered_store
@@ -100,7 +101,7 @@ def test_viewer_shows_a_heatmap_cells_attribution_to_its_class(tmp_path: Path) -
     run = tmp_path / "run"
     compose_run(store, run, heatmap_class=3, settings=ComposeSettings(examples=0))
     cells = json.loads((run / "heatmap-mixed4c-3/grid-4/cells.json").read_text())["cells"]
-    cell = next(c for c in cells if not c["empty"])
+    cell = next(c for c in cells if not c["empty"] and c["x"] != c["y"])  # a transposed cell is another
     with served_page(run, tmp_path / "chromium-profile", {"width": 1000, "height": 700}) as (page, url, errors):
         page.goto(f"{url}#atlas=heatmap-mixed4c-3&grid=4&cell={cell['x']},{cell['y']}")  # a linked, pinned cell
         info = page.locator(f'#info[data-grid="4"][data-x="{cell["x"]}"][data-y="{cell["y"]}"]')
@@ -109,6 +110,13 @@ def test_viewer_shows_a_heatmap_cells_attribution_to_its_class(tmp_path: Path) -
         value = page.evaluate("v => Number(v).toPrecision(3)", cell["heatmap"]["attribution"])  # the viewer's format
         opacity = page.evaluate("v => Math.round(100 * v)", cell["heatmap"]["opacity"])
         assert info.locator(".heat").inner_text() == f"{value} (shown at {opacity} %)"
+        # the viewer's x,y is the patch spec's: the spec it shows loads this cell's icon
+        spec = info.locator(".patch-spec").inner_text()
+        assert spec == f"store.h5:mixed4c:4:x={cell['x']},y={cell['y']}"
+    with h5py.File(store) as f:
+        icon = f["mixed4c/grid/4/icons"][cell["y"], cell["x"]]
+    patch = load_patch(spec.replace("store.h5", str(store), 1))
+    assert np.array_equal((patch.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), icon)
     assert not errors, errors
 
 

@@ -302,6 +302,11 @@
     if (cell.empty) {
       const minimum = gridEntry(target.grid).min_count;
       parts.push(el("p", { className: "note" }, `Fewer than ${minimum} samples: no icon is drawn.`));
+    } else {
+      // the cell's icon as `atlas patch --patch` takes it: x first, as everywhere (atlas.patch.parse_cell)
+      const spec = `store.h5:${state.atlas.layer}:${target.grid}:x=${target.x},y=${target.y}`;
+      const title = "this cell's icon as a patch: atlas patch --patch (with your store's path)";
+      parts.push(el("p", { className: "note" }, "patch spec ", el("code", { className: "patch-spec", title }, spec)));
     }
     const largest = Math.max(1e-12, ...cell.top.map((top) => Math.abs(top.attribution ?? 0)));
     const classes = cell.top.map((top) => {
