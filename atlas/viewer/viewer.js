@@ -117,7 +117,8 @@
     const params = { atlas: state.atlas.id, grid: state.grid };
     if (state.classIndex !== null) params.class = state.classIndex;
     if (!state.labels) params.labels = 0;
-    Object.assign(params, { zoom: viewer.viewport.getZoom().toFixed(4), x: centre.x.toFixed(4), y: centre.y.toFixed(4) });
+    params.zoom = viewer.viewport.getZoom().toFixed(4);
+    Object.assign(params, { x: centre.x.toFixed(4), y: centre.y.toFixed(4) });
     if (state.pinned) {
       params.cell = `${state.pinned.x},${state.pinned.y}`;
       if (state.grid === "auto") params.cellgrid = state.pinned.grid;
@@ -423,7 +424,8 @@
       showError(`Cannot read the attributions of grid ${grid}: ${error.message}`);
       return;
     }
-    if (state.classIndex !== k || state.shown !== grid || viewer.world.getItemAt(0) !== item) return; // changed meanwhile
+    // the class, the grid or the atlas changed meanwhile
+    if (state.classIndex !== k || state.shown !== grid || viewer.world.getItemAt(0) !== item) return;
     Object.assign(shade, { width: grid, height: grid });
     const context = shade.getContext("2d");
     const pixels = context.createImageData(grid, grid);
