@@ -119,7 +119,7 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", help="model name (default: efficientnet-lite0; with --suggest: the store's model)")
     p.add_argument("--weights", help="weights file, or 'random' (default: the model's ImageNet weights)")
-    p.add_argument("--patch", help="image file, crop image@x0,y0,x1,y1, or atlas icon store.h5:layer:G:y,x")
+    p.add_argument("--patch", help="image file, crop image@x0,y0,x1,y1, or atlas icon store.h5:layer:G:x=X,y=Y")
     p.add_argument("--data", help="image folder, text file of image paths, or 'demo'")
     p.add_argument("--target", help="class the patch should flip images to (name or index)")
     p.add_argument("--source", help="patch only images of this class (default: all labelled images, own labels)")
@@ -194,7 +194,7 @@ def _print_suggestions(args: argparse.Namespace) -> None:
     cells = suggest_patches(
         args.store, *args.suggest, model_name=args.model, layer=args.layer, grid=args.grid, top=args.top
     )
-    print("cell\tcount\tscore\tpatch")
+    print("cell (x,y)\tcount\tscore\tpatch")
     for c in cells:
         print(f"{c['cell'][0]},{c['cell'][1]}\t{c['count']}\t{c['score']:.4g}\t{c['spec']}")
 
@@ -270,7 +270,11 @@ def _add_compose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid", type=int, action="append", help="grid size (repeatable; default: all rendered)")
     # the flags' defaults are ComposeSettings' (atlas/compose.py)
     p.add_argument(
-        "--no-labels", dest="labels", action="store_false", default=None, help="do not write top-class labels"
+        "--no-labels",
+        dest="labels",
+        action="store_false",
+        default=None,
+        help="do not write top-class labels into atlas.png",
     )
     p.add_argument("--examples", type=int, help="dataset example patches per cell (default 4; 0: none)")
     p.add_argument("--tile-format", choices=["jpg", "png"], help="Deep Zoom tiles (default jpg)")

@@ -8,9 +8,13 @@ other atlas kinds (class atlases) can be added beside the layer atlases later:
                                                   the folder's home page (move_viewer_beside_home)
     atlases.json                                  {"atlases": [entry, ...]}: id, kind, layer, class, title, paths
     <atlas id>/grid-<G>/atlas.png                 the atlas of grid size G: one icon per cell, sized by density
+    <atlas id>/grid-<G>/tiles.dzi, tiles_files/   its Deep Zoom pyramid (OpenSeadragon reads it); the viewer
+                                                  shows the grid whose cells are large enough at the zoom
     <atlas id>/grid-<G>/cells.json                cells of grid G: count, top classes, icon quality, examples
                                                   (and on a heat-map: attribution to its class, opacity)
-    <atlas id>/tiles.dzi, tiles_files/            Deep Zoom pyramid across the grid sizes (OpenSeadragon reads it)
+    <atlas id>/grid-<G>/attribution.bin           every cell's mean attribution to every class, quantised
+                                                  (attribution_table): the viewer shades any class from it
+    <atlas id>/classes.json                       the store's class names, for the viewer's class search
     patches/<layer>/<sample>.jpg                  dataset example patches, shared by all atlases of a layer
     patches/<atlas id>/<sample>.jpg               those of an atlas from a subset store (class atlases)
 
@@ -29,10 +33,9 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 
 import h5py
@@ -40,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from atlas import AtlasError
-from atlas.class_atlas import heatmap_opacity
+from atlas.class_atlas import HEATMAP_POPULATED, heatmap_opacity
 from atlas.config import Settings
 from atlas.images import load_rgb, to_model_input
 from atlas.store import class_names, grid_group, iter_rows, layer_group, open_store
@@ -156,62 +159,36 @@ def draw_labels(image: Image.Image, grid: Grid, names: list[str]) -> None:
             image.paste(label, (round(left), round((y + 1) * cell_px - label.height)), label)
 
 
-def level_grids(sizes: list[int], icon_px: int, min_cell_fraction: float = 0.5) -> list[int]:
-    """The grid size drawn at each Deep Zoom level (level 0 is 1 px wide, the last is the finest grid's atlas).
-
-    A level shows the finest grid whose cells are at least `min_cell_fraction` of the icon size there, else
-    the coarsest: zooming in switches to finer grids, as in the paper's front-end (reference 1.6).
-    """
-    full = max(sizes) * icon_px
-    top = math.ceil(math.log2(full))
-    grids = []
-    for level in range(top + 1):
-        width = math.ceil(full / 2 ** (top - level))
-        legible = [size for size in sizes if width / size >= min_cell_fraction * icon_px]
-        grids.append(max(legible) if legible else min(sizes))
-    return grids
-
-
 def write_dzi(
-    grids: list[Grid],
+    grid: Grid,
     stem: Path,
-    draw: Callable[[Image.Image, Grid], None] | None = None,
     tile_size: int = 254,  # Deep Zoom's customary tile and overlap (Microsoft's tools, deepzoom.py)
     overlap: int = 1,
     tile_format: str = "jpg",
-    min_cell_fraction: float = 0.5,
-) -> list[int]:
-    """Write `stem`.dzi and `stem`_files/<level>/<col>_<row>.<format>; return the grid size of each level.
+) -> int:
+    """Write `stem`.dzi and `stem`_files/<level>/<col>_<row>.<format>, the pyramid of one grid's atlas; return
+    its number of levels (level 0 is 1 px wide, the last is the atlas itself).
 
-    `draw(image, grid)` adds labels to levels where that grid's cells are legible.
+    Unlabelled: the viewer writes the labels over it as text, as many as the zoom leaves room for.
     """
-    by_size = {grid.size: grid for grid in grids}
-    icon_px = grids[0].image.width // grids[0].size
-    per_level = level_grids(sorted(by_size), icon_px, min_cell_fraction)
-    full = max(by_size) * icon_px
+    full = grid.image.width
+    top = math.ceil(math.log2(full))
     folder = stem.parent / f"{stem.name}_files"
     if folder.exists():
         shutil.rmtree(folder)  # a previous run may have had more levels
-    base, base_size = None, None
-    for level in range(len(per_level) - 1, -1, -1):
-        width = math.ceil(full / 2 ** (len(per_level) - 1 - level))
-        grid = by_size[per_level[level]]
-        # halve the level above while the grid stays the same; start from the grid's own atlas when it changes
-        source = base if base_size == grid.size else grid.image
-        # Pillow copies an image "resized" to its own size: the finest level takes the atlas itself (655 MB at 160)
-        base = source if source.width == width else source.resize((width, width), Image.LANCZOS, reducing_gap=3.0)
-        base_size = grid.size
-        picture = base
-        if draw is not None and width / grid.size >= min_cell_fraction * icon_px:
-            picture = base.copy()
-            draw(picture, grid)
-        _write_tiles(picture, folder / str(level), tile_size, overlap, tile_format)
+    base = grid.image
+    for level in range(top, -1, -1):
+        width = math.ceil(full / 2 ** (top - level))
+        # each level halves the one above; Pillow copies an image "resized" to its own size, so the finest
+        # level takes the atlas itself (655 MB at 160)
+        base = base if base.width == width else base.resize((width, width), Image.LANCZOS, reducing_gap=3.0)
+        _write_tiles(base, folder / str(level), tile_size, overlap, tile_format)
     stem.with_suffix(".dzi").write_text(
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="{tile_format}" Overlap="{overlap}" '
         f'TileSize="{tile_size}">\n  <Size Width="{full}" Height="{full}"/>\n</Image>\n'
     )
-    return per_level
+    return top + 1
 
 
 def _write_tiles(image: Image.Image, folder: Path, tile_size: int, overlap: int, tile_format: str) -> None:
@@ -227,9 +204,12 @@ def _write_tiles(image: Image.Image, folder: Path, tile_size: int, overlap: int,
             image.crop(box).save(folder / f"{col}_{row}.{tile_format}", quality=90)
 
 
-def pick_examples(activations: h5py.Dataset, cell: np.ndarray, mean: np.ndarray, per_cell: int) -> np.ndarray:
-    """Per cell, the `per_cell` samples whose activation is closest (cosine) to the cell's mean; [cells, per_cell]
-    sample indices, -1 where a cell has fewer samples."""
+def pick_examples(
+    activations: h5py.Dataset, cell: np.ndarray, mean: np.ndarray, per_cell: int, image: np.ndarray
+) -> np.ndarray:
+    """Per cell, the `per_cell` samples whose activation is closest (cosine) to the cell's mean, at most one per
+    photo (`image`: each sample's image index): a cell's neighbouring positions of one photo look alike.
+    [cells, per_cell] sample indices, -1 where a cell has fewer photos."""
     mean = mean.reshape(-1, mean.shape[-1])
     if per_cell == 0:
         return np.zeros((len(mean), 0), np.int64)
@@ -241,6 +221,10 @@ def pick_examples(activations: h5py.Dataset, cell: np.ndarray, mean: np.ndarray,
         norm = np.maximum(np.linalg.norm(rows, axis=1), 1e-12)
         score[start : start + len(rows)] = np.einsum("nc,nc->n", rows, mean_unit[cells]) / norm
     order = np.lexsort((-score, cell))  # by cell, best first within a cell
+    _, first = np.unique(cell[order] * (int(image.max(initial=0)) + 1) + image[order], return_index=True)
+    best_of_photo = np.zeros(len(order), bool)
+    best_of_photo[first] = True  # the first (best) sample of each photo in each cell
+    order = order[best_of_photo]
     sorted_cells = cell[order]
     rank = np.arange(len(order)) - np.searchsorted(sorted_cells, sorted_cells)
     keep = rank < per_cell
@@ -404,6 +388,19 @@ def cells_json(grid: Grid, names: list[str], examples: np.ndarray, example_info:
     return {"grid": grid.size, "min_count": grid.min_count, "total": int(grid.count.sum()), "cells": cells}
 
 
+def attribution_table(attribution: np.ndarray) -> bytes:
+    """A grid's mean attributions [G, G, C] as the viewer reads them: float32 [C] scales, then int8 [C, G * G].
+
+    Class-major, so that the viewer takes one class as one contiguous slice; each class is scaled by its
+    largest magnitude (value = int8 * scale), which keeps a class's own shading exact to 1/127 of its range.
+    Little-endian, as typed arrays are in every browser. 25.8 MB for a 160 x 160 grid of 1008 classes.
+    """
+    table = np.nan_to_num(attribution.reshape(-1, attribution.shape[-1]).T.astype(np.float32))  # [C, cells]
+    scale = np.abs(table).max(axis=1) / 127
+    quantised = np.round(table / np.where(scale > 0, scale, 1)[:, None]).astype(np.int8)
+    return scale.astype("<f4").tobytes() + quantised.tobytes()
+
+
 def fade_cells(image: Image.Image, opacity: np.ndarray) -> Image.Image:
     """Blend each cell of an atlas toward the white background by its opacity [G, G] in [0, 1] (1: as drawn)."""
     pixels = np.asarray(image).copy()
@@ -419,7 +416,7 @@ def fade_cells(image: Image.Image, opacity: np.ndarray) -> Image.Image:
 class ComposeSettings(Settings):
     """How an atlas is drawn and written, validated once."""
 
-    labels: bool = True  # the top class of about one cell per LABEL_SPACING_PX, as the paper's front-end
+    labels: bool = True  # atlas.png: the top class of about one cell per LABEL_SPACING_PX (the viewer draws its own)
     examples: int = 4  # dataset example patches per cell (the paper's viewer shows a few per cell)
     tile_format: str = "jpg"  # of the Deep Zoom tiles: jpg (small) or png (lossless)
 
@@ -446,16 +443,26 @@ def _draw_grids(group: h5py.Group, sizes: list[int], heatmap_class: int | None) 
 
 
 def _example_patches(
-    store: h5py.File, group: h5py.Group, grids: list[Grid], per_cell: int, patch_dir: Path, patch_url: str
+    store: h5py.File,
+    group: h5py.Group,
+    grids: list[Grid],
+    per_cell: int,
+    patch_dir: Path,
+    patch_url: str,
+    names: list[str],
 ) -> tuple[dict[int, np.ndarray], dict[int, dict]]:
-    """The example samples picked for each grid's cells, and each one's image, position and written patch."""
+    """The example samples picked for each grid's cells, and each one's image, position, written patch and the
+    photo's class (`names` of the store's classes)."""
+    image_index, position = group["image_index"][()], group["position"][()]
     picked = {
-        grid.size: pick_examples(group["activations"], grid.cell, grid_group(group, grid.size)["mean"][()], per_cell)
+        grid.size: pick_examples(
+            group["activations"], grid.cell, grid_group(group, grid.size)["mean"][()], per_cell, image_index
+        )
         for grid in grids
     }
     samples = np.unique(np.concatenate([p[p >= 0] for p in picked.values()]))
-    image_index, position = group["image_index"][()], group["position"][()]
     paths = store["images/path"].asstr()[()].tolist()
+    labels = store["images/label"][()] if "images/label" in store else np.full(len(paths), -1)
     wanted: dict[int, list[tuple[str, tuple[int, int]]]] = {}
     for sample in samples.tolist():
         wanted.setdefault(int(image_index[sample]), []).append((f"{sample}.jpg", tuple(position[sample])))
@@ -473,6 +480,8 @@ def _example_patches(
             "image": paths[image_index[s]],
             "position": position[s].tolist(),
             "patch": f"{patch_url}/{s}.jpg" if int(image_index[s]) in read else None,
+            # the photo's label, in the model's class order (atlas.images); -1 or past the names where unknown
+            "class": names[label] if 0 <= (label := int(labels[image_index[s]])) < len(names) else None,
         }
         for s in samples.tolist()
     }
@@ -498,35 +507,40 @@ def compose_atlas(
     atlas_dir = out_dir / folder
     grids = _draw_grids(group, sizes, heatmap_class)
     names = class_names(store, grid_group(group, sizes[0])["attribution"].shape[-1])
-    label = partial(draw_labels, names=names)
     patch_dir = patch_dir or f"patches/{layer}"
-    picked, example_info = _example_patches(store, group, grids, settings.examples, out_dir / patch_dir, patch_dir)
+    picked, example_info = _example_patches(
+        store, group, grids, settings.examples, out_dir / patch_dir, patch_dir, names
+    )
     entry_grids = []
     for grid in grids:
         grid_dir = atlas_dir / f"grid-{grid.size}"
         grid_dir.mkdir(parents=True, exist_ok=True)
         picture = grid.image.copy()
         if settings.labels:
-            label(picture, grid)
+            draw_labels(picture, grid, names)
         picture.save(grid_dir / "atlas.png", compress_level=3)  # fast enough for 12800 px atlases, still small
         del picture  # a labelled copy of the atlas: as large as the atlas itself
         cells = cells_json(grid, names, picked[grid.size], example_info)
         (grid_dir / "cells.json").write_text(json.dumps(cells, separators=(",", ":")))
+        (grid_dir / "attribution.bin").write_bytes(attribution_table(grid_group(group, grid.size)["attribution"][()]))
+        levels = write_dzi(grid, grid_dir / "tiles", tile_format=settings.tile_format)
+        log.info("%s grid %d: %d Deep Zoom levels written", layer, grid.size, levels)
         entry_grids.append(
             {
                 "size": grid.size,
                 "min_count": grid.min_count,
                 "image": f"{folder}/grid-{grid.size}/atlas.png",
                 "cells": f"{folder}/grid-{grid.size}/cells.json",
+                "attribution": f"{folder}/grid-{grid.size}/attribution.bin",
+                "tiles": f"{folder}/grid-{grid.size}/tiles.dzi",
             }
         )
-    draw = label if settings.labels else None
-    per_level = write_dzi(grids, atlas_dir / "tiles", draw=draw, tile_format=settings.tile_format)
-    log.info("%s: %d Deep Zoom levels written", layer, len(per_level))
+    (atlas_dir / "classes.json").write_text(json.dumps(names))
     return {
         "icon_size": grids[0].image.width // grids[0].size,
         "grids": entry_grids,
-        "tiles": {"dzi": f"{folder}/tiles.dzi", "level_grids": per_level},
+        "class_names": f"{folder}/classes.json",
+        "heatmap_populated": HEATMAP_POPULATED,  # the viewer shades a class as heatmap_opacity does
     }
 
 

@@ -7,7 +7,9 @@ every image; "search" (the article's "dynamic") keeps the best of the four corne
 per image. Only images classified correctly before patching count (the article's denominator), and a
 uniform-noise patch at the same placements is the control.
 
-A patch is an image file, a crop `photo.jpg@x0,y0,x1,y1`, or an atlas icon `store.h5:layer:G:y,x`.
+A patch is an image file, a crop `photo.jpg@x0,y0,x1,y1`, or an atlas icon `store.h5:layer:G:x=X,y=Y`
+(x first, as in the viewer, cells.json and `--suggest`; the coordinates are named because specs before issue 25
+were y,x, and bare numbers would silently take the transposed cell).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ DEFAULT_RATIO = 0.4  # `patch_width_ratio` of all three published examples (0.4 
 # The article does not publish the sizes its "dynamic" search tried; these span its 0.2 to 0.7 examples
 # without covering most of the image
 SEARCH_RATIOS = (0.2, 0.3, 0.4, 0.5)
-ICON_SPEC = re.compile(r"^(?P<store>.+):(?P<layer>[^:]+):(?P<grid>\d+):(?P<y>\d+),(?P<x>\d+)$")
+ICON_SPEC = re.compile(r"^(?P<store>.+):(?P<layer>[^:]+):(?P<grid>\d+):(?P<cell>(?:[xy]=)?\d+,(?:[xy]=)?\d+)$")
+CELL_SPEC = re.compile(r"^x=(?P<x>\d+),y=(?P<y>\d+)$")
 CROP_SPEC = re.compile(r"^(?P<path>.+)@(?P<x0>\d+),(?P<y0>\d+),(?P<x1>\d+),(?P<y1>\d+)$")
 THUMB_PX = 112
 
@@ -58,15 +61,16 @@ def load_patch(spec: str) -> torch.Tensor:
     """The patch named by `spec` as a float (3, H, W) tensor in [0, 1].
 
     spec: an image file, `photo.jpg@x0,y0,x1,y1` (a crop in the photo's pixels, x1 and y1 exclusive),
-    or `store.h5:layer:G:y,x` (the icon of an atlas cell, `/<layer>/grid/<G>/icons[y, x]`).
+    or `store.h5:layer:G:x=X,y=Y` (the icon of an atlas cell, `/<layer>/grid/<G>/icons[y, x]`).
     """
     path = patch_file(spec)
     if path is None:
         icon = ICON_SPEC.match(spec)
-        return _load_icon(icon["store"], icon["layer"], int(icon["grid"]), int(icon["y"]), int(icon["x"]))
+        x, y = parse_cell(icon["cell"])
+        return _load_icon(icon["store"], icon["layer"], int(icon["grid"]), x, y)
     if not Path(path).is_file():
         raise AtlasError(
-            f"patch {spec!r}: {path} is not a file (give an image, image@x0,y0,x1,y1 or store:layer:G:y,x)"
+            f"patch {spec!r}: {path} is not a file (give an image, image@x0,y0,x1,y1 or store:layer:G:x=X,y=Y)"
         )
     try:
         image = load_rgb(path)
@@ -80,15 +84,30 @@ def load_patch(spec: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
-def _load_icon(store: str, layer: str, grid: int, y: int, x: int) -> torch.Tensor:
+def parse_cell(text: str) -> tuple[int, int]:
+    """(x, y) of an atlas cell written `x=X,y=Y`; AtlasError, saying how to write it, for any other form."""
+    cell = CELL_SPEC.match(text)
+    if cell:
+        return int(cell["x"]), int(cell["y"])
+    swapped = re.match(r"^y=(\d+),x=(\d+)$", text)
+    if swapped:
+        raise AtlasError(f"cell {text!r}: write x first, x={swapped[2]},y={swapped[1]} (the viewer's order)")
+    raise AtlasError(
+        f"cell {text!r} does not name its coordinates: write x=X,y=Y, as the viewer shows the cell "
+        "(bare numbers were y,x before issue 25)"
+    )
+
+
+def _load_icon(store: str, layer: str, grid: int, x: int, y: int) -> torch.Tensor:
     with open_store(store) as f:
         cells = grid_group(layer_group(f, layer), grid)
         if "icons" not in cells:
             raise AtlasError(f"{store}: {cells.name} has no icons yet (run `atlas render`)")
         if not (0 <= y < grid and 0 <= x < grid):
-            raise AtlasError(f"cell {y},{x} is outside the {grid}x{grid} grid")
+            raise AtlasError(f"cell x={x},y={y} is outside the {grid}x{grid} grid")
         if cells["count"][y, x] < cells.attrs.get("min_count", 1):
-            raise AtlasError(f"cell {y},{x} of {cells.name} is empty (count {cells['count'][y, x]}): it has no icon")
+            count = cells["count"][y, x]
+            raise AtlasError(f"cell x={x},y={y} of {cells.name} is empty (count {count}): it has no icon")
         icon = cells["icons"][y, x]
     return torch.from_numpy(icon.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
@@ -499,7 +518,8 @@ def _markdown(r: dict) -> str:
 def suggest_cells(
     store: str | Path, source: int, target: int, layer: str | None = None, grid: int | None = None, top: int = 10
 ) -> list[dict]:
-    """Atlas cells that push most toward `target` and away from `source`: patch candidates.
+    """Atlas cells that push most toward `target` and away from `source`: patch candidates, each with its
+    cell (x, y) and patch spec.
 
     Score of a cell: mean attribution to the target minus that to the source (the class-comparison
     axis of reference 1.7), over the non-empty cells (count >= the grid's min_count).
@@ -519,10 +539,10 @@ def suggest_cells(
     order = np.argsort(-score, axis=None, kind="stable")[: min(top, int(np.isfinite(score).sum()))]
     return [
         {
-            "cell": (int(y), int(x)),
+            "cell": (int(x), int(y)),
             "count": int(count[y, x]),
             "score": float(score[y, x]),
-            "spec": f"{store}:{layer_name}:{grid}:{y},{x}",
+            "spec": f"{store}:{layer_name}:{grid}:x={x},y={y}",
         }
         for y, x in zip(*np.unravel_index(order, score.shape), strict=True)
     ]

@@ -60,7 +60,7 @@ def compose_case(sizes: list[int], n: int, icon_px: int, examples: int) -> dict:
         start = time.perf_counter()
         compose_run(store, Path(tmp) / "run", settings=ComposeSettings(examples=examples))
         seconds = time.perf_counter() - start
-        tiles = sum(1 for _ in (Path(tmp) / "run/layer-mixed4c/tiles_files").rglob("*.jpg"))
+        tiles = sum(1 for _ in (Path(tmp) / "run/layer-mixed4c").rglob("tiles_files/*/*.jpg"))
         patches = sum(1 for _ in (Path(tmp) / "run/patches").rglob("*.jpg"))
     return {"seconds": round(seconds, 2), "tiles": tiles, "patches": patches}
 

@@ -201,7 +201,7 @@ def viewer_case(folder: Path, grid: int = max(SIZES), fixed: bool = False, fille
         started = time.perf_counter()
         page.goto(f"{url}#atlas=layer-{LAYER}&grid={grid}" if fixed else url)
         page.wait_for_function("document.body.dataset.ready === '1'", timeout=60_000)
-        page.wait_for_function("window.atlasViewer.world.getItemAt(0).getFullyLoaded()", timeout=60_000)
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()", timeout=60_000)
         home_s = time.perf_counter() - started
         paint = page.evaluate(
             "() => (performance.getEntriesByName('first-contentful-paint')[0] || {startTime: NaN}).startTime"
@@ -217,11 +217,11 @@ def viewer_case(folder: Path, grid: int = max(SIZES), fixed: bool = False, fille
                 grid,
             )
         page.wait_for_function(f"document.getElementById('status').dataset.grid === '{grid}'", timeout=60_000)
-        page.wait_for_function("window.atlasViewer.world.getItemAt(0).getFullyLoaded()", timeout=60_000)
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()", timeout=60_000)
         zoom_s = time.perf_counter() - zoomed
         x, y = _cell_near_centre(page, folder, grid)
         point = page.evaluate(
-            "([x, y, grid]) => { const item = window.atlasViewer.world.getItemAt(0);"
+            "([x, y, grid]) => { const item = window.atlasShownItem();"
             " const side = item.getContentSize().x / grid;"
             " const p = item.imageToViewerElementCoordinates("
             "   new OpenSeadragon.Point((x + 0.5) * side, (y + 0.5) * side));"
@@ -258,7 +258,7 @@ def _cell_near_centre(page: object, folder: Path, grid: int) -> tuple[int, int]:
 
     cells = json.loads((folder / f"layer-{LAYER}" / f"grid-{grid}" / "cells.json").read_text())["cells"]
     centre = page.evaluate(
-        "() => { const v = window.atlasViewer, item = v.world.getItemAt(0);"
+        "() => { const v = window.atlasViewer, item = window.atlasShownItem();"
         " const p = item.viewportToImageCoordinates(v.viewport.getCenter(true));"
         " return [p.x / item.getContentSize().x, p.y / item.getContentSize().y]; }"
     )

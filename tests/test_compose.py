@@ -22,7 +22,6 @@ from atlas.compose import (
     compose_run,
     density_scale,
     draw_labels,
-    level_grids,
     patch_box,
     write_dzi,
 )
@@ -58,6 +57,7 @@ def write_rendered_store(
     with h5py.File(path, "w") as f:
         f.attrs.update(model="tiny", input_size=INPUT_SIZE)
         f.create_dataset("images/path", data=np.array(images, dtype=object), dtype=STR)
+        f["images/label"] = np.array([0, 1, 2, 3, 4, 5, -1], np.int64)  # the last photo is unlabelled
         layer = f.create_group("mixed4c")
         layer.attrs.update(channels=8, height=MAP_SIDE, width=MAP_SIDE)
         layer["activations"] = activations
@@ -112,12 +112,6 @@ def test_patch_box_is_centred_and_kept_inside() -> None:
     assert patch_box(2, 1, 8, 8, 64, context=1) == (8, 16, 16, 24)
 
 
-def test_level_grids_switch_to_finer_grids_when_zoomed_in() -> None:
-    # 8x8 grid of 16 px icons: 128 px wide, levels 0..7; a grid is shown while its cells are >= 8 px
-    assert level_grids([4, 8], 16) == [4, 4, 4, 4, 4, 4, 8, 8]
-    assert level_grids([4, 8, 16], 16, min_cell_fraction=1.0)[-3:] == [4, 8, 16]
-
-
 def _grid(size: int, colour_seed: int) -> Grid:
     """A Grid whose every cell is full, with a distinct random picture, for pyramid tests."""
     rng = np.random.default_rng(colour_seed)
@@ -145,10 +139,9 @@ def test_heatmap_labels_only_cells_that_are_shown() -> None:
     assert (np.asarray(image).min(axis=-1) < 128).reshape(4, 80, 4, 80).any(axis=(1, 3)).all()
 
 
-def test_dzi_levels_tiles_and_grid_per_level(tmp_path: Path) -> None:
-    coarse, fine = _grid(4, 1), _grid(8, 2)
-    per_level = write_dzi([coarse, fine], tmp_path / "tiles", tile_size=48, overlap=1, tile_format="png")
-    assert per_level == level_grids([4, 8], ICON_PX)
+def test_dzi_levels_and_tiles(tmp_path: Path) -> None:
+    fine = _grid(8, 2)
+    assert write_dzi(fine, tmp_path / "tiles", tile_size=48, overlap=1, tile_format="png") == 8
     meta = ET.parse(tmp_path / "tiles.dzi").getroot()
     ns = "{http://schemas.microsoft.com/deepzoom/2008}"
     assert (meta.get("TileSize"), meta.get("Overlap"), meta.get("Format")) == ("48", "1", "png")
@@ -164,16 +157,16 @@ def test_dzi_levels_tiles_and_grid_per_level(tmp_path: Path) -> None:
         for c in range(tiles):  # each tile: its 48 px plus 1 px overlap on inner edges
             side = min(width, (c + 1) * 48 + 1) - max(0, c * 48 - 1)
             assert Image.open(tmp_path / "tiles_files" / str(level) / f"{c}_0.png").size[0] == side
-    # the top level is the fine grid's atlas, cut into tiles; a low level is the coarse atlas scaled down
+    # the top level is the atlas, cut into tiles; each lower level halves the one above
     top = np.asarray(fine.image)
     for r in range(3):
         for c in range(3):
             tile = np.asarray(Image.open(tmp_path / "tiles_files" / "7" / f"{c}_{r}.png"))
             left, upper = max(0, c * 48 - 1), max(0, r * 48 - 1)
             assert np.array_equal(tile, top[upper : upper + tile.shape[0], left : left + tile.shape[1]])
-    coarse_level = np.asarray(Image.open(tmp_path / "tiles_files" / "5" / "0_0.png"))
-    expected = np.asarray(coarse.image.resize((32, 32), Image.LANCZOS, reducing_gap=3.0))
-    assert np.array_equal(coarse_level, expected)
+    quarter = np.asarray(Image.open(tmp_path / "tiles_files" / "5" / "0_0.png"))
+    half = fine.image.resize((64, 64), Image.LANCZOS, reducing_gap=3.0)
+    assert np.array_equal(quarter, np.asarray(half.resize((32, 32), Image.LANCZOS, reducing_gap=3.0)))
 
 
 def test_compose_run_end_to_end(store: Path, tmp_path: Path) -> None:
@@ -218,9 +211,13 @@ def test_compose_run_end_to_end(store: Path, tmp_path: Path) -> None:
                 if len(best):
                     assert c["top"][0]["attribution"] == pytest.approx(attribution[y, x, best[0]], rel=1e-3)
                 assert (c["icon_cosine"] is None) == (count[y, x] < 3)
-                assert len(c["examples"]) == min(3, count[y, x])
+                members = np.flatnonzero(cell_of == y * size + x)
+                photos = np.unique(layer["image_index"][()][members])
+                assert len(c["examples"]) == min(3, len(photos))  # at most one crop per photo
+                assert len({example["image"] for example in c["examples"]}) == len(c["examples"])
                 for example in c["examples"]:
-                    members = np.flatnonzero(cell_of == y * size + x)
+                    label = paths.tolist().index(example["image"])
+                    assert example["class"] == (f"class {label}" if label < 6 else None)
                     matches = [
                         s
                         for s in members
@@ -232,10 +229,18 @@ def test_compose_run_end_to_end(store: Path, tmp_path: Path) -> None:
                         assert example["patch"] is None
                     else:
                         assert Image.open(out / example["patch"]).size == (24, 24)
-    levels = entry["tiles"]["level_grids"]
-    assert levels == level_grids([4, 8], ICON_PX)
-    assert (out / entry["tiles"]["dzi"]).is_file()
-    assert len(list((out / "layer-mixed4c/tiles_files").iterdir())) == len(levels)
+            # every class's attribution of every cell, to 1/254 of the class's largest magnitude
+            raw = (out / grid["attribution"]).read_bytes()
+            classes = attribution.shape[-1]
+            scale = np.frombuffer(raw[: 4 * classes], "<f4")
+            table = np.frombuffer(raw[4 * classes :], np.int8).reshape(classes, size * size) * scale[:, None]
+            expected = attribution.reshape(-1, classes).T
+            np.testing.assert_allclose(table, expected, atol=np.abs(expected).max() / 254 + 1e-7)
+    assert json.loads((out / entry["class_names"]).read_text()) == [f"class {k}" for k in range(10)]
+    for grid in entry["grids"]:  # a pyramid per grid, from 1 px to its atlas
+        assert (out / grid["tiles"]).is_file()
+        levels = math.ceil(math.log2(grid["size"] * ICON_PX)) + 1
+        assert len(list((out / grid["tiles"].replace(".dzi", "_files")).iterdir())) == levels
 
 
 def test_compose_is_rerunnable_and_keeps_other_atlases(store: Path, tmp_path: Path) -> None:

@@ -160,25 +160,37 @@ def add_grid(store: Path, layer: str = "mixed4c") -> None:
 
 def test_load_patch_reads_an_atlas_icon(synthetic_store: Path):
     add_grid(synthetic_store)
-    icon = lab.load_patch(f"{synthetic_store}:mixed4c:3:1,2")
+    icon = lab.load_patch(f"{synthetic_store}:mixed4c:3:x=2,y=1")
     assert icon.shape == (3, 6, 6)
-    assert torch.allclose(icon, torch.full((3, 6, 6), 100 / 255))  # cell 1 * 3 + 2 = 5 -> pixel 100
-    for bad in (f"{synthetic_store}:mixed4c:3:2,2", f"{synthetic_store}:mixed4c:3:3,0", f"{synthetic_store}:x:3:0,0"):
-        with pytest.raises(AtlasError):
+    assert torch.allclose(icon, torch.full((3, 6, 6), 100 / 255))  # cell y 1 * 3 + x 2 = 5 -> pixel 100
+    for bad in (f"{synthetic_store}:mixed4c:3:x=2,y=2", f"{synthetic_store}:mixed4c:3:x=0,y=3"):
+        with pytest.raises(AtlasError, match="empty|outside"):
             lab.load_patch(bad)
+    with pytest.raises(AtlasError, match="layer .x. is not in the store"):
+        lab.load_patch(f"{synthetic_store}:x:3:x=0,y=0")
+    # the other order, and bare numbers (y,x before issue 25), are refused with the spec to write instead
+    with pytest.raises(AtlasError, match="write x first, x=2,y=1"):
+        lab.load_patch(f"{synthetic_store}:mixed4c:3:y=1,x=2")
+    with pytest.raises(AtlasError, match="does not name its coordinates: write x=X,y=Y"):
+        lab.load_patch(f"{synthetic_store}:mixed4c:3:1,2")
 
 
 def test_suggest_ranks_non_empty_cells_toward_target_minus_source(synthetic_store: Path, capsys):
     add_grid(synthetic_store)
     cells = lab.suggest_cells(synthetic_store, source=0, target=1, top=3)
-    assert [c["cell"] for c in cells] == [(2, 1), (2, 0), (1, 2)]  # (2, 2) scores highest but is empty
+    assert [c["cell"] for c in cells] == [(1, 2), (0, 2), (2, 1)]  # (x, y); (2, 2) scores highest but is empty
     assert [c["score"] for c in cells] == [7.0, 6.0, 5.0]
-    assert cells[0]["spec"] == f"{synthetic_store}:mixed4c:3:2,1"
-    assert [c["cell"] for c in lab.suggest_cells(synthetic_store, source=1, target=0, top=2)] == [(0, 0), (0, 1)]
+    assert cells[0]["spec"] == f"{synthetic_store}:mixed4c:3:x=1,y=2"
+    assert torch.equal(lab.load_patch(cells[0]["spec"]), lab.load_patch(f"{synthetic_store}:mixed4c:3:x=1,y=2"))
+    assert [c["cell"] for c in lab.suggest_cells(synthetic_store, source=1, target=0, top=2)] == [(0, 0), (1, 0)]
     argv = ["patch", "--suggest", "red", "green", "--store", str(synthetic_store), "--top", "2"]
     assert main([*argv, "--model", "tests.test_patch:colour_model"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1:] == [f"2,1\t10\t7\t{synthetic_store}:mixed4c:3:2,1", f"2,0\t10\t6\t{synthetic_store}:mixed4c:3:2,0"]
+    assert lines[0] == "cell (x,y)\tcount\tscore\tpatch"
+    assert lines[1:] == [
+        f"1,2\t10\t7\t{synthetic_store}:mixed4c:3:x=1,y=2",
+        f"0,2\t10\t6\t{synthetic_store}:mixed4c:3:x=0,y=2",
+    ]
 
 
 # selection and rates ------------------------------------------------------------------------------

@@ -8,8 +8,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
+from atlas.class_atlas import heatmap_opacity
 from atlas.compose import ComposeSettings, compose_run
+from atlas.patch import load_patch
+from atlas.store import STR
 from tests.browser import ARTIFACTS, needs_chromium, served_page
 from tests.test_compose import write_rendered_store
 
@@ -34,19 +38,21 @@ def test_viewer_zooms_and_shows_the_hovered_cell(tmp_path: Path) -> None:
     with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
         page.goto(url)
         page.wait_for_function("document.body.dataset.ready === '1'")
-        page.wait_for_function("window.atlasViewer.world.getItemAt(0).getFullyLoaded()")
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()")
         assert page.locator("#status").get_attribute("data-grid") == str(COARSE)
         assert page.locator("#class option").all_inner_texts() == ["all samples", "class 3"]
         box = page.locator("#atlas").bounding_box()
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-        for _ in range(6):  # scroll-zoom in until the pyramid switches to the fine grid
+        for _ in range(12):  # scroll-zoom in until the viewer switches to the fine grid
             page.mouse.wheel(0, -300)
             page.wait_for_timeout(150)
+            if page.locator("#status").get_attribute("data-grid") == str(FINE):
+                break
         page.wait_for_function(f"document.getElementById('status').dataset.grid === '{FINE}'", timeout=10_000)
-        page.wait_for_function("window.atlasViewer.world.getItemAt(0).getFullyLoaded()")
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()")
         # hover the centre of the non-empty fine cell closest to the middle of the view
         centre = page.evaluate(
-            "() => { const v = window.atlasViewer, item = v.world.getItemAt(0);"
+            "() => { const v = window.atlasViewer, item = window.atlasShownItem();"
             " const p = item.viewportToImageCoordinates(v.viewport.getCenter(true)); return [p.x, p.y]; }"
         )
         side = ICON_PX
@@ -54,7 +60,7 @@ def test_viewer_zooms_and_shows_the_hovered_cell(tmp_path: Path) -> None:
         nearest = np.argmin((xs + 0.5 - centre[0] / side) ** 2 + (ys + 0.5 - centre[1] / side) ** 2)
         y, x = int(ys[nearest]), int(xs[nearest])
         point = page.evaluate(
-            "([x, y]) => { const item = window.atlasViewer.world.getItemAt(0);"
+            "([x, y]) => { const item = window.atlasShownItem();"
             " const p = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));"
             " const r = window.atlasViewer.canvas.getBoundingClientRect(); return [r.left + p.x, r.top + p.y]; }",
             [(x + 0.5) * side, (y + 0.5) * side],
@@ -68,6 +74,11 @@ def test_viewer_zooms_and_shows_the_hovered_cell(tmp_path: Path) -> None:
         page.wait_for_function("[...document.querySelectorAll('#info .examples img')].every(img => img.complete)")
         loaded = page.evaluate("[...document.querySelectorAll('#info .examples img')].map(i => i.naturalWidth)")
         assert all(width > 0 for width in loaded)
+        cells = json.loads((run / f"layer-mixed4c/grid-{FINE}/cells.json").read_text())["cells"]
+        examples = next(c for c in cells if (c["x"], c["y"]) == (x, y))["examples"]
+        captions = [e["class"] or Path(e["image"]).name for e in examples]  # the photo's class where labelled
+        assert info.locator(".examples figcaption").all_inner_texts() == captions
+        assert any(e["class"] for e in examples)
         screenshot = tmp_path / "viewer.png"
         page.screenshot(path=str(screenshot))
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -90,7 +101,7 @@ def test_viewer_shows_a_heatmap_cells_attribution_to_its_class(tmp_path: Path) -
     run = tmp_path / "run"
     compose_run(store, run, heatmap_class=3, settings=ComposeSettings(examples=0))
     cells = json.loads((run / "heatmap-mixed4c-3/grid-4/cells.json").read_text())["cells"]
-    cell = next(c for c in cells if not c["empty"])
+    cell = next(c for c in cells if not c["empty"] and c["x"] != c["y"])  # a transposed cell is another
     with served_page(run, tmp_path / "chromium-profile", {"width": 1000, "height": 700}) as (page, url, errors):
         page.goto(f"{url}#atlas=heatmap-mixed4c-3&grid=4&cell={cell['x']},{cell['y']}")  # a linked, pinned cell
         info = page.locator(f'#info[data-grid="4"][data-x="{cell["x"]}"][data-y="{cell["y"]}"]')
@@ -99,4 +110,283 @@ def test_viewer_shows_a_heatmap_cells_attribution_to_its_class(tmp_path: Path) -
         value = page.evaluate("v => Number(v).toPrecision(3)", cell["heatmap"]["attribution"])  # the viewer's format
         opacity = page.evaluate("v => Math.round(100 * v)", cell["heatmap"]["opacity"])
         assert info.locator(".heat").inner_text() == f"{value} (shown at {opacity} %)"
+        # the viewer's x,y is the patch spec's: the spec it shows loads this cell's icon
+        spec = info.locator(".patch-spec").inner_text()
+        assert spec == f"store.h5:mixed4c:4:x={cell['x']},y={cell['y']}"
+    with h5py.File(store) as f:
+        icon = f["mixed4c/grid/4/icons"][cell["y"], cell["x"]]
+    patch = load_patch(spec.replace("store.h5", str(store), 1))
+    assert np.array_equal((patch.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), icon)
+    assert not errors, errors
+
+
+SHARK = 2  # the class chosen by name below; the store never ran class-atlas for it
+
+
+def _named_store(tmp_path: Path, sizes: tuple[int, ...]) -> Path:
+    """A rendered store whose classes have ImageNet-like names, "great white shark" among them."""
+    store = write_rendered_store(tmp_path, sizes=sizes, n=3000, icon_px=ICON_PX)
+    names = [f"class {k}" for k in range(10)]
+    names[SHARK] = "great white shark"
+    with h5py.File(store, "a") as f:
+        f.create_dataset("classes", data=np.array(names, dtype=object), dtype=STR)
+    return store
+
+
+def _shade_opacity(page: object, grid: int) -> np.ndarray:
+    """The opacity [G, G] each cell is shown at under the class shading (1 - the white overlay's alpha)."""
+    page.wait_for_function(f"document.querySelector('.class-shade')?.dataset.grid === '{grid}'")
+    alpha = page.evaluate(
+        "() => { const c = document.querySelector('.class-shade');"
+        " return [...c.getContext('2d').getImageData(0, 0, c.width, c.height).data].filter((_, i) => i % 4 === 3); }"
+    )
+    return 1 - np.array(alpha).reshape(grid, grid) / 255
+
+
+@needs_chromium
+def test_any_class_shades_the_cells_from_the_stores_attributions(tmp_path: Path) -> None:
+    store = _named_store(tmp_path, (COARSE, FINE))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    with h5py.File(store) as f:
+        grid = f[f"mixed4c/grid/{COARSE}"]
+        attribution, count = grid["attribution"][:, :, SHARK], grid["count"][()]
+        expected = heatmap_opacity(attribution, count, int(grid.attrs["min_count"]))
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("document.querySelectorAll('#class-names option').length === 10")
+        search = page.locator("#class-search")
+        search.fill("no such class")
+        search.press("Enter")
+        assert "unknown" in search.get_attribute("class")
+        assert page.locator(".class-shade").count() == 0
+        search.fill("Great White Shark")  # type-ahead over every class name, any case
+        search.press("Enter")
+        shown = _shade_opacity(page, COARSE)
+        np.testing.assert_allclose(shown, expected, atol=0.02)  # int8 attributions, 8-bit alpha
+        assert page.locator("#class-atlas").is_hidden()  # no class atlas of the shark to offer
+        y, x = np.unravel_index(np.argmax(np.where(count >= 3, attribution, -np.inf)), count.shape)
+        page.goto(f"{url}#atlas=layer-mixed4c&grid={COARSE}&cell={x},{y}")
+        page.reload()
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("document.querySelectorAll('#class-names option').length === 10")
+        search.fill("great white shark")
+        search.press("Enter")
+        value = page.locator(f'#info[data-x="{x}"][data-y="{y}"] .class-attribution')
+        value.wait_for()
+        shown_value, rest = value.inner_text().split(" ", 1)
+        assert float(shown_value) == pytest.approx(float(attribution[y, x]), abs=float(np.abs(attribution).max()) / 127)
+        assert rest == "(shown at 100 %)"  # the cell with the largest attribution
+        screenshot = tmp_path / "class-on-demand.png"
+        page.screenshot(path=str(screenshot))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, ARTIFACTS / "class-on-demand.png")
+        search.fill("")
+        search.press("Enter")
+        page.wait_for_function("document.querySelector('.class-shade') === null")
+    assert not errors, errors
+
+
+@needs_chromium
+def test_an_existing_class_atlas_is_offered_beside_the_shading(tmp_path: Path) -> None:
+    store = _named_store(tmp_path, (COARSE,))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    manifest = json.loads((run / "atlases.json").read_text())
+    layer_atlas = manifest["atlases"][0]
+    shark_atlas = {**layer_atlas, "id": "class-mixed4c-2", "kind": "class", "class": "great white shark"}
+    manifest["atlases"].append({**shark_atlas, "class_index": SHARK, "title": "mixed4c: great white shark"})
+    (run / "atlases.json").write_text(json.dumps(manifest))
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1000, "height": 700}) as (page, url, errors):
+        page.goto(url)
+        page.wait_for_function("document.querySelectorAll('#class-names option').length === 10")
+        page.locator("#class-search").fill("great white shark")
+        page.locator("#class-search").press("Enter")
+        link = page.locator("#class-atlas")
+        assert link.inner_text() == "open the class atlas of great white shark"
+        link.click()
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        assert page.locator("#title").inner_text() == "tiny · mixed4c: great white shark"
+    assert not errors, errors
+
+
+def _zoom_until(page: object, grid: int, factor: float) -> None:
+    """Zoom about the centre by `factor` a step at a time until the status names `grid`."""
+    for _ in range(40):
+        if page.locator("#status").get_attribute("data-grid") == str(grid):
+            break
+        page.evaluate("f => { const v = window.atlasViewer.viewport; v.zoomBy(f, v.getCenter(true), true); }", factor)
+        page.wait_for_timeout(50)  # a frame or two: the viewer updates the grid as the viewport changes
+    page.wait_for_function(f"document.getElementById('status').dataset.grid === '{grid}'")
+    page.wait_for_function("window.atlasShownItem().getFullyLoaded()")
+
+
+@needs_chromium
+def test_zoom_switches_the_grid_and_its_shading(tmp_path: Path) -> None:
+    middle = 20
+    store = _named_store(tmp_path, (COARSE, middle, FINE))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
+        tiles: list[str] = []
+        page.on("request", lambda request: tiles.append(request.url) if "tiles_files" in request.url else None)
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()")
+        # the home view is the coarsest grid, and only its pyramid is fetched
+        assert page.locator("#status").get_attribute("data-grid") == str(COARSE)
+        assert tiles and all(f"grid-{COARSE}/" in tile for tile in tiles)
+        page.locator("#class-search").fill("great white shark")
+        page.locator("#class-search").press("Enter")
+        page.wait_for_function(f"document.querySelector('.class-shade')?.dataset.grid === '{COARSE}'")
+        _zoom_until(page, middle, 1.1)
+        _zoom_until(page, FINE, 1.1)
+        assert any(f"grid-{FINE}/" in tile for tile in tiles)
+        opacities = page.evaluate(
+            "() => { const w = window.atlasViewer.world; return [...Array(w.getItemCount()).keys()]"
+            ".map(i => w.getItemAt(i).getOpacity()); }"
+        )
+        assert opacities == [0, 0, 1]  # the fine grid alone is drawn
+        with h5py.File(store) as f:
+            grid = f[f"mixed4c/grid/{FINE}"]
+            expected = heatmap_opacity(grid["attribution"][:, :, SHARK], grid["count"][()], 3)
+        np.testing.assert_allclose(_shade_opacity(page, FINE), expected, atol=0.02)  # the fine grid's shading
+        _zoom_until(page, COARSE, 1 / 1.1)  # zooming out goes back through the grids
+        page.evaluate("() => window.atlasViewer.viewport.goHome(true)")
+        page.wait_for_function(f"document.getElementById('status').dataset.grid === '{COARSE}'")
+    assert not errors, errors
+
+
+@needs_chromium
+def test_a_copied_link_opens_the_same_view(tmp_path: Path) -> None:
+    store = _named_store(tmp_path, (COARSE, FINE))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("document.querySelectorAll('#class-names option').length === 10")
+        page.locator("#class-search").fill("great white shark")
+        page.locator("#class-search").press("Enter")
+        _zoom_until(page, FINE, 1.2)
+        with h5py.File(store) as f:
+            count = f[f"mixed4c/grid/{FINE}/count"][()]
+        y, x = np.argwhere(count >= 3)[len(np.argwhere(count >= 3)) // 2]  # a cell with samples, off the centre
+        page.evaluate(
+            "p => window.atlasViewer.viewport.panTo(new OpenSeadragon.Point(p[0], p[1]), true)",
+            [(x + 0.5) / FINE, (y + 0.5) / FINE],
+        )
+        box = page.locator("#atlas").bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # pin the cell in the middle
+        pinned = page.locator(f'#info[data-grid="{FINE}"]')
+        pinned.wait_for()
+        cell = (pinned.get_attribute("data-x"), pinned.get_attribute("data-y"))
+        assert cell == (str(x), str(y))
+        page.wait_for_timeout(300)  # past the pan's animation-finish, which writes the URL too
+        before = page.evaluate(
+            "() => { const v = window.atlasViewer.viewport, c = v.getCenter(); return [v.getZoom(), c.x, c.y]; }"
+        )
+        page.locator("#copy-link").click()
+        page.wait_for_function("document.getElementById('status').textContent === 'link copied'")
+        link = page.evaluate("() => navigator.clipboard.readText()")
+        assert link == page.evaluate("() => location.href")
+        assert f"cell={cell[0]}%2C{cell[1]}" in link and "class=2" in link
+        page.goto("about:blank")
+        page.goto(link)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        restored = page.locator(f'#info[data-grid="{FINE}"][data-x="{cell[0]}"][data-y="{cell[1]}"]')
+        restored.wait_for()  # the pinned cell, with its panel
+        after = page.evaluate(
+            "() => { const v = window.atlasViewer.viewport, c = v.getCenter(); return [v.getZoom(), c.x, c.y]; }"
+        )
+        np.testing.assert_allclose(after, before, rtol=1e-3, atol=1e-3)
+        assert page.locator("#status").get_attribute("data-grid") == str(FINE)
+        page.wait_for_function(f"document.querySelector('.class-shade')?.dataset.grid === '{FINE}'")
+        assert page.locator("#class-search").input_value() == "great white shark"
+        assert restored.locator(".class-attribution").count() == 1
+    assert not errors, errors
+
+
+@needs_chromium
+def test_the_layer_menu_is_in_natural_order(tmp_path: Path) -> None:
+    store = write_rendered_store(tmp_path, sizes=(4,))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    manifest = json.loads((run / "atlases.json").read_text())
+    atlas = manifest["atlases"][0]
+    layers = ["_blocks.10", "_blocks.6", "_blocks.2", "_blocks.6.se"]
+    manifest["atlases"] = [{**atlas, "id": f"layer-{layer}", "layer": layer, "title": layer} for layer in layers]
+    (run / "atlases.json").write_text(json.dumps(manifest))
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1000, "height": 700}) as (page, url, errors):
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        assert page.locator("#layer option").all_inner_texts() == [
+            "_blocks.2",
+            "_blocks.6",
+            "_blocks.6.se",
+            "_blocks.10",
+        ]
+    assert not errors, errors
+
+
+def _labels(page: object) -> list[dict]:
+    return page.evaluate(
+        "() => [...document.querySelectorAll('.labels .label')].map(l => ({text: l.textContent, title: l.title,"
+        " x: Number(l.dataset.x), y: Number(l.dataset.y), grid: Number(l.dataset.grid), step: Number(l.dataset.step)}))"
+    )
+
+
+@needs_chromium
+def test_labels_are_text_that_follows_the_zoom_and_the_class(tmp_path: Path) -> None:
+    store = _named_store(tmp_path, (COARSE, FINE))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    with h5py.File(store) as f:
+        grids = {size: f[f"mixed4c/grid/{size}"] for size in (COARSE, FINE)}
+        count = {size: g["count"][()] for size, g in grids.items()}
+        attribution = {size: g["attribution"][:, :, SHARK] for size, g in grids.items()}
+        top = {size: g["top_classes"][()] if "top_classes" in g else None for size, g in grids.items()}
+    names = [f"class {k}" for k in range(10)]
+    names[SHARK] = "great white shark"
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("document.querySelectorAll('.labels .label').length > 0")
+        home = _labels(page)
+        # zoomed out: one label per block of cells, the densest cell's top class, in full (cut only by CSS)
+        assert all(label["grid"] == COARSE and label["step"] > 1 for label in home)
+        assert len(home) < (count[COARSE] >= 3).sum()
+        for label in home:
+            x, y, step = label["x"], label["y"], label["step"]
+            block = count[COARSE][y - y % step : y - y % step + step, x - x % step : x - x % step + step]
+            assert count[COARSE][y, x] == block.max()
+            assert label["text"] == label["title"]
+        _zoom_until(page, FINE, 1.1)
+        page.evaluate("() => window.atlasViewer.viewport.zoomBy(1.6, null, true)")
+        page.wait_for_function("[...document.querySelectorAll('.labels .label')].every(l => l.dataset.step === '1')")
+        # zoomed in: every cell in view with samples is labelled with its own top class
+        labels = _labels(page)
+        assert labels and all(label["grid"] == FINE for label in labels)
+        for label in labels:
+            assert label["title"] == names[top[FINE][label["y"], label["x"]][0]]
+        page.evaluate("() => window.atlasViewer.viewport.goHome(true)")
+        page.wait_for_function("[...document.querySelectorAll('.labels .label')].every(l => l.dataset.step !== '1')")
+        # with a class chosen, each block's label is the cell most attributed to it, among those half shown or more
+        page.locator("#class-search").fill("great white shark")
+        page.locator("#class-search").press("Enter")
+        page.wait_for_function("document.querySelector('.class-shade')?.dataset.class === '2'")
+        opacity = heatmap_opacity(attribution[COARSE], count[COARSE], 3)
+        ranked = _labels(page)
+        assert ranked
+        tolerance = np.abs(attribution[COARSE]).max() / 127
+        for label in ranked:
+            x, y, step = label["x"], label["y"], label["step"]
+            rows, cols = slice(y - y % step, y - y % step + step), slice(x - x % step, x - x % step + step)
+            shown = np.where(opacity[rows, cols] >= 0.5, attribution[COARSE][rows, cols], -np.inf)
+            assert opacity[y, x] >= 0.5 - 0.02 and attribution[COARSE][y, x] >= shown.max() - tolerance
+        page.locator("#labels").uncheck()  # labels off
+        page.wait_for_function("document.querySelectorAll('.labels .label').length === 0")
+        assert "labels=0" in page.evaluate("() => location.hash")
     assert not errors, errors
