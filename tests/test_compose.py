@@ -315,8 +315,9 @@ def test_compose_settings_are_checked_once_from_a_config():
         ComposeSettings(examples=-1)
 
 
-@pytest.mark.parametrize(("sizes", "icon_px", "levels"), [([3], 16, 7), ([5], 20, 8), ([4, 8], 16, 8)])
-def test_deep_zoom_has_a_level_per_halving_down_to_1_px_on_any_canvas(sizes, icon_px, levels) -> None:
+@pytest.mark.parametrize(("size", "levels"), [(3, 7), (5, 8), (8, 8)])
+def test_deep_zoom_has_a_level_per_halving_down_to_1_px_on_any_canvas(tmp_path: Path, size, levels) -> None:
     """Deep Zoom's pyramid: ceil(log2(the canvas side)) + 1 levels. A 48 px canvas needs 7 (48, 24, 12, 6, 3, 2,
-    1), a 100 px one 8: a canvas whose side is not a power of two rounds up, or the browser's tiles are misplaced."""
-    assert len(level_grids(sizes, icon_px)) == levels
+    1), an 80 px one 8: a canvas whose side is not a power of two rounds up, or the browser's tiles are misplaced."""
+    assert write_dzi(_grid(size, 0), tmp_path / "tiles", tile_format="png") == levels
+    assert len(list((tmp_path / "tiles_files").iterdir())) == levels
