@@ -137,8 +137,8 @@ MUTANTS = [
     Mutant(
         "pipeline-reruns-finished-stages",
         "pipelines/atlas.py",
-        "if self.done.get(stage) == key:",
-        "if False:",
+        "cached = self.done.get(stage) == key",
+        "cached = False",
         PIPELINE,
     ),
     Mutant(
