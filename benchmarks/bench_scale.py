@@ -214,7 +214,7 @@ def viewer_case(folder: Path, grid: int = max(SIZES), fixed: bool = False, fille
         for _ in range(0 if fixed else 40):  # the viewer picks the grid on its next frame: one step per frame
             if page.locator("#status").get_attribute("data-grid") == str(grid):
                 break
-            page.evaluate("() => { const v = window.atlasViewer; v.viewport.zoomBy(1.5, v.viewport.getCenter(true), true); }")
+            page.evaluate("() => window.atlasViewer.viewport.zoomBy(1.5, undefined, true)")
             page.wait_for_timeout(50)
         page.wait_for_function(f"document.getElementById('status').dataset.grid === '{grid}'", timeout=60_000)
         page.wait_for_function("window.atlasShownItem().getFullyLoaded()", timeout=60_000)
