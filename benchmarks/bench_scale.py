@@ -13,7 +13,8 @@ Each stage runs in a fresh process, so its peak RSS (VmHWM) is its own, plus Pyt
   them out, so compose has the paper's icon volume (25,600 icons at 160);
 - compose: `atlas.compose.compose_run`, 4 example patches per cell, Deep Zoom pyramid, labels;
 - viewer: the composed folder in headless Chromium: first paint, the home view loaded, zoomed in until the
-  160 x 160 grid shows, a hovered cell's classes and examples, and the browser's memory.
+  160 x 160 grid shows (zoom_to_grid_s includes a 50 ms frame per 1.5x zoom step), a hovered cell's classes
+  and examples, and the browser's memory.
 Beside ours, in the same run: umap-learn (`umap.UMAP` with the paper's n_neighbors, min_dist and metric and its
 own defaults otherwise: spectral init, its own SGD, unseeded so it uses every core) on the same activations, at
 100k and at 1M within UMAP_LEARN_TIMEOUT_S.
