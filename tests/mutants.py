@@ -343,6 +343,20 @@ MUTANTS = [
         "top = math.floor(math.log2(full))",
         ("tests/test_compose.py::test_deep_zoom_has_a_level_per_halving_down_to_1_px_on_any_canvas",),
     ),
+    Mutant(
+        "labels-with-cell-axes-swapped",
+        "atlas/compose.py",
+        "names[grid.top_classes[y, x, 0]]",
+        "names[grid.top_classes[x, y, 0]]",
+        ("tests/test_compose.py::test_each_label_is_its_own_cells_top_class_under_that_cell",),
+    ),
+    Mutant(
+        "threads-count-their-reader-as-busy",
+        "atlas/runtime.py",
+        '.split("/")[0]) - 1)',
+        '.split("/")[0]))',
+        ("tests/test_runtime.py::test_default_threads_are_the_affinitys_cores_less_the_threads_running_now",),
+    ),
 ]
 
 

@@ -139,6 +139,24 @@ def test_heatmap_labels_only_cells_that_are_shown() -> None:
     assert (np.asarray(image).min(axis=-1) < 128).reshape(4, 80, 4, 80).any(axis=(1, 3)).all()
 
 
+def test_each_label_is_its_own_cells_top_class_under_that_cell() -> None:
+    """A wide name is the top class of cell (x 1, y 0) only, a dot everywhere else: its ink is under that cell."""
+    top = np.zeros((4, 4, 5), np.int64)
+    top[0, 1, 0] = 1
+    grid = Grid(
+        4, 1, np.full((4, 4), 10), np.zeros(0, np.int64), top, np.zeros((4, 4, 5)), np.zeros((4, 4)),
+        np.zeros((4, 4)), Image.new("RGB", (320, 320), "white"),
+    )  # fmt: skip
+    image = grid.image.copy()
+    draw_labels(image, grid, names=[".", "WWWWWWWW"])
+    # inked pixel columns under each cell, [y, x]
+    inked = (np.asarray(image).min(axis=-1) < 128).reshape(4, 80, 4, 80).any(axis=1).sum(axis=-1)
+    expected = np.zeros((4, 4), bool)
+    expected[0, 1] = True
+    np.testing.assert_array_equal(inked > 20, expected)
+    assert (inked > 0).all()  # every cell is labelled
+
+
 def test_dzi_levels_and_tiles(tmp_path: Path) -> None:
     fine = _grid(8, 2)
     assert write_dzi(fine, tmp_path / "tiles", tile_size=48, overlap=1, tile_format="png") == 8
