@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -32,6 +34,7 @@ from atlas import AtlasError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+LOADAVG = Path("/proc/loadavg")  # Linux: "1.73 0.87 0.48 2/81 19581", the 4th field running/all threads
 STAGES_TOLERATING_BF16 = ("render",)  # collection's attributions do not (see the module docstring)
 
 
@@ -42,12 +45,30 @@ def default_device() -> str:
 
 def default_threads() -> int:
     """torch's intra-op threads when none are asked for: the cores this process may run on (its affinity, which
-    containers and taskset narrow; torch counts every core), less the load the rest of the machine puts on them
-    (the 1-minute load average). torch's threads spin on a core that another process holds: on 2 cores beside one
-    busy process, 13 icons took 97 s on torch's 2 threads against 3 s on one (issue 28)."""
+    containers and taskset narrow; torch counts every core), less the threads that other processes are running
+    now. torch's threads spin on a core that another process holds: on 2 cores beside one busy process, 13 icons
+    took 97 s on torch's 2 threads against 3 s on one (issue 28)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - load)))
+    busy = running_elsewhere()
+    if busy is None:  # no /proc: the 1-minute load average, which still counts work that has ended
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+def running_elsewhere(reads: int = 5, interval_s: float = 0.02) -> float | None:
+    """Threads running or runnable now besides the one reading (the median of a few reads of /proc/loadavg's
+    running count); None where there is no /proc. Now, not the 1-minute average: a job that has just ended, this
+    process's own start-up included, would cost a quiet machine a core (bench_threads: 71 against 87
+    icon-steps/s)."""
+    counts = []
+    try:
+        for read in range(reads):
+            if read:
+                time.sleep(interval_s)
+            counts.append(int(LOADAVG.read_text().split()[3].split("/")[0]) - 1)
+    except (OSError, IndexError, ValueError):
+        return None
+    return float(statistics.median(counts))
 
 
 def set_threads(threads: int | None = None) -> int:

@@ -19,10 +19,18 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # they would set torch's de
 
 
 def render_rate(
-    threads: str, model: str = "efficientnet-lite0", layer: str = "_blocks.10", icons: int = 4, steps: int = 32
+    threads: str,
+    model: str = "efficientnet-lite0",
+    layer: str = "_blocks.10",
+    icons: int = 4,
+    steps: int = 64,
+    repeats: int = 5,
 ) -> dict:
     """Icon-steps per second of `icons` channel visualisations (64 px), with torch's threads left at its default
-    (threads="torch") or set by atlas (threads="atlas")."""
+    (threads="torch") or set by atlas (threads="atlas"): the median of `repeats` timed renders, and their range
+    (one render of a second or two varies by a quarter from one to the next)."""
+    import statistics
+
     import torch
 
     from atlas.models import load_model
@@ -33,9 +41,17 @@ def render_rate(
     net = load_model(model, weights="random")
     objective = objectives.channel(layer, list(range(icons)))
     visualize(net, objective, batch=icons, size=64, steps=1)  # warm-up: allocations, first-call costs
-    started = time.perf_counter()
-    visualize(net, objective, batch=icons, size=64, steps=steps)
-    return {"threads": count, "icon_steps_per_s": icons * steps / (time.perf_counter() - started)}
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        visualize(net, objective, batch=icons, size=64, steps=steps)
+        rates.append(icons * steps / (time.perf_counter() - started))
+    return {
+        "threads": count,
+        "icon_steps_per_s": statistics.median(rates),
+        "slowest": min(rates),
+        "fastest": max(rates),
+    }
 
 
 def compare(settle_s: float = 60.0, **case: object) -> list[dict]:

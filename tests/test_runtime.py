@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from atlas import AtlasError
+from atlas import AtlasError, runtime
 from atlas.collect import attribution_pass, attributions, collect, collect_batch
 from atlas.images import list_images
 from atlas.models import Classifier, capture
@@ -167,14 +167,21 @@ def test_render_records_the_policy(tmp_path, small_model):  # noqa: F811 (the fi
     assert small_model.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_default_threads_are_the_affinitys_cores_less_the_load(monkeypatch):
+def test_default_threads_are_the_affinitys_cores_less_the_threads_running_now(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 0.0, 0.0))  # a job that has just ended: not counted
+    loadavg = tmp_path / "loadavg"
+    monkeypatch.setattr(runtime, "LOADAVG", loadavg)
+    loadavg.write_text("3.00 1.00 0.50 1/81 19581\n")  # the reader alone
     assert default_threads() == 4  # quiet
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.1, 0.0, 0.0))
+    loadavg.write_text("3.00 1.00 0.50 2/81 19581\n")
     assert default_threads() == 3  # one busy process
-    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    loadavg.write_text("3.00 1.00 0.50 12/81 19581\n")
     assert default_threads() == 1  # never fewer than one
+    monkeypatch.setattr(runtime, "LOADAVG", tmp_path / "absent")  # no /proc: the 1-minute load average
+    assert default_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.1, 0.0, 0.0))
+    assert default_threads() == 3
 
 
 def test_set_threads_checks_the_number_and_sets_torchs(monkeypatch):
