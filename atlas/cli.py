@@ -69,9 +69,10 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="image folder, text file of image paths, or 'demo'")
     p.add_argument("--out", required=True, help="HDF5 store to write")
     p.add_argument("--limit", type=int, help="use only the first N images")
-    p.add_argument("--positions", type=int, default=1, help="random interior positions per image (paper: 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32)
+    # the flags' defaults are CollectSettings' (atlas/collect.py): a flag not given is not passed
+    p.add_argument("--positions", type=int, help="random interior positions per image (default and paper: 1)")
+    p.add_argument("--seed", type=int, help="seed of the positions (default 0)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default 32)")
     p.add_argument(
         "--workers", type=int, help="image-loading processes (default: up to 4); with --cluster: dask workers"
     )
@@ -90,15 +91,19 @@ def _run_collect(args: argparse.Namespace) -> None:
         print(_collect_on_cluster(args))
         return
     device = args.device or default_device()
+    settings = _collect_settings(args)  # checked before the model loads
     model = load_model(args.model, weights=args.weights, device=device)
     records = list_images(args.data, model.class_names, model.imagenet_index)[: args.limit]
-    print(collect(model, records, args.out, workers=args.workers, device=device, **_collect_settings(args)))
+    print(collect(model, records, args.out, device=device, **settings))
 
 
 def _collect_settings(args: argparse.Namespace) -> dict:
-    """The collect flags that one process and a cluster run take alike."""
-    options = dict(layers=args.layer, positions=args.positions, seed=args.seed, batch_size=args.batch_size)
-    return dict(options, dataset=str(args.data), precision=args.precision, memory_format=args.memory_format)
+    """The collect flags that one process and a cluster run take alike, checked by CollectSettings."""
+    from atlas.collect import CollectSettings
+
+    flags = ("positions", "seed", "batch_size", "workers", "precision", "memory_format")
+    settings = dataclasses.asdict(CollectSettings.from_config(_given(args, flags)))
+    return dict(settings, layers=args.layer, dataset=str(args.data))
 
 
 def _collect_on_cluster(args: argparse.Namespace) -> Path:
@@ -110,6 +115,7 @@ def _collect_on_cluster(args: argparse.Namespace) -> Path:
     records = list_images(args.data, labels.class_names, labels.imagenet_index)[: args.limit]
     with connect(args.cluster, args.workers) as client:
         options = _collect_settings(args)
+        del options["workers"]  # with --cluster, --workers counts dask workers
         return collect_on_cluster(client, args.model, records, args.out, args.weights, device=args.device, **options)
 
 
@@ -347,19 +353,23 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grid", help="stage 3: per-cell mean activations and attributions, and the whitening matrix")
     p.add_argument("store", help="HDF5 store with a layout (`atlas project`)")
     p.add_argument("--layer", help="the store's layer (default: its only one)")
-    p.add_argument("--sizes", default="20,40,80", help="comma-separated grid sizes (paper: 20,40,80,160; 320)")
-    p.add_argument("--min-count", type=int, default=6, help="samples a cell needs (lucid: more than 5)")
+    # the flags' defaults are GridSettings' (atlas/grid.py): a flag not given is not passed
+    p.add_argument("--sizes", help="comma-separated grid sizes (default 20,40,80; paper: 20,40,80,160; 320)")
+    p.add_argument("--min-count", type=int, help="samples a cell needs (default 6, lucid's: more than 5)")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.grid import grid_store
+        from atlas.grid import GridSettings, grid_store
 
-        try:
-            sizes = [int(size) for size in args.sizes.split(",")]
-        except ValueError as err:
-            raise AtlasError(f"--sizes wants comma-separated integers, not {args.sizes!r}") from err
-        counts = grid_store(args.store, layer=args.layer, sizes=sizes, min_count=args.min_count)
+        if args.sizes is not None:
+            try:
+                args.sizes = [int(size) for size in args.sizes.split(",")]
+            except ValueError as err:
+                raise AtlasError(f"--sizes wants comma-separated integers, not {args.sizes!r}") from err
+        settings = GridSettings.from_config(_given(args, ("sizes", "min_count")))
+        counts = grid_store(args.store, layer=args.layer, **dataclasses.asdict(settings))
         for size, count in counts.items():
-            print(f"grid {size}: {(count >= args.min_count).sum()} of {size * size} cells hold >= {args.min_count}")
+            filled = (count >= settings.min_count).sum()
+            print(f"grid {size}: {filled} of {size * size} cells hold >= {settings.min_count}")
 
     p.set_defaults(run=run)
 

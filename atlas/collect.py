@@ -36,11 +36,11 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from atlas import AtlasError, __version__
-from atlas.config import check_number
+from atlas.config import Settings, check_number
 from atlas.images import ImageDataset, ImageRecord, collate
 from atlas.models import Classifier
 from atlas.progress import progress as progress_of
-from atlas.runtime import Runtime, resolve
+from atlas.runtime import MEMORY_FORMATS, PRECISIONS, Runtime, resolve
 from atlas.store import (
     CLASSES,
     COLLECT_SETTINGS,
@@ -53,6 +53,37 @@ from atlas.store import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CollectSettings(Settings):
+    """A run's collection settings (a config's `collect:`), validated once; `collect` takes them as keywords.
+
+    One random position per image is the paper's (reference 1.1); batch_size 32 and the image-loading workers
+    (None: up to 4) bound memory, not results; precision and memory_format: `atlas.runtime`'s policy.
+    """
+
+    positions: int = 1
+    seed: int = 0
+    batch_size: int = 32
+    workers: int | None = None
+    precision: str = "auto"
+    memory_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        """Raise AtlasError, naming the value and its range, on a setting that cannot work (the layer's interior
+        bounds positions too: `check_counts`, once the model is known)."""
+        check_number("collect: positions", self.positions, 1)
+        check_number("collect: seed", self.seed, 0)
+        check_number("collect: batch_size", self.batch_size, 1)
+        if self.workers is not None:
+            check_number("collect: workers", self.workers, 0)
+        if self.precision not in PRECISIONS:
+            raise AtlasError(f"collect: precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise AtlasError(
+                f"collect: memory_format {self.memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}"
+            )
 
 
 # positions and attributions (pure functions over tensors) ---------------------------------------------

@@ -1,10 +1,11 @@
-"""Run configuration: YAML files in configs/, checked against the stage functions they feed.
+"""Run configuration: YAML files in configs/, read into each stage's settings class.
 
-A config names the model, layer and data, and has one section per stage (`collect`, `project`,
-`grid`, `render`, `compose`) whose keys are keyword arguments of that stage's function or fields of its
-settings class (`LayoutSettings`, `RenderSettings`), so an unknown or misspelt key is caught before any
-work starts. `layers: {NAME: {stage: {...}}}` overrides sections
-for one layer (the paper's early layers use other UMAP settings).
+A config names the model, layer and data, and has one section per stage (`collect`, `project`, `grid`,
+`render`, `compose`) whose keys are the fields of that stage's frozen `Settings` dataclass (`CollectSettings`,
+`LayoutSettings`, `GridSettings`, `RenderSettings`, `ComposeSettings`), so an unknown, misspelt or misplaced key
+(`collect: {out: ...}`) and a bad value are caught, in one line, before any work starts.
+`layers: {NAME: {stage: {...}}}` overrides sections for one layer (the paper's early layers use other UMAP
+settings).
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def config_path(model: str | None) -> Path:
     return path if path.exists() else CONFIG_DIR / f"{DEFAULT_MODEL}.yaml"
 
 
-def load_config(path: str | Path, stages: dict[str, Callable], layer: str | None = None) -> dict:
+def load_config(path: str | Path, sections: dict[str, type[Settings]], layer: str | None = None) -> dict:
     """Read a config, apply the per-layer overrides for `layer`, and check every key.
 
-    `stages` maps section name to the function (or settings class) whose keyword arguments that section may set.
+    Each section named in `sections` becomes an instance of its settings class (absent: the defaults); the other
+    sections stay as read.
     """
     path = Path(path)
     try:
@@ -69,8 +71,12 @@ def load_config(path: str | Path, stages: dict[str, Callable], layer: str | None
     merged = copy.deepcopy(config)
     for section, values in overrides.items():
         merged.setdefault(section, {}).update(values)
-    for section, function in stages.items():
-        merged[section] = check_section(merged.setdefault(section, {}) or {}, function, f"{path} ({section}:)")
+    for section, settings in sections.items():
+        where = f"{path} ({section}:)"
+        values = merged.get(section) or {}
+        if not isinstance(values, dict):
+            raise AtlasError(f"config {where} must be a mapping")
+        merged[section] = settings.from_config(values, where)
     return merged
 
 

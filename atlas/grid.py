@@ -22,6 +22,7 @@ import math
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from atlas import AtlasError
-from atlas.config import check_number
+from atlas.config import Settings, check_number
 from atlas.store import iter_rows, layer_group, open_store, replace_dataset
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,35 @@ TOP_CLASSES = 5
 RIDGE = 0.01  # fraction of the mean channel variance added to the covariance's diagonal
 WHITENING_ROWS = 262_144  # a covariance of C <= 1024 channels is settled long before this many samples
 CHUNK_ROWS = 65536  # rows per streamed block
+
+
+@dataclass(frozen=True)
+class GridSettings(Settings):
+    """A run's grid settings (a config's `grid:`), validated once; `grid_store` takes them as keywords.
+
+    sizes and min_count: the constants above (the paper, lucid); ridge, whitening_rows, chunk_rows: the module
+    docstring. `whitening=False` keeps the store's whitening matrix (a class atlas's subset store).
+    """
+
+    sizes: tuple[int, ...] = DEFAULT_SIZES
+    min_count: int = DEFAULT_MIN_COUNT
+    ridge: float = RIDGE
+    whitening_rows: int | None = WHITENING_ROWS
+    chunk_rows: int = CHUNK_ROWS
+    whitening: bool = True
+
+    def __post_init__(self) -> None:
+        """Raise AtlasError, naming the value and its range, on a setting that cannot work."""
+        sizes = [self.sizes] if isinstance(self.sizes, int) else self.sizes
+        if not isinstance(sizes, Iterable) or isinstance(sizes, str):
+            raise AtlasError(f"grid sizes must be a list of integers, not {self.sizes!r}")
+        object.__setattr__(self, "sizes", tuple(_check_sizes(sizes, self.min_count)))
+        check_number("grid: ridge", self.ridge, 0.0, kind=float)
+        if self.whitening_rows is not None:
+            check_number("grid: whitening_rows", self.whitening_rows, 1)
+        check_number("grid: chunk_rows", self.chunk_rows, 1)
+        if not isinstance(self.whitening, bool):
+            raise AtlasError(f"grid: whitening must be true or false, not {self.whitening!r}")
 
 
 def cell_ids(layout: np.ndarray, size: int) -> np.ndarray:
@@ -126,10 +156,10 @@ def _first_non_finite(dataset: h5py.Dataset) -> str:
 
 
 def _check_sizes(sizes: Iterable[int], min_count: int) -> list[int]:
-    sizes = sorted({check_number("grid size", size, 1) for size in sizes})
+    sizes = sorted({check_number("grid: sizes", size, 1) for size in sizes})
     if not sizes:
         raise AtlasError("no grid sizes given")
-    check_number("min_count", min_count, 1)
+    check_number("grid: min_count", min_count, 1)
     return sizes
 
 

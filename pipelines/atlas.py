@@ -17,11 +17,12 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Collection
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from atlas import AtlasError
-from atlas.config import Parser, check_number, config_path, load_config
+from atlas.config import Parser, Settings, check_number, config_path, load_config
 from atlas.store import COLLECT_SETTINGS, fingerprint, settings_match
 from atlas.zoo import locate_weights, model_for_layer
 
@@ -32,17 +33,20 @@ if TYPE_CHECKING:  # torch is imported only once the run's settings are checked
 log = logging.getLogger("pipelines.atlas")
 
 
-def stage_functions() -> dict[str, Callable]:
-    """What each config section's keys are checked against: the stage function, or the stage's settings class
-    (imported on demand: torch and umap take seconds to import)."""
-    from atlas import collect, compose, grid, project, render
+def stage_settings() -> dict[str, type[Settings]]:
+    """Each config section's settings class (imported on demand: torch and umap take seconds to import)."""
+    from atlas.collect import CollectSettings
+    from atlas.compose import ComposeSettings
+    from atlas.grid import GridSettings
+    from atlas.layout import LayoutSettings
+    from atlas.render import RenderSettings
 
     return {
-        "collect": collect.collect,
-        "project": project.LayoutSettings,
-        "grid": grid.grid_store,
-        "render": render.RenderSettings,
-        "compose": compose.ComposeSettings,
+        "collect": CollectSettings,
+        "project": LayoutSettings,
+        "grid": GridSettings,
+        "render": RenderSettings,
+        "compose": ComposeSettings,
     }
 
 
@@ -236,20 +240,15 @@ def run_atlas(
     if data == "demo" and base.get("demo_config"):
         config_file = Path(config_file).parent / base["demo_config"]
         base = load_config(config_file, {}, None)
-    config = load_config(config_file, stage_functions(), layer or (base.get("layer") if same_model else None))
-    check_numbers(config, limit)
+    # the stages' settings, validated before any work
+    config = load_config(config_file, stage_settings(), layer or (base.get("layer") if same_model else None))
+    if limit is not None:
+        check_number("--limit (N)", limit, 1)
 
-    from atlas.compose import ComposeSettings
     from atlas.images import list_images
     from atlas.models import load_model
-    from atlas.project import LayoutSettings
-    from atlas.render import RenderSettings
     from atlas.runtime import check_device, default_device, set_threads
 
-    # the stages' settings, validated before any work
-    config["project"] = LayoutSettings.from_config(config["project"], f"{config_file} (project:)")
-    config["render"] = RenderSettings.from_config(config["render"], f"{config_file} (render:)")
-    config["compose"] = ComposeSettings.from_config(config["compose"], f"{config_file} (compose:)")
     device = check_device(device or default_device())
     log.info("%d torch threads", set_threads(threads or config.get("threads")))
 
@@ -263,28 +262,15 @@ def run_atlas(
     return run_dir / "index.html"
 
 
-def check_numbers(config: dict, limit: int | None) -> None:
-    """The run's numbers that need no model, checked before it loads (a layer's shape bounds positions later)."""
-    if limit is not None:
-        check_number("--limit (N)", limit, 1)
-    for key in ("positions", "batch_size"):
-        if key in config["collect"]:
-            check_number(f"collect: {key}", config["collect"][key], 1)
-    sizes = config["grid"].get("sizes", [])
-    for size in sizes if isinstance(sizes, list) else [sizes]:
-        check_number("grid: sizes", size, 1)
-
-
 def run_plan(config: dict, model: Classifier, layer: str, images: int, sizes: list[int], device: str) -> str:
     """One line: images, samples, cells per grid, icons x attempts x steps, and the time that collect and render
     should take, from a few seconds' timed warm-up of each on `device` (projection and composition not counted)."""
     from atlas import collect, render
-    from atlas.grid import DEFAULT_MIN_COUNT
 
     channels = next(s[0] for name, *s in model.layer_shapes() if name == layer)
-    positions = config["collect"].get("positions", 1)  # checked against the layer's interior before the plan
+    positions = config["collect"].positions  # checked against the layer's interior before the plan
     samples = images * positions
-    min_count = int(config["grid"].get("min_count", DEFAULT_MIN_COUNT))
+    min_count = config["grid"].min_count
     icons = sum(min(size * size, samples // min_count) for size in sizes)  # at most one per cell of min_count
     settings = config["render"]
     collect_s = images / collect.timed_rate(model, layer, positions)
@@ -315,16 +301,14 @@ def _run_stages(
 ) -> None:
     """collect -> project -> grid -> render -> compose into run_dir/store.h5, each skipped when up to date."""
     from atlas import collect, compose, grid, project, render
-    from atlas.grid import DEFAULT_MIN_COUNT, DEFAULT_SIZES
 
-    sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))
-    min_count = int(config["grid"].get("min_count", DEFAULT_MIN_COUNT))
+    sizes, min_count = list(config["grid"].sizes), config["grid"].min_count
     shape = next(tuple(s) for name, *s in model.layer_shapes() if name == layer)
-    collect.check_counts(records, {layer: shape}, config["collect"].get("positions", 1))
+    collect.check_counts(records, {layer: shape}, config["collect"].positions)
     log.info("%s", run_plan(config, model, layer, len(records), sizes, device))
     store = run_dir / "store.h5"
     steps = Fingerprints(run_dir / "pipeline.json", force)
-    collect_args = {**config["collect"], "layers": [layer], "device": device, "dataset": dataset}
+    collect_args = {**asdict(config["collect"]), "layers": [layer], "device": device, "dataset": dataset}
 
     def collect_stage() -> None:
         fresh_store(store, layer, "collect" in steps.force)
@@ -347,7 +331,7 @@ def _run_stages(
     steps.run(
         "grid",
         config["grid"],
-        lambda: grid.grid_store(store, layer=layer, **config["grid"]),
+        lambda: grid.grid_store(store, layer=layer, **asdict(config["grid"])),
         lambda: gridded(store, layer, sizes, min_count),
     )
 

@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from atlas import AtlasError
@@ -29,7 +29,7 @@ from atlas.class_atlas import (
 from atlas.classes import resolve_class
 from atlas.compose import MANIFEST, ComposeSettings, compose_run
 from atlas.config import Parser, check_section, config_path, load_config
-from atlas.grid import RIDGE, grid_store
+from atlas.grid import RIDGE, GridSettings, grid_store
 from atlas.project import LayoutSettings, project_store
 from atlas.render import RenderSettings, render_store
 from atlas.store import COLLECT_SETTINGS, class_names, layer_group, open_store
@@ -58,7 +58,7 @@ SECTIONS = {
     "select": select_samples,
     "project": LayoutSettings,
     "layout": comparison_layout_store,
-    "grid": grid_store,
+    "grid": GridSettings,
     "render": RenderSettings,
     "compose": ComposeSettings,
 }
@@ -83,7 +83,10 @@ def class_settings(config_file: Path, layer: str, comparison: bool, overrides: d
         configured, defaults = (compare, DEFAULTS["compare"]) if nested else (section, DEFAULTS)
         where = f"{config_file} (class_atlas: {'compare: ' if nested else ''}{name}:)"
         values = {**defaults[name], **(configured.get(name) or {}), **(overrides or {}).get(name, {})}
-        settings[name] = check_section(values, SECTIONS[name], where)
+        kind = SECTIONS[name]  # a settings class, or the function whose keywords select and layout are
+        settings[name] = (
+            kind.from_config(values, where) if isinstance(kind, type) else check_section(values, kind, where)
+        )
     return settings
 
 
@@ -183,7 +186,7 @@ def run_class_atlas(
     with open_store(subset) as made:
         samples = made[layer]["activations"].shape[0]
     lay_out_and_render(steps, subset, layer, classes, samples, settings, device, batch_size)
-    compose = ComposeSettings.from_config(settings["compose"])
+    compose = settings["compose"]
     head = {**head, "samples": samples}
     steps.run(
         "compose",
@@ -232,15 +235,14 @@ def lay_out_and_render(
         layout = settings["layout"]  # lowers the perplexity itself when there are few samples
         steps.run("layout", layout, lambda: comparison_layout_store(subset, *classes, layer=layer, **layout))
     else:
-        project = dict(settings["project"])
-        project["perplexity"] = fit_perplexity(samples, project.get("perplexity", 50))
-        project["n_neighbors"] = min(project.get("n_neighbors", 20), samples - 1)
-        plane = LayoutSettings.from_config(project)
+        project = settings["project"]
+        perplexity = fit_perplexity(samples, project.perplexity)
+        plane = replace(project, perplexity=perplexity, n_neighbors=min(project.n_neighbors, samples - 1))
         steps.run("project", {"settings": plane, "device": device}, lambda: project_store(subset, layer, plane, device))
-    grid = settings["grid"]
-    steps.run("grid", grid, lambda: grid_store(subset, layer=layer, whitening=False, **grid))
-    sizes = [int(size) for size in grid.get("sizes", [8])]
-    render = RenderSettings.from_config(settings["render"])
+    grid = replace(settings["grid"], whitening=False)  # the subset store keeps the whole layer's whitening
+    steps.run("grid", grid, lambda: grid_store(subset, layer=layer, **asdict(grid)))
+    sizes = list(grid.sizes)
+    render = settings["render"]
     steps.run(
         "render",
         {"settings": render, "sizes": sizes, "device": device},

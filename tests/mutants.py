@@ -144,9 +144,9 @@ MUTANTS = [
     Mutant(
         "config-accepts-unknown-keys",
         "atlas/config.py",
-        "    check_keys(values, set(inspect.signature(function).parameters), where)\n",
+        "        check_keys(values, {field.name for field in dataclasses.fields(cls)}, where or cls.__name__)\n",
         "",
-        PIPELINE,
+        (*PIPELINE, "tests/test_edges.py::test_a_key_the_run_sets_itself_is_refused_by_name"),
     ),
     Mutant(
         "attributions-swap-y-and-x",

@@ -43,10 +43,15 @@ def test_a_limit_below_one_is_refused(tmp_path, capsys, limit):
     assert not (tmp_path / "s.h5").exists()
 
 
-@pytest.mark.parametrize("positions", ["0", "-2", "5", "500"])
-def test_positions_outside_the_layers_interior_are_refused(tmp_path, capsys, positions):
+@pytest.mark.parametrize(
+    ("positions", "allowed"),
+    [("0", "at least 1"), ("-2", "at least 1"), ("5", "from 1 to 4"), ("500", "from 1 to 4")],
+)
+def test_positions_outside_the_layers_interior_are_refused(tmp_path, capsys, positions, allowed):
+    """Below 1: CollectSettings, before the model loads; above the layer's interior: once its shape is known."""
     code = main(collect_args(tmp_path, "--device", "cpu", "--positions", positions))
-    one_error_line(capsys, code, "positions", "4 interior positions", "from 1 to 4", f"not {positions}")
+    line = one_error_line(capsys, code, "positions", allowed, f"not {positions}")
+    assert "4 interior positions" in line or int(positions) < 1
     assert not (tmp_path / "s.h5").exists()
 
 
@@ -73,7 +78,7 @@ def test_a_grid_larger_than_memory_allows_is_refused_with_the_estimate(synthetic
         f["mixed4c"].create_dataset("layout", data=np.random.default_rng(0).random((2000, 2), dtype=np.float32))
     line = one_error_line(capsys, main(["grid", str(synthetic_store), "--sizes", "50000"]), "grid size 50000")
     assert "2,500,000,000 cells (for 2,000 samples) need about 726 GiB" in line and "grid sizes from 1 to " in line
-    one_error_line(capsys, main(["grid", str(synthetic_store), "--sizes", "0"]), "grid size", "at least 1", "not 0")
+    one_error_line(capsys, main(["grid", str(synthetic_store), "--sizes", "0"]), "grid: sizes", "at least 1", "not 0")
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:99"])
@@ -115,6 +120,17 @@ def test_a_bad_config_number_stops_make_atlas_in_one_line_and_leaves_nothing(
 ):
     config = {**TINY_RUN, section: {**TINY_RUN[section], **values}}
     one_error_line(capsys, pipeline.main(run_atlas_argv(tmp_path, config)), expected)
+    assert not list((tmp_path / "run").glob("store.h5*"))
+
+
+@pytest.mark.parametrize(
+    ("section", "key"), [("collect", "out"), ("collect", "layers"), ("grid", "layer"), ("grid", "path")]
+)
+def test_a_key_the_run_sets_itself_is_refused_by_name(tmp_path, capsys, section, key):
+    """`collect: {out: x}` or `grid: {layer: y}` name what the run gives the stage itself: one line naming the key,
+    before any work, not a TypeError ("multiple values") once the model is loaded."""
+    config = {**TINY_RUN, section: {**TINY_RUN[section], key: "x"}}
+    one_error_line(capsys, pipeline.main(run_atlas_argv(tmp_path, config)), f"unknown key {key!r}", f"({section}:)")
     assert not list((tmp_path / "run").glob("store.h5*"))
 
 

@@ -142,7 +142,7 @@ def test_regridding_replaces_a_size_and_its_icons(laid_out_store):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"sizes": (20, 0)}, "grid size must be an integer at least 1, not 0"),
+        ({"sizes": (20, 0)}, "grid: sizes must be an integer at least 1, not 0"),
         ({"sizes": (20, 100_000)}, "grid size 100000 is too large: 10,000,000,000 cells .* about 2,906 GiB"),
         ({"min_count": 0}, "min_count must be an integer at least 1, not 0"),
         ({"layer": "mixed5b"}, "not in the store"),
@@ -184,4 +184,4 @@ def test_cli_grid(laid_out_store, capsys):
         assert group["grid/20/mean"].shape == (20, 20, 16) and group["whitening"].shape == (16, 16)
         assert group["grid/10/top_classes"].shape == (10, 10, 5)
     assert main(["grid", str(laid_out_store), "--sizes", "0"]) == 2
-    assert "grid size must be an integer at least 1, not 0" in capsys.readouterr().err
+    assert "grid: sizes must be an integer at least 1, not 0" in capsys.readouterr().err

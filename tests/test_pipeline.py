@@ -69,11 +69,11 @@ def test_make_atlas_runs_every_stage_and_a_rerun_skips_them(tmp_path, capsys, ca
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_shipped_configs_load_and_every_stage_key_is_a_parameter(path):
+def test_shipped_configs_load_and_every_stage_key_is_a_setting(path):
     raw = yaml.safe_load(path.read_text())
     for layer in [raw.get("layer"), *(raw.get("layers") or {})]:
-        config = load_config(path, pipeline.stage_functions(), layer)  # raises on a key the stage does not accept
-        assert set(pipeline.stage_functions()) <= set(config)
+        config = load_config(path, pipeline.stage_settings(), layer)  # raises on a key the stage does not accept
+        assert all(isinstance(config[name], kind) for name, kind in pipeline.stage_settings().items())
     assert raw["collect"] and raw["project"] and raw["grid"] and raw["render"]
     if "class_atlas" in raw:
         for comparison in (False, True):
@@ -84,7 +84,7 @@ def test_a_misspelt_stage_key_is_caught(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({**TINY_RUN, "render": {"stpes": 3}}))
     with pytest.raises(AtlasError, match="did you mean steps"):
-        load_config(config, pipeline.stage_functions())
+        load_config(config, pipeline.stage_settings())
 
 
 def test_demo_set_is_22_readable_photos_with_labels():
@@ -105,8 +105,8 @@ def test_the_paper_config_on_the_demo_photos_runs_at_its_cpu_demo_settings(tmp_p
     with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
         pipeline.run_atlas(CONFIG_DIR / "inceptionv1.yaml", None, "mixed4c", None, None, "cpu", tmp_path, "random")
     cpu_demo = yaml.safe_load((CONFIG_DIR / "inceptionv1-cpu.yaml").read_text())
-    assert seen["config"]["collect"]["positions"] == cpu_demo["collect"]["positions"] == 64
-    assert seen["config"]["grid"]["sizes"] == cpu_demo["grid"]["sizes"]
+    assert seen["config"]["collect"].positions == cpu_demo["collect"]["positions"] == 64
+    assert list(seen["config"]["grid"].sizes) == cpu_demo["grid"]["sizes"]
     assert seen["layer"] == "mixed4c" and len(seen["records"]) == 22
     fallback = [r.message for r in caplog.records if "demo photos" in r.message]
     assert len(fallback) == 1 and "at the settings of configs/inceptionv1-cpu.yaml" in fallback[0]
@@ -168,7 +168,7 @@ def test_a_per_layer_override_applies_that_layers_settings_only(tmp_path):
     overrides = {"mixed3a": {"project": {"n_neighbors": 200}}, "mixed5b": {"project": {"n_neighbors": 15}}}
     config.write_text(yaml.safe_dump({**TINY_RUN, "layer": "mixed4c", "layers": overrides}))
     neighbours = {
-        layer: load_config(config, pipeline.stage_functions(), layer)["project"]["n_neighbors"]
+        layer: load_config(config, pipeline.stage_settings(), layer)["project"].n_neighbors
         for layer in ("mixed3a", "mixed5b", "mixed4c", None)
     }
     assert neighbours == {"mixed3a": 200, "mixed5b": 15, "mixed4c": 5, None: 5}
