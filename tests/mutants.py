@@ -129,8 +129,8 @@ MUTANTS = [
     Mutant(
         "pipeline-renders-default-grid-sizes",
         "pipelines/atlas.py",
-        'sizes = list(config["grid"].get("sizes", DEFAULT_SIZES))',
-        "sizes = list(DEFAULT_SIZES)",
+        'sizes, min_count = list(config["grid"].sizes), config["grid"].min_count',
+        'sizes, min_count = [20, 40, 80], config["grid"].min_count',
         PIPELINE,
     ),
     # more of the same kinds

@@ -132,4 +132,4 @@ def test_renderers_take_the_parameterisation_by_name(tmp_path):
         run_microscope(model, tmp_path / "site", param="wavelet")
     config = Path(__file__).resolve().parents[1] / "configs" / "efficientnet-lite0.yaml"
     settings = class_settings(config, "_blocks.10", False, {"render": {"param": "pixel"}})
-    assert settings["render"]["param"] == "pixel"
+    assert settings["render"].param == "pixel"
