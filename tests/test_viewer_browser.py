@@ -123,14 +123,17 @@ def test_viewer_shows_a_heatmap_cells_attribution_to_its_class(tmp_path: Path) -
 SHARK = 2  # the class chosen by name below; the store never ran class-atlas for it
 
 
-def _named_store(tmp_path: Path, sizes: tuple[int, ...]) -> Path:
-    """A rendered store whose classes have ImageNet-like names, "great white shark" among them."""
+def _named_run(tmp_path: Path, sizes: tuple[int, ...]) -> tuple[Path, Path]:
+    """A rendered store whose classes have ImageNet-like names, "great white shark" among them, and its composed
+    run folder (no examples): (store, run)."""
     store = write_rendered_store(tmp_path, sizes=sizes, n=3000, icon_px=ICON_PX)
     names = [f"class {k}" for k in range(10)]
     names[SHARK] = "great white shark"
     with h5py.File(store, "a") as f:
         f.create_dataset("classes", data=np.array(names, dtype=object), dtype=STR)
-    return store
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    return store, run
 
 
 def _shade_opacity(page: object, grid: int) -> np.ndarray:
@@ -145,9 +148,7 @@ def _shade_opacity(page: object, grid: int) -> np.ndarray:
 
 @needs_chromium
 def test_any_class_shades_the_cells_from_the_stores_attributions(tmp_path: Path) -> None:
-    store = _named_store(tmp_path, (COARSE, FINE))
-    run = tmp_path / "run"
-    compose_run(store, run, settings=ComposeSettings(examples=0))
+    store, run = _named_run(tmp_path, (COARSE, FINE))
     with h5py.File(store) as f:
         grid = f[f"mixed4c/grid/{COARSE}"]
         attribution, count = grid["attribution"][:, :, SHARK], grid["count"][()]
@@ -190,9 +191,7 @@ def test_any_class_shades_the_cells_from_the_stores_attributions(tmp_path: Path)
 
 @needs_chromium
 def test_an_existing_class_atlas_is_offered_beside_the_shading(tmp_path: Path) -> None:
-    store = _named_store(tmp_path, (COARSE,))
-    run = tmp_path / "run"
-    compose_run(store, run, settings=ComposeSettings(examples=0))
+    store, run = _named_run(tmp_path, (COARSE,))
     manifest = json.loads((run / "atlases.json").read_text())
     layer_atlas = manifest["atlases"][0]
     shark_atlas = {**layer_atlas, "id": "class-mixed4c-2", "kind": "class", "class": "great white shark"}
@@ -225,9 +224,7 @@ def _zoom_until(page: object, grid: int, factor: float) -> None:
 @needs_chromium
 def test_zoom_switches_the_grid_and_its_shading(tmp_path: Path) -> None:
     middle = 20
-    store = _named_store(tmp_path, (COARSE, middle, FINE))
-    run = tmp_path / "run"
-    compose_run(store, run, settings=ComposeSettings(examples=0))
+    store, run = _named_run(tmp_path, (COARSE, middle, FINE))
     with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
         tiles: list[str] = []
         page.on("request", lambda request: tiles.append(request.url) if "tiles_files" in request.url else None)
@@ -260,9 +257,7 @@ def test_zoom_switches_the_grid_and_its_shading(tmp_path: Path) -> None:
 
 @needs_chromium
 def test_a_copied_link_opens_the_same_view(tmp_path: Path) -> None:
-    store = _named_store(tmp_path, (COARSE, FINE))
-    run = tmp_path / "run"
-    compose_run(store, run, settings=ComposeSettings(examples=0))
+    store, run = _named_run(tmp_path, (COARSE, FINE))
     with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):
         page.context.grant_permissions(["clipboard-read", "clipboard-write"])
         page.goto(url)
@@ -340,9 +335,7 @@ def _labels(page: object) -> list[dict]:
 
 @needs_chromium
 def test_labels_are_text_that_follows_the_zoom_and_the_class(tmp_path: Path) -> None:
-    store = _named_store(tmp_path, (COARSE, FINE))
-    run = tmp_path / "run"
-    compose_run(store, run, settings=ComposeSettings(examples=0))
+    store, run = _named_run(tmp_path, (COARSE, FINE))
     with h5py.File(store) as f:
         grids = {size: f[f"mixed4c/grid/{size}"] for size in (COARSE, FINE)}
         count = {size: g["count"][()] for size, g in grids.items()}

@@ -194,23 +194,27 @@
     return { grid, x: Math.floor(u * grid), y: Math.floor(v * grid) };
   }
 
-  function cellsOf(grid) {
-    const url = gridEntry(grid).cells;
-    if (!state.cells.has(url)) {
+  // One request per URL, kept in `cache`; a failed one is forgotten, so the next use (a hover) retries it
+  function cachedFetch(cache, url, read, build) {
+    if (!cache.has(url)) {
       const request = fetch(url)
         .then((response) => {
           if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
-          return response.json();
+          return response[read]();
         })
-        .then((data) => {
-          const count = new Int32Array(grid * grid);
-          for (const cell of data.cells) count[cell.y * grid + cell.x] = cell.count;
-          return { byKey: new Map(data.cells.map((cell) => [`${cell.y},${cell.x}`, cell])), count };
-        });
-      request.catch(() => state.cells.delete(url)); // retry on the next hover
-      state.cells.set(url, request);
+        .then(build);
+      request.catch(() => cache.delete(url));
+      cache.set(url, request);
     }
-    return state.cells.get(url);
+    return cache.get(url);
+  }
+
+  function cellsOf(grid) {
+    return cachedFetch(state.cells, gridEntry(grid).cells, "json", (data) => {
+      const count = new Int32Array(grid * grid);
+      for (const cell of data.cells) count[cell.y * grid + cell.x] = cell.count;
+      return { byKey: new Map(data.cells.map((cell) => [`${cell.y},${cell.x}`, cell])), count };
+    });
   }
 
   function placeHighlight(target) {
@@ -362,21 +366,10 @@
   }
 
   function tableOf(grid) {
-    const url = gridEntry(grid).attribution;
-    if (!state.tables.has(url)) {
-      const request = fetch(url)
-        .then((response) => {
-          if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
-          return response.arrayBuffer();
-        })
-        .then((buffer) => {
-          const classes = buffer.byteLength / (4 + grid * grid); // float32 scales, then int8 [C, G * G]
-          return { scale: new Float32Array(buffer, 0, classes), values: new Int8Array(buffer, 4 * classes) };
-        });
-      request.catch(() => state.tables.delete(url));
-      state.tables.set(url, request);
-    }
-    return state.tables.get(url);
+    return cachedFetch(state.tables, gridEntry(grid).attribution, "arrayBuffer", (buffer) => {
+      const classes = buffer.byteLength / (4 + grid * grid); // float32 scales, then int8 [C, G * G]
+      return { scale: new Float32Array(buffer, 0, classes), values: new Int8Array(buffer, 4 * classes) };
+    });
   }
 
   // Each cell's attribution to class k and its opacity, as compose's heat-map (class_atlas.heatmap_opacity):
