@@ -104,11 +104,11 @@ class Fingerprints:
         callers that clear the cache with their outputs)."""
         key = fingerprint([self.upstream, stage, params])
         self.upstream = key
-        cached = self.done.get(stage) == key
-        if stage not in self.force and not self.rerun and cached and (present is None or present()):
+        cached = stage not in self.force and not self.rerun and self.done.get(stage) == key
+        if cached and (present is None or present()):
             log.info("%s: up to date, skipped", stage)
             return
-        if cached and stage not in self.force and not self.rerun:
+        if cached:
             log.info("%s: pipeline.json says done but its outputs are missing or incomplete: running it again", stage)
         self.rerun = True
         self.done.pop(stage, None)  # a run killed inside the stage must not read as finished

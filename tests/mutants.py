@@ -137,7 +137,7 @@ MUTANTS = [
     Mutant(
         "pipeline-reruns-finished-stages",
         "pipelines/atlas.py",
-        "cached = self.done.get(stage) == key",
+        "cached = stage not in self.force and not self.rerun and self.done.get(stage) == key",
         "cached = False",
         PIPELINE,
     ),
@@ -239,8 +239,8 @@ MUTANTS = [
     Mutant(
         "pipeline-json-decides-alone",
         "pipelines/atlas.py",
-        "and cached and (present is None or present()):",
-        "and cached:",
+        "if cached and (present is None or present()):",
+        "if cached:",
         (
             "tests/test_pipeline.py::test_the_store_decides_a_deleted_or_truncated_store_is_rebuilt_and_force_redoes_stages",
         ),
