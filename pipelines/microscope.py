@@ -20,7 +20,6 @@ from atlas.microscope.lenses import (
     CARICATURES,
     SIZE,
     STEPS,
-    TRANSFORMS,
     LensSettings,
     default_photos,
     layer_lenses,
@@ -31,7 +30,7 @@ from atlas.microscope.links import link_atlas
 from atlas.microscope.results import RESULTS, lens_group
 from atlas.microscope.site import write_index, write_layer_site
 from atlas.models import Classifier, load_model
-from atlas.optvis import PARAM, layer_map, model_device
+from atlas.optvis import PARAM, TRANSFORMS, layer_map, model_device
 from atlas.runtime import default_device, resolve
 from atlas.store import open_store
 

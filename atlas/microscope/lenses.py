@@ -16,7 +16,7 @@ from atlas import AtlasError
 from atlas.images import ImageRecord, load_rgb, to_model_input
 from atlas.microscope.results import lens_group
 from atlas.models import Classifier
-from atlas.optvis import PARAM, forward, model_device, optimize_images
+from atlas.optvis import PARAM, TRANSFORMS, forward, model_device, optimize_images
 from atlas.optvis.objectives import caricature, channel, deepdream
 from atlas.optvis.param import param_spec
 from atlas.optvis.transform import image_key, preset
@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 SIZE = 128  # lucid's default image size, param.image(128)
 STEPS = 512  # lucid's render_vis threshold (reference 2.1)
-# lucid's standard stack after random crops: Lite1 top-1 on 64 Lite0 class logits 0.45 -> 0.72 (bench_quality)
-TRANSFORMS = "crops"
 CARICATURES = 4  # photos caricatured per layer when none are given
 
 
