@@ -45,8 +45,8 @@ from PIL import Image, ImageDraw, ImageFont
 from atlas import AtlasError
 from atlas.class_atlas import HEATMAP_POPULATED, heatmap_opacity
 from atlas.config import Settings
-from atlas.images import load_rgb, to_model_input
-from atlas.store import class_names, grid_group, iter_rows, layer_group, open_store
+from atlas.examples import model_view, patch_box, pick_examples, view_sizes
+from atlas.store import class_names, grid_group, layer_group, open_store
 from atlas.store import layers as store_layers
 
 log = logging.getLogger(__name__)
@@ -204,45 +204,6 @@ def _write_tiles(image: Image.Image, folder: Path, tile_size: int, overlap: int,
             image.crop(box).save(folder / f"{col}_{row}.{tile_format}", quality=90)
 
 
-def pick_examples(
-    activations: h5py.Dataset, cell: np.ndarray, mean: np.ndarray, per_cell: int, image: np.ndarray
-) -> np.ndarray:
-    """Per cell, the `per_cell` samples whose activation is closest (cosine) to the cell's mean, at most one per
-    photo (`image`: each sample's image index): a cell's neighbouring positions of one photo look alike.
-    [cells, per_cell] sample indices, -1 where a cell has fewer photos."""
-    mean = mean.reshape(-1, mean.shape[-1])
-    if per_cell == 0:
-        return np.zeros((len(mean), 0), np.int64)
-    mean_unit = mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
-    score = np.empty(len(cell), np.float32)
-    for start, rows in iter_rows(activations, chunk=16384):
-        rows = rows.astype(np.float32)
-        cells = cell[start : start + len(rows)]
-        norm = np.maximum(np.linalg.norm(rows, axis=1), 1e-12)
-        score[start : start + len(rows)] = np.einsum("nc,nc->n", rows, mean_unit[cells]) / norm
-    order = np.lexsort((-score, cell))  # by cell, best first within a cell
-    _, first = np.unique(cell[order] * (int(image.max(initial=0)) + 1) + image[order], return_index=True)
-    best_of_photo = np.zeros(len(order), bool)
-    best_of_photo[first] = True  # the first (best) sample of each photo in each cell
-    order = order[best_of_photo]
-    sorted_cells = cell[order]
-    rank = np.arange(len(order)) - np.searchsorted(sorted_cells, sorted_cells)
-    keep = rank < per_cell
-    picked = np.full((len(mean), per_cell), -1, np.int64)
-    picked[sorted_cells[keep], rank[keep]] = order[keep]
-    return picked
-
-
-def patch_box(y: int, x: int, height: int, width: int, size: int, context: float = 3.0) -> tuple[int, int, int, int]:
-    """Square (left, top, right, bottom) in the model's input around activation position (y, x), `context` cells
-    wide, moved inside the image."""
-    side = min(size, round(context * size / min(height, width)))
-    centre_y, centre_x = (y + 0.5) * size / height, (x + 0.5) * size / width
-    top = int(np.clip(round(centre_y - side / 2), 0, size - side))
-    left = int(np.clip(round(centre_x - side / 2), 0, size - side))
-    return left, top, left + side, top + side
-
-
 def write_patches(
     wanted: dict[int, list[tuple[str, tuple[int, int]]]],
     image_paths: list[str],
@@ -266,10 +227,9 @@ def write_patches(
     def one_image(item: tuple[int, list[tuple[str, tuple[int, int]]]]) -> int | None:
         image, patches = item
         try:
-            picture = to_model_input(load_rgb(image_paths[image], min_side=resize_size), resize_size, input_size)
+            pixels = model_view(image_paths[image], input_size, resize_size)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None
-        pixels = Image.fromarray((picture.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
         if whole_images is not None and not (whole := whole_images / f"{image_id(image_paths[image])}.jpg").exists():
             pixels.save(whole, quality=90)
         for name, (y, x) in patches:
@@ -466,14 +426,8 @@ def _example_patches(
     wanted: dict[int, list[tuple[str, tuple[int, int]]]] = {}
     for sample in samples.tolist():
         wanted.setdefault(int(image_index[sample]), []).append((f"{sample}.jpg", tuple(position[sample])))
-    input_size = int(store.attrs["input_size"])
     read = write_patches(
-        wanted,
-        paths,
-        (int(group.attrs["height"]), int(group.attrs["width"])),
-        input_size,
-        int(store.attrs["resize_size"]) if "resize_size" in store.attrs else round(input_size * 256 / 224),
-        patch_dir,
+        wanted, paths, (int(group.attrs["height"]), int(group.attrs["width"])), *view_sizes(store), patch_dir
     )
     example_info = {
         s: {

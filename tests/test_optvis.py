@@ -250,8 +250,8 @@ def test_channel_objective_draws_the_stripes_its_filter_detects(vertical):
 def test_channel_objective_paints_the_colour_its_filter_detects(rgb, channel):
     model = colour_detector(rgb)
     objective = objectives.channel("detector", 0)
-    noise, _ = visualize(model, objective, size=24, steps=0, param="fft")
-    icon, _ = visualize(model, objective, size=24, steps=128, param="fft")
+    noise, _ = visualize(model, objective, size=24, steps=0, param="fft", transforms="standard")
+    icon, _ = visualize(model, objective, size=24, steps=128, param="fft", transforms="standard")
 
     def lead(img: np.ndarray) -> float:
         means = img[0].reshape(-1, 3).astype(float).mean(0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from atlas import AtlasError
-from atlas.optvis import evaluate, objectives, visualize
+from atlas.optvis import evaluate, objectives, optimize_images, visualize
 from atlas.optvis.param import (
     PARAMS,
     SPECTRUM_SIZE,
@@ -22,7 +22,7 @@ from atlas.optvis.transform import ImageRandom, image_key, random_crop
 from atlas.render import RenderSettings, render_icons
 from pipelines.class_atlas import class_settings
 from pipelines.microscope import run_microscope
-from tests.test_optvis import stripe_detector
+from tests.test_optvis import colour_detector, stripe_detector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,8 +101,8 @@ def test_phase_param_draws_the_stripes_its_filter_detects(vertical):
     # detector more than it did at the start, and far more than it excites the same stripes turned by 90 degrees
     model, turned = stripe_detector(vertical), stripe_detector(not vertical)
     objective = objectives.channel("relu", 0)
-    _, start = visualize(model, objective, size=48, steps=0, param="phase")
-    icon, value = visualize(model, objective, size=48, steps=64, param="phase")
+    _, start = visualize(model, objective, size=48, steps=0, param="phase", transforms="standard")
+    icon, value = visualize(model, objective, size=48, steps=64, param="phase", transforms="standard")
     (other,) = evaluate(turned, [objective], torch.from_numpy(icon).permute(0, 3, 1, 2).float() / 255)
     assert value[0] > 1.3 * start[0] and value[0] > 2 * other[0].item()
 
@@ -133,3 +133,36 @@ def test_renderers_take_the_parameterisation_by_name(tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "efficientnet-lite0.yaml"
     settings = class_settings(config, "_blocks.10", False, {"render": {"param": "pixel"}})
     assert settings["render"].param == "pixel"
+
+
+# feature accentuation -------------------------------------------------------------------------------------
+def _photo(size: int, batch: int = 2) -> np.ndarray:
+    return np.random.default_rng(0).integers(60, 190, (batch, size, size, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("param", ["fft", "pixel"])
+def test_accentuation_starts_from_the_given_image_and_stays_within_its_distance(param):
+    model = colour_detector((1.0, -1.0, -1.0))  # a red detector
+    objective = objectives.channel("detector", 0)
+    photo, radius = _photo(24), 0.2
+    keys = [image_key(0, i) for i in range(2)]
+    options = dict(size=24, transforms=[], param=param, start=photo, radius=radius)
+    begun, (before,) = optimize_images(model, objective, keys, steps=0, **options)
+    accented, (after,) = optimize_images(model, objective, keys, steps=48, **options)
+    change = np.abs(accented.astype(int) - photo).max(axis=(1, 2, 3))
+    assert np.abs(begun.astype(int) - photo).max() <= 1  # starts as the photo
+    assert (change <= radius * 255 + 1).all() and (change >= radius * 255 / 2).all()  # moved, within the ball
+    # towards the objective (redder), by no more than the ball allows: r, g and b each move at most `radius`
+    assert (after - before > radius / 2).all() and (after - before <= 3 * radius + 0.02).all()
+
+
+def test_accentuation_refuses_what_it_cannot_start_from():
+    with pytest.raises(AtlasError, match="fft or pixel"):
+        image(8, KEYS, param="phase", start=torch.zeros(3, 3, 8, 8))
+    with pytest.raises(AtlasError, match=r"\[3, 3, 8, 8\]"):
+        image(8, KEYS, start=torch.zeros(3, 3, 9, 9))
+    with pytest.raises(AtlasError, match="accentuate"):
+        RenderSettings(accentuate=0)
+    model = colour_detector((1.0, 0.0, 0.0))
+    with pytest.raises(AtlasError, match="start images"):
+        render_icons(model, "detector", np.ones((2, 1)), RenderSettings(size=8, steps=1, accentuate=0.2))

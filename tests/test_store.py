@@ -13,7 +13,8 @@ from PIL import Image
 
 from atlas import AtlasError
 from atlas.collect import collect
-from atlas.compose import ComposeSettings, compose_run, patch_box
+from atlas.compose import ComposeSettings, compose_run
+from atlas.examples import patch_box
 from atlas.images import ImageRecord, load_rgb, to_model_input
 from atlas.store import CLASSES, STR, class_names, fingerprint, record_settings, settings_match
 from tests.synthetic import tiny_classifier

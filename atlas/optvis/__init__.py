@@ -146,15 +146,27 @@ def optimize_images(
     decay_power: float = 1.0,
     mixed_precision: bool = False,
     measures: Sequence[Objective] = (),
+    start: np.ndarray | None = None,
+    radius: float = 0.25,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Optimise one image per random key; returns (uint8 [B, H, W, 3 or 4], values of [objective, *measures]).
 
     decay_power: the fft parameterisation's spectrum (param.image). The values are measured on the final
-    images as stored (quantised, untransformed); with alpha, over black.
+    images as stored (quantised, untransformed); with alpha, over black. start: uint8 [B, size, size, 3]
+    images to accentuate instead of noise, each kept within `radius` of its start (param.image).
     """
     device = model_device(model)
     rand = ImageRandom(keys, device)
-    images = image(size, rand, param=param, decorrelate=decorrelate, alpha=alpha, decay_power=decay_power)
+    images = image(
+        size,
+        rand,
+        param=param,
+        decorrelate=decorrelate,
+        alpha=alpha,
+        decay_power=decay_power,
+        start=None if start is None else uint8_to_tensor(start, device),
+        radius=radius,
+    )
     optimize(model, objective, images, rand, transforms=transforms, steps=steps, lr=lr, mixed_precision=mixed_precision)
     final = to_uint8(images())
     seen = uint8_to_tensor(final, device)

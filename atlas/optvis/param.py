@@ -8,6 +8,10 @@
 - `pixel`: plain pixels, decorrelated colour, sigmoid.
 Each parameterisation names the optimiser and learning rate it is tuned for (`ParamSpec`).
 Calling the returned module gives the current images [B, 3 (+1 alpha), H, W] in [0, 1].
+
+Feature accentuation (Hamblin et al. 2024) starts from given images instead of noise: with `start`, the fft
+or pixel parameterisation becomes a change of each start image, `start + radius * tanh(change)`, so the image
+begins as the start and never moves more than `radius` from it in any pixel (an L-infinity ball).
 """
 
 from __future__ import annotations
@@ -137,8 +141,21 @@ class ImageParam(nn.Module):
         sd: float = 0.01,  # lucid's initial standard deviation
         decay_power: float = 1.0,
         magnitude: torch.Tensor | None = None,
+        start: torch.Tensor | None = None,
+        radius: float = 0.25,
     ):
         super().__init__()
+        if start is not None:
+            if alpha or tuple(start.shape) != (rand.batch, 3, size, size):
+                raise AtlasError(f"start images must be [{rand.batch}, 3, {size}, {size}] without alpha")
+            if kind == "phase":  # standardised per image, its change is never near zero: it would not start there
+                raise AtlasError("accentuation starts from zero change: use the fft or pixel parameterisation")
+            if not 0 < radius <= 1:
+                raise AtlasError(f"the accentuation radius must be in (0, 1], not {radius}")
+            self.register_buffer("start", start.float().to(rand.keys.device))
+        else:
+            self.start = None
+        self.radius = radius
         self.spec = param_spec(kind)
         self.size, self.kind, self.decorrelate, self.alpha = size, kind, decorrelate, alpha
         channels = 4 if alpha else 3
@@ -182,6 +199,8 @@ class ImageParam(nn.Module):
         rgb, alpha = t[:, :3], t[:, 3:]
         if self.decorrelate:
             rgb = torch.einsum("dc,bchw->bdhw", self.color, rgb)
+        if self.start is not None:
+            return (self.start + self.radius * torch.tanh(rgb)).clamp(0, 1)
         return torch.sigmoid(torch.cat([rgb, alpha], 1))
 
 
@@ -195,13 +214,16 @@ def image(
     sd: float = 0.01,
     decay_power: float = 1.0,
     magnitude: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
+    radius: float = 0.25,
     device: torch.device | str = "cpu",
 ) -> ImageParam:
     """`len(keys)` images of `size` px, each initialised from its own random key (see transform.ImageRandom).
 
     param: fft, phase or pixel (`PARAMS`); decay_power: the fft spectrum's 1/f^decay_power (lucid's 1; more
     favours low frequencies); magnitude: the phase parameterisation's spectrum (`magnitude_spectrum` of a run's
-    own photos), default the shipped one of the demo photos.
+    own photos), default the shipped one of the demo photos. start: [B, 3, size, size] images in [0, 1] to
+    accentuate instead of noise, each staying within `radius` of its start in every pixel.
     """
     rand = keys if isinstance(keys, ImageRandom) else ImageRandom(keys, device)
     return ImageParam(
@@ -213,6 +235,8 @@ def image(
         sd=sd,
         decay_power=decay_power,
         magnitude=magnitude,
+        start=start,
+        radius=radius,
     )
 
 
