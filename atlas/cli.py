@@ -223,12 +223,19 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, help="icon attempts optimised together (default: fit GPU memory; 16 on CPU)"
     )
     p.add_argument("--cossim-pow", type=float, help="exponent of the cosine in the objective (default 4)")
-    p.add_argument("--transforms", help="atlas (default, paper), standard (lucid) or none")
+    p.add_argument("--transforms", help="atlas (default, paper), standard (lucid), crops or none")
     p.add_argument("--param", choices=PARAM_CHOICES, help=PARAM_HELP)
     p.add_argument("--lr", type=float, help="learning rate (default: the parameterisation's own)")
     p.add_argument("--decay-power", type=float, help="fft spectrum 1/f^decay_power (default 1, lucid's)")
     p.add_argument(
         "--no-whiten", dest="whiten", action="store_false", default=None, help="do not whiten the target direction"
+    )
+    p.add_argument(
+        "--accentuate",
+        type=float,
+        metavar="DISTANCE",
+        help="start each icon from its cell's most typical example patch and change no pixel by more than DISTANCE "
+        "(0-1; feature accentuation). Default: start from noise (paper)",
     )
     p.add_argument("--model", help="override the store's model")
     p.add_argument("--weights", help="override the store's weights: a file, or 'random'")

@@ -308,6 +308,7 @@ def _render_on_cluster(
     keys: list[int],
     on_icons: IconsDone,
     progress: bool = True,
+    starts: np.ndarray | None = None,
     **options,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A stand-in for `render_icons` (same arguments and results) that spreads the directions over the workers."""
@@ -324,7 +325,7 @@ def _render_on_cluster(
             directions[run],
             [keys[i] for i in run],
             settings,
-            options,
+            {**options, "starts": None if starts is None else starts[run]},
             retries=RETRIES,
             pure=False,
         ): run

@@ -6,6 +6,10 @@ group, `icons` [G, G, PX, PX, 3] uint8 (icon [y, x] belongs to cell y * G + x), 
 dot(h, Sv) * max(0.1, cos(h, Sv))^n at the centre neuron, several attempts per cell, the best kept
 by its own final objective. Many cells share one batch, each chasing its own direction.
 
+With `accentuate` set, an icon starts from its cell's most typical example patch instead of noise (feature
+accentuation, Hamblin et al. 2024) and stays within that distance of it; render then also reads the grid's
+`cell`, the layer's activations, image_index and position, and the photos (`atlas.examples`).
+
 Resumable: `icon_done` is written and flushed after every batch, and a rerun with the same settings
 renders only the cells that are not done. An icon depends only on (seed, cell, attempt), not on the
 batch it ran in, so the batch size is free to follow the memory available.
@@ -26,6 +30,7 @@ import torch
 
 from atlas import AtlasError
 from atlas.config import Settings
+from atlas.examples import example_crops, pick_examples
 from atlas.models import Classifier, load_model, weights_argument
 from atlas.optvis import PARAM, layer_map, model_device, optimize_images, visualize
 from atlas.optvis.objectives import atlas_direction, direction_cosine
@@ -296,6 +301,21 @@ def _prepare_outputs(grid: h5py.Group, recorded: dict, size: int) -> np.ndarray:
     return grid["icon_done"][()]
 
 
+def typical_examples(store: h5py.File, layer: str, grid: int, cells: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [len(cells), size, size, 3]: each cell's most typical example patch (compose's first example, the
+    sample nearest the cell's mean), which its accentuated icon starts from."""
+    group = store[layer]
+    cell_group = grid_group(group, grid)
+    picked = pick_examples(
+        group["activations"],
+        cell_group["cell"][()].astype(np.int64),
+        cell_group["mean"][()],
+        1,
+        group["image_index"][()],
+    )
+    return example_crops(store, layer, picked[cells, 0].tolist(), size)
+
+
 def _load_net(model: str | Classifier | None, weights: str | None, device: str | None, cells: _Cells) -> Classifier:
     """The given Classifier as is, else the named model (default the store's) with its weights on `device`."""
     if isinstance(model, Classifier):
@@ -352,6 +372,9 @@ def render_store(
             values = {"icon_objective": objective, "icon_cosine": cosine}
             store_finished(group, np.divmod(todo[indices], grid), ("icons", icons), values, "icon_done")
 
+        starts = None
+        if settings.accentuate is not None and len(todo):
+            starts = typical_examples(store, cells.layer, grid, todo, settings.size)
         if len(todo):
             (renderer or render_icons)(
                 net,
@@ -365,6 +388,7 @@ def render_store(
                 memory_format=runtime.memory_format,
                 progress=progress,
                 on_icons=write,
+                starts=starts,
             )
     seconds = round(time.perf_counter() - start, 2)
     return dict(

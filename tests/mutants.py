@@ -357,6 +357,28 @@ MUTANTS = [
         '.split("/")[0]))',
         ("tests/test_runtime.py::test_default_threads_are_the_affinitys_cores_less_the_threads_running_now",),
     ),
+    # issue 27: feature accentuation and the visualisation defaults
+    Mutant(
+        "accentuation-leaves-its-radius",
+        "atlas/optvis/param.py",
+        "return (self.start + self.radius * torch.tanh(rgb)).clamp(0, 1)",
+        "return (self.start + torch.tanh(rgb)).clamp(0, 1)",
+        ("tests/test_param.py",),
+    ),
+    Mutant(
+        "accentuation-starts-from-another-cells-example",
+        "atlas/render.py",
+        "return example_crops(store, layer, picked[cells, 0].tolist(), size)",
+        "return example_crops(store, layer, picked[cells[::-1], 0].tolist(), size)",
+        RENDER,
+    ),
+    Mutant(
+        "visualize-defaults-to-lucids-stack",
+        "atlas/optvis/__init__.py",
+        'TRANSFORMS = "crops"',
+        'TRANSFORMS = "standard"',
+        ("tests/test_optvis.py",),
+    ),
 ]
 
 

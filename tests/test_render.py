@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from atlas import AtlasError, render
 from atlas.cli import main
@@ -345,3 +346,37 @@ def test_render_store_rerun_with_one_changed_setting_renders_again(tmp_path, sma
 def test_a_nan_or_negative_decay_power_is_refused_before_any_render(decay_power):
     with pytest.raises(AtlasError, match="decay_power must not be negative"):
         RenderSettings(decay_power=decay_power)
+
+
+def test_accentuated_icons_start_from_their_cells_most_typical_example_and_stay_near_it(tmp_path, small_model):
+    path = grid_store(tmp_path / "s.h5")
+    rng = np.random.default_rng(2)
+    with h5py.File(path, "r+") as f:  # nine cells of ~33 samples, each sample a photo of one flat colour
+        group = f["relu3"]
+        activations = group["activations"][()]
+        cell = np.arange(len(activations)) % 9
+        means = np.stack([activations[cell == c].mean(0) for c in range(9)])
+        colours = rng.integers(0, 256, (len(activations), 3)).astype(np.uint8)
+        paths = []
+        for i, colour in enumerate(colours):
+            Image.new("RGB", (40, 40), tuple(int(v) for v in colour)).save(tmp_path / f"{i}.png")
+            paths.append(str(tmp_path / f"{i}.png"))
+        del f["images/path"]
+        f["images"].create_dataset("path", data=np.array(paths, dtype=object), dtype=h5py.string_dtype())
+        grid = group["grid/3"]
+        for name, data in (("count", np.bincount(cell, minlength=9).reshape(3, 3)), ("mean", means.reshape(3, 3, -1))):
+            del grid[name]
+            grid.create_dataset(name, data=data)
+        grid.create_dataset("cell", data=cell)
+    # the most typical sample of a cell: its activation's cosine to the cell's mean is the highest
+    unit = activations / np.linalg.norm(activations, axis=1, keepdims=True)
+    cosine = np.einsum("nc,nc->n", unit, means[cell] / np.linalg.norm(means[cell], axis=1, keepdims=True))
+    typical = [np.flatnonzero(cell == c)[np.argmax(cosine[cell == c])] for c in range(9)]
+
+    start = RenderSettings(size=16, steps=0, attempts=1, accentuate=0.2)
+    render_store(path, grid=3, settings=start, batch_size=4, model=small_model, progress=False)
+    begun = read_icons(path)["icons"].reshape(9, -1, 3).astype(int)
+    assert np.abs(begun - colours[typical][:, None]).max() <= 1
+    render_store(path, grid=3, settings=dataclasses.replace(start, steps=6), model=small_model, progress=False)
+    moved = np.abs(read_icons(path)["icons"].reshape(9, -1, 3).astype(int) - begun).max(axis=(1, 2))
+    assert (moved <= 0.2 * 255 + 1).all() and (moved > 0).all()
