@@ -228,7 +228,8 @@ def timed_rate(model: Classifier, layer: str, channels: int, settings: RenderSet
     seconds = []
     for count in (1, 1, 1 + steps):  # warm-up, then the difference leaves out each call's fixed costs
         started = time.perf_counter()
-        short = dataclasses.replace(settings, steps=count, attempts=1)
+        # from noise: a start image changes no step's cost, and a plan has no photos to start from
+        short = dataclasses.replace(settings, steps=count, attempts=1, accentuate=None)
         render_icons(model, layer, directions, short, batch_size=batch, progress=False)
         seconds.append(time.perf_counter() - started)
     return batch * steps / max(seconds[2] - seconds[1], 1e-9)

@@ -380,3 +380,8 @@ def test_accentuated_icons_start_from_their_cells_most_typical_example_and_stay_
     render_store(path, grid=3, settings=dataclasses.replace(start, steps=6), model=small_model, progress=False)
     moved = np.abs(read_icons(path)["icons"].reshape(9, -1, 3).astype(int) - begun).max(axis=(1, 2))
     assert (moved <= 0.2 * 255 + 1).all() and (moved > 0).all()
+
+
+def test_a_runs_plan_times_accentuated_icons_without_photos(small_model):
+    settings = RenderSettings(size=16, steps=2, attempts=1, accentuate=0.1)
+    assert render.timed_rate(small_model, "relu3", 16, settings, steps=1) > 0
