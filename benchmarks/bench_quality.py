@@ -62,6 +62,7 @@ ATLAS = [
     ("config, phase", dict(param="phase")),
     ("before", dict(size=64, steps=256, whiten=True)),  # the config's render settings before issue 13's change
 ]
+CHOSEN = "accentuate 0.1, 48 steps"  # the config's settings now, drawn beside "config" on a sheet of their own
 ATLAS_CELLS = 64  # the busiest cells of 231: eleven variants in ~13 minutes on 2 cores
 EXAMPLES = 4  # gallery patches per cell, as many as compose shows (--examples 4)
 JUDGE_LAYER = "_blocks.14"  # Lite1's last 112-channel block, as Lite0's _blocks.10 (LAYER) is Lite0's
@@ -282,6 +283,9 @@ def run() -> list[dict]:
             columns.append(result.pop("sheet"))
             rows.append(_shown(dict(part="atlas icons", budget=name, **result)))
             cells_sheet(columns, SHEETS / "cells.png")
+        names = [name for name, _ in ATLAS]
+        chosen = [columns[0], columns[2 + names.index("config")], columns[2 + names.index(CHOSEN)]]
+        cells_sheet(chosen, SHEETS / "cells-typical-config-accentuated.png")
     else:
         rows.append(_shown(dict(part="atlas icons", skipped=f"no sample photos at {SAMPLE}")))
     seconds = {}
