@@ -22,9 +22,9 @@ from atlas.optvis.objectives import LOGITS, Activations, Objective
 from atlas.optvis.param import ImageParam, image
 from atlas.optvis.transform import ImageRandom, Transform, collapse_alpha, compose, image_key, preset
 
-# lucid's: on Lite0 it kept the best atlas-icon cosine (0.45 vs phase 0.40, pixel 0.41) and, with crops, the best
-# Lite1 top-1 on 64 class logits (0.72 vs phase 0.61) (benchmarks/results.md, quality). Each parameterisation
-# names its optimiser and learning rate (param.PARAMS).
+# lucid's: on Lite0 it kept the best atlas-icon cosine from noise (0.86 vs phase 0.75) and, with crops, the best
+# Lite1 top-1 on 64 class logits at 64 steps (0.70 vs phase 0.67, pixel 0.31) (benchmarks/results.md, quality).
+# Each parameterisation names its optimiser and learning rate (param.PARAMS).
 PARAM = "fft"
 # lucid's standard stack after random crops of 50-100 % of the side: with it, Lite1 recognised 0.97 of 64 Lite0
 # class-logit visualisations (128 px, 256 steps), 0.50 with lucid's stack alone (benchmarks/results.md, quality)
