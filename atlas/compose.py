@@ -46,6 +46,7 @@ from atlas import AtlasError
 from atlas.class_atlas import HEATMAP_POPULATED, heatmap_opacity
 from atlas.config import Settings
 from atlas.examples import model_view, patch_box, pick_examples, view_sizes
+from atlas.images import UNREADABLE
 from atlas.store import class_names, grid_group, layer_group, open_store
 from atlas.store import layers as store_layers
 
@@ -228,7 +229,7 @@ def write_patches(
         image, patches = item
         try:
             pixels = model_view(image_paths[image], input_size, resize_size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except UNREADABLE:
             return None
         if whole_images is not None and not (whole := whole_images / f"{image_id(image_paths[image])}.jpg").exists():
             pixels.save(whole, quality=90)

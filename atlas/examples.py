@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from atlas.images import load_rgb, to_model_input
+from atlas.images import UNREADABLE, load_rgb, to_model_input
 from atlas.store import iter_rows
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def example_crops(store: h5py.File, layer: str, samples: Sequence[int], size: in
     image_index, position = group["image_index"], group["position"]
     shape = (int(group.attrs["height"]), int(group.attrs["width"]))
     input_size, resize_size = view_sizes(store)
-    paths = store["images/path"]
+    paths = store["images/path"].asstr()
     crops = np.full((len(samples), size, size, 3), GREY, np.uint8)
     by_image: dict[int, list[int]] = {}
     for row, sample in enumerate(samples):
@@ -91,8 +91,8 @@ def example_crops(store: h5py.File, layer: str, samples: Sequence[int], size: in
     unreadable = 0
     for image, rows in by_image.items():
         try:
-            view = model_view(paths[image].decode(), input_size, resize_size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            view = model_view(paths[image], input_size, resize_size)
+        except UNREADABLE:
             unreadable += 1
             continue
         for row in rows:

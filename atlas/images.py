@@ -25,6 +25,8 @@ WNID = re.compile(r"^(n\d{8})")
 # can declare 200 Mpx; it is refused from its header, before any pixel is decoded. Large JPEGs decode at 1/2..1/8
 # size (`Image.draft`), so a JPEG counts by its reduced size.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# what load_rgb raises for a file that is no readable image (or one too large to decode)
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to report, not grey pixels
 
 
@@ -185,7 +187,7 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             image = load_rgb(self.records[i].path, min_side=self.resize_size)
             return self.start + i, to_model_input(image, self.resize_size, self.crop_size), ""
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        except UNREADABLE as err:
             return self.start + i, None, f"{type(err).__name__}: {err}".splitlines()[0]
 
 

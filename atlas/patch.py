@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from atlas import AtlasError
-from atlas.images import ImageDataset, ImageRecord, collate, load_rgb
+from atlas.images import UNREADABLE, ImageDataset, ImageRecord, collate, load_rgb
 from atlas.models import Classifier
 from atlas.progress import progress
 from atlas.runtime import resolve
@@ -74,7 +74,7 @@ def load_patch(spec: str) -> torch.Tensor:
         )
     try:
         image = load_rgb(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except UNREADABLE as err:
         raise AtlasError(f"patch {path} cannot be read: {err}") from err
     if path != spec:
         x0, y0, x1, y1 = (int(v) for v in CROP_SPEC.match(spec).group("x0", "y0", "x1", "y1"))

@@ -34,7 +34,7 @@ from atlas.examples import example_crops, pick_examples
 from atlas.models import Classifier, load_model, weights_argument
 from atlas.optvis import PARAM, layer_map, model_device, optimize_images, visualize
 from atlas.optvis.objectives import atlas_direction, direction_cosine
-from atlas.optvis.param import param_spec
+from atlas.optvis.param import RADIUS, param_spec
 from atlas.optvis.transform import Transform, image_key, preset
 from atlas.progress import progress as progress_of
 from atlas.runtime import Runtime, default_device, resolve
@@ -117,7 +117,7 @@ def _render_batch(
         mixed_precision=mixed_precision,
         measures=[direction_cosine(layer, directions)],
         start=starts,
-        radius=settings.accentuate or 1.0,
+        radius=settings.accentuate or RADIUS,  # unused without starts
     )
     return icons, values, cosines
 
@@ -373,10 +373,10 @@ def render_store(
             values = {"icon_objective": objective, "icon_cosine": cosine}
             store_finished(group, np.divmod(todo[indices], grid), ("icons", icons), values, "icon_done")
 
-        starts = None
-        if settings.accentuate is not None and len(todo):
-            starts = typical_examples(store, cells.layer, grid, todo, settings.size)
         if len(todo):
+            starts = None
+            if settings.accentuate is not None:
+                starts = typical_examples(store, cells.layer, grid, todo, settings.size)
             (renderer or render_icons)(
                 net,
                 cells.layer,

@@ -10,10 +10,9 @@ from dataclasses import asdict, dataclass
 import h5py
 import numpy as np
 import torch
-from PIL import Image
 
 from atlas import AtlasError
-from atlas.images import ImageRecord, load_rgb, to_model_input
+from atlas.images import UNREADABLE, ImageRecord, load_rgb, to_model_input
 from atlas.microscope.results import lens_group
 from atlas.models import Classifier
 from atlas.optvis import PARAM, TRANSFORMS, forward, model_device, optimize_images
@@ -187,7 +186,7 @@ def default_photos(records: list[ImageRecord], count: int) -> list[str]:
                 continue
             try:
                 load_rgb(record.path, min_side=64)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            except UNREADABLE:
                 continue
             chosen.append(record.path)
             break

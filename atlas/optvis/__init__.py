@@ -19,7 +19,7 @@ import torch
 from atlas import AtlasError
 from atlas.models import Classifier, capture
 from atlas.optvis.objectives import LOGITS, Activations, Objective
-from atlas.optvis.param import ImageParam, image
+from atlas.optvis.param import RADIUS, ImageParam, image
 from atlas.optvis.transform import ImageRandom, Transform, collapse_alpha, compose, image_key, preset
 
 # lucid's: on Lite0 it kept the best atlas-icon cosine from noise (0.86 vs phase 0.75) and, with crops, the best
@@ -147,7 +147,7 @@ def optimize_images(
     mixed_precision: bool = False,
     measures: Sequence[Objective] = (),
     start: np.ndarray | None = None,
-    radius: float = 0.25,
+    radius: float = RADIUS,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Optimise one image per random key; returns (uint8 [B, H, W, 3 or 4], values of [objective, *measures]).
 
