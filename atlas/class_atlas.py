@@ -38,7 +38,6 @@ from atlas.store import CLASSES, iter_rows, layer_group, open_store, replace_dat
 log = logging.getLogger(__name__)
 
 SUBSET_ROWS = ("activations", "attributions", "image_index", "position")
-HEATMAP_POPULATED = 0.2  # paper front-end: max over cells of > 500 samples, a fifth of the 2500 per 20x20 cell of 1M
 
 
 # filters ------------------------------------------------------------------------------------------------
@@ -222,18 +221,3 @@ def comparison_layout_store(
 
 
 # heat-map -----------------------------------------------------------------------------------------------
-def heatmap_opacity(
-    attribution: np.ndarray, count: np.ndarray, min_count: int, populated: float = HEATMAP_POPULATED
-) -> np.ndarray:
-    """Opacity [G, G] in [0, 1] of each cell: its mean attribution to a class over the largest one among the
-    well-populated cells (at least `populated` x the average samples per cell); 0 where empty or negative."""
-    kept = count >= min_count
-    if not kept.any():
-        return np.zeros(count.shape, np.float32)
-    well_populated = kept & (count >= populated * count.sum() / count.size)
-    largest = attribution[well_populated if well_populated.any() else kept].max()
-    if largest <= 0:
-        largest = attribution[kept].max()  # no populated cell attributes to the class: scale by all the others
-    if largest <= 0:
-        return np.zeros(count.shape, np.float32)
-    return np.where(kept, np.clip(attribution / largest, 0.0, 1.0), 0.0).astype(np.float32)

@@ -1,14 +1,33 @@
-"""Class names: resolve what a user types ("Great White Shark", "great_white_shark", "2") to an index."""
+"""Class names: the label sets the models use (ImageNet-1k, lucid InceptionV1's 1008 logits), and what a user
+types ("Great White Shark", "great_white_shark", "2", "n01484850") resolved to an index."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 
 from atlas import AtlasError
 
 INCEPTIONV1_LOGITS = 1008  # lucid's InceptionV1 head: 1000 ImageNet classes, a 'dummy' and 7 unused
+
+
+@cache
+def _imagenet_lines() -> tuple[tuple[str, str], ...]:
+    """(wnid, name) of the 1000 ImageNet-1k classes, in logit order, from the shipped label file."""
+    lines = Path(__file__).with_name("imagenet_classes.txt").read_text().splitlines()
+    return tuple(tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#"))
+
+
+def imagenet_wnids() -> list[str]:
+    """The WordNet ids of the 1000 ImageNet-1k classes, in the standard logit order."""
+    return [wnid for wnid, _name in _imagenet_lines()]
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet-1k class names in the standard (torchvision) logit order."""
+    return [name for _wnid, name in _imagenet_lines()]
 
 
 def normal_name(name: str) -> str:
@@ -63,8 +82,6 @@ def resolve_class(name_or_index: str | int, class_names: list[str]) -> int:
 
 def wordnet_class(wnid: str, count: int) -> int:
     """The logit of an ImageNet-1k WordNet id in a model of `count` classes (ImageNet's 1000, or InceptionV1's)."""
-    from atlas.images import imagenet_wnids  # atlas.images names classes with this module
-
     wnids = imagenet_wnids()
     if wnid not in wnids:
         raise AtlasError(f"{wnid} is not the WordNet id of an ImageNet-1k class")

@@ -25,7 +25,6 @@ import os
 import shutil
 import time
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +35,9 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from atlas import AtlasError, __version__
+from atlas.classifier import Classifier
 from atlas.config import Settings, check_number
-from atlas.images import ImageDataset, ImageRecord, collate
-from atlas.models import Classifier
+from atlas.images import ImageRecord, load_batches
 from atlas.progress import progress as progress_of
 from atlas.runtime import MEMORY_FORMATS, PRECISIONS, Runtime, resolve
 from atlas.store import (
@@ -354,37 +353,14 @@ def write_batches(
     """
     model = runtime.prepare(model)
     pin = runtime.device.type == "cuda"
-    for rows, stacked, skipped in load_batches(model, records, batches, workers, start, progress, pin):
+    sides = (model.resize_size, model.input_size)
+    for rows, stacked, skipped in load_batches(records, *sides, batches, workers, start, progress, pin, desc="collect"):
         result = {}
         if rows:
             with runtime.autocast():
                 result = collect_batch(model, runtime.inputs(stacked), rows, layer_shapes, positions, seed)
         first = min(rows + [row for row, _ in skipped])
         _write_shard(parts / _shard_name(first), result, skipped)
-
-
-def load_batches(
-    model: Classifier,
-    records: list[ImageRecord],
-    pending: list[list[int]],
-    workers: int | None,
-    start: int = 0,
-    progress: bool | None = None,
-    pin_memory: bool = False,
-) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
-    """(rows, image batch, skipped) per batch; pin_memory (for a GPU) lets the copy to the device run asynchronously."""
-    dataset = ImageDataset(records, model.resize_size, model.input_size, start=start)
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=[[row - start for row in batch] for batch in pending],
-        num_workers=workers,
-        collate_fn=collate,
-        persistent_workers=False,
-        pin_memory=pin_memory,
-    )
-    total = len(pending)
-    yield from progress_of(loader, total=total, desc="collect", unit="batch", disable=total == 0 or progress is False)
 
 
 def _shard_name(first_row: int) -> str:

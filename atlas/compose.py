@@ -26,14 +26,10 @@ Rows of an atlas are the grid's y, columns its x (cell = y * G + x, as in the st
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import re
-import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,24 +39,21 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from atlas import AtlasError
-from atlas.class_atlas import HEATMAP_POPULATED, heatmap_opacity
 from atlas.config import Settings
-from atlas.examples import model_view, patch_box, pick_examples, view_sizes
-from atlas.images import UNREADABLE
+from atlas.examples import pick_examples, view_sizes
+from atlas.site import install_viewer, update_manifest, write_dzi, write_patches
 from atlas.store import class_names, grid_group, layer_group, open_store
 from atlas.store import layers as store_layers
 
 log = logging.getLogger(__name__)
 
-VIEWER = Path(__file__).with_name("viewer")
-MANIFEST = "atlases.json"
-VIEWER_BESIDE_HOME = "atlas.html"  # the viewer's page where another home page (the microscope's) holds index.html
 BACKGROUND = 255  # white canvas, empty cells stay white (lucid's make_canvas, reference 1.6)
 LABEL_SPACING_PX = 80  # about one label per 80 px of atlas; the paper's front-end draws one every ~40-60 px
 LABEL_FONT_PX = 11
 LABEL_STROKE_PX = 2  # white outline: labels stay legible over any icon
 LABEL_MIN_OPACITY = 0.5  # on a heat-map, only cells at least half shown are labelled: faded ones are not the class's
 TOP_CLASSES = 5
+HEATMAP_POPULATED = 0.2  # paper front-end: max over cells of > 500 samples, a fifth of the 2500 per 20x20 cell of 1M
 
 
 @dataclass
@@ -69,7 +62,7 @@ class Heatmap:
 
     class_index: int
     attribution: np.ndarray  # [G, G]
-    opacity: np.ndarray  # [G, G] in [0, 1] (atlas.class_atlas.heatmap_opacity)
+    opacity: np.ndarray  # [G, G] in [0, 1] (heatmap_opacity)
 
 
 @dataclass
@@ -158,96 +151,6 @@ def draw_labels(image: Image.Image, grid: Grid, names: list[str]) -> None:
             block_left, block_right = block_x * cell_px + 2, min(block_x + step, grid.size) * cell_px - 2
             left = np.clip((x + 0.5) * cell_px - label.width / 2, block_left, block_right - label.width)
             image.paste(label, (round(left), round((y + 1) * cell_px - label.height)), label)
-
-
-def write_dzi(
-    grid: Grid,
-    stem: Path,
-    tile_size: int = 254,  # Deep Zoom's customary tile and overlap (Microsoft's tools, deepzoom.py)
-    overlap: int = 1,
-    tile_format: str = "jpg",
-) -> int:
-    """Write `stem`.dzi and `stem`_files/<level>/<col>_<row>.<format>, the pyramid of one grid's atlas; return
-    its number of levels (level 0 is 1 px wide, the last is the atlas itself).
-
-    Unlabelled: the viewer writes the labels over it as text, as many as the zoom leaves room for.
-    """
-    full = grid.image.width
-    top = math.ceil(math.log2(full))
-    folder = stem.parent / f"{stem.name}_files"
-    if folder.exists():
-        shutil.rmtree(folder)  # a previous run may have had more levels
-    base = grid.image
-    for level in range(top, -1, -1):
-        width = math.ceil(full / 2 ** (top - level))
-        # each level halves the one above; Pillow copies an image "resized" to its own size, so the finest
-        # level takes the atlas itself (655 MB at 160)
-        base = base if base.width == width else base.resize((width, width), Image.LANCZOS, reducing_gap=3.0)
-        _write_tiles(base, folder / str(level), tile_size, overlap, tile_format)
-    stem.with_suffix(".dzi").write_text(
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="{tile_format}" Overlap="{overlap}" '
-        f'TileSize="{tile_size}">\n  <Size Width="{full}" Height="{full}"/>\n</Image>\n'
-    )
-    return top + 1
-
-
-def _write_tiles(image: Image.Image, folder: Path, tile_size: int, overlap: int, tile_format: str) -> None:
-    folder.mkdir(parents=True)
-    for row in range(math.ceil(image.height / tile_size)):
-        for col in range(math.ceil(image.width / tile_size)):
-            box = (
-                max(0, col * tile_size - overlap),
-                max(0, row * tile_size - overlap),
-                min(image.width, (col + 1) * tile_size + overlap),
-                min(image.height, (row + 1) * tile_size + overlap),
-            )
-            image.crop(box).save(folder / f"{col}_{row}.{tile_format}", quality=90)
-
-
-def write_patches(
-    wanted: dict[int, list[tuple[str, tuple[int, int]]]],
-    image_paths: list[str],
-    activation_shape: tuple[int, int],
-    input_size: int,
-    resize_size: int,
-    folder: Path,
-    whole_images: Path | None = None,
-    workers: int = min(8, os.cpu_count() or 1),
-) -> set[int]:
-    """Save input patches as the model saw the images (resize to `resize_size`, centre crop to `input_size`).
-
-    wanted: image index -> [(file name in `folder`, (y, x) activation position)]: the patch around each
-    position. whole_images: also save each image whole there, as <image_id>.jpg, unless it is there already.
-    Returns the images that could be read; unreadable ones are skipped.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    if whole_images is not None:
-        whole_images.mkdir(parents=True, exist_ok=True)
-
-    def one_image(item: tuple[int, list[tuple[str, tuple[int, int]]]]) -> int | None:
-        image, patches = item
-        try:
-            pixels = model_view(image_paths[image], input_size, resize_size)
-        except UNREADABLE:
-            return None
-        if whole_images is not None and not (whole := whole_images / f"{image_id(image_paths[image])}.jpg").exists():
-            pixels.save(whole, quality=90)
-        for name, (y, x) in patches:
-            pixels.crop(patch_box(y, x, *activation_shape, input_size)).save(folder / name, quality=90)
-        return image
-
-    with ThreadPoolExecutor(workers) as pool:  # PIL decodes outside the GIL
-        done = list(pool.map(one_image, wanted.items()))
-    read = {image for image in done if image is not None}
-    if len(read) < len(done):
-        log.warning("%d of %d example images could not be read; they show no patches", len(done) - len(read), len(done))
-    return read
-
-
-def image_id(path: str) -> str:
-    """The file name of a dataset image on a site: stable across runs and image lists."""
-    return hashlib.sha1(path.encode()).hexdigest()[:16]
 
 
 def check_grid(layer: h5py.Group, size: int) -> None:
@@ -362,6 +265,23 @@ def attribution_table(attribution: np.ndarray) -> bytes:
     return scale.astype("<f4").tobytes() + quantised.tobytes()
 
 
+def heatmap_opacity(
+    attribution: np.ndarray, count: np.ndarray, min_count: int, populated: float = HEATMAP_POPULATED
+) -> np.ndarray:
+    """Opacity [G, G] in [0, 1] of each cell: its mean attribution to a class over the largest one among the
+    well-populated cells (at least `populated` x the average samples per cell); 0 where empty or negative."""
+    kept = count >= min_count
+    if not kept.any():
+        return np.zeros(count.shape, np.float32)
+    well_populated = kept & (count >= populated * count.sum() / count.size)
+    largest = attribution[well_populated if well_populated.any() else kept].max()
+    if largest <= 0:
+        largest = attribution[kept].max()  # no populated cell attributes to the class: scale by all the others
+    if largest <= 0:
+        return np.zeros(count.shape, np.float32)
+    return np.where(kept, np.clip(attribution / largest, 0.0, 1.0), 0.0).astype(np.float32)
+
+
 def fade_cells(image: Image.Image, opacity: np.ndarray) -> Image.Image:
     """Blend each cell of an atlas toward the white background by its opacity [G, G] in [0, 1] (1: as drawn)."""
     pixels = np.asarray(image).copy()
@@ -455,7 +375,7 @@ def compose_atlas(
 ) -> dict:
     """Write one atlas (its grids of `layer` at `sizes`) under `out_dir`/`folder`; return its manifest paths.
 
-    heatmap_class: fade each cell by its attribution to this class (atlas.class_atlas.heatmap_opacity).
+    heatmap_class: fade each cell by its attribution to this class (heatmap_opacity).
     patch_dir: the example patches' folder in `out_dir`, default patches/<layer>.
     """
     group = store[layer]
@@ -478,7 +398,7 @@ def compose_atlas(
         cells = cells_json(grid, names, picked[grid.size], example_info)
         (grid_dir / "cells.json").write_text(json.dumps(cells, separators=(",", ":")))
         (grid_dir / "attribution.bin").write_bytes(attribution_table(grid_group(group, grid.size)["attribution"][()]))
-        levels = write_dzi(grid, grid_dir / "tiles", tile_format=settings.tile_format)
+        levels = write_dzi(grid.image, grid_dir / "tiles", tile_format=settings.tile_format)
         log.info("%s grid %d: %d Deep Zoom levels written", layer, grid.size, levels)
         entry_grids.append(
             {
@@ -497,44 +417,6 @@ def compose_atlas(
         "class_names": f"{folder}/classes.json",
         "heatmap_populated": HEATMAP_POPULATED,  # the viewer shades a class as heatmap_opacity does
     }
-
-
-def install_viewer(out_dir: Path) -> Path:
-    """Copy the static viewer (page, script, style, vendored OpenSeadragon) into the run folder; return its page.
-
-    The page is index.html, or atlas.html where `atlas microscope` made the folder's index.html its home page.
-    """
-    page = out_dir / (VIEWER_BESIDE_HOME if (out_dir / VIEWER_BESIDE_HOME).is_file() else "index.html")
-    # microscope/ holds the templates of `atlas microscope`'s pages, not part of the atlas viewer
-    ignore = shutil.ignore_patterns("__pycache__", "microscope", "index.html")
-    shutil.copytree(VIEWER, out_dir, dirs_exist_ok=True, ignore=ignore)
-    shutil.copyfile(VIEWER / "index.html", page)
-    return page
-
-
-def move_viewer_beside_home(out_dir: Path) -> str:
-    """Make the atlas viewer's page atlas.html, for a site whose own home page takes index.html; returns its name.
-
-    install_viewer keeps it there on later runs, so composing again never overwrites that home page.
-    """
-    shutil.copyfile(VIEWER / "index.html", out_dir / VIEWER_BESIDE_HOME)
-    return VIEWER_BESIDE_HOME
-
-
-def update_manifest(out_dir: Path, entries: list[dict]) -> None:
-    """Add or replace `entries` (by id) in the run folder's atlases.json, keeping other atlases."""
-    path = out_dir / MANIFEST
-    atlases = []
-    if path.exists():
-        try:
-            atlases = json.loads(path.read_text())["atlases"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise AtlasError(f"{path} is not an atlas manifest ({err}); remove it to start afresh") from err
-    new = {entry["id"]: entry for entry in entries}
-    atlases = [new.pop(old["id"], old) for old in atlases] + list(new.values())
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({"atlases": atlases}, indent=1))
-    temporary.replace(path)
 
 
 def compose_run(

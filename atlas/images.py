@@ -7,8 +7,10 @@ read, or that would decode to more than `MAX_PIXELS`, is reported as skipped, ne
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,8 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from atlas import AtlasError
-from atlas.classes import normal_name
+from atlas.classes import imagenet_wnids, normal_name
+from atlas.progress import progress as progress_of
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 WNID = re.compile(r"^(n\d{8})")
@@ -34,11 +37,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to repor
 class ImageRecord:
     path: str
     label: int = -1
-
-
-def imagenet_wnids() -> list[str]:
-    """The 1000 ImageNet-1k WordNet ids, in class-index order."""
-    return (Path(__file__).with_name("imagenet_wnids.txt")).read_text().split()
 
 
 def list_images(
@@ -198,3 +196,31 @@ def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int
     rows = [row for row, _ in good]
     batch = torch.stack([tensor for _, tensor in good]) if good else None
     return rows, batch, skipped
+
+
+def load_batches(
+    records: list[ImageRecord],
+    resize_size: int,
+    input_size: int,
+    batches: list[list[int]],
+    workers: int | None,
+    start: int = 0,
+    progress: bool | None = None,
+    pin_memory: bool = False,
+    desc: str = "images",
+) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """(rows, image batch, skipped) per batch of rows, decoded in `workers` processes (None: up to 4) as a model
+    of these sides sees them; `records` holds the rows from `start` on. pin_memory (for a GPU) lets the copy to the
+    device run asynchronously."""
+    dataset = ImageDataset(records, resize_size, input_size, start=start)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=[[row - start for row in batch] for batch in batches],
+        num_workers=workers,
+        collate_fn=collate,
+        persistent_workers=False,
+        pin_memory=pin_memory,
+    )
+    total = len(batches)
+    yield from progress_of(loader, total=total, desc=desc, unit="batch", disable=total == 0 or progress is False)

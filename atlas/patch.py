@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from atlas import AtlasError
+from atlas.classifier import Classifier
 from atlas.images import UNREADABLE, ImageDataset, ImageRecord, collate, load_rgb
-from atlas.models import Classifier
 from atlas.progress import progress
 from atlas.runtime import resolve
 from atlas.store import grid_group, layer_group, open_store

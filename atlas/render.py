@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from atlas import AtlasError
+from atlas.classifier import Classifier
 from atlas.config import Settings
 from atlas.examples import example_crops, pick_examples
-from atlas.models import Classifier, load_model, weights_argument
-from atlas.optvis import PARAM, layer_map, model_device, optimize_images, visualize
+from atlas.models import load_model, weights_argument
+from atlas.optvis import PARAM, choose_batch_size, layer_map, model_device, optimize_images, visualize
 from atlas.optvis.objectives import atlas_direction, direction_cosine
 from atlas.optvis.param import RADIUS, param_spec
 from atlas.optvis.transform import Transform, image_key, preset
@@ -44,10 +45,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["RenderSettings", "render_icons", "render_store", "visualize"]
 
-DEFAULT_CPU_BATCH = 16  # icons per batch on CPU (see benchmarks/bench_render.py)
-MAX_BATCH = 512  # beyond a few hundred 80-px icons a GPU gains nothing, and a batch is the unit of resumption
-PROBE_BATCH = 8  # icons in the trial step that measures GPU memory per icon
-MEMORY_FRACTION = 0.8  # of the free GPU memory, leaving room for allocator fragmentation
 
 IconsDone = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 
@@ -122,30 +119,32 @@ def _render_batch(
     return icons, values, cosines
 
 
-def choose_batch_size(
-    model: Classifier, layer: str, channels: int, size: int, transforms: Sequence[Transform], mixed_precision: bool
-) -> int:
-    """Icons per batch: on CUDA as many as fit in the free memory (measured by a trial step), else a default."""
+def _probe(
+    model: Classifier,
+    layer: str,
+    channels: int,
+    settings: RenderSettings,
+    transforms: Sequence[Transform],
+    mixed_precision: bool,
+) -> Callable[[int], object]:
+    """A trial of the render objective on n icons (two steps), for choose_batch_size to measure."""
+    trial = RenderSettings(size=settings.size, steps=2, attempts=1, cossim_pow=0)
     device = model_device(model)
-    if device.type != "cuda":
-        return DEFAULT_CPU_BATCH
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    free, _total = torch.cuda.mem_get_info(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    _render_batch(
-        model,
-        layer,
-        torch.ones(PROBE_BATCH, channels, device=device),
-        list(range(PROBE_BATCH)),
-        RenderSettings(size=size, steps=2, attempts=1, cossim_pow=0),
-        whitening=None,
-        transforms=transforms,
-        mixed_precision=mixed_precision,
-    )
-    per_icon = max(1.0, (torch.cuda.max_memory_allocated(device) - before) / PROBE_BATCH)
-    return int(np.clip(MEMORY_FRACTION * free / per_icon, 1, MAX_BATCH))
+
+    def run(n: int) -> object:
+        directions = torch.ones(n, channels, device=device)
+        return _render_batch(
+            model,
+            layer,
+            directions,
+            list(range(n)),
+            trial,
+            whitening=None,
+            transforms=transforms,
+            mixed_precision=mixed_precision,
+        )
+
+    return run
 
 
 def _attempt_batches(count: int, attempts: int, batch_size: int) -> list[list[tuple[int, int]]]:
@@ -193,7 +192,7 @@ def render_icons(
     mixed_precision = runtime.precision == "bf16" if mixed_precision is None else mixed_precision
     stack = preset(settings.transforms, settings.size)
     if batch_size is None:
-        batch_size = choose_batch_size(model, layer, channels, settings.size, stack, mixed_precision)
+        batch_size = choose_batch_size(model, _probe(model, layer, channels, settings, stack, mixed_precision))
         log.info("rendering %d icons x %d attempts, %d per batch", count, settings.attempts, batch_size)
 
     icons = np.zeros((count, settings.size, settings.size, 3), np.uint8)
@@ -223,7 +222,7 @@ def timed_rate(model: Classifier, layer: str, channels: int, settings: RenderSet
     stack = preset(settings.transforms, settings.size)
     runtime = resolve("render", model_device(model))
     runtime.prepare(model)
-    batch = choose_batch_size(model, layer, channels, settings.size, stack, runtime.precision == "bf16")
+    batch = choose_batch_size(model, _probe(model, layer, channels, settings, stack, runtime.precision == "bf16"))
     directions = torch.rand(batch, channels, generator=torch.Generator().manual_seed(0))
     seconds = []
     for count in (1, 1, 1 + steps):  # warm-up, then the difference leaves out each call's fixed costs

@@ -71,6 +71,7 @@ import h5py
 import numpy as np
 
 from atlas import AtlasError
+from atlas.classes import imagenet_classes
 
 STR = h5py.string_dtype("utf-8")
 SETTINGS = "settings"  # the attr holding the JSON of the settings that made a dataset or group
@@ -196,7 +197,5 @@ def class_names(store: h5py.File, count: int) -> list[str]:
             raise AtlasError(f"{store.filename}: /{CLASSES} has {len(names)} names for {count} logits")
         return names
     if count == 1000:
-        from atlas.models import imagenet_classes
-
         return imagenet_classes()
     return [f"class {k}" for k in range(count)]

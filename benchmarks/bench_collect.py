@@ -76,8 +76,8 @@ def baseline_collect_batch(model, images, rows, layers, positions, seed) -> dict
     """`atlas.collect.collect_batch` before issue 15: a forward for the activations, then the JVP from the input."""
     from torch.func import jvp, vmap
 
+    from atlas.classifier import capture
     from atlas.collect import _RelaxedMaxPool, sample_positions
-    from atlas.models import capture
 
     with torch.no_grad(), capture(model, list(layers)) as acts:
         model(images)
@@ -203,13 +203,12 @@ def run() -> list[dict]:
 
 
 def input_pipeline(images: int, workers: int) -> dict:
-    from atlas.collect import load_batches
-    from atlas.images import list_images
+    from atlas.images import list_images, load_batches
 
     model = _model("efficientnet-lite0")
     records = list_images(SAMPLE)[:images]
     batches = [list(range(i, min(i + BATCH, images))) for i in range(0, images, BATCH)]
     start = time.perf_counter()
-    for _ in load_batches(model, records, batches, workers):
+    for _ in load_batches(records, model.resize_size, model.input_size, batches, workers):
         pass
     return {"images_per_s": images / (time.perf_counter() - start)}

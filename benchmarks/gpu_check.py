@@ -208,7 +208,7 @@ def check_umap(ctx: Context) -> list[dict]:
 
 
 def check_class_atlas(ctx: Context) -> list[dict]:
-    from atlas.compose import MANIFEST
+    from atlas.site import MANIFEST
     from pipelines.class_atlas import run_class_atlas
     from tests.synthetic import write_synthetic_store
 
@@ -302,7 +302,7 @@ def _render_rate(ctx: Context, model: torch.nn.Module, directions: np.ndarray, b
 
 def _pixel_loop_rate(ctx: Context, model: torch.nn.Module, directions: np.ndarray) -> float:
     """The plain way: raw pixels, Adam, the whole network forward every step (no early stop, no transforms)."""
-    from atlas.models import capture
+    from atlas.classifier import capture
     from atlas.optvis.objectives import atlas_direction
 
     objective = atlas_direction(RENDER_LAYER, torch.as_tensor(directions, device=ctx.device))

@@ -27,8 +27,8 @@ from atlas.store import COLLECT_SETTINGS, fingerprint, settings_match
 from atlas.zoo import locate_weights, model_for_layer
 
 if TYPE_CHECKING:  # torch is imported only once the run's settings are checked
+    from atlas.classifier import Classifier
     from atlas.images import ImageRecord
-    from atlas.models import Classifier
 
 log = logging.getLogger("pipelines.atlas")
 

@@ -27,11 +27,12 @@ from atlas.class_atlas import (
     write_subset_store,
 )
 from atlas.classes import resolve_class
-from atlas.compose import MANIFEST, ComposeSettings, compose_run
+from atlas.compose import ComposeSettings, compose_run
 from atlas.config import Parser, check_section, config_path, load_config
 from atlas.grid import RIDGE, GridSettings, grid_store
 from atlas.project import LayoutSettings, project_store
 from atlas.render import RenderSettings, render_store
+from atlas.site import MANIFEST
 from atlas.store import COLLECT_SETTINGS, class_names, layer_group, open_store
 from pipelines.atlas import Fingerprints
 

@@ -338,7 +338,7 @@ MUTANTS = [
     ),
     Mutant(
         "deep-zoom-levels-round-down",
-        "atlas/compose.py",
+        "atlas/site.py",
         "top = math.ceil(math.log2(full))",
         "top = math.floor(math.log2(full))",
         ("tests/test_compose.py::test_deep_zoom_has_a_level_per_halving_down_to_1_px_on_any_canvas",),

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from atlas.models import Classifier, imagenet_classes
+from atlas.classes import imagenet_classes
+from atlas.classifier import Classifier
 from atlas.store import STR
 
 

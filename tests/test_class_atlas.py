@@ -15,13 +15,12 @@ from atlas import AtlasError
 from atlas.class_atlas import (
     comparison_layout_store,
     comparison_x,
-    heatmap_opacity,
     select_samples,
     winner_counts,
     write_subset_store,
 )
 from atlas.cli import main
-from atlas.compose import ComposeSettings, compose_run
+from atlas.compose import ComposeSettings, compose_run, heatmap_opacity
 from atlas.grid import GridSettings, grid_store
 from atlas.render import RenderSettings, render_store
 from pipelines.class_atlas import FEW_WINNERS, check_winners, class_settings, run_class_atlas

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from atlas import AtlasError
-from atlas.classes import close_matches, edit_distance, inceptionv1_classes, resolve_class
-from atlas.models import imagenet_classes
+from atlas.classes import close_matches, edit_distance, imagenet_classes, inceptionv1_classes, resolve_class
 
 NAMES = imagenet_classes()
 

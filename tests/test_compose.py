@@ -22,9 +22,9 @@ from atlas.compose import (
     compose_run,
     density_scale,
     draw_labels,
-    patch_box,
-    write_dzi,
 )
+from atlas.examples import patch_box
+from atlas.site import write_dzi
 from atlas.store import STR
 from atlas.view import serve_in_thread
 
@@ -159,7 +159,7 @@ def test_each_label_is_its_own_cells_top_class_under_that_cell() -> None:
 
 def test_dzi_levels_and_tiles(tmp_path: Path) -> None:
     fine = _grid(8, 2)
-    assert write_dzi(fine, tmp_path / "tiles", tile_size=48, overlap=1, tile_format="png") == 8
+    assert write_dzi(fine.image, tmp_path / "tiles", tile_size=48, overlap=1, tile_format="png") == 8
     meta = ET.parse(tmp_path / "tiles.dzi").getroot()
     ns = "{http://schemas.microsoft.com/deepzoom/2008}"
     assert (meta.get("TileSize"), meta.get("Overlap"), meta.get("Format")) == ("48", "1", "png")
@@ -337,5 +337,5 @@ def test_compose_settings_are_checked_once_from_a_config():
 def test_deep_zoom_has_a_level_per_halving_down_to_1_px_on_any_canvas(tmp_path: Path, size, levels) -> None:
     """Deep Zoom's pyramid: ceil(log2(the canvas side)) + 1 levels. A 48 px canvas needs 7 (48, 24, 12, 6, 3, 2,
     1), an 80 px one 8: a canvas whose side is not a power of two rounds up, or the browser's tiles are misplaced."""
-    assert write_dzi(_grid(size, 0), tmp_path / "tiles", tile_format="png") == levels
+    assert write_dzi(_grid(size, 0).image, tmp_path / "tiles", tile_format="png") == levels
     assert len(list((tmp_path / "tiles_files").iterdir())) == levels

@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 from atlas import AtlasError
-from atlas.classes import inceptionv1_classes, normal_name, resolve_class
+from atlas.classes import imagenet_classes, inceptionv1_classes, normal_name, resolve_class
+from atlas.classifier import capture
 from atlas.cli import main as cli_main
 from atlas.config import CONFIG_DIR
 from atlas.images import list_images
 from atlas.inceptionv1 import LocalResponseNorm
-from atlas.models import capture, imagenet_classes, load_model
+from atlas.models import load_model
 from atlas.zoo import ZOO, hub_dir, model_for_layer
 from pipelines.atlas import pick_model, run_data
 

@@ -14,8 +14,9 @@ from PIL import Image
 from torch import nn
 
 from atlas import AtlasError
+from atlas.classifier import Classifier, capture
 from atlas.cli import main
-from atlas.compose import VIEWER, ComposeSettings, compose_run
+from atlas.compose import ComposeSettings, compose_run
 from atlas.images import ImageDataset, ImageRecord, collate
 from atlas.microscope import (
     RESULTS,
@@ -29,7 +30,7 @@ from atlas.microscope import (
     unit_maxima,
 )
 from atlas.microscope import examples as example_lens
-from atlas.models import Classifier, capture
+from atlas.site import VIEWER
 from tests.test_compose import write_rendered_store
 
 LAYER = "mixed4c"  # the tiny model's alias, as in write_rendered_store's atlas

@@ -10,8 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from atlas.class_atlas import heatmap_opacity
-from atlas.compose import ComposeSettings, compose_run
+from atlas.compose import ComposeSettings, compose_run, heatmap_opacity
 from atlas.patch import load_patch
 from atlas.store import STR
 from tests.browser import ARTIFACTS, needs_chromium, served_page

@@ -11,10 +11,9 @@ import numpy as np
 import torch
 
 from atlas import AtlasError
-from atlas.collect import load_batches
-from atlas.images import ImageRecord
+from atlas.classifier import Classifier
+from atlas.images import ImageRecord, load_batches
 from atlas.microscope.results import lens_group
-from atlas.models import Classifier
 from atlas.optvis import forward, layer_map, model_device
 from atlas.store import STR
 
@@ -103,7 +102,8 @@ def top_activating(
     device = model_device(model)
     batches = [list(range(i, min(i + batch_size, len(records)))) for i in range(0, len(records), batch_size)]
     best, skipped = None, 0
-    for rows, images, unreadable in load_batches(model, records, batches, workers, progress=progress):
+    sides = (model.resize_size, model.input_size)
+    for rows, images, unreadable in load_batches(records, *sides, batches, workers, progress=progress, desc="examples"):
         for row, reason in unreadable:
             log.warning("skipped image %s: %s", records[row].path, reason)
         skipped += len(unreadable)

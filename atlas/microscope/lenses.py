@@ -12,15 +12,14 @@ import numpy as np
 import torch
 
 from atlas import AtlasError
+from atlas.classifier import Classifier
 from atlas.images import UNREADABLE, ImageRecord, load_rgb, to_model_input
 from atlas.microscope.results import lens_group
-from atlas.models import Classifier
-from atlas.optvis import PARAM, TRANSFORMS, forward, model_device, optimize_images
+from atlas.optvis import PARAM, TRANSFORMS, choose_batch_size, forward, model_device, optimize_images
 from atlas.optvis.objectives import caricature, channel, deepdream
 from atlas.optvis.param import param_spec
 from atlas.optvis.transform import image_key, preset
 from atlas.progress import progress as progress_of
-from atlas.render import choose_batch_size
 from atlas.runtime import resolve
 from atlas.store import STR, store_finished
 
@@ -116,7 +115,13 @@ def render_units(
         return 0
     mixed_precision = resolve("render", model_device(model)).precision == "bf16"
     options = settings.optimiser_options()
-    batch_size = batch_size or choose_batch_size(model, layer, channels, side, options["transforms"], mixed_precision)
+    if batch_size is None:
+
+        def probe(n: int) -> object:
+            trial = {**options, "steps": 2, "mixed_precision": mixed_precision}
+            return optimize_images(model, channel(layer, [todo[0]] * n), list(range(n)), **trial)
+
+        batch_size = choose_batch_size(model, probe)
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
     for batch in progress_of(batches, desc=f"units {layer}", unit="batch", disable=not progress):
         images, (values,) = optimize_images(

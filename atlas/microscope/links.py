@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atlas.compose import MANIFEST, move_viewer_beside_home
+from atlas.site import MANIFEST, move_viewer_beside_home
 from atlas.store import open_store
 
 log = logging.getLogger(__name__)

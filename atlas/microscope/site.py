@@ -22,10 +22,10 @@ import jinja2
 import numpy as np
 from PIL import Image
 
-from atlas.compose import VIEWER, VIEWER_BESIDE_HOME, image_id, write_patches
 from atlas.examples import patch_box
 from atlas.microscope.links import AtlasLinks
 from atlas.microscope.results import latest_group
+from atlas.site import VIEWER, VIEWER_BESIDE_HOME, image_id, write_patches
 
 TEMPLATES = VIEWER / "microscope"
 

@@ -11,13 +11,13 @@ optimisation; `visualize` is the one-call entry point:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from atlas import AtlasError
-from atlas.models import Classifier, capture
+from atlas.classifier import Classifier, capture
 from atlas.optvis.objectives import LOGITS, Activations, Objective
 from atlas.optvis.param import RADIUS, ImageParam, image
 from atlas.optvis.transform import ImageRandom, Transform, collapse_alpha, compose, image_key, preset
@@ -29,6 +29,10 @@ PARAM = "fft"
 # lucid's standard stack after random crops of 50-100 % of the side: with it, Lite1 recognised 0.97 of 64 Lite0
 # class-logit visualisations (128 px, 256 steps), 0.50 with lucid's stack alone (benchmarks/results.md, quality)
 TRANSFORMS = "crops"
+DEFAULT_CPU_BATCH = 16  # images per batch on CPU (benchmarks/bench_render.py)
+MAX_BATCH = 512  # beyond a few hundred 80-px icons a GPU gains nothing, and a batch is the unit of resumption
+PROBE_BATCH = 8  # images in the trial that measures GPU memory per image
+MEMORY_FRACTION = 0.8  # of the free GPU memory, leaving room for allocator fragmentation
 
 
 class _StopForwardError(Exception):
@@ -129,6 +133,22 @@ def uint8_to_tensor(images: np.ndarray, device: torch.device | str) -> torch.Ten
 
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def choose_batch_size(model: torch.nn.Module, probe: Callable[[int], object]) -> int:
+    """Images per batch: on CUDA as many as fit in the free memory, measured by `probe(PROBE_BATCH)`, a short trial
+    of the very objective and transforms that will run on PROBE_BATCH images; on CPU, DEFAULT_CPU_BATCH."""
+    device = model_device(model)
+    if device.type != "cuda":
+        return DEFAULT_CPU_BATCH
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, _total = torch.cuda.mem_get_info(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    probe(PROBE_BATCH)
+    per_image = max(1.0, (torch.cuda.max_memory_allocated(device) - before) / PROBE_BATCH)
+    return int(np.clip(MEMORY_FRACTION * free / per_image, 1, MAX_BATCH))
 
 
 def optimize_images(

@@ -372,7 +372,7 @@
     });
   }
 
-  // Each cell's attribution to class k and its opacity, as compose's heat-map (class_atlas.heatmap_opacity):
+  // Each cell's attribution to class k and its opacity, as compose's heat-map (compose.heatmap_opacity):
   // over the largest attribution among well-populated cells, 0 where empty or negative
   async function classShading(grid, k) {
     const [table, cells] = await Promise.all([tableOf(grid), cellsOf(grid)]);
