@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from atlas import AtlasError
-from atlas.classes import close_matches, edit_distance, imagenet_classes, inceptionv1_classes, resolve_class
+from atlas.classes import (
+    close_matches,
+    edit_distance,
+    imagenet_classes,
+    imagenet_wnids,
+    inceptionv1_classes,
+    resolve_class,
+)
 
 NAMES = imagenet_classes()
 
@@ -46,3 +53,11 @@ def test_suggestions_rank_names_that_contain_the_word_first_and_have_no_duplicat
 
 def test_edit_distance():
     assert edit_distance("kitten", "sitting") == 3 and edit_distance("", "abc") == 3 and edit_distance("ab", "ab") == 0
+
+
+def test_the_shipped_imagenet_labels_are_torchvisions_in_its_order_with_their_wordnet_ids():
+    from torchvision.models import ResNet50_Weights
+
+    assert ResNet50_Weights.DEFAULT.meta["categories"] == NAMES
+    wnids = imagenet_wnids()
+    assert len(set(wnids)) == 1000 and wnids[2] == "n01484850" and resolve_class("n01484850", NAMES) == 2
