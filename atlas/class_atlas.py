@@ -24,16 +24,18 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from atlas import AtlasError
+from atlas.config import Settings, check_number
 from atlas.grid import layer_whitening
 from atlas.layout import LayoutSettings, embed
 from atlas.project import normalize_layout
-from atlas.store import CLASSES, iter_rows, layer_group, open_store, replace_dataset
+from atlas.store import CLASSES, iter_rows, layer_group, made, open_store, record_lineage, replace_dataset
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,23 @@ SUBSET_ROWS = ("activations", "attributions", "image_index", "position")
 
 
 # filters ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SelectSettings(Settings):
+    """Which samples a class atlas shows (a config's `class_atlas: select:`), `select_samples`' keywords: the paper's
+    winner filter (the class is the sample's top attribution) and magnitude filter (the `top` largest attributions
+    to it: 3000 for a class atlas, 2000 per class for a comparison; 0 turns it off)."""
+
+    winner: bool = True
+    top: int = 3000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.winner, bool):
+            raise AtlasError(f"select: winner must be true or false, not {self.winner!r}")
+        check_number("select: top", self.top, 0)
+        if not self.winner and self.top == 0:
+            raise AtlasError("select: choose the winner filter, the magnitude filter (top > 0) or both")
+
+
 def select_samples(
     attributions: h5py.Dataset | np.ndarray,
     classes: Sequence[int],
@@ -173,6 +192,27 @@ def comparison_x(
     return ((np.clip(difference / scale, -1.0, 1.0) + 1.0) / 2.0).astype(np.float32), scale
 
 
+@dataclass(frozen=True)
+class ComparisonSettings(Settings):
+    """A two-class comparison's layout (a config's `class_atlas: compare: layout:`), `comparison_layout_store`'s
+    keywords: x is the attribution difference clipped at its `percentile`; y a 1-D t-SNE (lucid's class notebook:
+    cosine, perplexity 50)."""
+
+    percentile: float = 99.0
+    metric: str = "cosine"
+    perplexity: float = 50.0
+    learning_rate: float | str = "auto"
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        check_number("layout: percentile", self.percentile, 0.0, 100.0, kind=float)
+        check_number("layout: perplexity", self.perplexity, 1.0, kind=float)
+        if self.learning_rate != "auto":
+            check_number("layout: learning_rate", self.learning_rate, 1e-6, kind=float)
+        if self.seed is not None:
+            check_number("layout: seed", self.seed, 0)
+
+
 def comparison_layout_store(
     path: str | Path,
     class_a: int,
@@ -185,6 +225,7 @@ def comparison_layout_store(
     seed: int | None = 0,
 ) -> np.ndarray:
     """Write `/<layer>/layout` of a subset store as the two-class comparison layout; returns it."""
+    asked = ComparisonSettings(percentile, metric, perplexity, learning_rate, seed)
     with open_store(path) as store:
         group = layer_group(store, layer)
         layer = group.name.strip("/")
@@ -203,7 +244,7 @@ def comparison_layout_store(
     y = embed(activations, line)
     layout = np.stack([x, normalize_layout(y)[:, 0]], axis=1)
     with open_store(path, "r+") as store:
-        replace_dataset(
+        written = replace_dataset(
             store[layer],
             "layout",
             layout,
@@ -217,6 +258,7 @@ def comparison_layout_store(
             learning_rate=learning_rate,
             seed="none" if seed is None else seed,
         )
+        record_lineage(written, {"classes": [class_a, class_b], "settings": asked}, made(store[layer]))
     return layout
 
 

@@ -247,7 +247,9 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         from atlas.render import RenderSettings, render_store
+        from pipelines.atlas import regrid_stale
 
+        regrid_stale(Path(args.store), args.layer, args.grid)  # a render after `atlas project` renders its layout
         flags = [field.name for field in dataclasses.fields(RenderSettings)]
         options = dict(
             layer=args.layer,

@@ -46,6 +46,7 @@ from atlas.store import (
     ROW_CHUNK,
     STR,
     fingerprint,
+    record_lineage,
     record_settings,
     settings_json,
     settings_match,
@@ -289,23 +290,8 @@ def plan_collection(
     layer_shapes = {name: tuple(shapes[name]) for name in names}
     check_counts(records, layer_shapes, positions)
     check_number("batch_size", batch_size, 1)
-    meta = {
-        "model": model.name,
-        "weights": model.weights,
-        "input_size": model.input_size,
-        "resize_size": model.resize_size,
-        "layers": names,
-        "positions": positions,
-        "seed": seed,
-        "dataset": dataset,
-        "classes": len(model.class_names),
-        "images": len(records),
-        "images_sha1": hashlib.sha1("\n".join(r.path for r in records).encode()).hexdigest(),
-        "batch_size": batch_size,
-        "memory_format": runtime.memory_format,
-        "precision": runtime.precision,
-    }
-    if _complete(out, meta):
+    meta = collection_settings(model, records, names, positions, seed, batch_size, dataset, runtime)
+    if collected(out, meta):
         log.info("%s is already complete for these inputs; nothing to do", out)
         return None
     if out.exists():
@@ -316,6 +302,35 @@ def plan_collection(
     if len(pending) < len(batches):
         log.info("resuming: %d of %d batches already done in %s", len(batches) - len(pending), len(batches), parts)
     return CollectionPlan(meta, layer_shapes, parts, batches, pending)
+
+
+def collection_settings(
+    model: Classifier,
+    records: list[ImageRecord],
+    layers: list[str],
+    positions: int,
+    seed: int,
+    batch_size: int,
+    dataset: str,
+    runtime: Runtime,
+) -> dict:
+    """What a collection records (the root attr COLLECT_SETTINGS): a store holding these is finished with them."""
+    return {
+        "model": model.name,
+        "weights": model.weights,
+        "input_size": model.input_size,
+        "resize_size": model.resize_size,
+        "layers": layers,
+        "positions": positions,
+        "seed": seed,
+        "dataset": dataset,
+        "classes": len(model.class_names),
+        "images": len(records),
+        "images_sha1": hashlib.sha1("\n".join(r.path for r in records).encode()).hexdigest(),
+        "batch_size": batch_size,
+        "memory_format": runtime.memory_format,
+        "precision": runtime.precision,
+    }
 
 
 def check_counts(records: list[ImageRecord], layer_shapes: dict[str, tuple[int, int, int]], positions: object) -> None:
@@ -397,7 +412,8 @@ def _write_shard(path: Path, result: dict, skipped: list[tuple[int, str]]) -> No
     os.replace(tmp, path)  # atomic: a shard is either complete or absent
 
 
-def _complete(out: Path, meta: dict) -> bool:
+def collected(out: Path, meta: dict) -> bool:
+    """Whether `out` is a finished collection with these settings (`collection_settings`)."""
     if not out.exists():
         return False
     try:
@@ -432,6 +448,7 @@ def merge_parts(
         for layer, (channels, height, width) in layer_shapes.items():
             group = f.create_group(layer)
             group.attrs.update(channels=channels, height=height, width=width)
+            record_lineage(group, meta, "")
             datasets[layer] = {}
         for shard in progress_of(shards, desc="merge", unit="batch"):
             with np.load(shard) as data:

@@ -6,7 +6,9 @@ other atlas kinds (class atlases) can be added beside the layer atlases later:
     index.html, viewer.js, viewer.css, vendor/    the static viewer (copied from atlas/viewer); its page is
                                                   atlas.html instead where `atlas microscope` made index.html
                                                   the folder's home page (move_viewer_beside_home)
-    atlases.json                                  {"atlases": [entry, ...]}: id, kind, layer, class, title, paths
+    atlases.json                                  {"atlases": [entry, ...]}: id, kind, layer, class, title, paths;
+                                                  made_from (each grid's icons' identity, atlas.store lineage)
+                                                  and settings (the compose settings' fingerprint)
     <atlas id>/grid-<G>/atlas.png                 the atlas of grid size G: one icon per cell, sized by density
     <atlas id>/grid-<G>/tiles.dzi, tiles_files/   its Deep Zoom pyramid (OpenSeadragon reads it); the viewer
                                                   shows the grid whose cells are large enough at the zoom
@@ -42,7 +44,7 @@ from atlas import AtlasError
 from atlas.config import Settings
 from atlas.examples import pick_examples, view_sizes
 from atlas.site import install_viewer, update_manifest, write_dzi, write_patches
-from atlas.store import class_names, grid_group, layer_group, open_store
+from atlas.store import class_names, fingerprint, grid_group, layer_group, made, open_store
 from atlas.store import layers as store_layers
 
 log = logging.getLogger(__name__)
@@ -447,7 +449,8 @@ def compose_run(
             head = heads[layer]
             patch_dir = f"patches/{head['id']}" if atlas is not None else None
             paths = compose_atlas(store, layer, sizes, out_dir, head["id"], settings, heatmap_class, patch_dir)
-            entries.append({**head, **paths})
+            icons = {str(size): made(store[f"{layer}/grid/{size}/icons"]) for size in sizes}
+            entries.append({**head, **paths, "made_from": icons, "settings": fingerprint(settings)})
     index = install_viewer(out_dir)
     update_manifest(out_dir, entries)
     return index

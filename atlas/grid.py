@@ -31,7 +31,7 @@ import torch
 
 from atlas import AtlasError
 from atlas.config import Settings, check_number
-from atlas.store import iter_rows, layer_group, open_store, replace_dataset
+from atlas.store import iter_rows, layer_group, made, open_store, record_lineage, replace_dataset
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,7 @@ def grid_store(
             raise AtlasError(f"{group.name} lacks one attribution vector per sample: rerun `atlas collect`")
         _check_room(sizes, n, group["activations"].shape[1], group["attributions"].shape[-1])
         cells = {size: cell_ids(_read_layout(group, n), size) for size in sizes}
+        layout_made = made(group["layout"])
         # sums are made for the sizes that no larger size is a multiple of; the others are block sums of those
         source = {size: max(other for other in sizes if other % size == 0) for size in sizes}
         covariance = CovarianceSums(group["activations"].shape[1], _stride(n, whitening_rows)) if whitening else None
@@ -303,7 +304,8 @@ def grid_store(
         for size in sizes
     }
     whitened = None if covariance is None else (covariance.whitening(ridge), covariance.samples)
-    _write_grids(path, layer, grids, min_count, whitened, ridge)
+    settings = GridSettings(tuple(sizes), min_count, ridge, whitening_rows, chunk_rows, whitening)
+    _write_grids(path, layer, grids, (settings, layout_made), whitened)
     for size, arrays in grids.items():
         filled = int((arrays["count"] >= min_count).sum())
         log.info("grid %d: %d of %d cells hold >= %d samples", size, filled, size * size, min_count)
@@ -315,21 +317,23 @@ def _write_grids(
     path: str | Path,
     layer: str,
     grids: dict[int, dict[str, np.ndarray]],
-    min_count: int,
+    lineage: tuple[GridSettings, str],
     whitened: tuple[np.ndarray, int] | None,
-    ridge: float,
 ) -> None:
-    """Write each grid's arrays (replacing the old grid and its icons) and, when given, the whitening matrix."""
+    """Write each grid's arrays (replacing the old grid and its icons) and, when given, the whitening matrix; each
+    grid records its settings and the layout it was made from (`lineage`)."""
+    settings, layout_made = lineage
     with open_store(path, "r+") as store:
         group = store[layer]
         if whitened is not None:
             matrix, samples = whitened
-            replace_dataset(group, "whitening", matrix, ridge=ridge, samples=samples, centred=True)
+            replace_dataset(group, "whitening", matrix, ridge=settings.ridge, samples=samples, centred=True)
         for size, arrays in grids.items():
             key = f"grid/{size}"
             if key in group:
                 del group[key]  # its icons belong to the old means
             grid = group.create_group(key)
-            grid.attrs.update(min_count=min_count)
+            grid.attrs.update(min_count=settings.min_count)
+            record_lineage(grid, settings, layout_made)
             for name, data in arrays.items():
                 replace_dataset(grid, name, data)

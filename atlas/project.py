@@ -16,7 +16,7 @@ import numpy as np
 
 from atlas import AtlasError
 from atlas.layout import LayoutSettings, embed, resolve_knn
-from atlas.store import layer_group, open_store, record_settings, replace_dataset
+from atlas.store import layer_group, made, open_store, record_lineage, replace_dataset
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def project_store(
         group = store[layer]
         if "grid" in group:
             log.warning("%s has grids made from its previous layout: rerun `atlas grid`", layer)
-        made = replace_dataset(group, "layout", layout, **layout_attrs(settings, device, shape))
-        record_settings(made, {"settings": settings, "device": device})
+        written = replace_dataset(group, "layout", layout, **layout_attrs(settings, device, shape))
+        record_lineage(written, {"settings": settings, "device": device}, made(group))
     log.info("wrote /%s/layout %s", layer, layout.shape)
     return layout

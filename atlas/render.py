@@ -18,6 +18,7 @@ batch it ran in, so the batch size is free to follow the memory available.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +40,18 @@ from atlas.optvis.param import RADIUS, param_spec
 from atlas.optvis.transform import Transform, image_key, preset
 from atlas.progress import progress as progress_of
 from atlas.runtime import Runtime, default_device, resolve
-from atlas.store import grid_group, layer_group, open_store, record_settings, settings_match, store_finished
+from atlas.store import (
+    MADE_FROM,
+    SETTINGS,
+    fresh,
+    grid_group,
+    layer_group,
+    made,
+    open_store,
+    record_lineage,
+    remade,
+    store_finished,
+)
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +263,12 @@ def _read_cells(path: str | Path, layer: str | None, grid: int, whiten: bool) ->
     with open_store(path) as store:
         group = layer_group(store, layer)
         cells = grid_group(group, grid)
+        layout_made, grid_from = made(group.get("layout")), str(cells.attrs.get(MADE_FROM, ""))
+        if layout_made and grid_from and grid_from != layout_made:
+            raise AtlasError(
+                f"grid {grid} of {group.name} was made from an earlier layout: run `atlas grid` again first "
+                f"(`atlas render` does it for you)"
+            )
         whitening = None
         if whiten:
             if "whitening" not in group:
@@ -283,10 +301,11 @@ def _prepare_outputs(grid: h5py.Group, recorded: dict, size: int) -> np.ndarray:
     """Create the icon datasets, or keep them when they were made with the same settings; returns icon_done."""
     side = grid["count"].shape[0]
     existing = grid.get("icons")
-    if existing is not None and "icon_done" in grid and settings_match(existing, recorded):
+    grid_made = made(grid)
+    if existing is not None and "icon_done" in grid and fresh(existing, recorded, grid_made):
         return grid["icon_done"][()]
     if existing is not None:
-        log.info("%s: render settings changed, rendering every icon again", grid.name)
+        log.info("%s: render settings or the grid changed, rendering every icon again", grid.name)
     for name in ("icons", "icon_objective", "icon_cosine", "icon_done"):
         if name in grid:
             del grid[name]
@@ -294,7 +313,7 @@ def _prepare_outputs(grid: h5py.Group, recorded: dict, size: int) -> np.ndarray:
         "icons", shape=(side, side, size, size, 3), dtype=np.uint8, chunks=(1, 1, size, size, 3), fillvalue=255
     )
     icons.attrs.update({key: value for key, value in recorded.items() if value is not None})  # readable as attrs
-    record_settings(icons, recorded)
+    record_lineage(icons, recorded, grid_made)
     grid.create_dataset("icon_objective", data=np.full((side, side), np.nan, np.float32))
     grid.create_dataset("icon_cosine", data=np.full((side, side), np.nan, np.float32))
     grid.create_dataset("icon_done", data=np.zeros((side, side), bool))
@@ -324,10 +343,31 @@ def _load_net(model: str | Classifier | None, weights: str | None, device: str |
     return load_model(model or cells.model, weights=weights, device=device or default_device())
 
 
-def _recorded_settings(settings: RenderSettings, net: Classifier, runtime: Runtime) -> dict:
-    """The icons' settings as the store records them: the icon-defining ones, the model and the run-time policy."""
+def _recorded_settings(settings: RenderSettings, model: str, weights: str, runtime: Runtime) -> dict:
+    """The icons' settings as the store records them: the icon-defining ones, the model (its name and weights'
+    label) and the run-time policy."""
     policy = dict(memory_format=runtime.memory_format, precision=runtime.precision)
-    return {**dataclasses.asdict(settings), "model": net.name, "weights": net.weights, **policy}
+    return {**dataclasses.asdict(settings), "model": model, "weights": weights, **policy}
+
+
+def rendered(
+    path: str | Path, layer: str, grid: int, settings: RenderSettings, runtime: Runtime, model: Classifier | None = None
+) -> bool:
+    """Whether every non-empty cell of the grid has its icon, made with these settings, run-time policy and `model`
+    (default: the store's own) from the grid as it is now (then `render_store` would render nothing)."""
+    try:
+        with open_store(path) as store:
+            cells = store[layer].get(f"grid/{grid}")
+            icons = None if cells is None else cells.get("icons")
+            if icons is None or "icon_done" not in cells:
+                return False
+            non_empty = cells["count"][()] >= int(cells.attrs.get("min_count", 1))
+            made_with = json.loads(str(icons.attrs.get(SETTINGS, "{}")))  # the store's model: what made them
+            name, weights = (model.name, model.weights) if model else (made_with.get("model"), made_with.get("weights"))
+            recorded = _recorded_settings(settings, str(name), str(weights), runtime)
+            return fresh(icons, recorded, made(cells)) and bool(cells["icon_done"][()][non_empty].all())
+    except (AtlasError, KeyError, ValueError):
+        return False
 
 
 def render_store(
@@ -363,7 +403,7 @@ def render_store(
     start = time.perf_counter()
     with open_store(path, "r+") as store:
         group = store[f"{cells.layer}/grid/{grid}"]
-        done = _prepare_outputs(group, _recorded_settings(settings, net, runtime), settings.size)
+        done = _prepare_outputs(group, _recorded_settings(settings, net.name, net.weights, runtime), settings.size)
         todo = np.flatnonzero(cells.non_empty.ravel() & ~done.ravel())  # row-major cell ids, y * G + x
         total = int(cells.non_empty.sum())
         log.info("%s grid %d: %d of %d non-empty cells to render", cells.layer, grid, len(todo), total)
@@ -390,6 +430,7 @@ def render_store(
                 on_icons=write,
                 starts=starts,
             )
+            remade(group["icons"])  # new icons: what was composed from them is stale
     seconds = round(time.perf_counter() - start, 2)
     return dict(
         layer=cells.layer, grid=grid, cells=total, rendered=len(todo), already_done=total - len(todo), seconds=seconds

@@ -54,6 +54,13 @@ layer group the parent layer's attrs plus `kind` ("class" or "comparison") and `
 `source_index` [n] int64 holds each sample's row in the parent layer, and its whitening is the parent
 layer's (attrs as above, plus source = "parent layer").
 
+Lineage: the layer group (written by collect), its layout (project), each grid/<G> group (grid) and its icons
+(render) carry `settings` (the JSON of what made them), `made` (an identity, new each time they are made or, for
+icons, added to) and `made_from` (the `made` of what they were made from: layer <- layout <- grid/<G> <- icons; a
+subset store's layer group <- the parent's layer group). `fresh(node, settings, made_from)` is the one rule that
+decides whether a product is up to date; a composed atlas records its icons' `made` in the run folder's
+atlases.json (`made_from`).
+
 A cell is "empty" when its count is below the grid's min_count. Layer names are module paths
 (`_blocks.10`, `inception4c`) or a model's aliases (`mixed4c`); they are stored as given by the
 model's canonical name, which never contains "/".
@@ -64,6 +71,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +83,8 @@ from atlas.classes import imagenet_classes
 
 STR = h5py.string_dtype("utf-8")
 SETTINGS = "settings"  # the attr holding the JSON of the settings that made a dataset or group
+MADE = "made"  # the attr holding a product's identity, new each time it is made (`record_lineage`)
+MADE_FROM = "made_from"  # the attr holding the identity of the product it was made from
 COLLECT_SETTINGS = "collect_meta"  # the root attr holding collect's settings
 CLASSES = "classes"
 ROW_CHUNK = 4096  # rows per HDF5 chunk: large enough to stream fast, small enough to read one cheaply
@@ -199,3 +209,34 @@ def class_names(store: h5py.File, count: int) -> list[str]:
     if count == 1000:
         return imagenet_classes()
     return [f"class {k}" for k in range(count)]
+
+
+# lineage -----------------------------------------------------------------------------------------
+Node = h5py.Group | h5py.Dataset
+
+
+def record_lineage(node: Node, settings: object, made_from: str) -> None:
+    """Record that `node` was just made with `settings` from the product whose identity is `made_from` ("" for the
+    images themselves). Each making gets a new identity, so a product made again, even with equal settings (an
+    unseeded UMAP), leaves everything made from its earlier self stale."""
+    record_settings(node, settings)
+    node.attrs[MADE_FROM] = made_from
+    remade(node)
+
+
+def remade(node: Node) -> None:
+    """Give `node` a new identity: its content changed (a resumed render added icons), so its products are stale."""
+    node.attrs[MADE] = uuid.uuid4().hex[:16]
+
+
+def made(node: Node | None) -> str:
+    """The identity of a product ("" for none, or one written before lineage was recorded)."""
+    return "" if node is None else str(node.attrs.get(MADE, ""))
+
+
+def fresh(node: Node | None, settings: object, made_from: str) -> bool:
+    """Whether `node` exists, was made with these settings, and from the product whose identity is `made_from` now:
+    the one freshness rule of the CLI and the pipelines."""
+    if not made(node) or not settings_match(node, settings):
+        return False
+    return str(node.attrs.get(MADE_FROM, "")) == made_from

@@ -1,10 +1,10 @@
-"""`make atlas`: collect -> project -> grid -> render -> compose, into one run folder.
+"""`atlas run atlas` (`make atlas`): collect -> project -> grid -> render -> compose, into one run folder.
 
 The run folder holds `store.h5` (the stages' HDF5 contract), the composed atlas and its viewer.
-The store is the truth: a stage is skipped only when its outputs are complete in the store (and the run
-folder) and its parameters and upstream have the same fingerprint as when it last finished (`pipeline.json`
-caches the fingerprints; it never decides alone). An interrupted or repeated run only does what is missing;
-`--force [STAGE ...]` redoes stages whatever the store holds.
+The store is the truth: each product records its settings and what it was made from (atlas.store lineage), and
+a stage is skipped only when `store.fresh` says its product is up to date and complete. An interrupted or repeated
+run only does what is missing; a changed stage setting redoes that stage and, as their inputs are then new, every
+later one; `--force [STAGE ...]` redoes stages whatever the store holds.
 
 Everything that can stop a run (the model a layer picks, the config, a missing weights file) is settled
 before torch and the stages are imported, so such a run stops within a second.
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from atlas import AtlasError
 from atlas.config import Parser, Settings, check_number, config_path, load_config
-from atlas.store import COLLECT_SETTINGS, fingerprint, settings_match
+from atlas.store import COLLECT_SETTINGS, fingerprint, fresh, made
 from atlas.zoo import locate_weights, model_for_layer
 
 if TYPE_CHECKING:  # torch is imported only once the run's settings are checked
@@ -82,43 +82,16 @@ STAGES = ("collect", "project", "grid", "render", "compose")
 LAYER_ROWS = ("activations", "image_index", "position", "attributions")  # collect's per-sample datasets
 
 
-class Fingerprints:
-    """pipeline.json: for each finished stage, a hash of its parameters and of its upstream's hash.
-
-    The file only caches: a stage is skipped when its hash is unchanged *and* its outputs are complete in the
-    store (and run folder), so a deleted or truncated store is rebuilt. Once a stage runs, every later stage runs
-    too (its inputs changed); `force` names stages to run whatever the cache and the store say.
-    """
-
-    def __init__(self, path: Path, force: Collection[str] = ()):
-        self.path = path
-        self.done: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
-        self.upstream = ""
-        self.force = set(force)
-        self.rerun = False
-
-    def run(
-        self, stage: str, params: dict, work: Callable[[], object], present: Callable[[], bool] | None = None
-    ) -> None:
-        """Run `work` unless the stage is up to date; `present` checks its outputs (None: only the cache decides, for
-        callers that clear the cache with their outputs)."""
-        key = fingerprint([self.upstream, stage, params])
-        self.upstream = key
-        cached = stage not in self.force and not self.rerun and self.done.get(stage) == key
-        if cached and (present is None or present()):
-            log.info("%s: up to date, skipped", stage)
-            return
-        if cached:
-            log.info("%s: pipeline.json says done but its outputs are missing or incomplete: running it again", stage)
-        self.rerun = True
-        self.done.pop(stage, None)  # a run killed inside the stage must not read as finished
-        self.path.write_text(json.dumps(self.done, indent=1))
-        started = time.perf_counter()
-        log.info("%s: running", stage)
-        work()
-        self.done[stage] = key
-        self.path.write_text(json.dumps(self.done, indent=1))
-        log.info("%s: done in %.1f s", stage, time.perf_counter() - started)
+def run_stage(stage: str, up_to_date: bool, work: Callable[[], object], force: Collection[str] = ()) -> bool:
+    """Run `work` unless its product is up to date (and the stage is not forced); returns whether it ran."""
+    if up_to_date and stage not in force:
+        log.info("%s: up to date, skipped", stage)
+        return False
+    started = time.perf_counter()
+    log.info("%s: running", stage)
+    work()
+    log.info("%s: done in %.1f s", stage, time.perf_counter() - started)
+    return True
 
 
 def collected(store: Path, layer: str) -> bool:
@@ -138,32 +111,28 @@ def collected(store: Path, layer: str) -> bool:
 
 
 def projected(store: Path, layer: str, recorded: dict) -> bool:
-    """Whether the layer has a layout of every sample, made with these settings."""
+    """Whether the layer has a layout of every sample, made with these settings from the collection as it is."""
     import h5py
 
     try:
         with h5py.File(store, "r") as f:
             layout = f[layer].get("layout")
-            return (
-                layout is not None
-                and layout.shape == (len(f[layer]["activations"]), 2)
-                and (settings_match(layout, recorded))
-            )
+            rows = len(f[layer]["activations"])
+            return fresh(layout, recorded, made(f[layer])) and layout.shape == (rows, 2)
     except (OSError, KeyError):
         return False
 
 
-def gridded(store: Path, layer: str, sizes: list[int], min_count: int) -> bool:
-    """Whether every grid size exists with its cells of every sample, at this min_count."""
+def gridded(store: Path, layer: str, settings: Settings) -> bool:
+    """Whether every grid size exists with its cells of every sample, made with these settings from the layout."""
     import h5py
 
     try:
         with h5py.File(store, "r") as f:
-            rows = len(f[layer]["activations"])
-            grids = [f[layer].get(f"grid/{size}") for size in sizes]
+            rows, layout = len(f[layer]["activations"]), made(f[layer].get("layout"))
+            grids = [f[layer].get(f"grid/{size}") for size in settings.sizes]
             return all(
-                g is not None
-                and g.attrs.get("min_count") == min_count
+                fresh(g, settings, layout)
                 and len(g["cell"]) == rows
                 and all(name in g for name in ("count", "mean", "attribution", "top_classes"))
                 for g in grids
@@ -172,26 +141,47 @@ def gridded(store: Path, layer: str, sizes: list[int], min_count: int) -> bool:
         return False
 
 
-def rendered(store: Path, layer: str, sizes: list[int]) -> bool:
-    """Whether every grid size has an icon for every cell that holds min_count samples."""
+def composed(run_dir: Path, store: Path, atlas_id: str, layer: str, sizes: list[int], settings: Settings) -> bool:
+    """Whether the run folder's manifest lists this atlas, composed with these settings from the icons as they are
+    now, and holds its viewer and every grid's atlas image."""
     import h5py
 
+    from atlas.site import MANIFEST
+
     try:
+        entries = {e["id"]: e for e in json.loads((run_dir / MANIFEST).read_text())["atlases"]}
         with h5py.File(store, "r") as f:
-            for size in sizes:
-                grid = f[layer][f"grid/{size}"]
-                full = grid["count"][()] >= grid.attrs["min_count"]
-                if "icons" not in grid or not grid["icon_done"][()][full].all():
-                    return False
-    except (OSError, KeyError):
+            icons = {str(size): made(f[layer].get(f"grid/{size}/icons")) for size in sizes}
+    except (OSError, ValueError, KeyError, TypeError):
         return False
+    entry = entries.get(atlas_id, {})
+    pngs = [run_dir / atlas_id / f"grid-{size}" / "atlas.png" for size in sizes]
+    return (
+        all(icons.values())
+        and entry.get("made_from") == icons
+        and entry.get("settings") == fingerprint(settings)
+        and (run_dir / "index.html").is_file()
+        and all(png.is_file() for png in pngs)
+    )
+
+
+def regrid_stale(store: Path, layer: str | None, size: int) -> bool:
+    """Grid the layer again, with the settings its grid recorded, when that grid was made from an earlier layout
+    (`atlas project` ran since), so that `atlas render` renders the layout as it is; returns whether it did."""
+    from atlas.grid import GridSettings, grid_store
+    from atlas.store import MADE_FROM, SETTINGS, layer_group, open_store
+
+    with open_store(store) as f:
+        group = layer_group(f, layer)
+        cells = group.get(f"grid/{size}")
+        if cells is None or SETTINGS not in cells.attrs:
+            return False  # no grid (render says so), or one from before lineage was recorded
+        if made(group.get("layout")) == str(cells.attrs.get(MADE_FROM, "")):
+            return False
+        name, recorded = group.name.strip("/"), GridSettings.from_config(json.loads(cells.attrs[SETTINGS]))
+    log.info("%s: the layout changed since grid %d was made: gridding it again", name, size)
+    grid_store(store, layer=name, **asdict(recorded))
     return True
-
-
-def composed(run_dir: Path, layer: str, sizes: list[int]) -> bool:
-    """Whether the run folder holds the viewer and every grid's atlas image."""
-    pngs = [run_dir / f"layer-{layer}" / f"grid-{size}" / "atlas.png" for size in sizes]
-    return (run_dir / "index.html").is_file() and all(png.is_file() for png in pngs)
 
 
 def drop_icons(store: Path, layer: str, sizes: list[int]) -> None:
@@ -301,58 +291,48 @@ def _run_stages(
 ) -> None:
     """collect -> project -> grid -> render -> compose into run_dir/store.h5, each skipped when up to date."""
     from atlas import collect, compose, grid, project, render
+    from atlas.runtime import resolve
 
-    sizes, min_count = list(config["grid"].sizes), config["grid"].min_count
+    sizes = list(config["grid"].sizes)
     shape = next(tuple(s) for name, *s in model.layer_shapes() if name == layer)
     collect.check_counts(records, {layer: shape}, config["collect"].positions)
     log.info("%s", run_plan(config, model, layer, len(records), sizes, device))
     store = run_dir / "store.h5"
-    steps = Fingerprints(run_dir / "pipeline.json", force)
     collect_args = {**asdict(config["collect"]), "layers": [layer], "device": device, "dataset": dataset}
 
     def collect_stage() -> None:
-        fresh_store(store, layer, "collect" in steps.force)
+        fresh_store(store, layer, "collect" in force)
         collect.collect(model, records, store, **collect_args)
 
-    steps.run(
-        "collect",
-        {**collect_args, "model": model.name, "weights": model.weights, "images": [r.path for r in records]},
-        collect_stage,
-        lambda: collected(store, layer),
-    )
-    layout, icons = config["project"], config["render"]
+    wanted = config["collect"]
+    policy = resolve("collect", device, wanted.precision, wanted.memory_format)
+    records_of = (model, records, [layer], wanted.positions, wanted.seed, wanted.batch_size, dataset, policy)
+    run_stage("collect", collect.collected(store, collect.collection_settings(*records_of)), collect_stage, force)
+    layout, icons, grids = config["project"], config["render"], config["grid"]
     recorded = {"settings": layout, "device": device}
-    steps.run(
+    run_stage(
         "project",
-        recorded,
+        projected(store, layer, recorded),
         lambda: project.project_store(store, layer, layout, device),
-        lambda: projected(store, layer, recorded),
+        force,
     )
-    steps.run(
-        "grid",
-        config["grid"],
-        lambda: grid.grid_store(store, layer=layer, **asdict(config["grid"])),
-        lambda: gridded(store, layer, sizes, min_count),
-    )
+    run_stage("grid", gridded(store, layer, grids), lambda: grid.grid_store(store, layer=layer, **asdict(grids)), force)
 
     def render_stage() -> None:
-        if "render" in steps.force:
+        if "render" in force:
             drop_icons(store, layer, sizes)
-        for size in sizes:
+        for size in sizes:  # resumes: renders only the icons not yet made from the grid as it is
             render.render_store(store, layer, size, icons, model=model, device=device)
 
-    steps.run(
-        "render",
-        {"settings": icons, "sizes": sizes, "device": device},
-        render_stage,
-        lambda: rendered(store, layer, sizes),
-    )
+    policy = resolve("render", device)
+    done = all(render.rendered(store, layer, size, icons, policy, model) for size in sizes)
+    run_stage("render", done, render_stage, force)
     drawn = config["compose"]
-    steps.run(
+    run_stage(
         "compose",
-        {"settings": drawn},
+        composed(run_dir, store, f"layer-{layer}", layer, sizes, drawn),
         lambda: compose.compose_run(store, run_dir, [layer], settings=drawn),
-        lambda: composed(run_dir, layer, sizes),
+        force,
     )
 
 

@@ -5,8 +5,9 @@ select (winner and magnitude filters -> a subset store holding the whole layer's
 UMAP; for a comparison, attribution difference x 1-D t-SNE) -> grid (keeping that whitening) -> render -> compose.
 When the parent's layer has rendered grids (a layer atlas), the attribution heat-map of each class is composed too.
 
-Subset stores are <out>/stores/<atlas id>.h5. As in pipelines.atlas, each stage's parameters and upstream are
-fingerprinted (<out>/stores/<atlas id>.json) and a repeated run skips the stages that are up to date.
+Subset stores are <out>/stores/<atlas id>.h5. As in pipelines.atlas, each product records its settings and what it
+was made from (atlas.store lineage; a subset store's layer, the parent's layer), and a repeated run skips the stages
+whose products are up to date.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from atlas import AtlasError
 from atlas.class_atlas import (
+    ComparisonSettings,
+    SelectSettings,
     comparison_layout_store,
     fit_perplexity,
     select_samples,
@@ -28,13 +31,14 @@ from atlas.class_atlas import (
 )
 from atlas.classes import resolve_class
 from atlas.compose import ComposeSettings, compose_run
-from atlas.config import Parser, check_section, config_path, load_config
+from atlas.config import Parser, config_path, load_config
 from atlas.grid import RIDGE, GridSettings, grid_store
 from atlas.project import LayoutSettings, project_store
-from atlas.render import RenderSettings, render_store
+from atlas.render import RenderSettings, render_store, rendered
+from atlas.runtime import resolve
 from atlas.site import MANIFEST
-from atlas.store import COLLECT_SETTINGS, class_names, layer_group, open_store
-from pipelines.atlas import Fingerprints
+from atlas.store import COLLECT_SETTINGS, class_names, fresh, layer_group, made, open_store, record_lineage
+from pipelines.atlas import composed, gridded, projected, run_stage
 
 log = logging.getLogger("pipelines.class_atlas")
 
@@ -56,9 +60,9 @@ DEFAULTS = {
     },
 }
 SECTIONS = {
-    "select": select_samples,
+    "select": SelectSettings,
     "project": LayoutSettings,
-    "layout": comparison_layout_store,
+    "layout": ComparisonSettings,
     "grid": GridSettings,
     "render": RenderSettings,
     "compose": ComposeSettings,
@@ -84,10 +88,7 @@ def class_settings(config_file: Path, layer: str, comparison: bool, overrides: d
         configured, defaults = (compare, DEFAULTS["compare"]) if nested else (section, DEFAULTS)
         where = f"{config_file} (class_atlas: {'compare: ' if nested else ''}{name}:)"
         values = {**defaults[name], **(configured.get(name) or {}), **(overrides or {}).get(name, {})}
-        kind = SECTIONS[name]  # a settings class, or the function whose keywords select and layout are
-        settings[name] = (
-            kind.from_config(values, where) if isinstance(kind, type) else check_section(values, kind, where)
-        )
+        settings[name] = SECTIONS[name].from_config(values, where)
     return settings
 
 
@@ -99,7 +100,8 @@ class Parent:
     names: list[str]
     model: str
     identity: dict  # store, layer, rows, collection, whitening ridge: a select stage's upstream
-    rendered: bool  # the layer has a rendered atlas (then the classes' heat-maps are composed too)
+    grids: list[int]  # the layer atlas's rendered grid sizes (then the classes' heat-maps are composed too)
+    made: str  # the parent layer's identity (atlas.store lineage): what a subset store is made from
 
 
 def read_parent(store: Path, layer: str | None) -> Parent:
@@ -119,7 +121,8 @@ def read_parent(store: Path, layer: str | None) -> Parent:
             names=class_names(parent, group["attributions"].shape[1]),
             model=str(parent.attrs.get("model", "")),
             identity=identity,
-            rendered="grid" in group and any("icons" in grid for grid in group["grid"].values()),
+            grids=sorted(int(size) for size, grid in group.get("grid", {}).items() if "icons" in grid),
+            made=made(group),
         )
 
 
@@ -177,25 +180,27 @@ def run_class_atlas(
     work = out / "stores"
     work.mkdir(parents=True, exist_ok=True)
     subset = work / f"{head['id']}.h5"
-    steps = Fingerprints(work / f"{head['id']}.json")
-    if not subset.exists():
-        steps.done.clear()  # the fingerprints describe a store that is gone
 
     select = settings["select"]
-    chosen = {**parent.identity, "classes": classes, **select}
-    steps.run("select", chosen, lambda: select_subset(store, subset, parent, classes, head["kind"], select, force))
-    with open_store(subset) as made:
-        samples = made[layer]["activations"].shape[0]
-    lay_out_and_render(steps, subset, layer, classes, samples, settings, device, batch_size)
+    chosen = {**parent.identity, "classes": classes, "select": select}
+    run_stage(
+        "select",
+        selected(subset, layer, chosen, parent.made),
+        lambda: select_subset(store, subset, parent, classes, head["kind"], select, chosen, force),
+    )
+    with open_store(subset) as subset_store:
+        samples = subset_store[layer]["activations"].shape[0]
+    lay_out_and_render(subset, layer, classes, samples, settings, device, batch_size)
     compose = settings["compose"]
     head = {**head, "samples": samples}
-    steps.run(
+    sizes = list(settings["grid"].sizes)
+    run_stage(
         "compose",
-        {"settings": compose, **head},
+        composed(out, subset, head["id"], layer, sizes, compose),
         lambda: compose_run(subset, out, layers=[layer], settings=compose, atlas=head),
     )
     written = [head["id"]]
-    if parent.rendered:
+    if parent.grids:
         written += compose_heatmaps(store, out, parent, classes, compose)
     else:
         log.info("%s has no rendered layer atlas in %s: no heat-map composed", layer, store)
@@ -203,26 +208,44 @@ def run_class_atlas(
     return [entry for entry in manifest if entry["id"] in written]
 
 
+def selected(subset: Path, layer: str, chosen: dict, parent_made: str) -> bool:
+    """Whether the subset store holds the samples chosen this way from the parent layer as it is now."""
+    try:
+        with open_store(subset) as h5:
+            return fresh(h5.get(layer), chosen, parent_made)
+    except AtlasError:  # missing or unreadable: select again
+        return False
+
+
 def select_subset(
-    store: Path, subset: Path, parent: Parent, classes: list[int], kind: str, select: dict, force: bool = False
+    store: Path,
+    subset: Path,
+    parent: Parent,
+    classes: list[int],
+    kind: str,
+    select: SelectSettings,
+    chosen: dict,
+    force: bool = False,
 ) -> None:
-    """Write the subset store of the samples `select_samples` picks for the classes (an AtlasError when too few)."""
+    """Write the subset store of the samples `select_samples` picks for the classes (an AtlasError when too few),
+    recording `chosen` and the parent layer it was made from."""
     with open_store(store) as h5:
         attributions = h5[parent.layer]["attributions"]
         check_winners(
             winner_counts(attributions, classes), [parent.names[c] for c in classes], len(attributions), force
         )
-        rows = select_samples(attributions, classes, **select)
+        rows = select_samples(attributions, classes, **asdict(select))
     if len(rows) < MIN_SAMPLES:
         raise AtlasError(
             f"only {len(rows)} samples attribute to {', '.join(parent.names[c] for c in classes)}: too few for an "
             f"atlas (collect more images or positions)"
         )
     write_subset_store(store, subset, rows, parent.layer, kind=kind, classes=classes)
+    with open_store(subset, "r+") as h5:
+        record_lineage(h5[parent.layer], chosen, parent.made)
 
 
 def lay_out_and_render(
-    steps: Fingerprints,
     subset: Path,
     layer: str,
     classes: list[int],
@@ -234,36 +257,38 @@ def lay_out_and_render(
     """The subset store's layout (t-SNE or UMAP; a comparison's own), grid and icons, each skipped when up to date."""
     if len(classes) == 2:
         layout = settings["layout"]  # lowers the perplexity itself when there are few samples
-        steps.run("layout", layout, lambda: comparison_layout_store(subset, *classes, layer=layer, **layout))
+        recorded = {"classes": classes, "settings": layout}
+        with open_store(subset) as h5:
+            laid_out = fresh(h5[layer].get("layout"), recorded, made(h5[layer]))
+        run_stage("layout", laid_out, lambda: comparison_layout_store(subset, *classes, layer=layer, **asdict(layout)))
     else:
         project = settings["project"]
         perplexity = fit_perplexity(samples, project.perplexity)
         plane = replace(project, perplexity=perplexity, n_neighbors=min(project.n_neighbors, samples - 1))
-        steps.run("project", {"settings": plane, "device": device}, lambda: project_store(subset, layer, plane, device))
+        recorded = {"settings": plane, "device": device}
+        run_stage("project", projected(subset, layer, recorded), lambda: project_store(subset, layer, plane, device))
     grid = replace(settings["grid"], whitening=False)  # the subset store keeps the whole layer's whitening
-    steps.run("grid", grid, lambda: grid_store(subset, layer=layer, **asdict(grid)))
-    sizes = list(grid.sizes)
-    render = settings["render"]
-    steps.run(
-        "render",
-        {"settings": render, "sizes": sizes, "device": device},
-        lambda: [render_store(subset, layer, size, render, batch_size=batch_size, device=device) for size in sizes],
-    )
+    run_stage("grid", gridded(subset, layer, grid), lambda: grid_store(subset, layer=layer, **asdict(grid)))
+    render, policy = settings["render"], resolve("render", device)
+
+    def render_stage() -> None:  # resumes: renders only the icons not yet made from the grid as it is
+        for size in grid.sizes:
+            render_store(subset, layer, size, render, batch_size=batch_size, device=device)
+
+    run_stage("render", all(rendered(subset, layer, size, render, policy) for size in grid.sizes), render_stage)
 
 
 def compose_heatmaps(store: Path, out: Path, parent: Parent, classes: list[int], compose: ComposeSettings) -> list[str]:
-    """Each class's attribution heat-map over the parent's layer atlas (redone when the parent store changed)."""
+    """Each class's attribution heat-map over the parent's layer atlas (redone when the parent's icons changed)."""
     written = []
     for c in classes:
-        heat = Fingerprints(out / "stores" / f"heatmap-{parent.layer}-{c}.json")
-        stat = store.stat()
-        parent_state = {**parent.identity, "modified": stat.st_mtime_ns, "bytes": stat.st_size}
-        heat.run(
-            "compose",
-            {**parent_state, "class": c, "settings": compose},
+        atlas_id = f"heatmap-{parent.layer}-{c}"
+        run_stage(
+            f"heat-map {c}",
+            composed(out, store, atlas_id, parent.layer, parent.grids, compose),
             lambda c=c: compose_run(store, out, layers=[parent.layer], settings=compose, heatmap_class=c),
         )
-        written.append(f"heatmap-{parent.layer}-{c}")
+        written.append(atlas_id)
     return written
 
 

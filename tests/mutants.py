@@ -237,12 +237,22 @@ MUTANTS = [
     ),
     # issue 28: runs that looked fine and were not, and the one-line bugs of its mutation audit
     Mutant(
-        "pipeline-json-decides-alone",
+        "pipeline-trusts-its-memory-not-the-store",
         "pipelines/atlas.py",
-        "if cached and (present is None or present()):",
-        "if cached:",
+        "    if up_to_date and stage not in force:",
+        "    if stage not in force:",
         (
             "tests/test_pipeline.py::test_the_store_decides_a_deleted_or_truncated_store_is_rebuilt_and_force_redoes_stages",
+        ),
+    ),
+    # issue 23: lineage in the store
+    Mutant(
+        "freshness-ignores-what-a-product-was-made-from",
+        "atlas/store.py",
+        '    return str(node.attrs.get(MADE_FROM, "")) == made_from',
+        "    return True",
+        (
+            "tests/test_pipeline.py::test_a_render_after_a_new_layout_renders_again_and_a_compose_after_new_icons_composes_again",
         ),
     ),
     Mutant(

@@ -206,9 +206,9 @@ def test_class_settings_take_the_config_and_catch_typos(tmp_path):
     config.write_text("class_atlas:\n  grid: {sizes: [6]}\n  compare: {render: {steps: 7}}\n")
     settings = class_settings(config, "relu3", comparison=False, overrides={"render": {"steps": 5}})
     assert settings["grid"] == GridSettings(sizes=(6,), min_count=4) and settings["render"].steps == 5
-    assert settings["select"]["top"] == 3000 and settings["project"].method == "tsne"  # the paper's defaults
+    assert settings["select"].top == 3000 and settings["project"].method == "tsne"  # the paper's defaults
     compare = class_settings(config, "relu3", comparison=True)
-    assert compare["render"].steps == 7 and compare["grid"].sizes == (10,) and compare["select"]["top"] == 2000
+    assert compare["render"].steps == 7 and compare["grid"].sizes == (10,) and compare["select"].top == 2000
     config.write_text("class_atlas:\n  grid: {sizez: [6]}\n")
     with pytest.raises(AtlasError, match="did you mean sizes"):
         class_settings(config, "relu3", comparison=False)
