@@ -14,10 +14,8 @@ import argparse
 import copy
 import dataclasses
 import difflib
-import inspect
 import math
 import numbers
-from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -78,14 +76,6 @@ def load_config(path: str | Path, sections: dict[str, type[Settings]], layer: st
             raise AtlasError(f"config {where} must be a mapping")
         merged[section] = settings.from_config(values, where)
     return merged
-
-
-def check_section(values: object, function: Callable, where: str) -> dict:
-    """A config section, checked: a mapping whose keys are keyword arguments of `function`."""
-    if not isinstance(values, dict):
-        raise AtlasError(f"config {where} must be a mapping")
-    check_keys(values, set(inspect.signature(function).parameters), where)
-    return values
 
 
 def check_keys(values: dict, accepted: set[str], where: str) -> None:

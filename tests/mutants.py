@@ -129,16 +129,16 @@ MUTANTS = [
     Mutant(
         "pipeline-renders-default-grid-sizes",
         "pipelines/atlas.py",
-        'sizes, min_count = list(config["grid"].sizes), config["grid"].min_count',
-        'sizes, min_count = [20, 40, 80], config["grid"].min_count',
+        'sizes = list(config["grid"].sizes)',
+        "sizes = [20, 40, 80]",
         PIPELINE,
     ),
     # more of the same kinds
     Mutant(
         "pipeline-reruns-finished-stages",
         "pipelines/atlas.py",
-        "cached = stage not in self.force and not self.rerun and self.done.get(stage) == key",
-        "cached = False",
+        "    if up_to_date and stage not in force:",
+        "    if False:",
         PIPELINE,
     ),
     Mutant(
@@ -195,7 +195,7 @@ MUTANTS = [
     Mutant(
         "render-resumes-despite-changed-settings",
         "atlas/render.py",
-        'if existing is not None and "icon_done" in grid and settings_match(existing, recorded):',
+        'if existing is not None and "icon_done" in grid and fresh(existing, recorded, grid_made):',
         'if existing is not None and "icon_done" in grid:',
         RENDER,
     ),
@@ -253,6 +253,7 @@ MUTANTS = [
         "    return True",
         (
             "tests/test_pipeline.py::test_a_render_after_a_new_layout_renders_again_and_a_compose_after_new_icons_composes_again",
+            "tests/test_pipeline.py::test_changed_settings_redo_their_stage_and_every_later_one_and_a_missing_atlas_image_is_composed_again",
         ),
     ),
     Mutant(

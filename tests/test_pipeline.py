@@ -191,7 +191,9 @@ def test_a_render_after_a_new_layout_renders_again_and_a_compose_after_new_icons
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_changed_render_settings_render_and_compose_again_and_a_missing_atlas_image_is_composed_again(tmp_path, caplog):
+def test_changed_settings_redo_their_stage_and_every_later_one_and_a_missing_atlas_image_is_composed_again(
+    tmp_path, caplog
+):
     argv, out = tiny_run(tmp_path)
     assert pipeline.main(argv) == 0
     changed, _ = tiny_run(tmp_path, steps=3)
@@ -202,6 +204,12 @@ def test_changed_render_settings_render_and_compose_again_and_a_missing_atlas_im
         (out / "layer-relu3" / "grid-3" / "atlas.png").unlink()
         assert pipeline.main(changed) == 0
         assert stages_run(caplog) == ["compose"]
+        caplog.clear()
+        config = yaml.safe_load(Path(changed[1]).read_text())
+        config["project"]["seed"] = 5  # a new layout: everything made from it is made again
+        Path(changed[1]).write_text(yaml.safe_dump(config))
+        assert pipeline.main(changed) == 0
+        assert stages_run(caplog) == ["project", "grid", "render", "compose"]
 
 
 def test_a_per_layer_override_applies_that_layers_settings_only(tmp_path):
