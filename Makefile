@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# the one entry point of every run (atlas/cli.py); THREADS: torch's CPU threads
+ATLAS = $(PY) -m atlas.cli $(if $(THREADS),--threads $(THREADS))
 # --isolated: ignore machine-wide pip settings (a local CPU-only torch wheel breaks PyPI's torchvision)
 PIP := $(PY) -m pip --isolated --disable-pip-version-check
 
@@ -52,26 +54,26 @@ lint: install
 	$(PY) -m ruff format --check atlas pipelines tests benchmarks
 
 atlas: install
-	$(PY) -m pipelines.atlas $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) \
+	$(ATLAS) run atlas $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) \
 		$(if $(LAYER),--layer $(LAYER)) $(if $(DATA),--data $(DATA)) $(if $(N),--limit $(N)) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
-		$(if $(FORCE),--force $(filter-out 1,$(FORCE))) $(if $(THREADS),--threads $(THREADS))
+		$(if $(FORCE),--force $(filter-out 1,$(FORCE)))
 
 # a class atlas (or with VS, a two-class comparison) from STORE (default: `make atlas`'s) into OUT (default: its folder)
 class-atlas: install
-	$(PY) -m pipelines.class_atlas --class "$(CLASS)" $(if $(VS),--vs "$(VS)") $(if $(STORE),--store $(STORE)) \
+	$(ATLAS) run class-atlas $(STORE) --class "$(CLASS)" $(if $(VS),--vs "$(VS)") \
 		$(if $(OUT),--out $(OUT)) $(if $(LAYER),--layer $(LAYER)) $(if $(CONFIG),--config $(CONFIG)) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(FORCE),--force)
 
 # Microscope pages for the units of one layer into OUT (default data/microscope); reruns reuse finished units
 microscope: install
-	$(PY) -m atlas.cli microscope $(if $(MODEL),--model $(MODEL)) $(if $(LAYER),--layer $(LAYER)) \
+	$(ATLAS) run microscope $(if $(MODEL),--model $(MODEL)) $(if $(LAYER),--layer $(LAYER)) \
 		$(if $(DATA),--data $(DATA)) $(if $(UNITS),--units $(UNITS)) $(if $(STEPS),--steps $(STEPS)) \
 		$(if $(N),--limit $(N)) $(if $(DEVICE),--device $(DEVICE)) --out $(or $(OUT),data/microscope)
 
 view: install
 	@test -n "$(OUT)" || { echo "usage: make view OUT=<run folder written by atlas compose>"; exit 2; }
-	$(PY) -m atlas.cli view $(OUT)
+	$(ATLAS) view $(OUT)
 
 bench: install
 	# the quality benchmark's judge (EfficientNet-Lite1 weights): the `bench` extra

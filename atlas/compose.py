@@ -4,7 +4,7 @@ A run folder holds any number of atlases; `atlases.json` lists them and the view
 other atlas kinds (class atlases) can be added beside the layer atlases later:
 
     index.html, viewer.js, viewer.css, vendor/    the static viewer (copied from atlas/viewer); its page is
-                                                  atlas.html instead where `atlas microscope` made index.html
+                                                  atlas.html instead where `atlas run microscope` made index.html
                                                   the folder's home page (move_viewer_beside_home)
     atlases.json                                  {"atlases": [entry, ...]}: id, kind, layer, class, title, paths;
                                                   made_from (each grid's icons' identity, atlas.store lineage)

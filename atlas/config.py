@@ -103,3 +103,12 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+PARAM_CHOICES = ["fft", "phase", "pixel"]  # atlas.optvis.param.PARAMS, named here so --help imports no torch
+PARAM_HELP = "image parameterisation: fft (lucid's, the default), phase (MACO) or pixel"
+
+
+def given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """The flags among `names` that were given: the others keep the settings class's defaults, stated once there."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}

@@ -1,5 +1,5 @@
 """The static site every product writes into a run folder: the atlas viewer, the manifest of atlases it lists,
-Deep Zoom pyramids and dataset example crops (compose writes atlases into it, `atlas microscope` its pages).
+Deep Zoom pyramids and dataset example crops (compose writes atlases into it, `atlas run microscope` its pages).
 
     index.html (or atlas.html), viewer.js, viewer.css, vendor/   the static viewer, copied from atlas/viewer
     atlases.json                                                 {"atlases": [entry, ...]} (update_manifest)
@@ -32,10 +32,10 @@ VIEWER_BESIDE_HOME = "atlas.html"  # the viewer's page where another home page (
 def install_viewer(out_dir: Path) -> Path:
     """Copy the static viewer (page, script, style, vendored OpenSeadragon) into the run folder; return its page.
 
-    The page is index.html, or atlas.html where `atlas microscope` made the folder's index.html its home page.
+    The page is index.html, or atlas.html where `atlas run microscope` made the folder's index.html its home page.
     """
     page = out_dir / (VIEWER_BESIDE_HOME if (out_dir / VIEWER_BESIDE_HOME).is_file() else "index.html")
-    # microscope/ holds the templates of `atlas microscope`'s pages, not part of the atlas viewer
+    # microscope/ holds the templates of `atlas run microscope`'s pages, not part of the atlas viewer
     ignore = shutil.ignore_patterns("__pycache__", "microscope", "index.html")
     shutil.copytree(VIEWER, out_dir, dirs_exist_ok=True, ignore=ignore)
     shutil.copyfile(VIEWER / "index.html", page)

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Collection
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from atlas import AtlasError
-from atlas.config import Parser, Settings, check_number, config_path, load_config
+from atlas.config import Settings, check_number, config_path, load_config
 from atlas.store import COLLECT_SETTINGS, fingerprint, fresh, made
 from atlas.zoo import locate_weights, model_for_layer
 
@@ -334,57 +332,3 @@ def _run_stages(
         lambda: compose.compose_run(store, run_dir, [layer], settings=drawn),
         force,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="config file (default: configs/<model>.yaml, else the offline default's)")
-    parser.add_argument("--model", help="model (default: the zoo model that owns --layer, else the config's)")
-    parser.add_argument("--layer")
-    parser.add_argument("--data", help="image folder, text file of paths, or 'demo'")
-    parser.add_argument("--limit", type=int, help="use the first N images only")
-    parser.add_argument("--device")
-    parser.add_argument("--weights", help="weights file, or 'random'")
-    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: the config's, else free cores)")
-    parser.add_argument("--out", type=Path, help="run folder (default: data/runs/<model>-<layer>)")
-    parser.add_argument(
-        "--force",
-        nargs="*",
-        choices=STAGES,
-        metavar="STAGE",
-        help=f"redo these stages ({', '.join(STAGES)}; none named: all) and every later one, whatever the store holds",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        model_name, config_file = pick_model(args.model, args.layer, args.config)
-        index = run_atlas(
-            config_file,
-            model_name,
-            args.layer,
-            args.data,
-            args.limit,
-            args.device,
-            args.out,
-            args.weights,
-            STAGES if args.force == [] else args.force or (),
-            args.threads,
-        )
-    except AtlasError as err:
-        print(f"make atlas: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            "make atlas: interrupted; finished stages and batches are kept, rerun the same command to go on",
-            file=sys.stderr,
-        )
-        return 130
-    folder = index.parent
-    pngs = sorted(folder.glob("layer-*/grid-*/atlas.png"))
-    print(f"\natlas images: {', '.join(str(p) for p in pngs) or '(none)'}")
-    print(f"viewer:       {index}  (serve it with `make view OUT={folder}` or `atlas view {folder}`)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

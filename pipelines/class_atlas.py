@@ -1,4 +1,4 @@
-"""`make class-atlas` and `atlas class-atlas`: a class activation atlas, or a two-class comparison (reference 1.7).
+"""`make class-atlas` and `atlas run class-atlas`: a class activation atlas, or a two-class comparison (reference 1.7).
 
 From a collected store (the parent) into a run folder, beside the atlases already there:
 select (winner and magnitude filters -> a subset store holding the whole layer's whitening) -> layout (t-SNE or
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from atlas.class_atlas import (
 )
 from atlas.classes import resolve_class
 from atlas.compose import ComposeSettings, compose_run
-from atlas.config import Parser, config_path, load_config
+from atlas.config import config_path, load_config
 from atlas.grid import RIDGE, GridSettings, grid_store
 from atlas.project import LayoutSettings, project_store
 from atlas.render import RenderSettings, render_store, rendered
@@ -318,39 +316,9 @@ def check_winners(counts: list[int], names: list[str], samples: int, force: bool
             )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--class", dest="class_name", required=True, help="class name or index")
-    parser.add_argument("--vs", help="second class: a two-class comparison (--class left, --vs right)")
-    parser.add_argument("--store", type=Path, help="collected store (default: that of `make atlas`)")
-    parser.add_argument("--out", type=Path, help="run folder (default: the store's folder)")
-    parser.add_argument("--layer", help="the store's layer (default: its only one)")
-    parser.add_argument("--config", help="settings (default: configs/<the store's model>.yaml, class_atlas:)")
-    parser.add_argument("--device")
-    parser.add_argument("--force", action="store_true", help="build it even for a class no sample has as top class")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    store = args.store or default_store()
-    out = args.out or store.parent
-    started = time.perf_counter()
-    try:
-        entries = run_class_atlas(
-            store, out, args.class_name, args.vs, args.layer, args.config, args.device, force=args.force
-        )
-    except AtlasError as err:
-        print(f"make class-atlas: error: {err}", file=sys.stderr)
-        return 2
-    print_written(entries, out, time.perf_counter() - started)
-    return 0
-
-
 def print_written(entries: list[dict], out: Path, seconds: float) -> None:
     """The atlas images written and how to view them."""
     for entry in entries:
         images = ", ".join(str(out / grid["image"]) for grid in entry["grids"])
         print(f"{entry['kind']:<10} {entry['class']}: {images}")
     print(f"viewer: {out / 'index.html'}  (serve it with `atlas view {out}`), {seconds:.0f} s")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

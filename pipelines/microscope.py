@@ -1,4 +1,4 @@
-"""`atlas microscope`: the Microscope lenses of one layer into a site folder (after OpenAI Microscope, reference 6).
+"""`atlas run microscope`: the Microscope lenses of one layer into a site folder (after OpenAI Microscope, reference 6).
 
 Computes what is missing into `<out>/microscope.h5` (atlas.microscope.results), in order: dataset
 examples, unit visualisations, DeepDream and caricatures, the atlas links; then writes the site.

@@ -1,4 +1,4 @@
-"""`atlas patch`: the adversarial patch experiment (the article's "Testing dozens of patches", reference 1.8).
+"""`atlas run patch`: the adversarial patch experiment (the article's "Testing dozens of patches", reference 1.8).
 
 Paste one picture on every selected image, count how often the top-1 class becomes the target (over the
 images classified correctly before), with a uniform-noise patch at the same placements as the control;
@@ -13,6 +13,7 @@ from atlas import patch as lab
 from atlas.classes import resolve_class
 from atlas.images import list_images
 from atlas.models import load_model
+from atlas.runtime import resolve
 from atlas.store import open_store
 
 
@@ -32,9 +33,11 @@ def run_patch_experiment(
     seed: int = 0,
     batch_size: int = 32,
     workers: int | None = None,
-    device: str = "cpu",
+    device: str | None = None,
 ) -> tuple[dict, Path]:
-    """Measure one patch at `ratios` x `corners` (the best per image when several); returns (report, report path)."""
+    """Measure one patch at `ratios` x `corners` (the best per image when several); returns (report, report path).
+    device: default CUDA when there is one (atlas.runtime.resolve)."""
+    device = str(resolve("patch", device).device)
     model = load_model(model_name, weights=weights, device=device)
     target_class = resolve_class(target, model.class_names)
     source_class = resolve_class(source, model.class_names) if source else None

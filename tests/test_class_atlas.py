@@ -220,8 +220,10 @@ def test_cli_class_atlas_and_comparison_end_to_end(store, tmp_path, capsys):
     other = {"id": "layer-other", "kind": "layer", "layer": "other", "grids": [], "tiles": {}}
     (run / "atlases.json").write_text(json.dumps({"atlases": [other]}))
     tiny = ["--top", "20", "--size", "32", "--steps", "8", "--attempts", "1", "--device", "cpu"]
-    assert main(["class-atlas", str(store), "--class", "Great_White  shark", "--out", str(run), *tiny]) == 0
-    assert main(["class-atlas", str(store), "--class", "2", "--vs", "tiger shark", "--out", str(run), *tiny]) == 0
+    assert main(["run", "class-atlas", str(store), "--class", "Great_White  shark", "--out", str(run), *tiny]) == 0
+    assert (
+        main(["run", "class-atlas", str(store), "--class", "2", "--vs", "tiger shark", "--out", str(run), *tiny]) == 0
+    )
     manifest = json.loads((run / "atlases.json").read_text())["atlases"]
     assert [a["id"] for a in manifest] == ["layer-other", "class-relu3-2", "compare-relu3-2-3"]
     assert [a["class"] for a in manifest[1:]] == ["great white shark", "great white shark vs tiger shark"]
@@ -237,12 +239,12 @@ def test_cli_class_atlas_and_comparison_end_to_end(store, tmp_path, capsys):
     assert "class-relu3-2/grid-8/atlas.png" in printed and "compare-relu3-2-3/grid-10/atlas.png" in printed
 
     modified = (run / "stores/class-relu3-2.h5").stat().st_mtime_ns
-    assert main(["class-atlas", str(store), "--class", "great white shark", "--out", str(run), *tiny]) == 0
+    assert main(["run", "class-atlas", str(store), "--class", "great white shark", "--out", str(run), *tiny]) == 0
     assert (run / "stores/class-relu3-2.h5").stat().st_mtime_ns == modified  # up to date: nothing redone
 
-    assert main(["class-atlas", str(store), "--class", "grate white shark", "--out", str(run)]) == 2
+    assert main(["run", "class-atlas", str(store), "--class", "grate white shark", "--out", str(run)]) == 2
     assert "did you mean 'great white shark'" in capsys.readouterr().err
-    assert main(["class-atlas", str(store), "--class", "2", "--vs", "2", "--out", str(run)]) == 2
+    assert main(["run", "class-atlas", str(store), "--class", "2", "--vs", "2", "--out", str(run)]) == 2
     assert "same class" in capsys.readouterr().err
 
 
@@ -284,6 +286,6 @@ def test_a_class_with_few_winners_is_warned_of_and_one_with_none_refused_unless_
 
 
 def test_cli_refuses_a_class_without_winner_samples_in_one_line(store, tmp_path, capsys):
-    assert main(["class-atlas", str(store), "--class", "500", "--out", str(tmp_path / "run")]) == 2
+    assert main(["run", "class-atlas", str(store), "--class", "500", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "(0 of 300 winner samples)" in err[0] and "--force" in err[0]

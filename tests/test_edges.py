@@ -16,7 +16,7 @@ from PIL import Image
 from atlas import collect as collect_stage
 from atlas.cli import main
 from pipelines import atlas as pipeline
-from tests.test_pipeline import TINY_RUN, write_folder
+from tests.test_pipeline import TINY_RUN, make_atlas, write_folder
 
 TINY = "tests.synthetic:tiny_classifier"  # relu3 is 4 x 4: 4 interior positions
 
@@ -69,7 +69,7 @@ def test_a_folder_without_one_readable_image_is_an_error_not_an_empty_store(tmp_
 def test_a_patch_size_outside_0_to_1_is_refused_before_any_work(tmp_path, capsys, size):
     photo = tmp_path / "p.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photo)
-    argv = ["patch", "--patch", str(photo), "--data", "demo", "--target", "0", "--out", str(tmp_path / "r")]
+    argv = ["run", "patch", "--patch", str(photo), "--data", "demo", "--target", "0", "--out", str(tmp_path / "r")]
     one_error_line(capsys, main([*argv, "--size", size]), "patch size", "(0, 1]", size)
 
 
@@ -119,7 +119,7 @@ def test_a_bad_config_number_stops_make_atlas_in_one_line_and_leaves_nothing(
     tmp_path, capsys, section, values, expected
 ):
     config = {**TINY_RUN, section: {**TINY_RUN[section], **values}}
-    one_error_line(capsys, pipeline.main(run_atlas_argv(tmp_path, config)), expected)
+    one_error_line(capsys, make_atlas(run_atlas_argv(tmp_path, config)), expected)
     assert not list((tmp_path / "run").glob("store.h5*"))
 
 
@@ -130,13 +130,13 @@ def test_a_key_the_run_sets_itself_is_refused_by_name(tmp_path, capsys, section,
     """`collect: {out: x}` or `grid: {layer: y}` name what the run gives the stage itself: one line naming the key,
     before any work, not a TypeError ("multiple values") once the model is loaded."""
     config = {**TINY_RUN, section: {**TINY_RUN[section], key: "x"}}
-    one_error_line(capsys, pipeline.main(run_atlas_argv(tmp_path, config)), f"unknown key {key!r}", f"({section}:)")
+    one_error_line(capsys, make_atlas(run_atlas_argv(tmp_path, config)), f"unknown key {key!r}", f"({section}:)")
     assert not list((tmp_path / "run").glob("store.h5*"))
 
 
 @pytest.mark.parametrize("flags", [["--limit", "-5"], ["--limit", "0"], ["--device", "gpu"]])
 def test_make_atlas_refuses_bad_flags_in_one_line(tmp_path, capsys, flags):
-    one_error_line(capsys, pipeline.main(run_atlas_argv(tmp_path, TINY_RUN, *flags)), flags[1])
+    one_error_line(capsys, make_atlas(run_atlas_argv(tmp_path, TINY_RUN, *flags)), flags[1])
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -148,11 +148,11 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes(tmp_path, capsys, monkeypatc
 
     with monkeypatch.context() as patch:
         patch.setattr(collect_stage, "merge_parts", interrupted)  # after every batch's shard is written
-        assert pipeline.main(argv) == 130
+        assert make_atlas(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "interrupted" in err[0] and "rerun the same command" in err[0]
     assert list((tmp_path / "run" / "store.h5.parts").glob("batch-*.npz"))
-    assert pipeline.main(argv) == 0
+    assert make_atlas(argv) == 0
     assert pipeline.collected(tmp_path / "run" / "store.h5", "relu3")
 
 

@@ -71,6 +71,23 @@ def test_no_module_is_over_600_lines() -> None:
     assert not long
 
 
+def test_every_make_run_goes_through_the_one_entry_point() -> None:
+    """The Makefile runs atlas, class-atlas, microscope and view through `atlas` (atlas/cli.py), never a pipeline's
+    module of its own."""
+    import re
+    import subprocess
+
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-m pipelines" not in makefile
+    for target, command in [
+        ("atlas", "run atlas"),
+        ("class-atlas", "run class-atlas"),
+        ("microscope", "run microscope"),
+    ]:
+        dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", target], cwd=ROOT, capture_output=True, text=True)
+        assert re.search(rf"-m atlas\.cli\s+{command}\b", dry.stdout), dry.stdout + dry.stderr
+
+
 if __name__ == "__main__":
     found = modules()
     chain = longest_chain(import_graph(found))

@@ -153,7 +153,7 @@ def test_offline_without_the_weights_file_stops_with_one_line(tmp_path):
         "HTTPS_PROXY": "http://127.0.0.1:9",
     }
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "pipelines.atlas", "--layer", "mixed4c", "--out", str(out)]
+    command = [sys.executable, "-m", "atlas.cli", "run", "atlas", "--layer", "mixed4c", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

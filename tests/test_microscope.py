@@ -76,7 +76,7 @@ def build_site(folder: Path, units: str = "4", with_atlas: bool = True) -> Path:
         compose_run(write_rendered_store(folder, sizes=(4, 8), n=400), run, settings=ComposeSettings(examples=1))
         (folder / "store.h5").rename(run / "store.h5")
     photos = write_photos(folder / "photos")
-    assert main(["microscope", "--model", TINY, "--layer", LAYER, "--data", str(photos), "--units", units,
+    assert main(["run", "microscope", "--model", TINY, "--layer", LAYER, "--data", str(photos), "--units", units,
                  "--out", str(run), *FAST]) == 0  # fmt: skip
     return run
 
@@ -191,7 +191,7 @@ def test_a_page_per_unit_and_rerun_reuses_finished_units(tmp_path: Path, monkeyp
     monkeypatch.setattr(lenses, "optimize_images", spy)
     monkeypatch.setattr(example_lens, "top_activating", no_pass)
     photos = str(tmp_path / "photos")
-    assert main(["microscope", "--model", TINY, "--layer", LAYER, "--data", photos, "--units", "5", "--out",
+    assert main(["run", "microscope", "--model", TINY, "--layer", LAYER, "--data", photos, "--units", "5", "--out",
                  str(run), *FAST]) == 0  # fmt: skip
     assert rendered == [2]  # units 3 and 4 only: no unit again, no DeepDream or caricature again
     assert sorted(p.name for p in layer_dir.glob("unit-*.html")) == [f"unit-{u}.html" for u in range(5)]
@@ -200,7 +200,7 @@ def test_a_page_per_unit_and_rerun_reuses_finished_units(tmp_path: Path, monkeyp
         np.testing.assert_array_equal(group["images"][:3], first)
 
     rendered.clear()  # other settings are other results: all five units again, kept beside the first ones
-    assert main(["microscope", "--model", TINY, "--layer", LAYER, "--data", photos, "--units", "5", "--out",
+    assert main(["run", "microscope", "--model", TINY, "--layer", LAYER, "--data", photos, "--units", "5", "--out",
                  str(run), *FAST[2:], "--steps", "2"]) == 0  # fmt: skip
     assert sorted(rendered) == [1, 2, 5]
     with h5py.File(run / RESULTS) as f:
@@ -231,7 +231,7 @@ def test_units_link_to_their_best_atlas_cell(tmp_path: Path) -> None:
 
 def test_bad_input_is_one_line_error(tmp_path: Path, capsys) -> None:
     photos = str(write_photos(tmp_path / "photos", count=1))
-    base = ["microscope", "--model", TINY, "--data", photos, "--out", str(tmp_path / "out")]
+    base = ["run", "microscope", "--model", TINY, "--data", photos, "--out", str(tmp_path / "out")]
     assert main([*base, "--layer", LAYER, "--units", "0-20"]) == 2
     assert "outside the layer's 8 channels" in capsys.readouterr().err
     assert main([*base, "--layer", "mixed9z"]) == 2

@@ -183,7 +183,7 @@ def test_suggest_ranks_non_empty_cells_toward_target_minus_source(synthetic_stor
     assert cells[0]["spec"] == f"{synthetic_store}:mixed4c:3:x=1,y=2"
     assert torch.equal(lab.load_patch(cells[0]["spec"]), lab.load_patch(f"{synthetic_store}:mixed4c:3:x=1,y=2"))
     assert [c["cell"] for c in lab.suggest_cells(synthetic_store, source=1, target=0, top=2)] == [(0, 0), (1, 0)]
-    argv = ["patch", "--suggest", "red", "green", "--store", str(synthetic_store), "--top", "2"]
+    argv = ["run", "patch", "--suggest", "red", "green", "--store", str(synthetic_store), "--top", "2"]
     assert main([*argv, "--model", "tests.test_patch:colour_model"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "cell (x,y)\tcount\tscore\tpatch"
@@ -262,7 +262,7 @@ def test_noise_control_uses_the_same_placements(tmp_path: Path):
 
 def test_cli_writes_the_report(tmp_path: Path, colour_folder: Path):
     write_image(tmp_path / "blue_patch.png", (0.0, 0.0, 1.0))
-    argv = ["patch", "--model", "tests.test_patch:colour_model", "--patch", str(tmp_path / "blue_patch.png")]
+    argv = ["run", "patch", "--model", "tests.test_patch:colour_model", "--patch", str(tmp_path / "blue_patch.png")]
     argv += ["--data", str(colour_folder), "--target", "blue", "--source", "red", "--out", str(tmp_path / "out")]
     assert main([*argv, "--size", "0.6", "--examples", "2", "--workers", "0", "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -273,7 +273,7 @@ def test_cli_writes_the_report(tmp_path: Path, colour_folder: Path):
         for thumb in example["thumbs"]:
             assert Image.open(tmp_path / "out" / thumb).size == (lab.THUMB_PX, lab.THUMB_PX)
     assert "| top-1 becomes blue | 50.0% | 0.0% |" in (tmp_path / "out" / "report.md").read_text()
-    assert main(["patch", "--model", "tests.test_patch:colour_model", "--data", str(colour_folder)]) == 2
+    assert main(["run", "patch", "--model", "tests.test_patch:colour_model", "--data", str(colour_folder)]) == 2
 
 
 class RedOrRough(nn.Module):

@@ -19,6 +19,14 @@ from atlas.images import list_images, load_rgb
 from pipelines import atlas as pipeline
 from pipelines.class_atlas import class_settings
 
+
+def make_atlas(argv: list[str]) -> int:
+    """`make atlas` with these flags: `atlas run atlas ...`."""
+    from atlas.cli import main
+
+    return main(["run", "atlas", *argv])
+
+
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 TINY_RUN = {
     "collect": {"positions": 4, "seed": 0, "batch_size": 4},  # relu3 is 4 x 4: its whole 2 x 2 interior
@@ -45,7 +53,7 @@ def test_make_atlas_runs_every_stage_and_a_rerun_skips_them(tmp_path, capsys, ca
     argv = ["--config", str(config), "--model", "tests.synthetic:tiny_classifier", "--device", "cpu"]
     argv += ["--data", str(write_folder(tmp_path / "images", 12)), "--out", str(out)]
     with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
-        assert pipeline.main(argv) == 0
+        assert make_atlas(argv) == 0
     plan = next(r.message for r in caplog.records if r.message.startswith("plan: "))
     assert plan.startswith("plan: 12 images x 4 positions = 48 samples; grids 3x3 (9 cells); at most 9 icons x 1 ")
     assert re.search(
@@ -63,7 +71,7 @@ def test_make_atlas_runs_every_stage_and_a_rerun_skips_them(tmp_path, capsys, ca
     stamp = (out / "store.h5").stat().st_mtime_ns
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
-        assert pipeline.main(argv) == 0
+        assert make_atlas(argv) == 0
     assert stages_run(caplog) == []  # the store says every stage is up to date
     assert (out / "store.h5").stat().st_mtime_ns == stamp  # nothing rewritten
     assert not (out / "pipeline.json").exists()  # the store is the only record
@@ -127,19 +135,19 @@ def test_the_store_decides_a_deleted_or_truncated_store_is_rebuilt_and_force_red
     argv += ["--data", str(write_folder(tmp_path / "images", 8)), "--out", str(out)]
     store = out / "store.h5"
     with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
-        assert pipeline.main(argv) == 0
+        assert make_atlas(argv) == 0
         complete = store.read_bytes()
         for damage in (lambda: store.write_bytes(complete[: len(complete) // 2]), store.unlink):
             damage()
             caplog.clear()
-            assert pipeline.main(argv) == 0
+            assert make_atlas(argv) == 0
             assert stages_run(caplog) == list(pipeline.STAGES)
             assert pipeline.collected(store, "relu3") and all_icons_done(store)
         caplog.clear()
-        assert pipeline.main([*argv, "--force", "render"]) == 0
+        assert make_atlas([*argv, "--force", "render"]) == 0
         assert stages_run(caplog) == ["render", "compose"]
         caplog.clear()
-        assert pipeline.main([*argv, "--force"]) == 0
+        assert make_atlas([*argv, "--force"]) == 0
         assert stages_run(caplog) == list(pipeline.STAGES)
 
 
@@ -164,7 +172,7 @@ def test_a_render_after_a_new_layout_renders_again_and_a_compose_after_new_icons
 
     argv, out = tiny_run(tmp_path)
     store = out / "store.h5"
-    assert pipeline.main(argv) == 0
+    assert make_atlas(argv) == 0
     manifest = json.loads((out / "atlases.json").read_text())["atlases"]
     with h5py.File(store) as f:
         icons_made = f["relu3/grid/3/icons"].attrs["made"]
@@ -182,7 +190,7 @@ def test_a_render_after_a_new_layout_renders_again_and_a_compose_after_new_icons
     # the pipeline sees new icons under an old atlas: it composes again, and only that
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
-        assert pipeline.main(argv) == 0
+        assert make_atlas(argv) == 0
     assert "compose" in stages_run(caplog) and "collect" not in stages_run(caplog)
     with h5py.File(store) as f:
         assert json.loads((out / "atlases.json").read_text())["atlases"][0]["made_from"] == {
@@ -195,20 +203,20 @@ def test_changed_settings_redo_their_stage_and_every_later_one_and_a_missing_atl
     tmp_path, caplog
 ):
     argv, out = tiny_run(tmp_path)
-    assert pipeline.main(argv) == 0
+    assert make_atlas(argv) == 0
     changed, _ = tiny_run(tmp_path, steps=3)
     with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
-        assert pipeline.main(changed) == 0
+        assert make_atlas(changed) == 0
         assert stages_run(caplog) == ["render", "compose"]
         caplog.clear()
         (out / "layer-relu3" / "grid-3" / "atlas.png").unlink()
-        assert pipeline.main(changed) == 0
+        assert make_atlas(changed) == 0
         assert stages_run(caplog) == ["compose"]
         caplog.clear()
         config = yaml.safe_load(Path(changed[1]).read_text())
         config["project"]["seed"] = 5  # a new layout: everything made from it is made again
         Path(changed[1]).write_text(yaml.safe_dump(config))
-        assert pipeline.main(changed) == 0
+        assert make_atlas(changed) == 0
         assert stages_run(caplog) == ["project", "grid", "render", "compose"]
 
 

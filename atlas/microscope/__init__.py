@@ -24,7 +24,7 @@ so a rerun with more units or another layer computes only what is missing:
 
 The package, one module per part: `results` (the results file), `examples` (dataset examples),
 `lenses` (the optimised lenses), `links` (the atlas lens) and `site` (the pages). The run that ties
-them together, `atlas microscope`, is `pipelines.microscope`.
+them together, `atlas run microscope`, is `pipelines.microscope`.
 """
 
 from atlas.microscope.examples import TopK, merge_top_k, top_activating, unit_maxima

@@ -308,9 +308,9 @@
       const minimum = gridEntry(target.grid).min_count;
       parts.push(el("p", { className: "note" }, `Fewer than ${minimum} samples: no icon is drawn.`));
     } else {
-      // the cell's icon as `atlas patch --patch` takes it: x first, as everywhere (atlas.patch.parse_cell)
+      // the cell's icon as `atlas run patch --patch` takes it: x first, as everywhere (atlas.patch.parse_cell)
       const spec = `store.h5:${state.atlas.layer}:${target.grid}:x=${target.x},y=${target.y}`;
-      const title = "this cell's icon as a patch: atlas patch --patch (with your store's path)";
+      const title = "this cell's icon as a patch: atlas run patch --patch (with your store's path)";
       parts.push(el("p", { className: "note" }, "patch spec ", el("code", { className: "patch-spec", title }, spec)));
     }
     const largest = Math.max(1e-12, ...cell.top.map((top) => Math.abs(top.attribution ?? 0)));
@@ -433,7 +433,7 @@
     Object.assign(shade.dataset, { grid, class: k });
   }
 
-  // A class atlas of the chosen class, where `atlas class-atlas` made one, is a click away
+  // A class atlas of the chosen class, where `atlas run class-atlas` made one, is a click away
   function offerClassAtlas() {
     const link = byId("class-atlas");
     const found = state.atlases.find(
