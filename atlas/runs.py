@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from atlas import AtlasError
-from atlas.config import PARAM_CHOICES, PARAM_HELP
+from atlas.config import PARAM_CHOICES, PARAM_HELP, given
 
 
 def add_run(sub: argparse._SubParsersAction) -> None:
@@ -129,8 +129,9 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="demo", help="image folder, text file of image paths, or 'demo'")
     p.add_argument("--units", help="N (the first N units) or a list such as 3,7,10-20 (default: every unit)")
     p.add_argument("--out", required=True, help="site folder (rerunning adds to it and reuses what is done)")
-    p.add_argument("--steps", type=int, default=512, help="optimisation steps (lucid: 512)")
-    p.add_argument("--size", type=int, default=128, help="visualisation size in px (lucid: 128)")
+    # the lens flags' defaults are LensSettings' (atlas/microscope/lenses.py): a flag not given is not passed
+    p.add_argument("--steps", type=int, help="optimisation steps (default and lucid's: 512)")
+    p.add_argument("--size", type=int, help="visualisation size in px (default and lucid's: 128)")
     p.add_argument("--top-k", type=int, default=8, help="dataset examples per unit")
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--photos", action="append", help="photo to caricature (repeatable; default: some from --data)")
@@ -139,12 +140,12 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", help="that atlas's HDF5 store (default: ATLAS/store.h5)")
     p.add_argument("--batch-size", type=int, help="units optimised together (default: fit GPU memory; 16 on CPU)")
     p.add_argument("--param", choices=PARAM_CHOICES, help=PARAM_HELP)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="seed of the starting noise (default 0)")
     p.add_argument("--workers", type=int, help="image-loading processes (default: up to 4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.optvis import PARAM
+        from atlas.microscope.lenses import LensSettings
         from pipelines.microscope import run_microscope
 
         summary = run_microscope(
@@ -153,8 +154,7 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
             layer=args.layer,
             data=args.data,
             units=args.units,
-            steps=args.steps,
-            size=args.size,
+            lens=LensSettings.from_config(given(args, ("size", "steps", "param", "seed"))),
             top_k=args.top_k,
             limit=args.limit,
             photos=args.photos,
@@ -162,8 +162,6 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
             atlas=args.atlas,
             store=args.store,
             batch_size=args.batch_size,
-            param=args.param or PARAM,
-            seed=args.seed,
             workers=args.workers,
             device=args.device,
             weights=args.weights,

@@ -19,8 +19,6 @@ from atlas.images import list_images
 from atlas.microscope.examples import TOP_K, dataset_examples
 from atlas.microscope.lenses import (
     CARICATURES,
-    SIZE,
-    STEPS,
     LensSettings,
     default_photos,
     layer_lenses,
@@ -31,7 +29,7 @@ from atlas.microscope.links import link_atlas
 from atlas.microscope.results import RESULTS, lens_group
 from atlas.microscope.site import write_index, write_layer_site
 from atlas.models import load_model
-from atlas.optvis import PARAM, TRANSFORMS, layer_map, model_device
+from atlas.optvis import layer_map, model_device
 from atlas.runtime import default_device, resolve
 from atlas.store import open_store
 
@@ -43,18 +41,13 @@ def run_microscope(
     layer: str | None = None,
     data: str | Path = "demo",
     units: str | int | None = None,
-    steps: int = STEPS,
-    size: int = SIZE,
+    lens: LensSettings = LensSettings(),
     top_k: int = TOP_K,
     limit: int | None = None,
     photos: Sequence[str] | None = None,
     caricatures: int = CARICATURES,
     atlas: str | Path | None = None,
     store: str | Path | None = None,
-    transforms: str = TRANSFORMS,
-    param: str = PARAM,
-    lr: float | None = None,
-    seed: int = 0,
     batch_size: int | None = None,
     device: str | None = None,
     weights: str | None = None,
@@ -65,12 +58,11 @@ def run_microscope(
 
     units: see `parse_units` (default: every unit). atlas: a run folder holding the layer's atlas (default:
     `out` itself); store: its HDF5 store with the grid means (default: <atlas>/store.h5).
-    param: the image parameterisation (atlas.optvis.param.PARAMS); lr: default its own.
+    lens: how the unit visualisations, DeepDream and caricatures are optimised.
     """
     if top_k < 1 or caricatures < 0 or (batch_size is not None and batch_size < 1):
         raise AtlasError("top-k and batch size must be positive and caricatures not negative")
-    lens = LensSettings(size=size, steps=steps, transforms=transforms, param=param, lr=lr, seed=seed)
-    net, layer, channels = _prepare_layer(model, weights, device, layer, size)
+    net, layer, channels = _prepare_layer(model, weights, device, layer, lens.size)
     chosen = parse_units(units, channels)
     records = _checked_images(net, data, limit, photos)
     out = Path(out)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from atlas import AtlasError
+from atlas.microscope.lenses import LensSettings
 from atlas.optvis import evaluate, objectives, optimize_images, visualize
 from atlas.optvis.param import (
     PARAMS,
@@ -21,7 +22,6 @@ from atlas.optvis.param import (
 from atlas.optvis.transform import ImageRandom, image_key, random_crop
 from atlas.render import RenderSettings, render_icons
 from pipelines.class_atlas import class_settings
-from pipelines.microscope import run_microscope
 from tests.test_optvis import colour_detector, stripe_detector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,7 +129,7 @@ def test_renderers_take_the_parameterisation_by_name(tmp_path):
     with pytest.raises(AtlasError, match="unknown image parameterisation"):
         RenderSettings(param="wavelet")  # refused before any store is opened
     with pytest.raises(AtlasError, match="unknown image parameterisation"):
-        run_microscope(model, tmp_path / "site", param="wavelet")
+        LensSettings(param="wavelet")
     config = Path(__file__).resolve().parents[1] / "configs" / "efficientnet-lite0.yaml"
     settings = class_settings(config, "_blocks.10", False, {"render": {"param": "pixel"}})
     assert settings["render"].param == "pixel"

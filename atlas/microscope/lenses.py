@@ -13,6 +13,7 @@ import torch
 
 from atlas import AtlasError
 from atlas.classifier import Classifier
+from atlas.config import Settings, check_number
 from atlas.images import UNREADABLE, ImageRecord, load_rgb, to_model_input
 from atlas.microscope.results import lens_group
 from atlas.optvis import PARAM, TRANSFORMS, choose_batch_size, forward, model_device, optimize_images
@@ -31,11 +32,11 @@ CARICATURES = 4  # photos caricatured per layer when none are given
 
 
 @dataclass(frozen=True)
-class LensSettings:
-    """How every optimised lens of a layer is rendered: unit visualisations, DeepDream and caricatures.
-
-    Validated when made; `lr` None is the parameterisation's own (atlas.optvis.param). `record()` is what
-    the results file keys the lens by, so other settings are other results.
+class LensSettings(Settings):
+    """How every optimised lens of a layer is rendered (`atlas run microscope`'s flags): unit visualisations,
+    DeepDream and caricatures. Validated when made; size and steps are lucid's (128 px, 512 steps); `lr` None is the
+    parameterisation's own (atlas.optvis.param). `record()` is what the results file keys the lens by, so other
+    settings are other results.
     """
 
     size: int = SIZE
@@ -46,8 +47,9 @@ class LensSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.size < 1 or self.steps < 0:
-            raise AtlasError("the visualisation size must be positive and steps not negative")
+        check_number("size", self.size, 1)
+        check_number("steps", self.steps, 0)
+        check_number("seed", self.seed, 0)
         preset(self.transforms, self.size)  # validates the name
         if self.lr is None:
             object.__setattr__(self, "lr", param_spec(self.param).lr)  # also validates the parameterisation
