@@ -17,7 +17,7 @@ from pathlib import Path
 from atlas import AtlasError, __version__
 from atlas.config import PARAM_CHOICES, PARAM_HELP, Parser, check_number, given
 from atlas.runs import add_run
-from atlas.runtime import check_device, default_device, set_threads
+from atlas.runtime import check_device, resolve, set_threads
 
 
 def _add_layers(sub: argparse._SubParsersAction) -> None:
@@ -90,7 +90,7 @@ def _run_collect(args: argparse.Namespace) -> None:
     if args.cluster:
         print(_collect_on_cluster(args))
         return
-    device = args.device or default_device()
+    device = str(resolve("collect", args.device).device)
     settings = _collect_settings(args)  # checked before the model loads
     model = load_model(args.model, weights=args.weights, device=device)
     records = list_images(args.data, model.class_names, model.imagenet_index)[: args.limit]
@@ -261,7 +261,7 @@ def _add_project(sub: argparse._SubParsersAction) -> None:
 
         flags = ("method", "n_neighbors", "min_dist", "metric", "perplexity", "knn", "sgd", "init", "seed")
         settings = LayoutSettings.from_config(given(args, flags))
-        layout = project_store(args.store, args.layer, settings, device=args.device or default_device())
+        layout = project_store(args.store, args.layer, settings, device=str(resolve("project", args.device).device))
         print(f"{args.store}: layout of {len(layout)} samples ({settings.method})")
 
     p.set_defaults(run=run)

@@ -40,7 +40,7 @@ from atlas.collect import CollectionPlan, merge_parts, missing_batches, plan_col
 from atlas.images import ImageRecord
 from atlas.models import load_model, weights_argument
 from atlas.render import IconsDone, RenderSettings, render_icons, render_store
-from atlas.runtime import default_device, resolve
+from atlas.runtime import resolve
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ def _announce(client: Client) -> None:
 # on a worker ----------------------------------------------------------------------------------------------
 def _worker_device(device: str | None) -> str:
     """The worker's device: as asked; "cuda" (or None with CUDA) gives LocalCluster worker i GPU i."""
-    if device is None:
-        device = default_device()
+    device = str(resolve("render", device).device)  # as asked, else CUDA when there is one
     if device != "cuda" or torch.cuda.device_count() < 2:
         return device
     name = get_worker().name  # LocalCluster names its workers 0, 1, ...; other clusters give each worker its GPU

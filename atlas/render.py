@@ -39,7 +39,7 @@ from atlas.optvis.objectives import atlas_direction, direction_cosine
 from atlas.optvis.param import RADIUS, param_spec
 from atlas.optvis.transform import Transform, image_key, preset
 from atlas.progress import progress as progress_of
-from atlas.runtime import Runtime, default_device, resolve
+from atlas.runtime import Runtime, resolve
 from atlas.store import (
     MADE_FROM,
     SETTINGS,
@@ -340,7 +340,7 @@ def _load_net(model: str | Classifier | None, weights: str | None, device: str |
     if isinstance(model, Classifier):
         return model
     weights = weights if weights is not None else cells.weights
-    return load_model(model or cells.model, weights=weights, device=device or default_device())
+    return load_model(model or cells.model, weights=weights, device=resolve("render", device).device)
 
 
 def _recorded_settings(settings: RenderSettings, model: str, weights: str, runtime: Runtime) -> dict:

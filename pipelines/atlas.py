@@ -235,9 +235,9 @@ def run_atlas(
 
     from atlas.images import list_images
     from atlas.models import load_model
-    from atlas.runtime import check_device, default_device, set_threads
+    from atlas.runtime import resolve, set_threads
 
-    device = check_device(device or default_device())
+    device = str(resolve("collect", device).device)  # checked: one a run can use
     log.info("%d torch threads", set_threads(threads or config.get("threads")))
 
     model = load_model(model_name, weights=weights, device=device)

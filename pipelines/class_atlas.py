@@ -29,7 +29,7 @@ from atlas.class_atlas import (
 )
 from atlas.classes import resolve_class
 from atlas.compose import ComposeSettings, compose_run
-from atlas.config import config_path, load_config
+from atlas.config import CONFIG_DIR, config_path, load_config
 from atlas.grid import RIDGE, GridSettings, grid_store
 from atlas.project import LayoutSettings, project_store
 from atlas.render import RenderSettings, render_store, rendered
@@ -40,23 +40,10 @@ from pipelines.atlas import composed, gridded, projected, run_stage
 
 log = logging.getLogger("pipelines.class_atlas")
 
-# The paper's class-atlas settings (reference 1.7 and 5): grid 8 with >= 4 samples a cell, 1056 steps, 3 attempts;
-# production laid class atlases out with UMAP 20 / 0.02 / cosine, but the article found t-SNE better for them.
-# Comparisons: 2000 samples per class, grid 10, and the class-gradient plots' 90 px, 1024 steps, 4 attempts.
-# A config's `class_atlas:` section overrides these (configs/efficientnet-lite0.yaml: CPU-sized renders).
-DEFAULTS = {
-    "select": {"winner": True, "top": 3000},
-    "project": {"method": "tsne", "metric": "cosine", "perplexity": 50, "n_neighbors": 20, "min_dist": 0.02},
-    "grid": {"sizes": [8], "min_count": 4},
-    "render": {"size": 80, "steps": 1056, "attempts": 3},
-    "compose": {},
-    "compare": {
-        "select": {"winner": True, "top": 2000},
-        "layout": {"metric": "cosine", "perplexity": 50},
-        "grid": {"sizes": [10], "min_count": 4},
-        "render": {"size": 90, "steps": 1024, "attempts": 4},
-    },
-}
+# The paper's class-atlas settings are configs/inceptionv1.yaml's `class_atlas:` (reference 1.7 and 5), stated once
+# there: every config's own `class_atlas:` overrides them (configs/efficientnet-lite0.yaml: CPU-sized renders).
+PAPER_CONFIG = CONFIG_DIR / "inceptionv1.yaml"
+COMPARE_SECTIONS = ("select", "layout", "grid", "render")
 SECTIONS = {
     "select": SelectSettings,
     "project": LayoutSettings,
@@ -70,24 +57,32 @@ FEW_WINNERS = 64  # winner samples below which a class is warned of: fewer than 
 
 
 def class_settings(config_file: Path, layer: str, comparison: bool, overrides: dict | None = None) -> dict:
-    """The sections (select, project or layout, grid, render, compose) for a class atlas or a comparison:
-    DEFAULTS, then the config's `class_atlas:` (with its per-layer overrides), then `overrides`; checked."""
-    section = load_config(config_file, {}, layer).get("class_atlas") or {}
-    if not isinstance(section, dict) or not isinstance(section.get("compare") or {}, dict):
-        raise AtlasError(f"config {config_file}: class_atlas and its compare must be mappings")
-    compare = section.get("compare") or {}
-    unknown = (set(section) - set(DEFAULTS)) | (set(compare) - set(DEFAULTS["compare"]))
-    if unknown:
-        raise AtlasError(f"unknown key(s) {sorted(unknown)} in {config_file} (class_atlas:)")
+    """The sections (select, project or layout, grid, render, compose) for a class atlas or a comparison: the
+    paper's (PAPER_CONFIG), then the config's `class_atlas:` (with its per-layer overrides), then `overrides`;
+    checked."""
+    paper, paper_compare = _class_section(PAPER_CONFIG, None)
+    section, compare = _class_section(config_file, layer)
     own = ("select", "layout", "grid", "render") if comparison else ("select", "project", "grid", "render")
     settings = {}
     for name in (*own, "compose"):
         nested = comparison and name != "compose"
-        configured, defaults = (compare, DEFAULTS["compare"]) if nested else (section, DEFAULTS)
+        configured, defaults = (compare, paper_compare) if nested else (section, paper)
         where = f"{config_file} (class_atlas: {'compare: ' if nested else ''}{name}:)"
-        values = {**defaults[name], **(configured.get(name) or {}), **(overrides or {}).get(name, {})}
+        values = {**(defaults.get(name) or {}), **(configured.get(name) or {}), **(overrides or {}).get(name, {})}
         settings[name] = SECTIONS[name].from_config(values, where)
     return settings
+
+
+def _class_section(config_file: Path, layer: str | None) -> tuple[dict, dict]:
+    """A config's `class_atlas:` and its `compare:`, checked for unknown sections."""
+    section = load_config(config_file, {}, layer).get("class_atlas") or {}
+    if not isinstance(section, dict) or not isinstance(section.get("compare") or {}, dict):
+        raise AtlasError(f"config {config_file}: class_atlas and its compare must be mappings")
+    compare = section.get("compare") or {}
+    unknown = (set(section) - ({*SECTIONS, "compare"} - {"layout"})) | (set(compare) - set(COMPARE_SECTIONS))
+    if unknown:
+        raise AtlasError(f"unknown key(s) {sorted(unknown)} in {config_file} (class_atlas:)")
+    return section, compare
 
 
 @dataclass(frozen=True)
@@ -164,7 +159,6 @@ def run_class_atlas(
     batch_size: icon attempts rendered together (not a setting of the result: `render_store`'s default).
     force: build it even for a class that no sample of the store has as its top attribution.
     """
-    from atlas.runtime import default_device
 
     store, out = Path(store), Path(out)
     parent = read_parent(store, layer)
@@ -173,7 +167,7 @@ def run_class_atlas(
     if len(set(classes)) != len(classes):
         raise AtlasError(f"--class and --vs are the same class ({names[classes[0]]})")
     settings = class_settings(Path(config_file or config_path(parent.model)), layer, vs is not None, overrides)
-    device = device or default_device()
+    device = str(resolve("render", device).device)
     head = atlas_head(layer, classes, names)
     work = out / "stores"
     work.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from atlas.microscope.results import RESULTS, lens_group
 from atlas.microscope.site import write_index, write_layer_site
 from atlas.models import load_model
 from atlas.optvis import layer_map, model_device
-from atlas.runtime import default_device, resolve
+from atlas.runtime import resolve
 from atlas.store import open_store
 
 
@@ -97,7 +97,7 @@ def _prepare_layer(
     net = (
         model
         if isinstance(model, Classifier)
-        else load_model(model, weights=weights, device=device or default_device())
+        else load_model(model, weights=weights, device=resolve("render", device).device)
     )
     resolve("render", model_device(net)).prepare(net)  # the renderer's policy: channels_last
     layer = net.resolve_layer(layer or net.default_layer)
