@@ -29,6 +29,7 @@ from PIL import Image
 
 from atlas import AtlasError
 from atlas.classifier import Classifier
+from atlas.config import Settings, check_number
 from atlas.images import UNREADABLE, ImageDataset, ImageRecord, collate, load_rgb
 from atlas.progress import progress
 from atlas.runtime import resolve
@@ -135,9 +136,32 @@ class Placement:
     left: int
 
 
+@dataclass(frozen=True)
+class PatchSettings(Settings):
+    """How a patch is measured (`atlas run patch`), `measure_patch`'s keywords. One ratio and corner is the
+    article's static test (0.4 of the input side: all three published examples); several are its dynamic search,
+    the best placement per image (SEARCH_RATIOS x every corner)."""
+
+    ratios: tuple[float, ...] = (DEFAULT_RATIO,)
+    corners: tuple[str, ...] = ("tl",)
+    seed: int = 0  # of the noise control
+    examples: int = 8  # before/after pairs in the report's strip
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ratios", tuple(check_ratio(ratio) for ratio in self.ratios))
+        object.__setattr__(self, "corners", tuple(self.corners))
+        unknown = [corner for corner in self.corners if corner not in CORNERS]
+        if unknown or not self.ratios or not self.corners:
+            raise AtlasError(f"a patch needs ratios and corners among {', '.join(CORNERS)}, not {self.corners}")
+        check_number("seed", self.seed, 0)
+        check_number("examples", self.examples, 0)
+        check_number("batch size", self.batch_size, 1)
+
+
 def check_ratio(ratio: float) -> float:
     """A patch side as a fraction of the input: in (0, 1]; else a one-line AtlasError."""
-    if not 0.0 < ratio <= 1.0:  # also refuses NaN
+    if not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:  # also refuses NaN
         raise AtlasError(f"patch size must be a fraction of the image in (0, 1], not {ratio}")
     return ratio
 

@@ -189,13 +189,14 @@ def _add_patch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", help="patch only images of this class (default: all labelled images, own labels)")
     p.add_argument("--out", help="report folder: report.json, report.md, thumbs/")
     p.add_argument("--size", type=float, help="patch side as a fraction of the input (default 0.4, the paper's)")
-    p.add_argument("--corner", choices=["tl", "tr", "bl", "br"], default="tl")
+    p.add_argument("--corner", choices=["tl", "tr", "bl", "br"], help="where the patch goes (default: tl)")
     p.add_argument("--search", action="store_true", help="keep the best of 4 corners x --sizes per image")
     p.add_argument("--sizes", help="sizes tried by --search (default 0.2,0.3,0.4,0.5)")
     p.add_argument("--limit", type=int, help="use only the first N selected images")
-    p.add_argument("--examples", type=int, default=8, help="before/after pairs in the report's strip")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise control")
-    p.add_argument("--batch-size", type=int, default=32)
+    # the defaults of --size, --corner, --examples, --seed and --batch-size are PatchSettings' (atlas/patch.py)
+    p.add_argument("--examples", type=int, help="before/after pairs in the report's strip (default 8)")
+    p.add_argument("--seed", type=int, help="seed of the noise control (default 0)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default 32)")
     p.add_argument("--workers", type=int, help="image-loading processes (default: up to 4)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_patch_suggest(p)
@@ -225,7 +226,11 @@ def _run_patch(args: argparse.Namespace) -> None:
         sizes = tuple(float(v) for v in args.sizes.split(",")) if args.sizes else lab.SEARCH_RATIOS
     except ValueError as err:
         raise AtlasError(f"--sizes {args.sizes!r} is not a comma-separated list of fractions") from err
-    ratios = sizes if args.search else (lab.DEFAULT_RATIO if args.size is None else args.size,)
+    placed = {"ratios": sizes, "corners": tuple(lab.CORNERS)} if args.search else {}
+    if not args.search:
+        placed = {"ratios": (args.size,)} if args.size is not None else {}
+        placed |= {"corners": (args.corner,)} if args.corner else {}
+    settings = lab.PatchSettings.from_config({**placed, **given(args, ("examples", "seed", "batch_size"))})
     report, path = run_patch_experiment(
         args.patch,
         args.data,
@@ -234,12 +239,8 @@ def _run_patch(args: argparse.Namespace) -> None:
         model_name=args.model or "efficientnet-lite0",
         weights=args.weights,
         source=args.source,
-        ratios=tuple(lab.check_ratio(ratio) for ratio in ratios),
-        corners=tuple(lab.CORNERS) if args.search else (args.corner,),
+        settings=settings,
         limit=args.limit,
-        examples=args.examples,
-        seed=args.seed,
-        batch_size=args.batch_size,
         workers=args.workers,
         device=args.device,
     )

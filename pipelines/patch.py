@@ -7,6 +7,7 @@ or rank atlas cells as patch candidates. The measurements are atlas.patch's; thi
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from atlas import patch as lab
@@ -26,16 +27,13 @@ def run_patch_experiment(
     model_name: str = "efficientnet-lite0",
     weights: str | None = None,
     source: str | None = None,
-    ratios: tuple[float, ...] = (lab.DEFAULT_RATIO,),
-    corners: tuple[str, ...] = ("tl",),
+    settings: lab.PatchSettings = lab.PatchSettings(),
     limit: int | None = None,
-    examples: int = 8,
-    seed: int = 0,
-    batch_size: int = 32,
     workers: int | None = None,
     device: str | None = None,
 ) -> tuple[dict, Path]:
-    """Measure one patch at `ratios` x `corners` (the best per image when several); returns (report, report path).
+    """Measure one patch at the settings' ratios x corners (the best per image when several); returns (report,
+    report path).
     device: default CUDA when there is one (atlas.runtime.resolve)."""
     device = str(resolve("patch", device).device)
     model = load_model(model_name, weights=weights, device=device)
@@ -50,12 +48,8 @@ def run_patch_experiment(
         records,
         target_class,
         source_class,
-        ratios=ratios,
-        corners=corners,
-        batch_size=batch_size,
+        **asdict(settings),
         device=device,
-        seed=seed,
-        examples=examples,
         workers=workers,
     )
     return report, lab.write_report(report, strip, patch, out, patch_spec=patch_spec)

@@ -329,3 +329,13 @@ def test_the_noise_control_draws_its_noise_from_the_seed(tmp_path: Path):
         for seed in (0, 3)
     }
     assert noise[0] != noise[3]  # another seed, other noise: probabilities after the noise patch differ
+
+
+def test_patch_settings_refuse_a_corner_or_size_that_cannot_be_placed():
+    assert lab.PatchSettings().ratios == (lab.DEFAULT_RATIO,)  # the article's static test
+    with pytest.raises(AtlasError, match="corners among"):
+        lab.PatchSettings(corners=("middle",))
+    with pytest.raises(AtlasError, match=r"\(0, 1\]"):
+        lab.PatchSettings(ratios=(1.5,))
+    with pytest.raises(AtlasError, match="unknown key 'ratio'"):
+        lab.PatchSettings.from_config({"ratio": 0.3})
