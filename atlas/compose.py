@@ -44,7 +44,20 @@ from atlas import AtlasError
 from atlas.config import Settings
 from atlas.examples import pick_examples, view_sizes
 from atlas.site import install_viewer, update_manifest, write_dzi, write_patches
-from atlas.store import class_names, fingerprint, grid_group, layer_group, made, open_store
+from atlas.store import (
+    ATTRIBUTION,
+    CELL,
+    COUNT,
+    MEAN,
+    RENDERED,
+    class_names,
+    fingerprint,
+    grid_group,
+    layer_group,
+    made,
+    open_store,
+)
+from atlas.store import Grid as GridView
 from atlas.store import layers as store_layers
 
 log = logging.getLogger(__name__)
@@ -55,6 +68,7 @@ LABEL_FONT_PX = 11
 LABEL_STROKE_PX = 2  # white outline: labels stay legible over any icon
 LABEL_MIN_OPACITY = 0.5  # on a heat-map, only cells at least half shown are labelled: faded ones are not the class's
 TOP_CLASSES = 5
+COMPOSED = (COUNT, CELL, ATTRIBUTION, MEAN, *RENDERED)  # what composing a grid reads of it
 HEATMAP_POPULATED = 0.2  # paper front-end: max over cells of > 500 samples, a fifth of the 2500 per 20x20 cell of 1M
 
 
@@ -153,31 +167,6 @@ def draw_labels(image: Image.Image, grid: Grid, names: list[str]) -> None:
             block_left, block_right = block_x * cell_px + 2, min(block_x + step, grid.size) * cell_px - 2
             left = np.clip((x + 0.5) * cell_px - label.width / 2, block_left, block_right - label.width)
             image.paste(label, (round(left), round((y + 1) * cell_px - label.height)), label)
-
-
-def check_grid(layer: h5py.Group, size: int) -> None:
-    """Raise AtlasError unless `layer`'s grid `size` has everything composition reads, with matching shapes."""
-    group = grid_group(layer, size)
-    missing = [
-        name
-        for name in ("count", "cell", "attribution", "mean", "icons", "icon_cosine", "icon_objective")
-        if name not in group
-    ]
-    if missing:
-        stage = "render" if {"icons", "icon_cosine", "icon_objective"} & set(missing) else "grid"
-        raise AtlasError(f"{group.name} lacks {', '.join(missing)} (run `atlas {stage}`)")
-    icons = group["icons"].shape
-    if (
-        group["count"].shape != (size, size)
-        or icons[:2] != (size, size)
-        or len(icons) != 5
-        or icons[2:] != (icons[2], icons[2], 3)
-    ):
-        raise AtlasError(f"{group.name}: count {group['count'].shape} or icons {icons} do not fit a {size}x{size} grid")
-    if group["cell"].shape[0] != layer["image_index"].shape[0]:
-        raise AtlasError(
-            f"{group.name}/cell has {group['cell'].shape[0]} rows for {layer['image_index'].shape[0]} samples"
-        )
 
 
 def read_grid(group: h5py.Group) -> Grid:
@@ -499,7 +488,7 @@ def _plan(store: h5py.File, layers: list[str] | None, grids: list[int] | None) -
         if not sizes:
             raise AtlasError(f"layer {name!r} has no rendered grids (run `atlas render` first)")
         for size in sizes:
-            check_grid(group, size)
+            GridView(group, size, needs=COMPOSED)  # checked before anything is written
         icon_sizes = {group[f"grid/{size}/icons"].shape[2] for size in sizes}
         if len(icon_sizes) > 1:
             raise AtlasError(f"layer {name!r}: grids {sizes} have different icon sizes {sorted(icon_sizes)}")

@@ -33,7 +33,8 @@ from atlas.config import Settings, check_number
 from atlas.images import UNREADABLE, ImageDataset, ImageRecord, collate, load_rgb
 from atlas.progress import progress
 from atlas.runtime import resolve
-from atlas.store import grid_group, layer_group, open_store
+from atlas.store import ATTRIBUTION, COUNT, grid_group, layer_group, only_grid, open_store
+from atlas.store import Grid as GridView
 
 # (y, x) fractions of `input_size - patch_size`, the notebook's `patch_position`
 CORNERS = {"tl": (0.0, 0.0), "tr": (0.0, 1.0), "bl": (1.0, 0.0), "br": (1.0, 1.0)}
@@ -550,16 +551,15 @@ def suggest_cells(
     """
     with open_store(store) as f:
         group = layer_group(f, layer)
-        grid = grid if grid is not None else _only_grid(group)
-        cells = grid_group(group, grid)
-        attribution = cells["attribution"]
+        grid = grid if grid is not None else only_grid(group)
+        view = GridView(group, grid, needs=(COUNT, ATTRIBUTION))
+        attribution = view.group[ATTRIBUTION]
         if not (0 <= source < attribution.shape[-1] and 0 <= target < attribution.shape[-1]):
             raise AtlasError(f"the store's attributions have {attribution.shape[-1]} classes; got {source}, {target}")
         toward, away = attribution[..., target], attribution[..., source]
-        count = cells["count"][...]
-        min_count = int(cells.attrs.get("min_count", 1))
+        count, non_empty = view.read(COUNT), view.non_empty()
         layer_name = group.name.lstrip("/")
-    score = np.where(count >= min_count, toward - away, -np.inf)
+    score = np.where(non_empty, toward - away, -np.inf)
     order = np.argsort(-score, axis=None, kind="stable")[: min(top, int(np.isfinite(score).sum()))]
     return [
         {
@@ -570,10 +570,3 @@ def suggest_cells(
         }
         for y, x in zip(*np.unravel_index(order, score.shape), strict=True)
     ]
-
-
-def _only_grid(group) -> int:
-    sizes = sorted(int(g) for g in group["grid"]) if "grid" in group else []
-    if len(sizes) != 1:
-        raise AtlasError(f"{group.name} has grids {sizes or 'none'}; choose one with --grid (run `atlas grid` first)")
-    return sizes[0]

@@ -41,7 +41,9 @@ from atlas.optvis.transform import Transform, image_key, preset
 from atlas.progress import progress as progress_of
 from atlas.runtime import Runtime, resolve
 from atlas.store import (
+    COUNT,
     MADE_FROM,
+    MEAN,
     SETTINGS,
     fresh,
     grid_group,
@@ -52,6 +54,7 @@ from atlas.store import (
     remade,
     store_finished,
 )
+from atlas.store import Grid as GridView
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +265,8 @@ class _Cells:
 def _read_cells(path: str | Path, layer: str | None, grid: int, whiten: bool) -> _Cells:
     with open_store(path) as store:
         group = layer_group(store, layer)
-        cells = grid_group(group, grid)
+        view = GridView(group, grid, needs=(COUNT, MEAN))
+        cells = view.group
         layout_made, grid_from = made(group.get("layout")), str(cells.attrs.get(MADE_FROM, ""))
         if layout_made and grid_from and grid_from != layout_made:
             raise AtlasError(
@@ -278,8 +282,8 @@ def _read_cells(path: str | Path, layer: str | None, grid: int, whiten: bool) ->
             whitening = group["whitening"][()]
         return _Cells(
             layer=group.name.strip("/"),
-            non_empty=cells["count"][()] >= int(cells.attrs.get("min_count", 1)),
-            means=cells["mean"][()],
+            non_empty=view.non_empty(),
+            means=view.read(MEAN),
             whitening=whitening,
             model=str(store.attrs.get("model", "")),
             weights=weights_argument(str(store.attrs.get("weights", ""))),

@@ -87,6 +87,13 @@ MADE = "made"  # the attr holding a product's identity, new each time it is made
 MADE_FROM = "made_from"  # the attr holding the identity of the product it was made from
 COLLECT_SETTINGS = "collect_meta"  # the root attr holding collect's settings
 CLASSES = "classes"
+# the datasets of a layer group and of its grids (the schema above): every stage names them by these
+ACTIVATIONS, IMAGE_INDEX, POSITION, ATTRIBUTIONS = "activations", "image_index", "position", "attributions"
+LAYOUT, WHITENING, GRIDS = "layout", "whitening", "grid"
+CELL, COUNT, MEAN, ATTRIBUTION = "cell", "count", "mean", "attribution"
+TOP_CLASSES, TOP_ATTRIBUTIONS = "top_classes", "top_attributions"
+ICONS, ICON_COSINE, ICON_OBJECTIVE, ICON_DONE = "icons", "icon_cosine", "icon_objective", "icon_done"
+RENDERED = (ICONS, ICON_COSINE, ICON_OBJECTIVE)  # what `render` adds to a grid
 ROW_CHUNK = 4096  # rows per HDF5 chunk: large enough to stream fast, small enough to read one cheaply
 
 
@@ -103,7 +110,7 @@ def open_store(path: str | Path, mode: str = "r") -> h5py.File:
 
 def layers(store: h5py.File) -> list[str]:
     """Layers that have activations in the store."""
-    return [name for name, item in store.items() if isinstance(item, h5py.Group) and "activations" in item]
+    return [name for name, item in store.items() if isinstance(item, h5py.Group) and ACTIVATIONS in item]
 
 
 def layer_group(store: h5py.File, layer: str | None) -> h5py.Group:
@@ -209,6 +216,50 @@ def class_names(store: h5py.File, count: int) -> list[str]:
     if count == 1000:
         return imagenet_classes()
     return [f"class {k}" for k in range(count)]
+
+
+# views ------------------------------------------------------------------------------------------
+class Grid:
+    """A view of `/<layer>/grid/<G>` that reads and checks what a later stage needs of it, in one place.
+
+    `needs`: the datasets the caller reads; a missing one is a one-line AtlasError naming the stage that makes it.
+    """
+
+    def __init__(self, layer: h5py.Group, size: int, needs: tuple[str, ...] = (COUNT, MEAN)):
+        self.group = grid_group(layer, size)
+        self.layer, self.size = layer.name.strip("/"), size
+        missing = [name for name in needs if name not in self.group]
+        if missing:
+            stage = "render" if set(RENDERED) & set(missing) else "grid"
+            raise AtlasError(f"{self.group.name} lacks {', '.join(missing)} (run `atlas {stage}`)")
+        if COUNT in needs and self.group[COUNT].shape != (size, size):
+            raise AtlasError(f"{self.group.name}: count {self.group[COUNT].shape} does not fit a {size}x{size} grid")
+        icons = self.group[ICONS].shape if ICONS in needs else None
+        if icons is not None and (icons[:2] != (size, size) or len(icons) != 5 or icons[2:] != (icons[2], icons[2], 3)):
+            raise AtlasError(f"{self.group.name}: icons {icons} do not fit a {size}x{size} grid")
+        if CELL in needs and self.group[CELL].shape[0] != layer[IMAGE_INDEX].shape[0]:
+            raise AtlasError(
+                f"{self.group.name}/cell has {self.group[CELL].shape[0]} rows for {layer[IMAGE_INDEX].shape[0]} samples"
+            )
+
+    @property
+    def min_count(self) -> int:
+        return int(self.group.attrs.get("min_count", 1))
+
+    def read(self, name: str) -> np.ndarray:
+        return self.group[name][()]
+
+    def non_empty(self) -> np.ndarray:
+        """[G, G] bool: the cells that hold at least min_count samples (the others are empty)."""
+        return self.read(COUNT) >= self.min_count
+
+
+def only_grid(layer: h5py.Group) -> int:
+    """The size of the layer's one grid; an AtlasError asking for --grid when it has none or several."""
+    sizes = sorted(int(size) for size in layer[GRIDS]) if GRIDS in layer else []
+    if len(sizes) != 1:
+        raise AtlasError(f"{layer.name} has grids {sizes or 'none'}; choose one with --grid (run `atlas grid` first)")
+    return sizes[0]
 
 
 # lineage -----------------------------------------------------------------------------------------

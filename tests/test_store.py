@@ -16,7 +16,19 @@ from atlas.collect import collect
 from atlas.compose import ComposeSettings, compose_run
 from atlas.examples import patch_box
 from atlas.images import ImageRecord, load_rgb, to_model_input
-from atlas.store import CLASSES, STR, class_names, fingerprint, record_settings, settings_match
+from atlas.store import (
+    CELL,
+    CLASSES,
+    COUNT,
+    RENDERED,
+    STR,
+    Grid,
+    class_names,
+    fingerprint,
+    only_grid,
+    record_settings,
+    settings_match,
+)
 from tests.synthetic import tiny_classifier
 from tests.test_compose import INPUT_SIZE, MAP_SIDE, write_rendered_store
 
@@ -96,3 +108,26 @@ def test_settings_are_recorded_and_matched_by_one_fingerprint(tmp_path: Path) ->
         assert settings_match(group, Knobs()) and not settings_match(group, Knobs(steps=9))
         group.attrs["settings"] = "not json"
         assert not settings_match(group, Knobs())  # unreadable: settings differ, no crash
+
+
+def test_the_grid_view_names_what_is_missing_and_the_stage_that_makes_it(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        layer = f.create_group("relu3")
+        layer["image_index"] = np.arange(5)
+        grid = layer.create_group("grid/3")
+        grid.attrs["min_count"] = 2
+        grid["count"] = np.array([[0, 2, 1], [3, 0, 0], [0, 0, 0]])
+        grid["mean"] = np.zeros((3, 3, 4), np.float32)
+        grid["cell"] = np.zeros(4, np.int32)
+        view = Grid(layer, 3)
+        assert view.min_count == 2 and view.non_empty().sum() == 2 and only_grid(layer) == 3
+        with pytest.raises(AtlasError, match=r"lacks icons, icon_cosine, icon_objective \(run `atlas render`\)"):
+            Grid(layer, 3, needs=(COUNT, *RENDERED))
+        with pytest.raises(AtlasError, match="cell has 4 rows for 5 samples"):
+            Grid(layer, 3, needs=(COUNT, CELL))
+        grid["icons"] = np.zeros((3, 3, 8, 9, 3), np.uint8)
+        grid["icon_cosine"] = grid["icon_objective"] = np.zeros((3, 3), np.float32)
+        with pytest.raises(AtlasError, match="do not fit a 3x3 grid"):
+            Grid(layer, 3, needs=(COUNT, *RENDERED))
+        with pytest.raises(AtlasError, match=r"no grid of size 4 \(grids: \[3\]; run `atlas grid`\)"):
+            Grid(layer, 4)

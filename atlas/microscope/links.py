@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from atlas import AtlasError
 from atlas.site import MANIFEST, move_viewer_beside_home
-from atlas.store import open_store
+from atlas.store import COUNT, MEAN, open_store
+from atlas.store import Grid as GridView
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +57,12 @@ def atlas_cells(store: Path, layer: str, grids: Sequence[int], units: Sequence[i
     cells: dict[int, list[dict]] = {unit: [] for unit in units}
     with open_store(store) as f:
         for size in grids:
-            group = f.get(f"{layer}/grid/{size}")
-            if group is None or "mean" not in group or "count" not in group:
+            try:
+                grid = GridView(f[layer], size, needs=(COUNT, MEAN))
+            except (AtlasError, KeyError):
                 log.warning("%s has no grid %d of %s; its atlas cells are not linked", store, size, layer)
                 continue
-            y, x, cosine = best_cells(
-                group["mean"][()], group["count"][()], int(group.attrs.get("min_count", 1)), units
-            )
+            y, x, cosine = best_cells(grid.read(MEAN), grid.read(COUNT), grid.min_count, units)
             for i, unit in enumerate(units):
                 if np.isfinite(cosine[i]):
                     cells[unit].append({"grid": size, "x": int(x[i]), "y": int(y[i]), "cosine": float(cosine[i])})
