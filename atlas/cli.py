@@ -26,7 +26,7 @@ def _add_layers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", help="weights file, or 'random'")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.models import load_model
+        from atlas.models.zoo import load_model
 
         model = load_model(args.model, weights=args.weights or "random")  # shapes do not need trained weights
         for name, channels, height, width in model.layer_shapes():
@@ -39,7 +39,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model zoo: name, input size, default layer, weights source")
 
     def run(_args: argparse.Namespace) -> None:
-        from atlas.zoo import zoo_table
+        from atlas.models.registry import zoo_table
 
         for name, size, layer, weights in zoo_table():
             print(f"{name:<20}{size:<10}{layer:<14}{weights}")
@@ -85,7 +85,7 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
 def _run_collect(args: argparse.Namespace) -> None:
     from atlas.collect import collect
     from atlas.images import list_images
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
 
     if args.cluster:
         print(_collect_on_cluster(args))
@@ -109,7 +109,7 @@ def _collect_settings(args: argparse.Namespace) -> dict:
 def _collect_on_cluster(args: argparse.Namespace) -> Path:
     from atlas.cluster import collect_on_cluster, connect
     from atlas.images import list_images
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
 
     labels = load_model(args.model, weights="random")  # class names only: no weights needed
     records = list_images(args.data, labels.class_names, labels.imagenet_index)[: args.limit]

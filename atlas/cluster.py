@@ -35,10 +35,10 @@ from distributed import Client, LocalCluster, as_completed, get_worker
 from tqdm import tqdm
 
 from atlas import AtlasError
-from atlas.classifier import Classifier
 from atlas.collect import CollectionPlan, merge_parts, missing_batches, plan_collection, write_batches
 from atlas.images import ImageRecord
-from atlas.models import load_model, weights_argument
+from atlas.models.classifier import Classifier
+from atlas.models.zoo import load_model, weights_argument
 from atlas.render import IconsDone, RenderSettings, render_icons, render_store
 from atlas.runtime import resolve
 

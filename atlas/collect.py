@@ -35,9 +35,9 @@ from torch import nn
 from torch.func import jvp, vmap
 
 from atlas import AtlasError, __version__
-from atlas.classifier import Classifier
 from atlas.config import Settings, check_number
 from atlas.images import ImageRecord, load_batches
+from atlas.models.classifier import Classifier
 from atlas.progress import progress as progress_of
 from atlas.runtime import MEMORY_FORMATS, PRECISIONS, Runtime, resolve
 from atlas.store import (

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from atlas import AtlasError
-from atlas.classifier import Classifier
 from atlas.config import Settings, check_number
 from atlas.images import UNREADABLE, ImageDataset, ImageRecord, collate, load_rgb
+from atlas.models.classifier import Classifier
 from atlas.progress import progress
 from atlas.runtime import resolve
 from atlas.store import ATTRIBUTION, COUNT, grid_group, layer_group, only_grid, open_store

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from atlas import AtlasError
-from atlas.classifier import Classifier
 from atlas.config import Settings
 from atlas.examples import example_crops, pick_examples
-from atlas.models import load_model, weights_argument
+from atlas.models.classifier import Classifier
+from atlas.models.zoo import load_model, weights_argument
 from atlas.optvis import PARAM, choose_batch_size, layer_map, model_device, optimize_images, visualize
 from atlas.optvis.objectives import atlas_direction, direction_cosine
 from atlas.optvis.param import RADIUS, param_spec

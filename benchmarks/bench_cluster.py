@@ -28,7 +28,7 @@ def single_process(images: int, batch_size: int) -> dict:
 
     from atlas.collect import collect
     from atlas.images import list_images
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
 
     torch.set_num_threads(1)
     model = load_model(MODEL)

@@ -40,7 +40,7 @@ POLICIES = {  # (memory format, precision)
 
 
 def _model(name: str):
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
 
     torch.manual_seed(0)  # random weights: the same in every process, so the stores compare
     return load_model(name, weights=MODELS[name])
@@ -76,8 +76,8 @@ def baseline_collect_batch(model, images, rows, layers, positions, seed) -> dict
     """`atlas.collect.collect_batch` before issue 15: a forward for the activations, then the JVP from the input."""
     from torch.func import jvp, vmap
 
-    from atlas.classifier import capture
     from atlas.collect import _RelaxedMaxPool, sample_positions
+    from atlas.models.classifier import capture
 
     with torch.no_grad(), capture(model, list(layers)) as acts:
         model(images)

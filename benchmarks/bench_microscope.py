@@ -23,7 +23,7 @@ CPU_THREADS = 1  # on a shared 2-core machine a second thread waits more than it
 def dataset_pass(images: int, device: str) -> dict:
     from atlas.images import list_images
     from atlas.microscope import top_activating
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
 
     model = load_model(MODEL, device=device)
     records = list_images(SAMPLE)[:images]
@@ -33,7 +33,7 @@ def dataset_pass(images: int, device: str) -> dict:
 
 
 def unit_visualisations(batch: int, steps: int, device: str) -> dict:
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
     from atlas.optvis import optimize_images
     from atlas.optvis.objectives import channel
     from atlas.optvis.transform import image_key, preset

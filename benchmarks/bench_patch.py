@@ -7,7 +7,7 @@ import time
 import torch
 
 from atlas import patch as lab
-from atlas.models import load_model
+from atlas.models.zoo import load_model
 
 
 def _rate(count: int, work, repeats: int = 3) -> float:

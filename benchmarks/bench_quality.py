@@ -35,9 +35,9 @@ from PIL import Image
 
 from atlas import collect, grid, images, project
 from atlas.classes import imagenet_classes
-from atlas.classifier import Classifier, TFLiteNormalize
 from atlas.examples import example_crops, pick_examples
-from atlas.models import load_model
+from atlas.models.classifier import Classifier, TFLiteNormalize
+from atlas.models.zoo import load_model
 from atlas.optvis import PARAM, TRANSFORMS, forward, visualize
 from atlas.optvis.objectives import class_logit
 from atlas.render import RenderSettings, render_icons

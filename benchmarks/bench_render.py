@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atlas.classifier import Classifier
-from atlas.models import load_model
+from atlas.models.classifier import Classifier
+from atlas.models.zoo import load_model
 from atlas.optvis.objectives import atlas_direction
 from atlas.render import RenderSettings, render_icons
 from atlas.runtime import Runtime, resolve

@@ -33,7 +33,7 @@ def render_rate(
 
     import torch
 
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
     from atlas.optvis import objectives, visualize
     from atlas.runtime import set_threads
 

@@ -132,7 +132,7 @@ def _measure(name: str, result: str, **details: object) -> dict:
 # checks -------------------------------------------------------------------------------------------------------
 def check_collect(ctx: Context) -> list[dict]:
     from atlas.collect import collect
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
 
     records = ctx.photos[: ctx.size.check_images]
     arrays = {}
@@ -157,7 +157,7 @@ def check_collect(ctx: Context) -> list[dict]:
 
 
 def check_render(ctx: Context) -> list[dict]:
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
     from atlas.render import RenderSettings, render_icons
 
     model = load_model(CHECK_MODEL)
@@ -260,7 +260,7 @@ def _forward_rate(ctx: Context, model: torch.nn.Module, runtime: object, batch: 
 
 def measure_collect(ctx: Context) -> list[dict]:
     from atlas.collect import collect, timed_rate
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
     from atlas.runtime import resolve
 
     size = ctx.size
@@ -302,7 +302,7 @@ def _render_rate(ctx: Context, model: torch.nn.Module, directions: np.ndarray, b
 
 def _pixel_loop_rate(ctx: Context, model: torch.nn.Module, directions: np.ndarray) -> float:
     """The plain way: raw pixels, Adam, the whole network forward every step (no early stop, no transforms)."""
-    from atlas.classifier import capture
+    from atlas.models.classifier import capture
     from atlas.optvis.objectives import atlas_direction
 
     objective = atlas_direction(RENDER_LAYER, torch.as_tensor(directions, device=ctx.device))
@@ -322,7 +322,7 @@ def _pixel_loop_rate(ctx: Context, model: torch.nn.Module, directions: np.ndarra
 
 def compiled_render_rate(device: str, size: str, threads: int) -> dict:
     """Icon-steps/s of `render_icons` with the model under torch.compile (run in its own process, with a timeout)."""
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
 
     torch.set_num_threads(threads)  # the parent's
     ctx = Context(device, size, [], Path())
@@ -345,7 +345,7 @@ def compiled_render_rate(device: str, size: str, threads: int) -> dict:
 
 
 def measure_render(ctx: Context) -> list[dict]:
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
 
     size = ctx.size
     model = load_model(RENDER_MODEL, weights="random", device=ctx.device)

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from atlas.config import Settings, check_number, config_path, load_config
+from atlas.models.registry import locate_weights, model_for_layer
 from atlas.store import COLLECT_SETTINGS, fingerprint, fresh, made
-from atlas.zoo import locate_weights, model_for_layer
 
 if TYPE_CHECKING:  # torch is imported only once the run's settings are checked
-    from atlas.classifier import Classifier
     from atlas.images import ImageRecord
+    from atlas.models.classifier import Classifier
 
 log = logging.getLogger("pipelines.atlas")
 
@@ -234,7 +234,7 @@ def run_atlas(
         check_number("--limit (N)", limit, 1)
 
     from atlas.images import list_images
-    from atlas.models import load_model
+    from atlas.models.zoo import load_model
     from atlas.runtime import resolve, set_threads
 
     device = str(resolve("collect", device).device)  # checked: one a run can use

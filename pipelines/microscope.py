@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from atlas import AtlasError
-from atlas.classifier import Classifier
 from atlas.images import list_images
 from atlas.microscope.examples import TOP_K, dataset_examples
 from atlas.microscope.lenses import (
@@ -28,7 +27,8 @@ from atlas.microscope.lenses import (
 from atlas.microscope.links import link_atlas
 from atlas.microscope.results import RESULTS, lens_group
 from atlas.microscope.site import write_index, write_layer_site
-from atlas.models import load_model
+from atlas.models.classifier import Classifier
+from atlas.models.zoo import load_model
 from atlas.optvis import layer_map, model_device
 from atlas.runtime import resolve
 from atlas.store import open_store

@@ -13,7 +13,7 @@ from pathlib import Path
 from atlas import patch as lab
 from atlas.classes import resolve_class
 from atlas.images import list_images
-from atlas.models import load_model
+from atlas.models.zoo import load_model
 from atlas.runtime import resolve
 from atlas.store import open_store
 

@@ -179,7 +179,7 @@ MUTANTS = [
     # bugs fixed in session 3: later stages guessing what the store should say
     Mutant(
         "store-weights-silent-fallback",
-        "atlas/models.py",
+        "atlas/models/zoo.py",
         'if "/" in label or label.endswith(WEIGHTS_SUFFIXES):',
         "if False:",
         ("tests/test_store.py",),
@@ -222,7 +222,7 @@ MUTANTS = [
     ),
     Mutant(
         "lrn-symmetric-window",
-        "atlas/inceptionv1.py",
+        "atlas/models/inceptionv1.py",
         "band = ((offset >= -(self.size // 2)) & (offset <= (self.size - 1) // 2))",
         "band = (offset.abs() <= self.size // 2)",
         ("tests/test_inceptionv1.py",),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from atlas.classes import imagenet_classes
-from atlas.classifier import Classifier
+from atlas.models.classifier import Classifier
 from atlas.store import STR
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from atlas.classifier import Classifier, capture
 from atlas.collect import attributions, collect_batch
+from atlas.models.classifier import Classifier, capture
 
 LAYER = "relu2"
 

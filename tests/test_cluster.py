@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from atlas import AtlasError
-from atlas.classifier import Classifier
 from atlas.cli import main
 from atlas.cluster import _collect_task, collect_on_cluster, connect
 from atlas.collect import _shard_name, collect, plan_collection
 from atlas.images import list_images
-from atlas.models import load_model
+from atlas.models.classifier import Classifier
+from atlas.models.zoo import load_model
 from atlas.render import RenderSettings, render_store
 from atlas.runtime import resolve
 from tests import synthetic

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from atlas import AtlasError
-from atlas.classifier import capture
 from atlas.collect import attributions, collect, sample_positions
 from atlas.images import list_images, load_rgb, to_model_input
-from atlas.models import load_model
+from atlas.models.classifier import capture
+from atlas.models.zoo import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

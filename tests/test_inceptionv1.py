@@ -1,4 +1,4 @@
-"""lucid's InceptionV1 (atlas.inceptionv1), its class names, the zoo registry and how `make atlas` picks a model."""
+"""lucid's InceptionV1 (atlas.models.inceptionv1), its classes, the zoo registry and how `make atlas` picks a model."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from PIL import Image
 
 from atlas import AtlasError
 from atlas.classes import imagenet_classes, inceptionv1_classes, normal_name, resolve_class
-from atlas.classifier import capture
 from atlas.cli import main as cli_main
 from atlas.config import CONFIG_DIR
 from atlas.images import list_images
-from atlas.inceptionv1 import LocalResponseNorm
-from atlas.models import load_model
-from atlas.zoo import ZOO, hub_dir, model_for_layer
+from atlas.models.classifier import capture
+from atlas.models.inceptionv1 import LocalResponseNorm
+from atlas.models.registry import ZOO, class_names, hub_dir, model_for_layer
+from atlas.models.zoo import load_model
 from pipelines.atlas import pick_model, run_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_offline_without_the_weights_file_stops_with_one_line(tmp_path):
 
 
 def test_registry_metadata_needs_no_torch_and_matches_the_built_models():
-    code = "import sys, atlas.zoo as z; z.ZOO['inceptionv1'].layers; print('torch' in sys.modules)"
+    code = "import sys, atlas.models.registry as z; z.class_names('inceptionv1'); print('torch' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout == "False\n"
     assert hub_dir() == Path(torch.hub.get_dir())
@@ -176,6 +176,7 @@ def test_registry_metadata_needs_no_torch_and_matches_the_built_models():
             info.default_layer,
         )
         assert set(info.layers) <= set(model.layer_names()), name  # own names are module paths, not aliases
+        assert class_names(name) == model.class_names  # the label set, read without building the model
         model.resolve_layer(info.default_layer)
 
 

@@ -14,7 +14,6 @@ from PIL import Image
 from torch import nn
 
 from atlas import AtlasError
-from atlas.classifier import Classifier, capture
 from atlas.cli import main
 from atlas.compose import ComposeSettings, compose_run
 from atlas.images import ImageDataset, ImageRecord, collate
@@ -30,6 +29,7 @@ from atlas.microscope import (
     unit_maxima,
 )
 from atlas.microscope import examples as example_lens
+from atlas.models.classifier import Classifier, capture
 from atlas.site import VIEWER
 from tests.test_compose import write_rendered_store
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from atlas import AtlasError
-from atlas.classifier import Classifier
+from atlas.models.classifier import Classifier
 from atlas.optvis import forward, objectives, visualize
 from atlas.optvis.objectives import LOGITS
 from atlas.optvis.param import image

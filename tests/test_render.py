@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from atlas import AtlasError, render
-from atlas.classifier import Classifier, capture
 from atlas.cli import main
+from atlas.models.classifier import Classifier, capture
 from atlas.optvis.transform import image_key
 from atlas.render import RenderSettings, render_icons, render_store
 from atlas.store import fingerprint

@@ -12,9 +12,9 @@ from PIL import Image
 from torch import nn
 
 from atlas import AtlasError, runtime
-from atlas.classifier import Classifier, capture
 from atlas.collect import attribution_pass, attributions, collect, collect_batch
 from atlas.images import list_images
+from atlas.models.classifier import Classifier, capture
 from atlas.render import RenderSettings, render_icons, render_store
 from atlas.runtime import Runtime, default_threads, resolve, set_threads
 from tests.synthetic import tiny_classifier

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from atlas import AtlasError
-from atlas.classifier import Classifier
 from atlas.images import ImageRecord, load_batches
 from atlas.microscope.results import lens_group
+from atlas.models.classifier import Classifier
 from atlas.optvis import forward, layer_map, model_device
 from atlas.store import STR
 

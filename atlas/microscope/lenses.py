@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from atlas import AtlasError
-from atlas.classifier import Classifier
 from atlas.config import Settings, check_number
 from atlas.images import UNREADABLE, ImageRecord, load_rgb, to_model_input
 from atlas.microscope.results import lens_group
+from atlas.models.classifier import Classifier
 from atlas.optvis import PARAM, TRANSFORMS, choose_batch_size, forward, model_device, optimize_images
 from atlas.optvis.objectives import caricature, channel, deepdream
 from atlas.optvis.param import param_spec

