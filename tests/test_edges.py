@@ -159,7 +159,8 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes(tmp_path, capsys, monkeypatc
 def test_a_closed_pipe_is_silent():
     """`atlas layers ... | head -1`: the reader goes after one line, while far more than a pipe buffer is to come."""
     many = "m.Classifier.layer_shapes = lambda self: [(f'layer{i}', 1, 1, 1) for i in range(100_000)]"
-    script = f"import sys, atlas.models.classifier as m; {many}; from atlas.cli import main; sys.exit(main(['layers', '{TINY}']))"
+    run = f"from atlas.cli import main; sys.exit(main(['layers', '{TINY}']))"
+    script = f"import sys, atlas.models.classifier as m; {many}; {run}"
     command = f'set -o pipefail; {sys.executable} -c "{script}" | head -1'
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
     assert done.stdout == "layer0\t1\t1\t1\n" and done.stderr == "" and done.returncode == 141
