@@ -32,9 +32,9 @@ import numpy as np
 
 from atlas import AtlasError
 from atlas.config import Settings, check_number
-from atlas.grid import layer_whitening
 from atlas.layout import LayoutSettings, embed
-from atlas.project import normalize_layout
+from atlas.stages.grid import layer_whitening
+from atlas.stages.project import normalize_layout
 from atlas.store import CLASSES, iter_rows, layer_group, made, open_store, record_lineage, replace_dataset
 
 log = logging.getLogger(__name__)

@@ -69,7 +69,7 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="image folder, text file of image paths, or 'demo'")
     p.add_argument("--out", required=True, help="HDF5 store to write")
     p.add_argument("--limit", type=int, help="use only the first N images")
-    # the flags' defaults are CollectSettings' (atlas/collect.py): a flag not given is not passed
+    # the flags' defaults are CollectSettings' (atlas/stages/collect.py): a flag not given is not passed
     p.add_argument("--positions", type=int, help="random interior positions per image (default and paper: 1)")
     p.add_argument("--seed", type=int, help="seed of the positions (default 0)")
     p.add_argument("--batch-size", type=int, help="images per batch (default 32)")
@@ -83,9 +83,9 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_collect(args: argparse.Namespace) -> None:
-    from atlas.collect import collect
     from atlas.images import list_images
     from atlas.models.zoo import load_model
+    from atlas.stages.collect import collect
 
     if args.cluster:
         print(_collect_on_cluster(args))
@@ -99,7 +99,7 @@ def _run_collect(args: argparse.Namespace) -> None:
 
 def _collect_settings(args: argparse.Namespace) -> dict:
     """The collect flags that one process and a cluster run take alike, checked by CollectSettings."""
-    from atlas.collect import CollectSettings
+    from atlas.stages.collect import CollectSettings
 
     flags = ("positions", "seed", "batch_size", "workers", "precision", "memory_format")
     settings = dataclasses.asdict(CollectSettings.from_config(given(args, flags)))
@@ -124,7 +124,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", help="HDF5 store with grids (`atlas grid`)")
     p.add_argument("--layer", help="the store's layer (default: its only one)")
     p.add_argument("--grid", type=int, required=True, help="grid size G to render")
-    # the flags' defaults are RenderSettings' (atlas/render.py): a flag not given is not passed
+    # the flags' defaults are RenderSettings' (atlas/stages/render.py): a flag not given is not passed
     p.add_argument("--size", type=int, help="icon size in px (default and paper: 80)")
     p.add_argument("--steps", type=int, help="optimisation steps (default and paper: 1024)")
     p.add_argument("--attempts", type=int, help="attempts per icon, best kept (default and paper: 4)")
@@ -155,7 +155,7 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="with --cluster: dask workers")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.render import RenderSettings, render_store
+        from atlas.stages.render import RenderSettings, render_store
         from pipelines.atlas import regrid_stale
 
         regrid_stale(Path(args.store), args.layer, args.grid)  # a render after `atlas project` renders its layout
@@ -192,7 +192,7 @@ def _add_compose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder to write (re-running adds to it)")
     p.add_argument("--layer", action="append", help="layer to compose (repeatable; default: all rendered)")
     p.add_argument("--grid", type=int, action="append", help="grid size (repeatable; default: all rendered)")
-    # the flags' defaults are ComposeSettings' (atlas/compose.py)
+    # the flags' defaults are ComposeSettings' (atlas/stages/compose.py)
     p.add_argument(
         "--no-labels",
         dest="labels",
@@ -204,7 +204,7 @@ def _add_compose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-format", choices=["jpg", "png"], help="Deep Zoom tiles (default jpg)")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.compose import ComposeSettings, compose_run
+        from atlas.stages.compose import ComposeSettings, compose_run
 
         settings = ComposeSettings.from_config(given(args, ("labels", "examples", "tile_format")))
         index = compose_run(args.store, args.out, layers=args.layer, grids=args.grid, settings=settings)
@@ -257,7 +257,7 @@ def _add_project(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda, for kNN search and layout (default: cuda if there)")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.project import LayoutSettings, project_store
+        from atlas.stages.project import LayoutSettings, project_store
 
         flags = ("method", "n_neighbors", "min_dist", "metric", "perplexity", "knn", "sgd", "init", "seed")
         settings = LayoutSettings.from_config(given(args, flags))
@@ -271,12 +271,12 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grid", help="stage 3: per-cell mean activations and attributions, and the whitening matrix")
     p.add_argument("store", help="HDF5 store with a layout (`atlas project`)")
     p.add_argument("--layer", help="the store's layer (default: its only one)")
-    # the flags' defaults are GridSettings' (atlas/grid.py): a flag not given is not passed
+    # the flags' defaults are GridSettings' (atlas/stages/grid.py): a flag not given is not passed
     p.add_argument("--sizes", help="comma-separated grid sizes (default 20,40,80; paper: 20,40,80,160; 320)")
     p.add_argument("--min-count", type=int, help="samples a cell needs (default 6, lucid's: more than 5)")
 
     def run(args: argparse.Namespace) -> None:
-        from atlas.grid import GridSettings, grid_store
+        from atlas.stages.grid import GridSettings, grid_store
 
         if args.sizes is not None:
             try:

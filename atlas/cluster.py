@@ -35,12 +35,12 @@ from distributed import Client, LocalCluster, as_completed, get_worker
 from tqdm import tqdm
 
 from atlas import AtlasError
-from atlas.collect import CollectionPlan, merge_parts, missing_batches, plan_collection, write_batches
 from atlas.images import ImageRecord
 from atlas.models.classifier import Classifier
 from atlas.models.zoo import load_model, weights_argument
-from atlas.render import IconsDone, RenderSettings, render_icons, render_store
 from atlas.runtime import resolve
+from atlas.stages.collect import CollectionPlan, merge_parts, missing_batches, plan_collection, write_batches
+from atlas.stages.render import IconsDone, RenderSettings, render_icons, render_store
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def collect_on_cluster(
     precision: str = "auto",
     memory_format: str = "auto",
 ) -> Path:
-    """`atlas.collect.collect` with the batches run as tasks on `client`'s workers; the same store, resumable.
+    """`atlas.stages.collect.collect` with the batches run as tasks on `client`'s workers; the same store, resumable.
 
     model/weights: as for `load_model`; every worker loads its own copy once. device: the workers'
     (default: CUDA where they have it). loaders: image-decoding processes per worker (default: none
@@ -285,7 +285,7 @@ def render_on_cluster(
     cells_per_task: int | None = None,
     **options,
 ) -> dict:
-    """`atlas.render.render_store` with runs of cells rendered as tasks on `client`'s workers.
+    """`atlas.stages.render.render_store` with runs of cells rendered as tasks on `client`'s workers.
 
     Every worker loads the store's model (or `model=`, a name) once; the driver checks the store on
     CPU and writes each finished run of cells into the icon datasets, so a rerun goes on where the

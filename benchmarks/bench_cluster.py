@@ -26,9 +26,9 @@ BATCH = 8
 def single_process(images: int, batch_size: int) -> dict:
     import torch
 
-    from atlas.collect import collect
     from atlas.images import list_images
     from atlas.models.zoo import load_model
+    from atlas.stages.collect import collect
 
     torch.set_num_threads(1)
     model = load_model(MODEL)

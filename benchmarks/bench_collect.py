@@ -5,7 +5,7 @@ batch 32, K = 1 position (the paper's), in one run:
 
 - forward only, in NCHW fp32 and in each policy's memory format and precision;
 - `collect_batch` alone (decoded batches in memory), policy vs baseline;
-- `atlas.collect.collect` end to end on the sample photos (decoding, shards, merge), policy vs baseline,
+- `atlas.stages.collect.collect` end to end on the sample photos (decoding, shards, merge), policy vs baseline,
   with the largest attribution difference between the two stores, relative to the largest attribution
   (the issue's tolerance: 1e-3).
 
@@ -73,11 +73,12 @@ def forward_only(model: str, memory_format: str, precision: str) -> dict:
 
 
 def baseline_collect_batch(model, images, rows, layers, positions, seed) -> dict:
-    """`atlas.collect.collect_batch` before issue 15: a forward for the activations, then the JVP from the input."""
+    """`atlas.stages.collect.collect_batch` before issue 15: a forward for the activations, then the JVP from the
+    input."""
     from torch.func import jvp, vmap
 
-    from atlas.collect import _RelaxedMaxPool, sample_positions
     from atlas.models.classifier import capture
+    from atlas.stages.collect import _RelaxedMaxPool, sample_positions
 
     with torch.no_grad(), capture(model, list(layers)) as acts:
         model(images)
@@ -116,8 +117,8 @@ def baseline_collect_batch(model, images, rows, layers, positions, seed) -> dict
 
 
 def batch_only(model: str, code: str, memory_format: str, precision: str) -> dict:
-    from atlas.collect import collect_batch
     from atlas.runtime import resolve
+    from atlas.stages.collect import collect_batch
 
     runtime = resolve("collect", "cpu", precision, memory_format)
     net = runtime.prepare(_model(model))
@@ -134,18 +135,18 @@ def batch_only(model: str, code: str, memory_format: str, precision: str) -> dic
 
 
 def end_to_end(model: str, code: str, memory_format: str, precision: str, out: str, workers: int) -> dict:
-    import atlas.collect
+    import atlas.stages.collect
     from atlas.images import list_images
 
     if code == "baseline":
-        atlas.collect.collect_batch = baseline_collect_batch  # write_batches looks it up at call time
+        atlas.stages.collect.collect_batch = baseline_collect_batch  # write_batches looks it up at call time
     net = _model(model)
     photos = list_images(SAMPLE)
     settings = dict(batch_size=BATCH, workers=workers, precision=precision, memory_format=memory_format)
     with tempfile.TemporaryDirectory() as tmp:  # warm-up on one batch of other photos
-        atlas.collect.collect(net, photos[-BATCH:], Path(tmp) / "w.h5", **settings)
+        atlas.stages.collect.collect(net, photos[-BATCH:], Path(tmp) / "w.h5", **settings)
     start = time.perf_counter()
-    atlas.collect.collect(net, photos[:IMAGES], out, **settings)
+    atlas.stages.collect.collect(net, photos[:IMAGES], out, **settings)
     elapsed = time.perf_counter() - start
     with h5py.File(out) as f:
         settings = {key: str(f.attrs[key]) for key in ("memory_format", "precision")}

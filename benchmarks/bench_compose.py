@@ -53,7 +53,7 @@ def _store(folder: Path, sizes: list[int], n: int, icon_px: int) -> Path:
 
 
 def compose_case(sizes: list[int], n: int, icon_px: int, examples: int) -> dict:
-    from atlas.compose import ComposeSettings, compose_run
+    from atlas.stages.compose import ComposeSettings, compose_run
 
     with tempfile.TemporaryDirectory() as tmp:
         store = _store(Path(tmp), sizes, n, icon_px)

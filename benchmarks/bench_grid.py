@@ -42,7 +42,7 @@ def write_store(path: Path, n: int = N, channels: int = CHANNELS, classes: int =
 
 
 def grid_case(path: str, sizes: list[int]) -> dict:
-    from atlas.grid import grid_store
+    from atlas.stages.grid import grid_store
 
     started = time.perf_counter()
     counts = grid_store(path, sizes=sizes)

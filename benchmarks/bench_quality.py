@@ -33,14 +33,15 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from atlas import collect, grid, images, project
+from atlas import images
 from atlas.classes import imagenet_classes
 from atlas.examples import example_crops, pick_examples
 from atlas.models.classifier import Classifier, TFLiteNormalize
 from atlas.models.zoo import load_model
 from atlas.optvis import PARAM, TRANSFORMS, forward, visualize
 from atlas.optvis.objectives import class_logit
-from atlas.render import RenderSettings, render_icons
+from atlas.stages import collect, grid, project
+from atlas.stages.render import RenderSettings, render_icons
 from atlas.store import open_store
 from benchmarks.common import ROOT, SAMPLE
 

@@ -38,8 +38,8 @@ import torch
 from atlas.models.classifier import Classifier
 from atlas.models.zoo import load_model
 from atlas.optvis.objectives import atlas_direction
-from atlas.render import RenderSettings, render_icons
 from atlas.runtime import Runtime, resolve
+from atlas.stages.render import RenderSettings, render_icons
 
 LUCENT_DIR = Path(__file__).resolve().parent / ".lucent"
 LAYER = "mixed4c"
@@ -148,7 +148,7 @@ def _policy_rows(device: str, steps: int, label: str) -> list[dict]:
                 _sync()
                 forward = POLICY_ICONS / (time.perf_counter() - start)
             rows.append(
-                {"renderer": f"atlas.render, {policy}", "model": name, "batch": POLICY_ICONS, "steps": steps,
+                {"renderer": f"atlas.stages.render, {policy}", "model": name, "batch": POLICY_ICONS, "steps": steps,
                  "size": SIZE, "transforms": "atlas", **runtime.settings(), "device": label,
                  "icon_steps_per_s": POLICY_ICONS * steps / min(seconds), "forward_images_per_s": forward,
                  "mean_objective": float(objectives[policy].mean()), "load_avg": round(os.getloadavg()[0], 1)}
@@ -177,18 +177,18 @@ def run() -> list[dict]:
         rows = _policy_rows(device, steps, label)
         for batch, count in ((1, 4), (16, 16), (64, 64)):
             seconds = _ours(model, directions[:count], batch, steps, "standard")
-            rows.append(_row("atlas.render", batch, count, steps, seconds, label, "standard"))
+            rows.append(_row("atlas.stages.render", batch, count, steps, seconds, label, "standard"))
         seconds = _ours(model, directions[:64], 64, steps, "atlas")
-        rows.append(_row("atlas.render", 64, 64, steps, seconds, label, "atlas (paper)"))
+        rows.append(_row("atlas.stages.render", 64, 64, steps, seconds, label, "atlas (paper)"))
         try:
             seconds = _lucent(model, directions[:4], steps)
             rows.append(_row("lucent render_vis", 1, 4, steps, seconds, label, "standard (lucent)"))
         except ImportError as err:
             rows.append({"renderer": "lucent render_vis", "note": f"skipped, cannot import lucent: {err}"})
-        best = max(row["icons_per_s"] for row in rows if row["renderer"] == "atlas.render")
+        best = max(row["icons_per_s"] for row in rows if row["renderer"] == "atlas.stages.render")
         lucent = rows[-1].get("icons_per_s")
         for row in rows:
-            if lucent and row["renderer"] == "atlas.render":
+            if lucent and row["renderer"] == "atlas.stages.render":
                 row["x_lucent"] = row["icons_per_s"] / lucent
         if device == "cpu":
             rows.append(

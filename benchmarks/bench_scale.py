@@ -7,11 +7,11 @@ structure to find; each cluster's samples attribute most to one class, so cells 
 point at the demo photos (the dataset examples are real crops).
 
 Each stage runs in a fresh process, so its peak RSS (VmHWM) is its own, plus Python, torch and umap:
-- project: `atlas.project.project_store` at the paper's settings (50 / 0.05 / cosine, our default path);
-- grid: `atlas.grid.grid_store` at 20, 40, 80 and 160 (the paper's production zoom levels);
+- project: `atlas.stages.project.project_store` at the paper's settings (50 / 0.05 / cosine, our default path);
+- grid: `atlas.stages.grid.grid_store` at 20, 40, 80 and 160 (the paper's production zoom levels);
 - render is NOT run: `flat_icons` writes one flat colour per cell (by its top class), 80 px, as render lays
   them out, so compose has the paper's icon volume (25,600 icons at 160);
-- compose: `atlas.compose.compose_run`, 4 example patches per cell, Deep Zoom pyramid, labels;
+- compose: `atlas.stages.compose.compose_run`, 4 example patches per cell, Deep Zoom pyramid, labels;
 - viewer: the composed folder in headless Chromium: first paint, the home view loaded, zoomed in until the
   160 x 160 grid shows (zoom_to_grid_s includes a 50 ms frame per 1.5x zoom step), a hovered cell's classes
   and examples, and the browser's memory.
@@ -125,7 +125,7 @@ def flat_icons(path: str, sizes: list[int], icon_px: int = ICON_PX) -> dict:
 
 
 def project_case(path: str) -> dict:
-    from atlas.project import LayoutSettings, project_store
+    from atlas.stages.project import LayoutSettings, project_store
 
     started = time.perf_counter()
     layout = project_store(path, LAYER, LayoutSettings(**PAPER_UMAP, seed=0), "cpu")
@@ -143,7 +143,7 @@ def _trustworthiness(path: str, layout: np.ndarray, samples: int = 3000) -> floa
 
 
 def grid_case(path: str) -> dict:
-    from atlas.grid import grid_store
+    from atlas.stages.grid import grid_store
 
     started = time.perf_counter()
     counts = grid_store(path, LAYER, sizes=SIZES)
@@ -152,7 +152,7 @@ def grid_case(path: str) -> dict:
 
 
 def compose_case(path: str, out: str) -> dict:
-    from atlas.compose import ComposeSettings, compose_run
+    from atlas.stages.compose import ComposeSettings, compose_run
 
     started = time.perf_counter()
     compose_run(path, out, [LAYER], settings=ComposeSettings(examples=4))

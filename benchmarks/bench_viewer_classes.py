@@ -84,7 +84,7 @@ def viewer_case(run: Path) -> dict:
 
 
 def run() -> list[dict]:
-    from atlas.compose import ComposeSettings, compose_run
+    from atlas.stages.compose import ComposeSettings, compose_run
 
     with tempfile.TemporaryDirectory(prefix="bench-viewer-classes-") as temporary:
         store, out = Path(temporary) / "store.h5", Path(temporary) / "run"

@@ -131,8 +131,8 @@ def _measure(name: str, result: str, **details: object) -> dict:
 
 # checks -------------------------------------------------------------------------------------------------------
 def check_collect(ctx: Context) -> list[dict]:
-    from atlas.collect import collect
     from atlas.models.zoo import load_model
+    from atlas.stages.collect import collect
 
     records = ctx.photos[: ctx.size.check_images]
     arrays = {}
@@ -158,7 +158,7 @@ def check_collect(ctx: Context) -> list[dict]:
 
 def check_render(ctx: Context) -> list[dict]:
     from atlas.models.zoo import load_model
-    from atlas.render import RenderSettings, render_icons
+    from atlas.stages.render import RenderSettings, render_icons
 
     model = load_model(CHECK_MODEL)
     layer = model.default_layer
@@ -232,10 +232,10 @@ def check_class_atlas(ctx: Context) -> list[dict]:
 
 def _atlas_end_to_end(store: Path, out: Path, device: str) -> None:
     """project, grid, render and compose of the store's layer atlas on `device`."""
-    from atlas.compose import compose_run
-    from atlas.grid import grid_store
-    from atlas.project import LayoutSettings, project_store
-    from atlas.render import RenderSettings, render_store
+    from atlas.stages.compose import compose_run
+    from atlas.stages.grid import grid_store
+    from atlas.stages.project import LayoutSettings, project_store
+    from atlas.stages.render import RenderSettings, render_store
 
     project_store(store, "relu3", LayoutSettings(n_neighbors=15, n_epochs=50, seed=0), device)
     grid_store(store, sizes=[4, 8], min_count=2)
@@ -259,9 +259,9 @@ def _forward_rate(ctx: Context, model: torch.nn.Module, runtime: object, batch: 
 
 
 def measure_collect(ctx: Context) -> list[dict]:
-    from atlas.collect import collect, timed_rate
     from atlas.models.zoo import load_model
     from atlas.runtime import resolve
+    from atlas.stages.collect import collect, timed_rate
 
     size = ctx.size
     records = [ctx.photos[i % len(ctx.photos)] for i in range(size.collect_images)]  # repeated when too few
@@ -291,7 +291,7 @@ def _steps_rate(ctx: Context, run: Callable[[int], object], icons: int, steps: i
 
 
 def _render_rate(ctx: Context, model: torch.nn.Module, directions: np.ndarray, bf16: bool, batch: int) -> float:
-    from atlas.render import RenderSettings, render_icons
+    from atlas.stages.render import RenderSettings, render_icons
 
     def run(steps: int) -> None:
         render_icons(model, RENDER_LAYER, directions, RenderSettings(steps=steps, attempts=1), batch_size=batch,
@@ -403,7 +403,7 @@ class _Timings(logging.Handler):
 
 def measure_project(ctx: Context) -> list[dict]:
     """The whole project stage on a paper-shaped synthetic store (kept for measure_grid), with its parts' times."""
-    from atlas.project import LayoutSettings, project_store
+    from atlas.stages.project import LayoutSettings, project_store
     from benchmarks.bench_scale import LAYER, write_paper_store
 
     rows = ctx.size.project_rows
@@ -427,8 +427,8 @@ def measure_project(ctx: Context) -> list[dict]:
 
 
 def measure_grid(ctx: Context) -> list[dict]:
-    """`atlas.grid.grid_store` at the paper's zoom levels on measure_project's store and layout."""
-    from atlas.grid import grid_store
+    """`atlas.stages.grid.grid_store` at the paper's zoom levels on measure_project's store and layout."""
+    from atlas.stages.grid import grid_store
     from benchmarks.bench_scale import LAYER
 
     store = ctx.work / "paper.h5"

@@ -33,11 +33,11 @@ log = logging.getLogger("pipelines.atlas")
 
 def stage_settings() -> dict[str, type[Settings]]:
     """Each config section's settings class (imported on demand: torch and umap take seconds to import)."""
-    from atlas.collect import CollectSettings
-    from atlas.compose import ComposeSettings
-    from atlas.grid import GridSettings
     from atlas.layout import LayoutSettings
-    from atlas.render import RenderSettings
+    from atlas.stages.collect import CollectSettings
+    from atlas.stages.compose import ComposeSettings
+    from atlas.stages.grid import GridSettings
+    from atlas.stages.render import RenderSettings
 
     return {
         "collect": CollectSettings,
@@ -166,7 +166,7 @@ def composed(run_dir: Path, store: Path, atlas_id: str, layer: str, sizes: list[
 def regrid_stale(store: Path, layer: str | None, size: int) -> bool:
     """Grid the layer again, with the settings its grid recorded, when that grid was made from an earlier layout
     (`atlas project` ran since), so that `atlas render` renders the layout as it is; returns whether it did."""
-    from atlas.grid import GridSettings, grid_store
+    from atlas.stages.grid import GridSettings, grid_store
     from atlas.store import MADE_FROM, SETTINGS, layer_group, open_store
 
     with open_store(store) as f:
@@ -253,7 +253,7 @@ def run_atlas(
 def run_plan(config: dict, model: Classifier, layer: str, images: int, sizes: list[int], device: str) -> str:
     """One line: images, samples, cells per grid, icons x attempts x steps, and the time that collect and render
     should take, from a few seconds' timed warm-up of each on `device` (projection and composition not counted)."""
-    from atlas import collect, render
+    from atlas.stages import collect, render
 
     channels = next(s[0] for name, *s in model.layer_shapes() if name == layer)
     positions = config["collect"].positions  # checked against the layer's interior before the plan
@@ -288,8 +288,8 @@ def _run_stages(
     force: Collection[str] = (),
 ) -> None:
     """collect -> project -> grid -> render -> compose into run_dir/store.h5, each skipped when up to date."""
-    from atlas import collect, compose, grid, project, render
     from atlas.runtime import resolve
+    from atlas.stages import collect, compose, grid, project, render
 
     sizes = list(config["grid"].sizes)
     shape = next(tuple(s) for name, *s in model.layer_shapes() if name == layer)

@@ -28,13 +28,13 @@ from atlas.class_atlas import (
     write_subset_store,
 )
 from atlas.classes import resolve_class
-from atlas.compose import ComposeSettings, compose_run
 from atlas.config import CONFIG_DIR, config_path, load_config
-from atlas.grid import RIDGE, GridSettings, grid_store
-from atlas.project import LayoutSettings, project_store
-from atlas.render import RenderSettings, render_store, rendered
 from atlas.runtime import resolve
 from atlas.site import MANIFEST
+from atlas.stages.compose import ComposeSettings, compose_run
+from atlas.stages.grid import RIDGE, GridSettings, grid_store
+from atlas.stages.project import LayoutSettings, project_store
+from atlas.stages.render import RenderSettings, render_store, rendered
 from atlas.store import COLLECT_SETTINGS, class_names, fresh, layer_group, made, open_store, record_lineage
 from pipelines.atlas import composed, gridded, projected, run_stage
 

@@ -43,35 +43,35 @@ MUTANTS = [
     # the bugs of issue 16, one per row of its table
     Mutant(
         "attributions-plain-max-pool",
-        "atlas/collect.py",
+        "atlas/stages/collect.py",
         "relax = [pool.register_forward_hook(_RelaxedMaxPool(pool)) for pool in pools]",
         "relax = []",
         ATTRIBUTIONS,
     ),
     Mutant(
         "attributions-first-pass-positions",
-        "atlas/collect.py",
+        "atlas/stages/collect.py",
         "[one_hot(k) for k in range(start, min(count, start + per_pass))]",
         "[one_hot(k) for k in range(0, min(count, start + per_pass) - start)]",
         ATTRIBUTIONS,
     ),
     Mutant(
         "attributions-times-zero",
-        "atlas/collect.py",
+        "atlas/stages/collect.py",
         'return seen["h"], torch.cat(parts).transpose(0, 1).float()',
         'return seen["h"], 0 * torch.cat(parts).transpose(0, 1).float()',
         ATTRIBUTIONS,
     ),
     Mutant(
         "resume-redoes-finished-shards",
-        "atlas/collect.py",
+        "atlas/stages/collect.py",
         "return [b for b in batches if not (parts / _shard_name(b[0])).exists()]",
         "return list(batches)",
         ("tests/test_collect.py::test_an_interrupted_collection_keeps_its_finished_shards_and_collects_only_the_rest",),
     ),
     Mutant(
         "project-layout-min-max-no-margin",
-        "atlas/project.py",
+        "atlas/stages/project.py",
         "layout = normalize_layout(embed(activations, settings, device))",
         "layout = normalize_layout(embed(activations, settings, device), 0.0, 100.0, 0.0)",
         ("tests/test_project.py::test_project_store_normalises_from_widened_percentiles",),
@@ -93,14 +93,14 @@ MUTANTS = [
     ),
     Mutant(
         "render-ignores-whitening",
-        "atlas/render.py",
+        "atlas/stages/render.py",
         "whitening=whitening, transforms=stack, mixed_precision=mixed_precision,",
         "whitening=None, transforms=stack, mixed_precision=mixed_precision,",
         RENDER,
     ),
     Mutant(
         "render-done-after-first-attempt",
-        "atlas/render.py",
+        "atlas/stages/render.py",
         "if attempt == settings.attempts - 1]",
         "if attempt == 0]",
         RENDER,
@@ -150,7 +150,7 @@ MUTANTS = [
     ),
     Mutant(
         "attributions-swap-y-and-x",
-        "atlas/collect.py",
+        "atlas/stages/collect.py",
         "mask[rows, 0, positions[:, k, 0], positions[:, k, 1]] = 1",
         "mask[rows, 0, positions[:, k, 1], positions[:, k, 0]] = 1",
         ATTRIBUTIONS,
@@ -171,7 +171,7 @@ MUTANTS = [
     ),
     Mutant(
         "render-keeps-last-attempt",
-        "atlas/render.py",
+        "atlas/stages/render.py",
         "if attempt == 0 or values[j] > objective[i] or np.isnan(objective[i]):",
         "if True:",
         RENDER,
@@ -194,7 +194,7 @@ MUTANTS = [
     # issue 17: one fingerprint decides every reuse
     Mutant(
         "render-resumes-despite-changed-settings",
-        "atlas/render.py",
+        "atlas/stages/render.py",
         'if existing is not None and "icon_done" in grid and fresh(existing, recorded, grid_made):',
         'if existing is not None and "icon_done" in grid:',
         RENDER,
@@ -215,7 +215,7 @@ MUTANTS = [
     ),
     Mutant(
         "render-ignores-decay-power",
-        "atlas/render.py",
+        "atlas/stages/render.py",
         "        decay_power=settings.decay_power,\n",
         "",
         RENDER,
@@ -230,7 +230,7 @@ MUTANTS = [
     # issue 21: a stage that loads a dataset whole instead of streaming it in row blocks
     Mutant(
         "grid-reads-the-store-whole",
-        "atlas/grid.py",
+        "atlas/stages/grid.py",
         "CHUNK_ROWS = 65536  # rows per streamed block",
         "CHUNK_ROWS = 10**9  # rows per streamed block",
         ("tests/test_memory.py",),
@@ -258,14 +258,14 @@ MUTANTS = [
     ),
     Mutant(
         "positions-unchecked",
-        "atlas/collect.py",
+        "atlas/stages/collect.py",
         "    check_counts(records, layer_shapes, positions)\n",
         "",
         ("tests/test_edges.py::test_positions_outside_the_layers_interior_are_refused",),
     ),
     Mutant(
         "no-readable-image-is-a-success",
-        "atlas/collect.py",
+        "atlas/stages/collect.py",
         "if len(skipped) == len(records):",
         "if False:",
         ("tests/test_edges.py::test_a_folder_without_one_readable_image_is_an_error_not_an_empty_store",),
@@ -286,7 +286,7 @@ MUTANTS = [
     ),
     Mutant(
         "decay-power-nan-accepted",
-        "atlas/render.py",
+        "atlas/stages/render.py",
         "if not self.decay_power >= 0:",
         "if self.decay_power < 0:",
         ("tests/test_render.py::test_a_nan_or_negative_decay_power_is_refused_before_any_render",),
@@ -335,7 +335,7 @@ MUTANTS = [
     ),
     Mutant(
         "shard-names-unpadded",
-        "atlas/collect.py",
+        "atlas/stages/collect.py",
         'return f"batch-{first_row:09d}.npz"',
         'return f"batch-{first_row}.npz"',
         ("tests/test_collect.py::test_a_merge_of_more_than_ten_shards_keeps_the_row_order",),
@@ -356,7 +356,7 @@ MUTANTS = [
     ),
     Mutant(
         "labels-with-cell-axes-swapped",
-        "atlas/compose.py",
+        "atlas/stages/compose.py",
         "names[grid.top_classes[y, x, 0]]",
         "names[grid.top_classes[x, y, 0]]",
         ("tests/test_compose.py::test_each_label_is_its_own_cells_top_class_under_that_cell",),
@@ -378,7 +378,7 @@ MUTANTS = [
     ),
     Mutant(
         "accentuation-starts-from-another-cells-example",
-        "atlas/render.py",
+        "atlas/stages/render.py",
         "return example_crops(store, layer, picked[cells, 0].tolist(), size)",
         "return example_crops(store, layer, picked[cells[::-1], 0].tolist(), size)",
         RENDER,

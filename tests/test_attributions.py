@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from atlas.collect import attributions, collect_batch
 from atlas.models.classifier import Classifier, capture
+from atlas.stages.collect import attributions, collect_batch
 
 LAYER = "relu2"
 

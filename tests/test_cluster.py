@@ -15,12 +15,12 @@ import torch
 from atlas import AtlasError
 from atlas.cli import main
 from atlas.cluster import _collect_task, collect_on_cluster, connect
-from atlas.collect import _shard_name, collect, plan_collection
 from atlas.images import list_images
 from atlas.models.classifier import Classifier
 from atlas.models.zoo import load_model
-from atlas.render import RenderSettings, render_store
 from atlas.runtime import resolve
+from atlas.stages.collect import _shard_name, collect, plan_collection
+from atlas.stages.render import RenderSettings, render_store
 from tests import synthetic
 from tests.synthetic import write_synthetic_store
 

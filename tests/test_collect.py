@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from atlas import AtlasError
-from atlas.collect import attributions, collect, sample_positions
 from atlas.images import list_images, load_rgb, to_model_input
 from atlas.models.classifier import capture
 from atlas.models.zoo import load_model
+from atlas.stages.collect import attributions, collect, sample_positions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,7 +209,7 @@ def test_layers_command_lists_paper_names(model, own_path):
 
 
 def test_an_interrupted_collection_keeps_its_finished_shards_and_collects_only_the_rest(tmp_path, monkeypatch):
-    import atlas.collect as stage
+    import atlas.stages.collect as stage
     from tests.synthetic import tiny_classifier
 
     folder = tmp_path / "images"

@@ -15,7 +15,9 @@ from PIL import Image
 
 from atlas import AtlasError
 from atlas.cli import main
-from atlas.compose import (
+from atlas.examples import patch_box
+from atlas.site import write_dzi
+from atlas.stages.compose import (
     ComposeSettings,
     Grid,
     Heatmap,
@@ -23,8 +25,6 @@ from atlas.compose import (
     density_scale,
     draw_labels,
 )
-from atlas.examples import patch_box
-from atlas.site import write_dzi
 from atlas.store import STR
 from atlas.view import serve_in_thread
 

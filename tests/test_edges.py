@@ -13,8 +13,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from atlas import collect as collect_stage
 from atlas.cli import main
+from atlas.stages import collect as collect_stage
 from pipelines import atlas as pipeline
 from tests.test_pipeline import TINY_RUN, make_atlas, write_folder
 

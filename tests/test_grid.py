@@ -9,7 +9,7 @@ import pytest
 
 from atlas import AtlasError
 from atlas.cli import main
-from atlas.grid import cell_ids, grid_store, layer_whitening, top_classes
+from atlas.stages.grid import cell_ids, grid_store, layer_whitening, top_classes
 from tests.synthetic import write_synthetic_store
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from atlas.collect import collect
 from atlas.images import MAX_PIXELS, ImageDataset, list_images, load_rgb, to_model_input
+from atlas.stages.collect import collect
 from tests.synthetic import blank_png, tiny_classifier
 
 

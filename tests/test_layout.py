@@ -17,7 +17,7 @@ from atlas.layout import (
     resolve_knn,
     unit_rows,
 )
-from atlas.project import normalize_layout
+from atlas.stages.project import normalize_layout
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])

@@ -21,7 +21,7 @@ BUDGET_MIB = 640  # grid's streamed blocks (65,536 rows) and per-cell sums need 
 LIMITED = """
 import re, resource, sys
 import h5py
-from atlas.grid import grid_store
+from atlas.stages.grid import grid_store
 
 def data_bytes():
     return int(re.search(r"VmData:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024

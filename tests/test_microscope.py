@@ -15,7 +15,6 @@ from torch import nn
 
 from atlas import AtlasError
 from atlas.cli import main
-from atlas.compose import ComposeSettings, compose_run
 from atlas.images import ImageDataset, ImageRecord, collate
 from atlas.microscope import (
     RESULTS,
@@ -31,6 +30,7 @@ from atlas.microscope import (
 from atlas.microscope import examples as example_lens
 from atlas.models.classifier import Classifier, capture
 from atlas.site import VIEWER
+from atlas.stages.compose import ComposeSettings, compose_run
 from tests.test_compose import write_rendered_store
 
 LAYER = "mixed4c"  # the tiny model's alias, as in write_rendered_store's atlas

@@ -20,7 +20,7 @@ from atlas.optvis.param import (
     shipped_spectrum,
 )
 from atlas.optvis.transform import ImageRandom, image_key, random_crop
-from atlas.render import RenderSettings, render_icons
+from atlas.stages.render import RenderSettings, render_icons
 from pipelines.class_atlas import class_settings
 from tests.test_optvis import colour_detector, stripe_detector
 

@@ -1,4 +1,4 @@
-"""atlas.render: icons for grid cells, best of attempts, the store's icon datasets, resuming, the CLI."""
+"""atlas.stages.render: icons for grid cells, best of attempts, the store's icon datasets, resuming, the CLI."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from atlas import AtlasError, render
+from atlas import AtlasError
 from atlas.cli import main
 from atlas.models.classifier import Classifier, capture
 from atlas.optvis.transform import image_key
-from atlas.render import RenderSettings, render_icons, render_store
+from atlas.stages import render
+from atlas.stages.render import RenderSettings, render_icons, render_store
 from atlas.store import fingerprint
 from tests.synthetic import tiny_classifier, write_synthetic_store
 

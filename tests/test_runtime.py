@@ -1,4 +1,4 @@
-"""The run-time policy (atlas.runtime) and the one-pass attributions it runs under (atlas.collect)."""
+"""The run-time policy (atlas.runtime) and the one-pass attributions it runs under (atlas.stages.collect)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from PIL import Image
 from torch import nn
 
 from atlas import AtlasError, runtime
-from atlas.collect import attribution_pass, attributions, collect, collect_batch
 from atlas.images import list_images
 from atlas.models.classifier import Classifier, capture
-from atlas.render import RenderSettings, render_icons, render_store
 from atlas.runtime import Runtime, default_threads, resolve, set_threads
+from atlas.stages.collect import attribution_pass, attributions, collect, collect_batch
+from atlas.stages.render import RenderSettings, render_icons, render_store
 from tests.synthetic import tiny_classifier
 from tests.test_attributions import LAYER, pooled_classifier
 from tests.test_render import grid_store, small_model  # noqa: F401 (a fixture)

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from atlas import AtlasError
-from atlas.collect import collect
-from atlas.compose import ComposeSettings, compose_run
 from atlas.examples import patch_box
 from atlas.images import ImageRecord, load_rgb, to_model_input
+from atlas.stages.collect import collect
+from atlas.stages.compose import ComposeSettings, compose_run
 from atlas.store import (
     CELL,
     CLASSES,
@@ -82,7 +82,7 @@ def test_compose_names_cells_and_cuts_patches_as_the_store_says(tmp_path: Path) 
 
 
 def test_a_store_whose_weights_file_is_gone_is_an_error_not_other_weights(tmp_path: Path) -> None:
-    from atlas.render import RenderSettings, render_store
+    from atlas.stages.render import RenderSettings, render_store
     from tests.test_render import grid_store
 
     weights = tmp_path / "trained.pth"

@@ -10,8 +10,8 @@ import h5py
 import numpy as np
 import pytest
 
-from atlas.compose import ComposeSettings, compose_run, heatmap_opacity
 from atlas.patch import load_patch
+from atlas.stages.compose import ComposeSettings, compose_run, heatmap_opacity
 from atlas.store import STR
 from tests.browser import ARTIFACTS, needs_chromium, served_page
 from tests.test_compose import write_rendered_store
