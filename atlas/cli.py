@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 
 from atlas import AtlasError, __version__
-from atlas.config import PARAM_CHOICES, PARAM_HELP, Parser, check_number, given
+from atlas.config import PARAM_HELP, Parser, add_flags, check_number, given
 from atlas.runs import add_run
 from atlas.runtime import check_device, resolve, set_threads
 
@@ -69,15 +70,7 @@ def _add_collect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="image folder, text file of image paths, or 'demo'")
     p.add_argument("--out", required=True, help="HDF5 store to write")
     p.add_argument("--limit", type=int, help="use only the first N images")
-    # the flags' defaults are CollectSettings' (atlas/stages/collect.py): a flag not given is not passed
-    p.add_argument("--positions", type=int, help="random interior positions per image (default and paper: 1)")
-    p.add_argument("--seed", type=int, help="seed of the positions (default 0)")
-    p.add_argument("--batch-size", type=int, help="images per batch (default 32)")
-    p.add_argument(
-        "--workers", type=int, help="image-loading processes (default: up to 4); with --cluster: dask workers"
-    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    _add_runtime(p)
     p.add_argument("--cluster", help=CLUSTER_HELP)
     p.set_defaults(run=_run_collect)
 
@@ -101,8 +94,7 @@ def _collect_settings(args: argparse.Namespace) -> dict:
     """The collect flags that one process and a cluster run take alike, checked by CollectSettings."""
     from atlas.stages.collect import CollectSettings
 
-    flags = ("positions", "seed", "batch_size", "workers", "precision", "memory_format")
-    settings = dataclasses.asdict(CollectSettings.from_config(given(args, flags)))
+    settings = dataclasses.asdict(CollectSettings.from_config(given(args, tuple(STAGE_FLAGS["collect"][2]))))
     return dict(settings, layers=args.layer, dataset=str(args.data))
 
 
@@ -124,31 +116,11 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store", help="HDF5 store with grids (`atlas grid`)")
     p.add_argument("--layer", help="the store's layer (default: its only one)")
     p.add_argument("--grid", type=int, required=True, help="grid size G to render")
-    # the flags' defaults are RenderSettings' (atlas/stages/render.py): a flag not given is not passed
-    p.add_argument("--size", type=int, help="icon size in px (default and paper: 80)")
-    p.add_argument("--steps", type=int, help="optimisation steps (default and paper: 1024)")
-    p.add_argument("--attempts", type=int, help="attempts per icon, best kept (default and paper: 4)")
     p.add_argument(
         "--batch-size", type=int, help="icon attempts optimised together (default: fit GPU memory; 16 on CPU)"
     )
-    p.add_argument("--cossim-pow", type=float, help="exponent of the cosine in the objective (default 4)")
-    p.add_argument("--transforms", help="atlas (default, paper), standard (lucid), crops or none")
-    p.add_argument("--param", choices=PARAM_CHOICES, help=PARAM_HELP)
-    p.add_argument("--lr", type=float, help="learning rate (default: the parameterisation's own)")
-    p.add_argument("--decay-power", type=float, help="fft spectrum 1/f^decay_power (default 1, lucid's)")
-    p.add_argument(
-        "--no-whiten", dest="whiten", action="store_false", default=None, help="do not whiten the target direction"
-    )
-    p.add_argument(
-        "--accentuate",
-        type=float,
-        metavar="DISTANCE",
-        help="start each icon from its cell's most typical example patch and change no pixel by more than DISTANCE "
-        "(0-1; feature accentuation). Default: start from noise (paper)",
-    )
     p.add_argument("--model", help="override the store's model")
     p.add_argument("--weights", help="override the store's weights: a file, or 'random'")
-    p.add_argument("--seed", type=int, help="seed of the icons' starting noise (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     _add_runtime(p)
     p.add_argument("--cluster", help=CLUSTER_HELP)
@@ -159,11 +131,10 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
         from pipelines.atlas import regrid_stale
 
         regrid_stale(Path(args.store), args.layer, args.grid)  # a render after `atlas project` renders its layout
-        flags = [field.name for field in dataclasses.fields(RenderSettings)]
         options = dict(
             layer=args.layer,
             grid=args.grid,
-            settings=RenderSettings.from_config(given(args, flags)),
+            settings=RenderSettings.from_config(given(args, tuple(STAGE_FLAGS["render"][2]))),
             batch_size=args.batch_size,
             device=args.device,
             model=args.model,
@@ -192,21 +163,11 @@ def _add_compose(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder to write (re-running adds to it)")
     p.add_argument("--layer", action="append", help="layer to compose (repeatable; default: all rendered)")
     p.add_argument("--grid", type=int, action="append", help="grid size (repeatable; default: all rendered)")
-    # the flags' defaults are ComposeSettings' (atlas/stages/compose.py)
-    p.add_argument(
-        "--no-labels",
-        dest="labels",
-        action="store_false",
-        default=None,
-        help="do not write top-class labels into atlas.png",
-    )
-    p.add_argument("--examples", type=int, help="dataset example patches per cell (default 4; 0: none)")
-    p.add_argument("--tile-format", choices=["jpg", "png"], help="Deep Zoom tiles (default jpg)")
 
     def run(args: argparse.Namespace) -> None:
         from atlas.stages.compose import ComposeSettings, compose_run
 
-        settings = ComposeSettings.from_config(given(args, ("labels", "examples", "tile_format")))
+        settings = ComposeSettings.from_config(given(args, tuple(STAGE_FLAGS["compose"][2])))
         index = compose_run(args.store, args.out, layers=args.layer, grids=args.grid, settings=settings)
         print(f"{index}  (view it: atlas view {args.out})")
 
@@ -230,37 +191,12 @@ def _add_project(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("project", help="stage 2: 2-D layout of a layer's activations (UMAP or t-SNE), in [0, 1]")
     p.add_argument("store", help="HDF5 store with activations (`atlas collect`)")
     p.add_argument("--layer", help="the store's layer (default: its only one)")
-    # the flags' defaults are LayoutSettings' (atlas/layout.py): a flag not given is not passed
-    p.add_argument("--method", choices=["umap", "tsne"], help="default: umap")
-    p.add_argument("--n-neighbors", type=int, help="UMAP neighbours (default and paper: 50; mixed3a/3b: 200)")
-    p.add_argument("--min-dist", type=float, help="UMAP min_dist (default and paper: 0.05)")
-    p.add_argument("--metric", help="distance (default and paper: cosine; mixed3a/3b: euclidean)")
-    p.add_argument("--perplexity", type=float, help="t-SNE perplexity (default and lucid notebooks: 50)")
-    p.add_argument(
-        "--knn",
-        choices=["auto", "umap-learn", "nndescent", "exact"],
-        help="UMAP's neighbour search: umap-learn's own, pynndescent on all cores, or exact in torch on --device "
-        "(default auto: exact on a GPU or for small inputs, else pynndescent on all cores)",
-    )
-    p.add_argument(
-        "--sgd",
-        choices=["torch", "umap-learn"],
-        help="UMAP's layout SGD: umap-learn's schedule vectorised in torch on --device (default), or umap-learn's "
-        "own (CPU)",
-    )
-    p.add_argument(
-        "--init",
-        choices=["pca", "spectral"],
-        help="UMAP's initial layout (default: pca; spectral, the paper's, is far slower at large N)",
-    )
-    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--device", default=None, help="cpu or cuda, for kNN search and layout (default: cuda if there)")
 
     def run(args: argparse.Namespace) -> None:
         from atlas.stages.project import LayoutSettings, project_store
 
-        flags = ("method", "n_neighbors", "min_dist", "metric", "perplexity", "knn", "sgd", "init", "seed")
-        settings = LayoutSettings.from_config(given(args, flags))
+        settings = LayoutSettings.from_config(given(args, tuple(STAGE_FLAGS["project"][2])))
         layout = project_store(args.store, args.layer, settings, device=str(resolve("project", args.device).device))
         print(f"{args.store}: layout of {len(layout)} samples ({settings.method})")
 
@@ -271,19 +207,11 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grid", help="stage 3: per-cell mean activations and attributions, and the whitening matrix")
     p.add_argument("store", help="HDF5 store with a layout (`atlas project`)")
     p.add_argument("--layer", help="the store's layer (default: its only one)")
-    # the flags' defaults are GridSettings' (atlas/stages/grid.py): a flag not given is not passed
-    p.add_argument("--sizes", help="comma-separated grid sizes (default 20,40,80; paper: 20,40,80,160; 320)")
-    p.add_argument("--min-count", type=int, help="samples a cell needs (default 6, lucid's: more than 5)")
 
     def run(args: argparse.Namespace) -> None:
         from atlas.stages.grid import GridSettings, grid_store
 
-        if args.sizes is not None:
-            try:
-                args.sizes = [int(size) for size in args.sizes.split(",")]
-            except ValueError as err:
-                raise AtlasError(f"--sizes wants comma-separated integers, not {args.sizes!r}") from err
-        settings = GridSettings.from_config(given(args, ("sizes", "min_count")))
+        settings = GridSettings.from_config(given(args, tuple(STAGE_FLAGS["grid"][2])))
         counts = grid_store(args.store, layer=args.layer, **dataclasses.asdict(settings))
         for size, count in counts.items():
             filled = (count >= settings.min_count).sum()
@@ -292,6 +220,74 @@ def _add_grid(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+# Each stage command's settings flags: module, settings class, and field -> help. The flags' types and defaults
+# come from the class (atlas.config.add_flags), so a default is stated once; a flag not given is not passed.
+# They are made for the command being run only, as importing the stages (torch, umap) takes seconds.
+STAGE_FLAGS = {
+    "collect": (
+        "atlas.stages.collect",
+        "CollectSettings",
+        {
+            "positions": "random interior positions per image (paper: 1)",
+            "seed": "seed of the positions",
+            "batch_size": "images per batch",
+            "workers": "image-loading processes (none: up to 4); with --cluster: dask workers",
+            "precision": "autocast precision: auto, fp32 or bf16 (atlas/runtime.py)",
+            "memory_format": "model and input memory format: auto, contiguous or channels_last",
+        },
+    ),
+    "project": (
+        "atlas.layout",
+        "LayoutSettings",
+        {
+            "method": "umap or tsne",
+            "n_neighbors": "UMAP neighbours (paper: 50; mixed3a/3b: 200)",
+            "min_dist": "UMAP min_dist (paper: 0.05)",
+            "metric": "distance (paper: cosine; mixed3a/3b: euclidean)",
+            "perplexity": "t-SNE perplexity (lucid's notebooks: 50)",
+            "knn": "UMAP's neighbour search: auto (exact on a GPU or for small inputs, else nndescent), umap-learn, "
+            "nndescent (pynndescent on all cores) or exact (torch, on --device)",
+            "sgd": "UMAP's layout SGD: torch (umap-learn's schedule, vectorised, on --device) or umap-learn (CPU)",
+            "init": "UMAP's initial layout: pca or spectral (the paper's, far slower at large N)",
+            "seed": "seed of the layout (none: unseeded)",
+        },
+    ),
+    "grid": (
+        "atlas.stages.grid",
+        "GridSettings",
+        {
+            "sizes": "comma-separated grid sizes (paper: 20,40,80,160; 320)",
+            "min_count": "samples a cell needs (lucid's: more than 5)",
+        },
+    ),
+    "render": (
+        "atlas.stages.render",
+        "RenderSettings",
+        {
+            "size": "icon size in px (paper: 80)",
+            "steps": "optimisation steps (paper: 1024)",
+            "attempts": "attempts per icon, best kept (paper: 4)",
+            "cossim_pow": "exponent of the cosine in the objective",
+            "transforms": "atlas (paper), standard (lucid), crops or none",
+            "param": PARAM_HELP,
+            "lr": "learning rate (none: the parameterisation's own)",
+            "decay_power": "fft spectrum 1/f^decay_power (lucid's: 1)",
+            "whiten": "whiten the target direction by the layer's covariance (paper)",
+            "accentuate": "start each icon from its cell's most typical example patch and change no pixel by more "
+            "than this distance (0-1; feature accentuation); none: from noise (paper)",
+            "seed": "seed of the icons' starting noise",
+        },
+    ),
+    "compose": (
+        "atlas.stages.compose",
+        "ComposeSettings",
+        {
+            "labels": "write top-class labels into atlas.png",
+            "examples": "dataset example patches per cell (0: none)",
+            "tile_format": "Deep Zoom tiles: jpg or png",
+        },
+    ),
+}
 THREADS_HELP = (
     "torch's CPU threads (default: the cores this process may use, fewer when other processes keep them busy)"
 )
@@ -308,7 +304,8 @@ COMMANDS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `atlas` parser; with the name of the stage command being run, that command's settings flags too."""
     parser = Parser(prog="atlas", description="Activation atlases for PyTorch image classifiers")
     parser.add_argument("--version", action="version", version=f"atlas {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -316,11 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
+    if command in STAGE_FLAGS:
+        module, name, helps = STAGE_FLAGS[command]
+        add_flags(sub.choices[command], getattr(importlib.import_module(module), name), helps)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(next((word for word in argv if word in STAGE_FLAGS), None)).parse_args(argv)
     command = " ".join(["atlas", args.command, *([args.pipeline] if args.command == "run" else [])])
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"

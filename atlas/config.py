@@ -112,3 +112,45 @@ PARAM_HELP = "image parameterisation: fft (lucid's, the default), phase (MACO) o
 def given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
     """The flags among `names` that were given: the others keep the settings class's defaults, stated once there."""
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def add_flags(parser: argparse.ArgumentParser, settings: type[Settings], helps: dict[str, str]) -> None:
+    """A --flag for each field of `settings` named in `helps`, typed by the field's annotation. A flag has no default
+    of its own (one not given is not passed, see `given`) and its help ends with the field's default: defaults are
+    stated once, in the settings class. A true/false field gets --name and --no-name."""
+    fields = {field.name: field for field in dataclasses.fields(settings)}
+    for name, text in helps.items():
+        field = fields[name]
+        shown = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+        options: dict = {"dest": name, "default": None, "help": f"{text} (default: {shown})"}
+        if field.type == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = FLAG_TYPES[field.type]
+        parser.add_argument("--" + name.replace("_", "-"), **options)
+
+
+def _integers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _number_or_word(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+# a settings field's annotation -> how its flag reads the command line
+FLAG_TYPES = {
+    "int": int,
+    "int | None": int,
+    "float": float,
+    "float | None": float,
+    "str": str,
+    "float | str": _number_or_word,
+    "tuple[int, ...]": _integers,
+}

@@ -3,6 +3,8 @@ allowed range, never a traceback nor a run that looks fine; and the clean exits 
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +166,27 @@ def test_a_closed_pipe_is_silent():
     command = f'set -o pipefail; {sys.executable} -c "{script}" | head -1'
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
     assert done.stdout == "layer0\t1\t1\t1\n" and done.stderr == "" and done.returncode == 141
+
+
+def test_stage_flags_come_from_the_settings_fields_with_their_defaults_stated_once():
+    import dataclasses
+
+    from atlas.cli import STAGE_FLAGS, build_parser
+    from atlas.config import Settings, add_flags, given
+
+    @dataclasses.dataclass(frozen=True)
+    class Example(Settings):
+        sizes: tuple[int, ...] = (20, 40)
+        steps: int = 7
+        whiten: bool = True
+        accentuate: float | None = None
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Example, {"sizes": "grids", "steps": "steps", "whiten": "whiten", "accentuate": "distance"})
+    assert "(default: 20,40)" in parser.format_help() and "(default: 7)" in parser.format_help()
+    args = parser.parse_args(["--sizes", "6,12", "--no-whiten"])
+    assert Example.from_config(given(args, ("sizes", "steps", "whiten", "accentuate"))) == Example((6, 12), 7, False)
+    render = build_parser("render").parse_args(["render", "s.h5", "--grid", "3", "--steps", "9", "--no-whiten"])
+    module, name, helps = STAGE_FLAGS["render"]
+    assert set(helps) <= {field.name for field in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    assert (render.steps, render.whiten, render.size) == (9, False, None)  # not given: the class's default holds
