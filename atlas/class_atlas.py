@@ -35,11 +35,22 @@ from atlas.config import Settings, check_number
 from atlas.layout import LayoutSettings, embed
 from atlas.stages.grid import layer_whitening
 from atlas.stages.project import normalize_layout
-from atlas.store import CLASSES, iter_rows, layer_group, made, open_store, record_lineage, replace_dataset
+from atlas.store import (
+    ACTIVATIONS,
+    ATTRIBUTIONS,
+    CLASSES,
+    COLLECTED,
+    LAYOUT,
+    WHITENING,
+    Layer,
+    iter_rows,
+    made,
+    open_store,
+    record_lineage,
+    replace_dataset,
+)
 
 log = logging.getLogger(__name__)
-
-SUBSET_ROWS = ("activations", "attributions", "image_index", "position")
 
 
 # filters ------------------------------------------------------------------------------------------------
@@ -126,19 +137,15 @@ def write_subset_store(
     out = Path(out)
     rows = np.asarray(rows, dtype=np.int64)
     with open_store(parent) as source:
-        group = layer_group(source, layer)
-        layer = group.name.strip("/")
-        n = group["activations"].shape[0]
-        missing = [name for name in SUBSET_ROWS if name not in group or group[name].shape[0] != n]
-        if missing:
-            raise AtlasError(f"{group.name} lacks one row per sample in {', '.join(missing)}: rerun `atlas collect`")
+        view = Layer(source, layer, needs=COLLECTED)
+        group, layer, n = view.group, view.name, view.rows
         if len(rows) == 0:
             raise AtlasError(f"no samples of {group.name} were selected")
         if np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= n:
             raise AtlasError(f"subset rows must be increasing and within 0..{n - 1}")
-        if "whitening" in group:
-            whitening = group["whitening"][()]
-            whitening_attrs = dict(group["whitening"].attrs)
+        if WHITENING in group:
+            whitening = group[WHITENING][()]
+            whitening_attrs = dict(group[WHITENING].attrs)
         else:
             whitening, samples = layer_whitening(group)
             whitening_attrs = {"samples": samples, "centred": True}
@@ -153,10 +160,10 @@ def write_subset_store(
             target = subset.create_group(layer)
             target.attrs.update(group.attrs)
             target.attrs.update(attrs)
-            for name in SUBSET_ROWS:
+            for name in COLLECTED:
                 replace_dataset(target, name, _take_rows(group[name], rows))
             replace_dataset(target, "source_index", rows)
-            replace_dataset(target, "whitening", whitening, source="parent layer", **whitening_attrs)
+            replace_dataset(target, WHITENING, whitening, source="parent layer", **whitening_attrs)
     os.replace(temporary, out)
     log.info("wrote %d of %d samples of %s to %s", len(rows), n, layer, out)
     return out
@@ -227,13 +234,12 @@ def comparison_layout_store(
     """Write `/<layer>/layout` of a subset store as the two-class comparison layout; returns it."""
     asked = ComparisonSettings(percentile, metric, perplexity, learning_rate, seed)
     with open_store(path) as store:
-        group = layer_group(store, layer)
-        layer = group.name.strip("/")
-        classes = group["attributions"].shape[1]
+        view = Layer(store, layer, needs=(ACTIVATIONS, ATTRIBUTIONS))
+        layer, classes = view.name, view.classes
         if not (0 <= class_a < classes and 0 <= class_b < classes) or class_a == class_b:
             raise AtlasError(f"a comparison needs two different classes in 0..{classes - 1}, not {class_a}, {class_b}")
-        activations = group["activations"][()]
-        attribution_a, attribution_b = group["attributions"][:, class_a], group["attributions"][:, class_b]
+        activations = view.read(ACTIVATIONS)
+        attribution_a, attribution_b = view[ATTRIBUTIONS][:, class_a], view[ATTRIBUTIONS][:, class_b]
     if len(activations) < 3:
         raise AtlasError(f"{len(activations)} samples are too few to lay out a comparison")
     x, scale = comparison_x(attribution_a, attribution_b, percentile)
@@ -246,7 +252,7 @@ def comparison_layout_store(
     with open_store(path, "r+") as store:
         written = replace_dataset(
             store[layer],
-            "layout",
+            LAYOUT,
             layout,
             method="comparison",
             classes=[class_a, class_b],

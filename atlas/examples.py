@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from atlas.images import UNREADABLE, load_rgb, to_model_input
-from atlas.store import iter_rows
+from atlas.store import IMAGE_INDEX, POSITION, Layer, iter_rows
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,9 @@ def example_crops(store: h5py.File, layer: str, samples: Sequence[int], size: in
 
     Each photo is decoded once. A photo that cannot be read gives a grey patch, and a warning.
     """
-    group = store[layer]
-    image_index, position = group["image_index"], group["position"]
-    shape = (int(group.attrs["height"]), int(group.attrs["width"]))
+    view = Layer(store, layer, needs=(IMAGE_INDEX, POSITION))
+    image_index, position = view[IMAGE_INDEX], view[POSITION]
+    shape = (int(view.group.attrs["height"]), int(view.group.attrs["width"]))
     input_size, resize_size = view_sizes(store)
     paths = store["images/path"].asstr()
     crops = np.full((len(samples), size, size, 3), GREY, np.uint8)

@@ -33,8 +33,7 @@ from atlas.images import UNREADABLE, ImageDataset, ImageRecord, collate, load_rg
 from atlas.models.classifier import Classifier
 from atlas.progress import progress
 from atlas.runtime import resolve
-from atlas.store import ATTRIBUTION, COUNT, grid_group, layer_group, only_grid, open_store
-from atlas.store import Grid as GridView
+from atlas.store import ATTRIBUTION, COUNT, ICONS, Layer, only_grid, open_store
 
 # (y, x) fractions of `input_size - patch_size`, the notebook's `patch_position`
 CORNERS = {"tl": (0.0, 0.0), "tr": (0.0, 1.0), "bl": (1.0, 0.0), "br": (1.0, 1.0)}
@@ -102,15 +101,13 @@ def parse_cell(text: str) -> tuple[int, int]:
 
 def _load_icon(store: str, layer: str, grid: int, x: int, y: int) -> torch.Tensor:
     with open_store(store) as f:
-        cells = grid_group(layer_group(f, layer), grid)
-        if "icons" not in cells:
-            raise AtlasError(f"{store}: {cells.name} has no icons yet (run `atlas render`)")
+        cells = Layer(f, layer).grid(grid, needs=(COUNT, ICONS))
         if not (0 <= y < grid and 0 <= x < grid):
             raise AtlasError(f"cell x={x},y={y} is outside the {grid}x{grid} grid")
-        if cells["count"][y, x] < cells.attrs.get("min_count", 1):
-            count = cells["count"][y, x]
-            raise AtlasError(f"cell x={x},y={y} of {cells.name} is empty (count {count}): it has no icon")
-        icon = cells["icons"][y, x]
+        if not cells.non_empty()[y, x]:
+            count = cells.group[COUNT][y, x]
+            raise AtlasError(f"cell x={x},y={y} of {cells.group.name} is empty (count {count}): it has no icon")
+        icon = cells.group[ICONS][y, x]
     return torch.from_numpy(icon.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
@@ -550,15 +547,15 @@ def suggest_cells(
     axis of reference 1.7), over the non-empty cells (count >= the grid's min_count).
     """
     with open_store(store) as f:
-        group = layer_group(f, layer)
-        grid = grid if grid is not None else only_grid(group)
-        view = GridView(group, grid, needs=(COUNT, ATTRIBUTION))
+        layer_view = Layer(f, layer)
+        grid = grid if grid is not None else only_grid(layer_view.group)
+        view = layer_view.grid(grid, needs=(COUNT, ATTRIBUTION))
         attribution = view.group[ATTRIBUTION]
         if not (0 <= source < attribution.shape[-1] and 0 <= target < attribution.shape[-1]):
             raise AtlasError(f"the store's attributions have {attribution.shape[-1]} classes; got {source}, {target}")
         toward, away = attribution[..., target], attribution[..., source]
         count, non_empty = view.read(COUNT), view.non_empty()
-        layer_name = group.name.lstrip("/")
+        layer_name = layer_view.name
     score = np.where(non_empty, toward - away, -np.inf)
     order = np.argsort(-score, axis=None, kind="stable")[: min(top, int(np.isfinite(score).sum()))]
     return [

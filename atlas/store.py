@@ -61,6 +61,10 @@ subset store's layer group <- the parent's layer group). `fresh(node, settings, 
 decides whether a product is up to date; a composed atlas records its icons' `made` in the run folder's
 atlases.json (`made_from`).
 
+In code, the names above are this module's constants (ACTIVATIONS, LAYOUT, COUNT, ICONS, ...), and a stage reads a
+layer or a grid through the `Layer` and `Grid` views, which check what it needs and say which stage makes what is
+missing.
+
 A cell is "empty" when its count is below the grid's min_count. Layer names are module paths
 (`_blocks.10`, `inception4c`) or a model's aliases (`mixed4c`); they are stored as given by the
 model's canonical name, which never contains "/".
@@ -93,7 +97,11 @@ LAYOUT, WHITENING, GRIDS = "layout", "whitening", "grid"
 CELL, COUNT, MEAN, ATTRIBUTION = "cell", "count", "mean", "attribution"
 TOP_CLASSES, TOP_ATTRIBUTIONS = "top_classes", "top_attributions"
 ICONS, ICON_COSINE, ICON_OBJECTIVE, ICON_DONE = "icons", "icon_cosine", "icon_objective", "icon_done"
+COLLECTED = (ACTIVATIONS, IMAGE_INDEX, POSITION, ATTRIBUTIONS)  # what `collect` writes, one row per sample
+SAMPLE_ROWS = (*COLLECTED, LAYOUT)  # a layer's datasets with one row per sample
+GRIDDED = (CELL, COUNT, MEAN, ATTRIBUTION, TOP_CLASSES, TOP_ATTRIBUTIONS)  # what `grid` writes in a grid
 RENDERED = (ICONS, ICON_COSINE, ICON_OBJECTIVE)  # what `render` adds to a grid
+MADE_BY = {LAYOUT: "project", WHITENING: "grid"}  # the stage that writes a layer dataset collect does not
 ROW_CHUNK = 4096  # rows per HDF5 chunk: large enough to stream fast, small enough to read one cheaply
 
 
@@ -219,6 +227,48 @@ def class_names(store: h5py.File, count: int) -> list[str]:
 
 
 # views ------------------------------------------------------------------------------------------
+class Layer:
+    """A view of `/<layer>` that reads and checks what a later stage needs of it, in one place.
+
+    `layer`: a name, or None for the store's only layer. `needs`: the datasets the caller reads; a missing one, or a
+    per-sample one whose rows do not match the activations', is a one-line AtlasError naming the stage that makes it.
+    """
+
+    def __init__(self, store: h5py.File, layer: str | None, needs: tuple[str, ...] = (ACTIVATIONS,)):
+        self.group = layer_group(store, layer)
+        self.name = self.group.name.strip("/")
+        self.rows = self.group[ACTIVATIONS].shape[0]
+        for name in needs:
+            stage = MADE_BY.get(name, "collect")
+            if name not in self.group:
+                raise AtlasError(f"{self.group.name} has no {name}: run `atlas {stage}` first")
+            if name in SAMPLE_ROWS and self.group[name].shape[0] != self.rows:
+                rows = self.group[name].shape[0]
+                raise AtlasError(
+                    f"{self.group.name}/{name} has {rows} rows for {self.rows} samples: rerun `atlas {stage}`"
+                )
+
+    def __getitem__(self, name: str) -> h5py.Dataset:
+        return self.group[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.group
+
+    @property
+    def channels(self) -> int:
+        return self.group[ACTIVATIONS].shape[1]
+
+    @property
+    def classes(self) -> int:
+        return self.group[ATTRIBUTIONS].shape[1]
+
+    def read(self, name: str) -> np.ndarray:
+        return self.group[name][()]
+
+    def grid(self, size: int, needs: tuple[str, ...] = (COUNT, MEAN)) -> Grid:
+        return Grid(self.group, size, needs)
+
+
 class Grid:
     """A view of `/<layer>/grid/<G>` that reads and checks what a later stage needs of it, in one place.
 

@@ -22,7 +22,21 @@ from typing import TYPE_CHECKING
 
 from atlas.config import Settings, check_number, config_path, load_config
 from atlas.models.registry import locate_weights, model_for_layer
-from atlas.store import COLLECT_SETTINGS, fingerprint, fresh, made
+from atlas.store import (
+    ACTIVATIONS,
+    CELL,
+    COLLECT_SETTINGS,
+    COLLECTED,
+    GRIDDED,
+    GRIDS,
+    ICON_DONE,
+    ICONS,
+    LAYOUT,
+    RENDERED,
+    fingerprint,
+    fresh,
+    made,
+)
 
 if TYPE_CHECKING:  # torch is imported only once the run's settings are checked
     from atlas.images import ImageRecord
@@ -77,7 +91,6 @@ def run_data(data: str | None, config: dict) -> str:
 
 
 STAGES = ("collect", "project", "grid", "render", "compose")
-LAYER_ROWS = ("activations", "image_index", "position", "attributions")  # collect's per-sample datasets
 
 
 def run_stage(stage: str, up_to_date: bool, work: Callable[[], object], force: Collection[str] = ()) -> bool:
@@ -100,9 +113,9 @@ def collected(store: Path, layer: str) -> bool:
     try:
         with h5py.File(store, "r") as f:
             group = f.get(layer)
-            if COLLECT_SETTINGS not in f.attrs or group is None or not all(n in group for n in LAYER_ROWS):
+            if COLLECT_SETTINGS not in f.attrs or group is None or not all(n in group for n in COLLECTED):
                 return False
-            rows = {group[name].shape[0] for name in LAYER_ROWS}
+            rows = {group[name].shape[0] for name in COLLECTED}
     except OSError:  # missing, truncated or not HDF5
         return False
     return len(rows) == 1 and rows.pop() > 0
@@ -114,8 +127,8 @@ def projected(store: Path, layer: str, recorded: dict) -> bool:
 
     try:
         with h5py.File(store, "r") as f:
-            layout = f[layer].get("layout")
-            rows = len(f[layer]["activations"])
+            layout = f[layer].get(LAYOUT)
+            rows = len(f[layer][ACTIVATIONS])
             return fresh(layout, recorded, made(f[layer])) and layout.shape == (rows, 2)
     except (OSError, KeyError):
         return False
@@ -127,12 +140,10 @@ def gridded(store: Path, layer: str, settings: Settings) -> bool:
 
     try:
         with h5py.File(store, "r") as f:
-            rows, layout = len(f[layer]["activations"]), made(f[layer].get("layout"))
-            grids = [f[layer].get(f"grid/{size}") for size in settings.sizes]
+            rows, layout = len(f[layer][ACTIVATIONS]), made(f[layer].get(LAYOUT))
+            grids = [f[layer].get(f"{GRIDS}/{size}") for size in settings.sizes]
             return all(
-                fresh(g, settings, layout)
-                and len(g["cell"]) == rows
-                and all(name in g for name in ("count", "mean", "attribution", "top_classes"))
+                fresh(g, settings, layout) and all(name in g for name in GRIDDED) and len(g[CELL]) == rows
                 for g in grids
             )
     except (OSError, KeyError):
@@ -149,7 +160,7 @@ def composed(run_dir: Path, store: Path, atlas_id: str, layer: str, sizes: list[
     try:
         entries = {e["id"]: e for e in json.loads((run_dir / MANIFEST).read_text())["atlases"]}
         with h5py.File(store, "r") as f:
-            icons = {str(size): made(f[layer].get(f"grid/{size}/icons")) for size in sizes}
+            icons = {str(size): made(f[layer].get(f"{GRIDS}/{size}/{ICONS}")) for size in sizes}
     except (OSError, ValueError, KeyError, TypeError):
         return False
     entry = entries.get(atlas_id, {})
@@ -171,10 +182,10 @@ def regrid_stale(store: Path, layer: str | None, size: int) -> bool:
 
     with open_store(store) as f:
         group = layer_group(f, layer)
-        cells = group.get(f"grid/{size}")
+        cells = group.get(f"{GRIDS}/{size}")
         if cells is None or SETTINGS not in cells.attrs:
             return False  # no grid (render says so), or one from before lineage was recorded
-        if made(group.get("layout")) == str(cells.attrs.get(MADE_FROM, "")):
+        if made(group.get(LAYOUT)) == str(cells.attrs.get(MADE_FROM, "")):
             return False
         name, recorded = group.name.strip("/"), GridSettings.from_config(json.loads(cells.attrs[SETTINGS]))
     log.info("%s: the layout changed since grid %d was made: gridding it again", name, size)
@@ -188,8 +199,8 @@ def drop_icons(store: Path, layer: str, sizes: list[int]) -> None:
 
     with h5py.File(store, "a") as f:
         for size in sizes:
-            grid = f[layer][f"grid/{size}"]
-            for name in ("icons", "icon_objective", "icon_cosine", "icon_done"):
+            grid = f[layer][f"{GRIDS}/{size}"]
+            for name in (*RENDERED, ICON_DONE):
                 if name in grid:
                     del grid[name]
 

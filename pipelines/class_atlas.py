@@ -35,7 +35,21 @@ from atlas.stages.compose import ComposeSettings, compose_run
 from atlas.stages.grid import RIDGE, GridSettings, grid_store
 from atlas.stages.project import LayoutSettings, project_store
 from atlas.stages.render import RenderSettings, render_store, rendered
-from atlas.store import COLLECT_SETTINGS, class_names, fresh, layer_group, made, open_store, record_lineage
+from atlas.store import (
+    ACTIVATIONS,
+    ATTRIBUTIONS,
+    COLLECT_SETTINGS,
+    GRIDS,
+    ICONS,
+    LAYOUT,
+    WHITENING,
+    Layer,
+    class_names,
+    fresh,
+    made,
+    open_store,
+    record_lineage,
+)
 from pipelines.atlas import composed, gridded, projected, run_stage
 
 log = logging.getLogger("pipelines.class_atlas")
@@ -99,22 +113,22 @@ class Parent:
 
 def read_parent(store: Path, layer: str | None) -> Parent:
     with open_store(store) as parent:
-        group = layer_group(parent, layer)
-        layer = group.name.strip("/")
-        whitening = group.get("whitening")
+        view = Layer(parent, layer, needs=(ACTIVATIONS, ATTRIBUTIONS))
+        group, layer = view.group, view.name
+        whitening = group.get(WHITENING)
         identity = {
             "store": str(store.resolve()),
             "layer": layer,
-            "rows": group["activations"].shape[0],
+            "rows": view.rows,
             "collection": str(parent.attrs.get(COLLECT_SETTINGS, "")),
             "whitening_ridge": float(whitening.attrs.get("ridge", RIDGE)) if whitening is not None else RIDGE,
         }
         return Parent(
             layer=layer,
-            names=class_names(parent, group["attributions"].shape[1]),
+            names=class_names(parent, view.classes),
             model=str(parent.attrs.get("model", "")),
             identity=identity,
-            grids=sorted(int(size) for size, grid in group.get("grid", {}).items() if "icons" in grid),
+            grids=sorted(int(size) for size, grid in group.get(GRIDS, {}).items() if ICONS in grid),
             made=made(group),
         )
 
@@ -181,7 +195,7 @@ def run_class_atlas(
         lambda: select_subset(store, subset, parent, classes, head["kind"], select, chosen, force),
     )
     with open_store(subset) as subset_store:
-        samples = subset_store[layer]["activations"].shape[0]
+        samples = subset_store[layer][ACTIVATIONS].shape[0]
     lay_out_and_render(subset, layer, classes, samples, settings, device, batch_size)
     compose = settings["compose"]
     head = {**head, "samples": samples}
@@ -222,7 +236,7 @@ def select_subset(
     """Write the subset store of the samples `select_samples` picks for the classes (an AtlasError when too few),
     recording `chosen` and the parent layer it was made from."""
     with open_store(store) as h5:
-        attributions = h5[parent.layer]["attributions"]
+        attributions = h5[parent.layer][ATTRIBUTIONS]
         check_winners(
             winner_counts(attributions, classes), [parent.names[c] for c in classes], len(attributions), force
         )
@@ -251,7 +265,7 @@ def lay_out_and_render(
         layout = settings["layout"]  # lowers the perplexity itself when there are few samples
         recorded = {"classes": classes, "settings": layout}
         with open_store(subset) as h5:
-            laid_out = fresh(h5[layer].get("layout"), recorded, made(h5[layer]))
+            laid_out = fresh(h5[layer].get(LAYOUT), recorded, made(h5[layer]))
         run_stage("layout", laid_out, lambda: comparison_layout_store(subset, *classes, layer=layer, **asdict(layout)))
     else:
         project = settings["project"]

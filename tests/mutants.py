@@ -72,8 +72,8 @@ MUTANTS = [
     Mutant(
         "project-layout-min-max-no-margin",
         "atlas/stages/project.py",
-        "layout = normalize_layout(embed(activations, settings, device))",
-        "layout = normalize_layout(embed(activations, settings, device), 0.0, 100.0, 0.0)",
+        "layout = normalize_layout(embed(view[ACTIVATIONS], settings, device))",
+        "layout = normalize_layout(embed(view[ACTIVATIONS], settings, device), 0.0, 100.0, 0.0)",
         ("tests/test_project.py::test_project_store_normalises_from_widened_percentiles",),
     ),
     Mutant(
@@ -195,8 +195,8 @@ MUTANTS = [
     Mutant(
         "render-resumes-despite-changed-settings",
         "atlas/stages/render.py",
-        'if existing is not None and "icon_done" in grid and fresh(existing, recorded, grid_made):',
-        'if existing is not None and "icon_done" in grid:',
+        "if existing is not None and ICON_DONE in grid and fresh(existing, recorded, grid_made):",
+        "if existing is not None and ICON_DONE in grid:",
         RENDER,
     ),
     Mutant(
@@ -254,6 +254,16 @@ MUTANTS = [
         (
             "tests/test_pipeline.py::test_a_render_after_a_new_layout_renders_again_and_a_compose_after_new_icons_composes_again",
             "tests/test_pipeline.py::test_changed_settings_redo_their_stage_and_every_later_one_and_a_missing_atlas_image_is_composed_again",
+        ),
+    ),
+    Mutant(
+        "layer-view-trusts-row-counts",
+        "atlas/store.py",
+        "            if name in SAMPLE_ROWS and self.group[name].shape[0] != self.rows:",
+        "            if False:",
+        (
+            "tests/test_store.py::test_the_layer_view_names_what_is_missing_or_short_and_the_stage_that_makes_it",
+            "tests/test_grid.py::test_missing_or_stale_layout_is_an_error",
         ),
     ),
     Mutant(

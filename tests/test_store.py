@@ -17,12 +17,18 @@ from atlas.images import ImageRecord, load_rgb, to_model_input
 from atlas.stages.collect import collect
 from atlas.stages.compose import ComposeSettings, compose_run
 from atlas.store import (
+    ACTIVATIONS,
+    ATTRIBUTIONS,
     CELL,
     CLASSES,
+    COLLECTED,
     COUNT,
+    LAYOUT,
     RENDERED,
     STR,
+    WHITENING,
     Grid,
+    Layer,
     class_names,
     fingerprint,
     only_grid,
@@ -108,6 +114,29 @@ def test_settings_are_recorded_and_matched_by_one_fingerprint(tmp_path: Path) ->
         assert settings_match(group, Knobs()) and not settings_match(group, Knobs(steps=9))
         group.attrs["settings"] = "not json"
         assert not settings_match(group, Knobs())  # unreadable: settings differ, no crash
+
+
+def test_the_layer_view_names_what_is_missing_or_short_and_the_stage_that_makes_it(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        layer = f.create_group("relu3")
+        layer["activations"] = np.zeros((5, 4), np.float32)
+        layer["attributions"] = np.zeros((5, 7), np.float32)
+        layer["image_index"] = np.arange(5)
+        view = Layer(f, None, needs=(ACTIVATIONS, ATTRIBUTIONS))  # None: the store's only layer
+        assert (view.name, view.rows, view.channels, view.classes) == ("relu3", 5, 4, 7)
+        with pytest.raises(AtlasError, match=r"/relu3 has no layout: run `atlas project` first"):
+            Layer(f, "relu3", needs=(ACTIVATIONS, LAYOUT))
+        with pytest.raises(AtlasError, match=r"/relu3 has no whitening: run `atlas grid` first"):
+            Layer(f, "relu3", needs=(WHITENING,))
+        with pytest.raises(AtlasError, match=r"/relu3 has no position: run `atlas collect` first"):
+            Layer(f, "relu3", needs=COLLECTED)
+        layer["position"] = np.zeros((5, 2), np.int32)
+        layer["layout"] = np.zeros((4, 2), np.float32)
+        assert Layer(f, "relu3", needs=COLLECTED).rows == 5
+        with pytest.raises(AtlasError, match=r"relu3/layout has 4 rows for 5 samples: rerun `atlas project`"):
+            Layer(f, "relu3", needs=(LAYOUT,))
+        with pytest.raises(AtlasError, match="layer 'relu4' is not in the store"):
+            Layer(f, "relu4")
 
 
 def test_the_grid_view_names_what_is_missing_and_the_stage_that_makes_it(tmp_path: Path) -> None:

@@ -13,8 +13,7 @@ import numpy as np
 
 from atlas import AtlasError
 from atlas.site import MANIFEST, move_viewer_beside_home
-from atlas.store import COUNT, MEAN, open_store
-from atlas.store import Grid as GridView
+from atlas.store import COUNT, MEAN, Grid, open_store
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ def atlas_cells(store: Path, layer: str, grids: Sequence[int], units: Sequence[i
     with open_store(store) as f:
         for size in grids:
             try:
-                grid = GridView(f[layer], size, needs=(COUNT, MEAN))
+                grid = Grid(f[layer], size, needs=(COUNT, MEAN))
             except (AtlasError, KeyError):
                 log.warning("%s has no grid %d of %s; its atlas cells are not linked", store, size, layer)
                 continue

@@ -41,8 +41,13 @@ from atlas.models.classifier import Classifier
 from atlas.progress import progress as progress_of
 from atlas.runtime import MEMORY_FORMATS, PRECISIONS, Runtime, resolve
 from atlas.store import (
+    ACTIVATIONS,
+    ATTRIBUTIONS,
     CLASSES,
     COLLECT_SETTINGS,
+    COLLECTED,
+    IMAGE_INDEX,
+    POSITION,
     ROW_CHUNK,
     STR,
     fingerprint,
@@ -205,10 +210,10 @@ def collect_batch(
         vectors = act.permute(0, 2, 3, 1)[b, where_t[..., 0], where_t[..., 1]]  # [B, K, C]
         count = where.shape[1]
         out[layer] = {
-            "activations": vectors.reshape(len(rows) * count, -1).float().cpu().numpy(),
-            "image_index": np.repeat(np.asarray(rows, dtype=np.int64), count),
-            "position": where.reshape(-1, 2).astype(np.int32),
-            "attributions": attr.reshape(len(rows) * count, -1).cpu().numpy(),
+            ACTIVATIONS: vectors.reshape(len(rows) * count, -1).float().cpu().numpy(),
+            IMAGE_INDEX: np.repeat(np.asarray(rows, dtype=np.int64), count),
+            POSITION: where.reshape(-1, 2).astype(np.int32),
+            ATTRIBUTIONS: attr.reshape(len(rows) * count, -1).cpu().numpy(),
         }
     return out
 
@@ -457,16 +462,16 @@ def merge_parts(
                     for r, why in zip(data["skipped_rows"], data["skipped_reasons"], strict=True)
                 ]
                 for layer in layer_shapes:
-                    for key in ("activations", "image_index", "position", "attributions"):
+                    for key in COLLECTED:
                         name = f"{layer}/{key}"
                         if name in data:
                             _append(f[layer], datasets[layer], key, data[name])
         for layer, (channels, _h, _w) in layer_shapes.items():
             for key, tail, dtype in (
-                ("activations", (channels,), np.float32),
-                ("image_index", (), np.int64),
-                ("position", (2,), np.int32),
-                ("attributions", (meta["classes"],), np.float32),
+                (ACTIVATIONS, (channels,), np.float32),
+                (IMAGE_INDEX, (), np.int64),
+                (POSITION, (2,), np.int32),
+                (ATTRIBUTIONS, (meta["classes"],), np.float32),
             ):
                 if key not in datasets[layer]:  # every image was skipped
                     _append(f[layer], datasets[layer], key, np.zeros((0, *tail), dtype=dtype))

@@ -45,15 +45,26 @@ from atlas.config import Settings
 from atlas.examples import pick_examples, view_sizes
 from atlas.site import install_viewer, update_manifest, write_dzi, write_patches
 from atlas.store import (
+    ACTIVATIONS,
     ATTRIBUTION,
+    ATTRIBUTIONS,
     CELL,
     COUNT,
+    GRIDS,
+    ICON_COSINE,
+    ICON_DONE,
+    ICON_OBJECTIVE,
+    ICONS,
+    IMAGE_INDEX,
     MEAN,
+    POSITION,
     RENDERED,
+    TOP_ATTRIBUTIONS,
+    TOP_CLASSES,
+    Layer,
     class_names,
     fingerprint,
     grid_group,
-    layer_group,
     made,
     open_store,
 )
@@ -67,7 +78,7 @@ LABEL_SPACING_PX = 80  # about one label per 80 px of atlas; the paper's front-e
 LABEL_FONT_PX = 11
 LABEL_STROKE_PX = 2  # white outline: labels stay legible over any icon
 LABEL_MIN_OPACITY = 0.5  # on a heat-map, only cells at least half shown are labelled: faded ones are not the class's
-TOP_CLASSES = 5
+TOP_COUNT = 5
 COMPOSED = (COUNT, CELL, ATTRIBUTION, MEAN, *RENDERED)  # what composing a grid reads of it
 HEATMAP_POPULATED = 0.2  # paper front-end: max over cells of > 500 samples, a fifth of the 2500 per 20x20 cell of 1M
 
@@ -171,23 +182,23 @@ def draw_labels(image: Image.Image, grid: Grid, names: list[str]) -> None:
 
 def read_grid(group: h5py.Group) -> Grid:
     """Read one grid of the store and draw its atlas (without labels)."""
-    count = group["count"][()]
+    count = group[COUNT][()]
     size = count.shape[0]
-    cell = group["cell"][()].astype(np.int64)
+    cell = group[CELL][()].astype(np.int64)
     if cell.size and (cell.min() < 0 or cell.max() >= size * size):
         raise AtlasError(f"{group.name}/cell has cells outside the {size}x{size} grid")
     if not np.array_equal(np.bincount(cell, minlength=size * size).reshape(size, size), count):
         raise AtlasError(f"{group.name}: count does not match the cells of the samples (rerun `atlas grid`)")
-    if "top_classes" in group and "top_attributions" in group:
-        top, top_values = group["top_classes"][()], group["top_attributions"][()]
+    if TOP_CLASSES in group and TOP_ATTRIBUTIONS in group:
+        top, top_values = group[TOP_CLASSES][()], group[TOP_ATTRIBUTIONS][()]
     else:
-        attribution = group["attribution"][()]
-        top = np.argsort(-attribution, axis=-1, kind="stable")[..., :TOP_CLASSES]
+        attribution = group[ATTRIBUTION][()]
+        top = np.argsort(-attribution, axis=-1, kind="stable")[..., :TOP_COUNT]
         top_values = np.take_along_axis(attribution, top, axis=-1)
     min_count = int(group.attrs.get("min_count", 1))
     scale = density_scale(count, min_count)
-    if "icon_done" in group:  # `render` stopped early: cells it has not reached stay blank until it is rerun
-        unfinished = (scale > 0) & ~group["icon_done"][()]
+    if ICON_DONE in group:  # `render` stopped early: cells it has not reached stay blank until it is rerun
+        unfinished = (scale > 0) & ~group[ICON_DONE][()]
         if unfinished.any():
             log.warning(
                 "%s: %d of %d icons are not rendered yet (rerun `atlas render`); left blank",
@@ -196,7 +207,7 @@ def read_grid(group: h5py.Group) -> Grid:
                 (scale > 0).sum(),
             )
         scale = np.where(unfinished, 0.0, scale)
-    canvas = atlas_canvas(group["icons"], scale)
+    canvas = atlas_canvas(group[ICONS], scale)
     return Grid(
         size=size,
         min_count=min_count,
@@ -204,8 +215,8 @@ def read_grid(group: h5py.Group) -> Grid:
         cell=cell,
         top_classes=top,
         top_attributions=top_values,
-        icon_cosine=group["icon_cosine"][()],
-        icon_objective=group["icon_objective"][()],
+        icon_cosine=group[ICON_COSINE][()],
+        icon_objective=group[ICON_OBJECTIVE][()],
         image=Image.fromarray(canvas),
     )
 
@@ -305,7 +316,7 @@ def _draw_grids(group: h5py.Group, sizes: list[int], heatmap_class: int | None) 
     for size in sizes:
         grid = read_grid(grid_group(group, size))
         if heatmap_class is not None:
-            attribution = grid_group(group, size)["attribution"][:, :, heatmap_class]
+            attribution = grid_group(group, size)[ATTRIBUTION][:, :, heatmap_class]
             opacity = heatmap_opacity(attribution, grid.count, grid.min_count)
             grid.heatmap = Heatmap(heatmap_class, attribution, opacity)
             grid.image = fade_cells(grid.image, opacity)
@@ -325,10 +336,10 @@ def _example_patches(
 ) -> tuple[dict[int, np.ndarray], dict[int, dict]]:
     """The example samples picked for each grid's cells, and each one's image, position, written patch and the
     photo's class (`names` of the store's classes)."""
-    image_index, position = group["image_index"][()], group["position"][()]
+    image_index, position = group[IMAGE_INDEX][()], group[POSITION][()]
     picked = {
         grid.size: pick_examples(
-            group["activations"], grid.cell, grid_group(group, grid.size)["mean"][()], per_cell, image_index
+            group[ACTIVATIONS], grid.cell, grid_group(group, grid.size)[MEAN][()], per_cell, image_index
         )
         for grid in grids
     }
@@ -372,7 +383,7 @@ def compose_atlas(
     group = store[layer]
     atlas_dir = out_dir / folder
     grids = _draw_grids(group, sizes, heatmap_class)
-    names = class_names(store, grid_group(group, sizes[0])["attribution"].shape[-1])
+    names = class_names(store, grid_group(group, sizes[0])[ATTRIBUTION].shape[-1])
     patch_dir = patch_dir or f"patches/{layer}"
     picked, example_info = _example_patches(
         store, group, grids, settings.examples, out_dir / patch_dir, patch_dir, names
@@ -388,7 +399,7 @@ def compose_atlas(
         del picture  # a labelled copy of the atlas: as large as the atlas itself
         cells = cells_json(grid, names, picked[grid.size], example_info)
         (grid_dir / "cells.json").write_text(json.dumps(cells, separators=(",", ":")))
-        (grid_dir / "attribution.bin").write_bytes(attribution_table(grid_group(group, grid.size)["attribution"][()]))
+        (grid_dir / "attribution.bin").write_bytes(attribution_table(grid_group(group, grid.size)[ATTRIBUTION][()]))
         levels = write_dzi(grid.image, grid_dir / "tiles", tile_format=settings.tile_format)
         log.info("%s grid %d: %d Deep Zoom levels written", layer, grid.size, levels)
         entry_grids.append(
@@ -456,7 +467,7 @@ def _manifest_entry(store: h5py.File, layer: str, heatmap_class: int | None, atl
         "model": str(store.attrs.get("model", "")),
     }
     if heatmap_class is not None:
-        classes = store[layer]["attributions"].shape[1]
+        classes = store[layer][ATTRIBUTIONS].shape[1]
         if not 0 <= heatmap_class < classes:
             raise AtlasError(f"heat-map class {heatmap_class} is not in 0..{classes - 1}")
         name = class_names(store, classes)[heatmap_class]
@@ -476,20 +487,20 @@ def _plan(store: h5py.File, layers: list[str] | None, grids: list[int] | None) -
 
     def rendered(layer: str) -> list[int]:
         group = store[layer]
-        return sorted(int(size) for size in group.get("grid", {}) if "icons" in group[f"grid/{size}"])
+        return sorted(int(size) for size in group.get(GRIDS, {}) if ICONS in group[f"{GRIDS}/{size}"])
 
     names = layers or [layer for layer in store_layers(store) if rendered(layer)]
     if not names:
         raise AtlasError("the store has no rendered grids (run `atlas render` first)")
     plan = {}
     for name in names:
-        group = layer_group(store, name)
+        group = Layer(store, name, needs=(ACTIVATIONS, ATTRIBUTIONS, IMAGE_INDEX, POSITION)).group
         sizes = sorted(set(grids)) if grids else rendered(name)
         if not sizes:
             raise AtlasError(f"layer {name!r} has no rendered grids (run `atlas render` first)")
         for size in sizes:
             GridView(group, size, needs=COMPOSED)  # checked before anything is written
-        icon_sizes = {group[f"grid/{size}/icons"].shape[2] for size in sizes}
+        icon_sizes = {grid_group(group, size)[ICONS].shape[2] for size in sizes}
         if len(icon_sizes) > 1:
             raise AtlasError(f"layer {name!r}: grids {sizes} have different icon sizes {sorted(icon_sizes)}")
         plan[name] = sizes

@@ -31,13 +31,31 @@ import torch
 
 from atlas import AtlasError
 from atlas.config import Settings, check_number
-from atlas.store import iter_rows, layer_group, made, open_store, record_lineage, replace_dataset
+from atlas.store import (
+    ACTIVATIONS,
+    ATTRIBUTION,
+    ATTRIBUTIONS,
+    CELL,
+    COUNT,
+    GRIDS,
+    LAYOUT,
+    MEAN,
+    TOP_ATTRIBUTIONS,
+    TOP_CLASSES,
+    WHITENING,
+    Layer,
+    iter_rows,
+    made,
+    open_store,
+    record_lineage,
+    replace_dataset,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (20, 40, 80)  # the paper's zoom levels; production adds 160 (and 320 for mixed5a/5b)
 DEFAULT_MIN_COUNT = 6  # lucid recipe: a cell is kept when count > 5
-TOP_CLASSES = 5
+TOP_COUNT = 5  # classes kept per cell, best first (the viewer lists five)
 RIDGE = 0.01  # fraction of the mean channel variance added to the covariance's diagonal
 WHITENING_ROWS = 262_144  # a covariance of C <= 1024 channels is settled long before this many samples
 CHUNK_ROWS = 65536  # rows per streamed block
@@ -117,7 +135,7 @@ def _stride(n: int, whitening_rows: int | None) -> int:
     return 1 if not whitening_rows else math.ceil(n / whitening_rows)
 
 
-def top_classes(attribution: np.ndarray, top: int = TOP_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+def top_classes(attribution: np.ndarray, top: int = TOP_COUNT) -> tuple[np.ndarray, np.ndarray]:
     """Indices and values of the `top` largest entries of each row, largest first."""
     top = min(top, attribution.shape[1])
     chosen = np.argpartition(-attribution, top - 1, axis=1)[:, :top]
@@ -178,26 +196,24 @@ def _check_room(sizes: list[int], samples: int, channels: int, classes: int) -> 
             )
 
 
-def _read_layout(group: h5py.Group, n: int) -> np.ndarray:
-    if "layout" not in group:
-        raise AtlasError(f"{group.name} has no layout: run `atlas project` first")
-    layout = group["layout"][:]
-    if layout.shape != (n, 2):
-        raise AtlasError(f"{group.name}/layout has shape {layout.shape} for {n} samples: rerun `atlas project`")
+def _read_layout(layer: Layer) -> np.ndarray:
+    layout = layer.read(LAYOUT)
+    if layout.shape[1:] != (2,):
+        raise AtlasError(f"{layer.group.name}/layout has shape {layout.shape}, not [N, 2]: rerun `atlas project`")
     if not (np.isfinite(layout).all() and layout.min() >= 0.0 and layout.max() <= 1.0):
-        raise AtlasError(f"{group.name}/layout is not within [0, 1]: rerun `atlas project`")
+        raise AtlasError(f"{layer.group.name}/layout is not within [0, 1]: rerun `atlas project`")
     return layout
 
 
 def _stream_sums(
-    group: h5py.Group, cells: dict[int, np.ndarray], covariance: CovarianceSums | None, chunk_rows: int
+    layer: Layer, cells: dict[int, np.ndarray], covariance: CovarianceSums | None, chunk_rows: int
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """One pass over the rows: per-cell sums of activations and attributions for each grid in `cells`, and
     the covariance sums when asked.
 
     Non-finite input is not checked row by row: it makes its cell's sum non-finite, which `grid_store` checks.
     """
-    activations, attributions = group["activations"], group["attributions"]
+    activations, attributions = layer[ACTIVATIONS], layer[ATTRIBUTIONS]
     n, channels = activations.shape
     classes = attributions.shape[1]
     activation_sums = {size: np.zeros((size * size, channels)) for size in cells}
@@ -231,12 +247,12 @@ def _grid_arrays(
     attribution = np.where(kept, attribution_sum / divisor, 0.0).astype(np.float32)
     classes, values = top_classes(attribution)
     return {
-        "cell": cell,
-        "count": count.reshape(size, size),
-        "mean": mean.reshape(size, size, -1),
-        "attribution": attribution.reshape(size, size, -1),
-        "top_classes": np.where(kept, classes, -1).reshape(size, size, -1),
-        "top_attributions": np.where(kept, values, np.nan).astype(np.float32).reshape(size, size, -1),
+        CELL: cell,
+        COUNT: count.reshape(size, size),
+        MEAN: mean.reshape(size, size, -1),
+        ATTRIBUTION: attribution.reshape(size, size, -1),
+        TOP_CLASSES: np.where(kept, classes, -1).reshape(size, size, -1),
+        TOP_ATTRIBUTIONS: np.where(kept, values, np.nan).astype(np.float32).reshape(size, size, -1),
     }
 
 
@@ -244,7 +260,7 @@ def layer_whitening(
     group: h5py.Group, ridge: float = RIDGE, whitening_rows: int | None = WHITENING_ROWS, chunk_rows: int = CHUNK_ROWS
 ) -> tuple[np.ndarray, int]:
     """(S, samples used) of a layer, computed as `grid_store` does but without a layout or grids."""
-    activations = group["activations"]
+    activations = group[ACTIVATIONS]
     covariance = CovarianceSums(activations.shape[1], _stride(activations.shape[0], whitening_rows))
     for start, rows in iter_rows(activations, chunk_rows):
         covariance.add(rows, start)
@@ -274,23 +290,20 @@ def grid_store(
     sizes = _check_sizes(sizes, min_count)
     started = time.perf_counter()
     with open_store(path) as store:
-        group = layer_group(store, layer)
-        layer = group.name.strip("/")
-        n = group["activations"].shape[0]
+        view = Layer(store, layer, needs=(ACTIVATIONS, ATTRIBUTIONS, LAYOUT))
+        layer, n = view.name, view.rows
         if n < 2:
-            raise AtlasError(f"{group.name} has {n} samples: too few to grid")
-        if "attributions" not in group or group["attributions"].shape[0] != n:
-            raise AtlasError(f"{group.name} lacks one attribution vector per sample: rerun `atlas collect`")
-        _check_room(sizes, n, group["activations"].shape[1], group["attributions"].shape[-1])
-        cells = {size: cell_ids(_read_layout(group, n), size) for size in sizes}
-        layout_made = made(group["layout"])
+            raise AtlasError(f"{view.group.name} has {n} samples: too few to grid")
+        _check_room(sizes, n, view.channels, view.classes)
+        cells = {size: cell_ids(_read_layout(view), size) for size in sizes}
+        layout_made = made(view[LAYOUT])
         # sums are made for the sizes that no larger size is a multiple of; the others are block sums of those
         source = {size: max(other for other in sizes if other % size == 0) for size in sizes}
-        covariance = CovarianceSums(group["activations"].shape[1], _stride(n, whitening_rows)) if whitening else None
+        covariance = CovarianceSums(view.channels, _stride(n, whitening_rows)) if whitening else None
         activation_sums, attribution_sums = _stream_sums(
-            group, {size: cells[size] for size in set(source.values())}, covariance, chunk_rows
+            view, {size: cells[size] for size in set(source.values())}, covariance, chunk_rows
         )
-        for sums, dataset in ((activation_sums, group["activations"]), (attribution_sums, group["attributions"])):
+        for sums, dataset in ((activation_sums, view[ACTIVATIONS]), (attribution_sums, view[ATTRIBUTIONS])):
             if not all(np.isfinite(block).all() for block in sums.values()):
                 raise AtlasError(_first_non_finite(dataset))
     grids = {
@@ -307,10 +320,10 @@ def grid_store(
     settings = GridSettings(tuple(sizes), min_count, ridge, whitening_rows, chunk_rows, whitening)
     _write_grids(path, layer, grids, (settings, layout_made), whitened)
     for size, arrays in grids.items():
-        filled = int((arrays["count"] >= min_count).sum())
+        filled = int((arrays[COUNT] >= min_count).sum())
         log.info("grid %d: %d of %d cells hold >= %d samples", size, filled, size * size, min_count)
     log.info("gridded %d samples of %s at sizes %s in %.1f s", n, layer, sizes, time.perf_counter() - started)
-    return {size: arrays["count"] for size, arrays in grids.items()}
+    return {size: arrays[COUNT] for size, arrays in grids.items()}
 
 
 def _write_grids(
@@ -327,9 +340,9 @@ def _write_grids(
         group = store[layer]
         if whitened is not None:
             matrix, samples = whitened
-            replace_dataset(group, "whitening", matrix, ridge=settings.ridge, samples=samples, centred=True)
+            replace_dataset(group, WHITENING, matrix, ridge=settings.ridge, samples=samples, centred=True)
         for size, arrays in grids.items():
-            key = f"grid/{size}"
+            key = f"{GRIDS}/{size}"
             if key in group:
                 del group[key]  # its icons belong to the old means
             grid = group.create_group(key)

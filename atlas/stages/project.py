@@ -16,7 +16,7 @@ import numpy as np
 
 from atlas import AtlasError
 from atlas.layout import LayoutSettings, embed, resolve_knn
-from atlas.store import layer_group, made, open_store, record_lineage, replace_dataset
+from atlas.store import ACTIVATIONS, GRIDS, LAYOUT, Layer, made, open_store, record_lineage, replace_dataset
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +65,14 @@ def project_store(
     if settings.n_components != 2:
         raise AtlasError(f"a layer's layout is 2-D, not {settings.n_components}-D")
     with open_store(path) as store:
-        group = layer_group(store, layer)
-        layer = group.name.strip("/")
-        activations = group["activations"]
-        shape = activations.shape
-        layout = normalize_layout(embed(activations, settings, device))
+        view = Layer(store, layer)
+        layer, shape = view.name, view[ACTIVATIONS].shape
+        layout = normalize_layout(embed(view[ACTIVATIONS], settings, device))
     with open_store(path, "r+") as store:
         group = store[layer]
-        if "grid" in group:
+        if GRIDS in group:
             log.warning("%s has grids made from its previous layout: rerun `atlas grid`", layer)
-        written = replace_dataset(group, "layout", layout, **layout_attrs(settings, device, shape))
+        written = replace_dataset(group, LAYOUT, layout, **layout_attrs(settings, device, shape))
         record_lineage(written, {"settings": settings, "device": device}, made(group))
     log.info("wrote /%s/layout %s", layer, layout.shape)
     return layout

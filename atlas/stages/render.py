@@ -41,20 +41,29 @@ from atlas.optvis.transform import Transform, image_key, preset
 from atlas.progress import progress as progress_of
 from atlas.runtime import Runtime, resolve
 from atlas.store import (
+    ACTIVATIONS,
+    CELL,
     COUNT,
+    GRIDS,
+    ICON_COSINE,
+    ICON_DONE,
+    ICON_OBJECTIVE,
+    ICONS,
+    IMAGE_INDEX,
+    LAYOUT,
     MADE_FROM,
     MEAN,
     SETTINGS,
+    WHITENING,
+    Grid,
+    Layer,
     fresh,
-    grid_group,
-    layer_group,
     made,
     open_store,
     record_lineage,
     remade,
     store_finished,
 )
-from atlas.store import Grid as GridView
 
 log = logging.getLogger(__name__)
 
@@ -264,10 +273,9 @@ class _Cells:
 
 def _read_cells(path: str | Path, layer: str | None, grid: int, whiten: bool) -> _Cells:
     with open_store(path) as store:
-        group = layer_group(store, layer)
-        view = GridView(group, grid, needs=(COUNT, MEAN))
-        cells = view.group
-        layout_made, grid_from = made(group.get("layout")), str(cells.attrs.get(MADE_FROM, ""))
+        view = Layer(store, layer)
+        group, cell_view = view.group, view.grid(grid, needs=(COUNT, MEAN))
+        layout_made, grid_from = made(group.get(LAYOUT)), str(cell_view.group.attrs.get(MADE_FROM, ""))
         if layout_made and grid_from and grid_from != layout_made:
             raise AtlasError(
                 f"grid {grid} of {group.name} was made from an earlier layout: run `atlas grid` again first "
@@ -275,15 +283,15 @@ def _read_cells(path: str | Path, layer: str | None, grid: int, whiten: bool) ->
             )
         whitening = None
         if whiten:
-            if "whitening" not in group:
+            if WHITENING not in group:
                 raise AtlasError(
                     f"{group.name} has no whitening matrix (run `atlas grid`, or render without whitening)"
                 )
-            whitening = group["whitening"][()]
+            whitening = view.read(WHITENING)
         return _Cells(
-            layer=group.name.strip("/"),
-            non_empty=view.non_empty(),
-            means=view.read(MEAN),
+            layer=view.name,
+            non_empty=cell_view.non_empty(),
+            means=cell_view.read(MEAN),
             whitening=whitening,
             model=str(store.attrs.get("model", "")),
             weights=weights_argument(str(store.attrs.get("weights", ""))),
@@ -303,38 +311,34 @@ def _check_layer(model: Classifier, layer: str, channels: int, size: int) -> Non
 
 def _prepare_outputs(grid: h5py.Group, recorded: dict, size: int) -> np.ndarray:
     """Create the icon datasets, or keep them when they were made with the same settings; returns icon_done."""
-    side = grid["count"].shape[0]
-    existing = grid.get("icons")
+    side = grid[COUNT].shape[0]
+    existing = grid.get(ICONS)
     grid_made = made(grid)
-    if existing is not None and "icon_done" in grid and fresh(existing, recorded, grid_made):
-        return grid["icon_done"][()]
+    if existing is not None and ICON_DONE in grid and fresh(existing, recorded, grid_made):
+        return grid[ICON_DONE][()]
     if existing is not None:
         log.info("%s: render settings or the grid changed, rendering every icon again", grid.name)
-    for name in ("icons", "icon_objective", "icon_cosine", "icon_done"):
+    for name in (ICONS, ICON_OBJECTIVE, ICON_COSINE, ICON_DONE):
         if name in grid:
             del grid[name]
     icons = grid.create_dataset(
-        "icons", shape=(side, side, size, size, 3), dtype=np.uint8, chunks=(1, 1, size, size, 3), fillvalue=255
+        ICONS, shape=(side, side, size, size, 3), dtype=np.uint8, chunks=(1, 1, size, size, 3), fillvalue=255
     )
     icons.attrs.update({key: value for key, value in recorded.items() if value is not None})  # readable as attrs
     record_lineage(icons, recorded, grid_made)
-    grid.create_dataset("icon_objective", data=np.full((side, side), np.nan, np.float32))
-    grid.create_dataset("icon_cosine", data=np.full((side, side), np.nan, np.float32))
-    grid.create_dataset("icon_done", data=np.zeros((side, side), bool))
-    return grid["icon_done"][()]
+    grid.create_dataset(ICON_OBJECTIVE, data=np.full((side, side), np.nan, np.float32))
+    grid.create_dataset(ICON_COSINE, data=np.full((side, side), np.nan, np.float32))
+    grid.create_dataset(ICON_DONE, data=np.zeros((side, side), bool))
+    return grid[ICON_DONE][()]
 
 
 def typical_examples(store: h5py.File, layer: str, grid: int, cells: np.ndarray, size: int) -> np.ndarray:
     """uint8 [len(cells), size, size, 3]: each cell's most typical example patch (compose's first example, the
     sample nearest the cell's mean), which its accentuated icon starts from."""
-    group = store[layer]
-    cell_group = grid_group(group, grid)
+    view = Layer(store, layer, needs=(ACTIVATIONS, IMAGE_INDEX))
+    cell_view = view.grid(grid, needs=(CELL, MEAN))
     picked = pick_examples(
-        group["activations"],
-        cell_group["cell"][()].astype(np.int64),
-        cell_group["mean"][()],
-        1,
-        group["image_index"][()],
+        view[ACTIVATIONS], cell_view.read(CELL).astype(np.int64), cell_view.read(MEAN), 1, view.read(IMAGE_INDEX)
     )
     return example_crops(store, layer, picked[cells, 0].tolist(), size)
 
@@ -361,15 +365,15 @@ def rendered(
     (default: the store's own) from the grid as it is now (then `render_store` would render nothing)."""
     try:
         with open_store(path) as store:
-            cells = store[layer].get(f"grid/{grid}")
-            icons = None if cells is None else cells.get("icons")
-            if icons is None or "icon_done" not in cells:
+            cells = store[layer].get(f"{GRIDS}/{grid}")
+            icons = None if cells is None else cells.get(ICONS)
+            if icons is None or ICON_DONE not in cells:
                 return False
-            non_empty = cells["count"][()] >= int(cells.attrs.get("min_count", 1))
+            non_empty = Grid(store[layer], grid).non_empty()
             made_with = json.loads(str(icons.attrs.get(SETTINGS, "{}")))  # the store's model: what made them
             name, weights = (model.name, model.weights) if model else (made_with.get("model"), made_with.get("weights"))
             recorded = _recorded_settings(settings, str(name), str(weights), runtime)
-            return fresh(icons, recorded, made(cells)) and bool(cells["icon_done"][()][non_empty].all())
+            return fresh(icons, recorded, made(cells)) and bool(cells[ICON_DONE][()][non_empty].all())
     except (AtlasError, KeyError, ValueError):
         return False
 
@@ -413,8 +417,8 @@ def render_store(
         log.info("%s grid %d: %d of %d non-empty cells to render", cells.layer, grid, len(todo), total)
 
         def write(indices: np.ndarray, icons: np.ndarray, objective: np.ndarray, cosine: np.ndarray) -> None:
-            values = {"icon_objective": objective, "icon_cosine": cosine}
-            store_finished(group, np.divmod(todo[indices], grid), ("icons", icons), values, "icon_done")
+            values = {ICON_OBJECTIVE: objective, ICON_COSINE: cosine}
+            store_finished(group, np.divmod(todo[indices], grid), (ICONS, icons), values, ICON_DONE)
 
         if len(todo):
             starts = None
@@ -434,7 +438,7 @@ def render_store(
                 on_icons=write,
                 starts=starts,
             )
-            remade(group["icons"])  # new icons: what was composed from them is stale
+            remade(group[ICONS])  # new icons: what was composed from them is stale
     seconds = round(time.perf_counter() - start, 2)
     return dict(
         layer=cells.layer, grid=grid, cells=total, rendered=len(todo), already_done=total - len(todo), seconds=seconds
