@@ -10,6 +10,8 @@ PIP := $(PY) -m pip --isolated --disable-pip-version-check
 
 MODEL ?=
 LAYER ?=
+# several layers in one run (make atlas, make class-atlas): LAYERS=a,b,c
+LAYERS ?=
 DATA ?=
 N ?=
 DEVICE ?=
@@ -55,8 +57,9 @@ lint: install
 
 atlas: install
 	$(ATLAS) run atlas $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) \
-		$(if $(LAYER),--layer $(LAYER)) $(if $(DATA),--data $(DATA)) $(if $(N),--limit $(N)) \
-		$(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+		$(if $(or $(LAYERS),$(LAYER)),--layer $(or $(LAYERS),$(LAYER))) $(if $(DATA),--data $(DATA)) \
+		$(if $(N),--limit $(N)) $(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT)) \
+		$(if $(WEIGHTS),--weights $(WEIGHTS)) \
 		$(if $(FORCE),--force $(filter-out 1,$(FORCE)))
 
 # a class atlas (or with VS, a two-class comparison) from STORE (default: `make atlas`'s) into OUT (default: its folder)

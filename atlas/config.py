@@ -65,7 +65,7 @@ def load_config(path: str | Path, sections: dict[str, type[Settings]], layer: st
     if not isinstance(config, dict):
         raise AtlasError(f"config {path} must be a mapping of settings, not {type(config).__name__}")
     check_keys(config, TOP_KEYS, str(path))
-    overrides = (config.get("layers") or {}).get(layer or config.get("layer"), {})
+    overrides = layer_overrides(config, str(path)).get(layer or config.get("layer"), {})
     merged = copy.deepcopy(config)
     for section, values in overrides.items():
         merged.setdefault(section, {}).update(values)
@@ -76,6 +76,28 @@ def load_config(path: str | Path, sections: dict[str, type[Settings]], layer: st
             raise AtlasError(f"config {where} must be a mapping")
         merged[section] = settings.from_config(values, where)
     return merged
+
+
+def layer_overrides(config: dict, where: str) -> dict[str, dict]:
+    """A config's per-layer settings: `layers:` as a mapping of layer -> {section: settings} (the production
+    configs'); a `layers:` list names a run's layers and overrides nothing."""
+    layers = config.get("layers") or {}
+    if isinstance(layers, list):
+        if not all(isinstance(name, str) for name in layers):
+            raise AtlasError(f"config {where}: layers: must list layer names, not {layers!r}")
+        if "layer" in config:
+            raise AtlasError(f"config {where} names both layer: and a layers: list; keep one")
+        return {}
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise AtlasError(f"config {where}: layers: must be a list of layers, or a mapping of layer -> settings")
+    return layers
+
+
+def run_layers(config: dict) -> list[str] | None:
+    """The layers a config's run makes: its `layers:` list, else its one `layer:`, else None (the model's)."""
+    if isinstance(config.get("layers"), list):
+        return list(config["layers"])
+    return [config["layer"]] if config.get("layer") else None
 
 
 def check_keys(values: dict, accepted: set[str], where: str) -> None:

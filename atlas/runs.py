@@ -17,16 +17,31 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         add(runs)
 
 
+def layer_list(text: str) -> list[str]:
+    """`a,b,c` (spaces free) as a list of layer names, each once."""
+    names = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"no layer named in {text!r}")
+    return names
+
+
 def _add_atlas(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("atlas", help="collect -> project -> grid -> render -> compose into one run folder (make atlas)")
     p.add_argument("--config", help="config file (default: configs/<model>.yaml, else the offline default's)")
     p.add_argument("--model", help="model (default: the zoo model that owns --layer, else the config's)")
-    p.add_argument("--layer")
+    p.add_argument(
+        "--layer",
+        "--layers",
+        dest="layers",
+        type=layer_list,
+        help="a layer, or several as a,b,c: collected in one pass, each atlas beside the others (default: the "
+        "config's layer: or layers:)",
+    )
     p.add_argument("--data", help="image folder, text file of paths, or 'demo'")
     p.add_argument("--limit", type=int, help="use the first N images only")
     p.add_argument("--device")
     p.add_argument("--weights", help="weights file, or 'random'")
-    p.add_argument("--out", type=Path, help="run folder (default: data/runs/<model>-<layer>)")
+    p.add_argument("--out", type=Path, help="run folder (default: data/runs/<model>-<layer>[+<layer>...])")
     p.add_argument(
         "--force",
         nargs="*",
@@ -41,12 +56,12 @@ def _add_atlas(sub: argparse._SubParsersAction) -> None:
         unknown = sorted(set(args.force or ()) - set(STAGES))
         if unknown:
             raise AtlasError(f"--force {' '.join(unknown)}: the stages are {', '.join(STAGES)}")
-        model_name, config_file = pick_model(args.model, args.layer, args.config)
+        model_name, config_file = pick_model(args.model, args.layers, args.config)
         force = STAGES if args.force == [] else args.force or ()
         index = run_atlas(
             config_file,
             model_name,
-            args.layer,
+            args.layers,
             args.data,
             args.limit,
             args.device,

@@ -9,16 +9,21 @@ these. A later stage reads what an earlier one recorded here and never recompute
                              input_size, resize_size images were resized to resize_size (short side), then
                                                      centre-cropped to input_size
                              seed, positions         the position sampler's seed; positions per image and layer
+                                                     (the same positions in every layer of one size: the k-th
+                                                     sample of an image is at the same place in every layer)
                              dataset, code_version   the data source as given; the atlas version that collected
                              memory_format, precision  collect's run-time policy (atlas/runtime.py)
-                             collect_meta            JSON of every collect setting (`record_settings`; a rerun with
-                                                     equal settings is a no-op; other settings are an error, never
-                                                     an overwrite)
+                             collect_meta            JSON of every collect setting but the layers
+                                                     (`record_settings`; a rerun with equal settings collects only
+                                                     the layers the store lacks and adds their groups; other
+                                                     settings are an error, never an overwrite)
     /classes               [K] str      the model's class names, in logit order
     /images/path           [M] str      image path (or demo name), in collection order
     /images/label          [M] int64    class index, -1 when unknown
     /images/skipped        [S] str      images that could not be read, "path: reason"
-    /<layer>/              attrs: channels, height, width (activation map size at the input size)
+    /<layer>/              attrs: channels, height, width (activation map size at the input size); one group per
+                           collected layer, all with the same images and sample rows: row i of every layer
+                           is the same image's i-th sample (image_index equal)
     /<layer>/activations   [N, C] float32   one activation vector per sampled position
     /<layer>/image_index   [N] int64        row in /images
     /<layer>/position      [N, 2] int32     (y, x) in the layer's activation map
@@ -91,6 +96,8 @@ MADE = "made"  # the attr holding a product's identity, new each time it is made
 MADE_FROM = "made_from"  # the attr holding the identity of the product it was made from
 COLLECT_SETTINGS = "collect_meta"  # the root attr holding collect's settings
 CLASSES = "classes"
+IMAGES, SKIPPED = "images", "skipped"  # /images/path, /images/label, /images/skipped
+PARTIAL = ".partial"  # collect merges new layer groups here, then moves each complete one to its name
 # the datasets of a layer group and of its grids (the schema above): every stage names them by these
 ACTIVATIONS, IMAGE_INDEX, POSITION, ATTRIBUTIONS = "activations", "image_index", "position", "attributions"
 LAYOUT, WHITENING, GRIDS = "layout", "whitening", "grid"

@@ -270,7 +270,7 @@ def measure_collect(ctx: Context) -> list[dict]:
     for name, weights in ((CHECK_MODEL, None), (RENDER_MODEL, "random")):
         model = runtime.prepare(load_model(name, weights=weights))
         forward = _forward_rate(ctx, model, runtime, size.collect_batch)
-        in_memory = timed_rate(model, model.default_layer, 1, images=size.collect_batch)
+        in_memory = timed_rate(model, [model.default_layer], 1, images=size.collect_batch)
         path = ctx.work / f"rate-{name}.h5"
         options = {"batch_size": size.collect_batch, "workers": size.workers, "device": ctx.device}
         seconds = ctx.timed(lambda model=model, path=path, options=options: collect(model, records, path, **options))[1]

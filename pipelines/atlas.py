@@ -1,6 +1,9 @@
 """`atlas run atlas` (`make atlas`): collect -> project -> grid -> render -> compose, into one run folder.
 
-The run folder holds `store.h5` (the stages' HDF5 contract), the composed atlas and its viewer.
+The run folder holds `store.h5` (the stages' HDF5 contract), the composed atlases and their viewer. A run of
+several layers collects them in one pass over the images into one store (a group per layer), then projects,
+grids, renders and composes each layer with its own settings (the config's per-layer overrides); a rerun that
+asks for one more layer collects only that layer.
 The store is the truth: each product records its settings and what it was made from (atlas.store lineage), and
 a stage is skipped only when `store.fresh` says its product is up to date and complete. An interrupted or repeated
 run only does what is missing; a changed stage setting redoes that stage and, as their inputs are then new, every
@@ -20,7 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from atlas.config import Settings, check_number, config_path, load_config
+from atlas import AtlasError
+from atlas.config import Settings, check_number, config_path, load_config, run_layers
 from atlas.models.registry import locate_weights, model_for_layer
 from atlas.store import (
     ACTIVATIONS,
@@ -62,13 +66,15 @@ def stage_settings() -> dict[str, type[Settings]]:
     }
 
 
-def pick_model(model_name: str | None, layer: str | None, config_file: str | Path | None) -> tuple[str | None, Path]:
+def pick_model(
+    model_name: str | None, layers: list[str] | None, config_file: str | Path | None
+) -> tuple[str | None, Path]:
     """The model and config of a run: with no model or config named, a layer picks the zoo model that owns it.
 
     `mixed4c` is only lucid InceptionV1's own layer name, so it selects `inceptionv1` and configs/inceptionv1.yaml.
     """
-    if model_name is None and config_file is None and layer is not None:
-        model_name = model_for_layer(layer)
+    if model_name is None and config_file is None and layers:
+        model_name = model_for_layer(layers[0])
     return model_name, Path(config_file) if config_file else config_path(model_name)
 
 
@@ -93,27 +99,35 @@ def run_data(data: str | None, config: dict) -> str:
 STAGES = ("collect", "project", "grid", "render", "compose")
 
 
-def run_stage(stage: str, up_to_date: bool, work: Callable[[], object], force: Collection[str] = ()) -> bool:
-    """Run `work` unless its product is up to date (and the stage is not forced); returns whether it ran."""
+def run_stage(
+    stage: str, up_to_date: bool, work: Callable[[], object], force: Collection[str] = (), of: str = ""
+) -> bool:
+    """Run `work` unless its product is up to date (and the stage is not forced); returns whether it ran. `of`:
+    the layer it is run for, in a run of several."""
+    name = f"{stage} {of}" if of else stage
     if up_to_date and stage not in force:
-        log.info("%s: up to date, skipped", stage)
+        log.info("%s: up to date, skipped", name)
         return False
     started = time.perf_counter()
-    log.info("%s: running", stage)
+    log.info("%s: running", name)
     work()
-    log.info("%s: done in %.1f s", stage, time.perf_counter() - started)
+    log.info("%s: done in %.1f s", name, time.perf_counter() - started)
     return True
 
 
-def collected(store: Path, layer: str) -> bool:
-    """Whether the store opens and holds a finished collection of `layer`: its settings record and every per-sample
-    dataset, all with the same number of rows (more than none)."""
+def collected(store: Path, layer: str | None = None) -> bool:
+    """Whether the store opens as a finished collection (its settings record) and, with `layer`, holds that
+    layer's every per-sample dataset, all with the same number of rows (more than none)."""
     import h5py
 
     try:
         with h5py.File(store, "r") as f:
+            if COLLECT_SETTINGS not in f.attrs:
+                return False
+            if layer is None:
+                return True
             group = f.get(layer)
-            if COLLECT_SETTINGS not in f.attrs or group is None or not all(n in group for n in COLLECTED):
+            if group is None or not all(n in group for n in COLLECTED):
                 return False
             rows = {group[name].shape[0] for name in COLLECTED}
     except OSError:  # missing, truncated or not HDF5
@@ -205,22 +219,23 @@ def drop_icons(store: Path, layer: str, sizes: list[int]) -> None:
                     del grid[name]
 
 
-def fresh_store(store: Path, layer: str, forced: bool) -> None:
+def fresh_store(store: Path, forced: bool) -> None:
     """Before collect runs: remove a store that is not a finished collection (a rerun merges it anew from the
-    batch shards), and when forced, the store and its shards both."""
+    batch shards), and when forced, the store and its shards both. A finished store stays: collect adds the
+    layers it lacks."""
     import shutil
 
     parts = store.with_name(store.name + ".parts")
     if forced and parts.exists():
         shutil.rmtree(parts)
-    if store.exists() and (forced or not collected(store, layer)):
+    if store.exists() and (forced or not collected(store)):
         store.unlink()
 
 
 def run_atlas(
     config_file: Path,
     model_name: str | None = None,
-    layer: str | None = None,
+    layers: list[str] | None = None,
     data: str | None = None,
     limit: int | None = None,
     device: str | None = None,
@@ -229,8 +244,9 @@ def run_atlas(
     force: Collection[str] = (),
     threads: int | None = None,
 ) -> Path:
-    """Build the atlas of one model layer; returns the viewer's index.html. `force`: stages to redo (and with
-    them every later stage) even when the store holds their outputs."""
+    """Build the atlas of each of a model's `layers` (default: the config's) into one run folder; returns the
+    viewer's index.html. `force`: stages to redo (and with them every later stage) even when the store holds
+    their outputs."""
     base = load_config(config_file, {}, None)
     same_model = model_name in (None, base.get("model"))
     model_name = model_name or base["model"]
@@ -239,8 +255,10 @@ def run_atlas(
     if data == "demo" and base.get("demo_config"):
         config_file = Path(config_file).parent / base["demo_config"]
         base = load_config(config_file, {}, None)
-    # the stages' settings, validated before any work
-    config = load_config(config_file, stage_settings(), layer or (base.get("layer") if same_model else None))
+    wanted = layers or (run_layers(base) if same_model else None)
+    # the stages' settings of every layer, validated before any work
+    configs = {name: load_config(config_file, stage_settings(), name) for name in (wanted or [None])}
+    check_shared_collection(configs)
     if limit is not None:
         check_number("--limit (N)", limit, 1)
 
@@ -249,33 +267,56 @@ def run_atlas(
     from atlas.runtime import resolve, set_threads
 
     device = str(resolve("collect", device).device)  # checked: one a run can use
-    log.info("%d torch threads", set_threads(threads or config.get("threads")))
+    first = next(iter(configs.values()))
+    log.info("%d torch threads", set_threads(threads or first.get("threads")))
 
     model = load_model(model_name, weights=weights, device=device)
-    layer = model.resolve_layer(layer or (config.get("layer") if same_model else None) or model.default_layer)
-    run_dir = Path(out) if out else Path("data/runs") / f"{model_name}-{layer}{f'-n{limit}' if limit else ''}"
+    configs = {model.resolve_layer(name or model.default_layer): config for name, config in configs.items()}
+    names = "+".join(configs)
+    run_dir = Path(out) if out else Path("data/runs") / f"{model_name}-{names}{f'-n{limit}' if limit else ''}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("model %s, layer %s, data %s -> %s", model_name, layer, data, run_dir)
+    log.info(
+        "model %s, %s %s, data %s -> %s", model_name, "layers" if len(configs) > 1 else "layer", names, data, run_dir
+    )
     records = list_images(data, model.class_names, model.imagenet_index)[:limit]
-    _run_stages(config, model, layer, records, str(data), run_dir, device, force)
+    _run_stages(configs, model, records, str(data), run_dir, device, force)
     return run_dir / "index.html"
 
 
-def run_plan(config: dict, model: Classifier, layer: str, images: int, sizes: list[int], device: str) -> str:
+def check_shared_collection(configs: dict[str | None, dict]) -> None:
+    """One line when the layers of a run ask for different collect settings: one pass over the images collects
+    them all, so they share their positions (a layer's sample i is every layer's sample i)."""
+    first, *others = configs.items()
+    for name, config in others:
+        if config["collect"] != first[1]["collect"]:
+            raise AtlasError(
+                f"layers {first[0]} and {name} have different collect settings: a run collects its layers in one "
+                f"pass, with one collect: section (per-layer overrides may set project, grid, render and compose)"
+            )
+
+
+def run_plan(configs: dict[str, dict], model: Classifier, images: int, device: str) -> str:
     """One line: images, samples, cells per grid, icons x attempts x steps, and the time that collect and render
     should take, from a few seconds' timed warm-up of each on `device` (projection and composition not counted)."""
     from atlas.stages import collect, render
 
-    channels = next(s[0] for name, *s in model.layer_shapes() if name == layer)
-    positions = config["collect"].positions  # checked against the layer's interior before the plan
+    first = next(iter(configs.values()))
+    positions = first["collect"].positions  # checked against every layer's interior before the plan
     samples = images * positions
-    min_count = config["grid"].min_count
-    icons = sum(min(size * size, samples // min_count) for size in sizes)  # at most one per cell of min_count
-    settings = config["render"]
-    collect_s = images / collect.timed_rate(model, layer, positions)
-    render_s = icons * settings.attempts * settings.steps / render.timed_rate(model, layer, channels, settings)
+    channels = {name: s[0] for name, *s in model.layer_shapes()}
+    icons, render_s = 0, 0.0
+    for layer, config in configs.items():
+        settings = config["render"]
+        made = sum(min(size * size, samples // config["grid"].min_count) for size in config["grid"].sizes)
+        icons += made  # at most one per cell of min_count
+        rate = render.timed_rate(model, layer, channels[layer], settings)
+        render_s += made * settings.attempts * settings.steps / rate
+    collect_s = images / collect.timed_rate(model, list(configs), positions)
+    sizes = list(dict.fromkeys(size for config in configs.values() for size in config["grid"].sizes))
+    settings = first["render"]
+    each = f" in each of {len(configs)} layers" if len(configs) > 1 else ""
     return (
-        f"plan: {images:,} images x {positions} positions = {samples:,} samples; grids "
+        f"plan: {images:,} images x {positions} positions = {samples:,} samples{each}; grids "
         f"{', '.join(f'{g}x{g}' for g in sizes)} ({', '.join(f'{g * g:,}' for g in sizes)} cells); at most {icons:,} "
         f"icons x {settings.attempts} attempts x {settings.steps} steps; estimate {_duration(collect_s + render_s)} "
         f"(collect {_duration(collect_s)}, render {_duration(render_s)}, from a timed warm-up on {device})"
@@ -289,34 +330,55 @@ def _duration(seconds: float) -> str:
 
 
 def _run_stages(
-    config: dict,
+    configs: dict[str, dict],
     model: Classifier,
-    layer: str,
     records: list[ImageRecord],
     dataset: str,
     run_dir: Path,
     device: str,
     force: Collection[str] = (),
 ) -> None:
-    """collect -> project -> grid -> render -> compose into run_dir/store.h5, each skipped when up to date."""
+    """collect (every layer at once) -> project -> grid -> render -> compose (each layer) into run_dir/store.h5,
+    each skipped when up to date."""
     from atlas.runtime import resolve
-    from atlas.stages import collect, compose, grid, project, render
+    from atlas.stages import collect
 
-    sizes = list(config["grid"].sizes)
-    shape = next(tuple(s) for name, *s in model.layer_shapes() if name == layer)
-    collect.check_counts(records, {layer: shape}, config["collect"].positions)
-    log.info("%s", run_plan(config, model, layer, len(records), sizes, device))
+    layers = list(configs)
+    shapes = {name: tuple(s) for name, *s in model.layer_shapes()}
+    wanted = next(iter(configs.values()))["collect"]
+    collect.check_counts(records, {layer: shapes[layer] for layer in layers}, wanted.positions)
+    log.info("%s", run_plan(configs, model, len(records), device))
     store = run_dir / "store.h5"
-    collect_args = {**asdict(config["collect"]), "layers": [layer], "device": device, "dataset": dataset}
+    collect_args = {**asdict(wanted), "layers": layers, "device": device, "dataset": dataset}
 
     def collect_stage() -> None:
-        fresh_store(store, layer, "collect" in force)
+        fresh_store(store, "collect" in force)
         collect.collect(model, records, store, **collect_args)
 
-    wanted = config["collect"]
     policy = resolve("collect", device, wanted.precision, wanted.memory_format)
-    records_of = (model, records, [layer], wanted.positions, wanted.seed, wanted.batch_size, dataset, policy)
-    run_stage("collect", collect.collected(store, collect.collection_settings(*records_of)), collect_stage, force)
+    settings = collect.collection_settings(
+        model, records, wanted.positions, wanted.seed, wanted.batch_size, dataset, policy
+    )
+    run_stage("collect", collect.collected(store, settings, layers), collect_stage, force)
+    for layer, config in configs.items():
+        _run_layer(config, model, layer, store, run_dir, device, force, layer if len(layers) > 1 else "")
+
+
+def _run_layer(
+    config: dict,
+    model: Classifier,
+    layer: str,
+    store: Path,
+    run_dir: Path,
+    device: str,
+    force: Collection[str],
+    of: str,
+) -> None:
+    """project -> grid -> render -> compose of one collected layer, each skipped when up to date."""
+    from atlas.runtime import resolve
+    from atlas.stages import compose, grid, project, render
+
+    sizes = list(config["grid"].sizes)
     layout, icons, grids = config["project"], config["render"], config["grid"]
     recorded = {"settings": layout, "device": device}
     run_stage(
@@ -324,8 +386,11 @@ def _run_stages(
         projected(store, layer, recorded),
         lambda: project.project_store(store, layer, layout, device),
         force,
+        of,
     )
-    run_stage("grid", gridded(store, layer, grids), lambda: grid.grid_store(store, layer=layer, **asdict(grids)), force)
+    run_stage(
+        "grid", gridded(store, layer, grids), lambda: grid.grid_store(store, layer=layer, **asdict(grids)), force, of
+    )
 
     def render_stage() -> None:
         if "render" in force:
@@ -335,11 +400,12 @@ def _run_stages(
 
     policy = resolve("render", device)
     done = all(render.rendered(store, layer, size, icons, policy, model) for size in sizes)
-    run_stage("render", done, render_stage, force)
+    run_stage("render", done, render_stage, force, of)
     drawn = config["compose"]
     run_stage(
         "compose",
         composed(run_dir, store, f"layer-{layer}", layer, sizes, drawn),
         lambda: compose.compose_run(store, run_dir, [layer], settings=drawn),
         force,
+        of,
     )

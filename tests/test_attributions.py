@@ -128,6 +128,6 @@ def test_collect_batch_stores_the_attributions_of_its_positions(case):
     where = torch.from_numpy(out["position"]).long().reshape(4, 5, 2)
     np.testing.assert_array_equal(out["image_index"], np.repeat([10, 11, 12, 13], 5))
     vectors = act.permute(0, 2, 3, 1)[torch.arange(4)[:, None], where[..., 0], where[..., 1]]
-    np.testing.assert_allclose(out["activations"], vectors.reshape(20, -1).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(out["activations"], vectors.reshape(20, -1).numpy(), rtol=1e-5, atol=1e-6)
     expected = reference(model, images, where).reshape(20, -1)
     _close(torch.from_numpy(out["attributions"]).double(), expected)

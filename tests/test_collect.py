@@ -262,3 +262,76 @@ def test_a_merge_of_more_than_ten_shards_keeps_the_row_order(tmp_path):
     out = collect(tiny_classifier(), list_images(folder), tmp_path / "s.h5", positions=2, batch_size=1, workers=0)
     with h5py.File(out) as f:
         assert f["relu3/image_index"][()].tolist() == [row for row in range(12) for _ in range(2)]
+
+
+def _photos(folder: Path, count: int) -> list:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return list_images(folder)
+
+
+def test_four_layers_are_decoded_and_run_once_per_batch_and_equal_four_one_layer_runs(tmp_path, monkeypatch):
+    import atlas.images
+    from atlas.store import COLLECTED
+    from tests.synthetic import tiny_classifier
+
+    records, model = _photos(tmp_path / "images", 10), tiny_classifier()
+    layers = ["conv1", "relu1", "relu2", "relu3"]  # 16x16, 16x16, 8x8, 4x4
+    settings = dict(positions=2, batch_size=4, workers=0)
+    decoded, forwards = [], []
+    real_load = atlas.images.load_rgb
+    monkeypatch.setattr(
+        atlas.images, "load_rgb", lambda path, *a, **k: decoded.append(path) or real_load(path, *a, **k)
+    )
+    # the batch size of every forward of real images (layer_shapes probes the model with zeros)
+    hook = model.register_forward_pre_hook(lambda _m, x: forwards.append(len(x[0])) if x[0].any() else None)
+    try:
+        four = collect(model, records, tmp_path / "four.h5", layers=layers, **settings)
+    finally:
+        hook.remove()
+    assert sorted(decoded) == sorted(r.path for r in records)  # every image decoded once
+    assert forwards == [4, 4, 2]  # 10 images in batches of 4: one forward per batch for all four layers
+    for layer in layers:
+        one = collect(model, records, tmp_path / f"{layer}.h5", layers=[layer], **settings)
+        with h5py.File(four) as a, h5py.File(one) as b:
+            assert a[layer]["activations"].shape[0] == 20
+            for key in COLLECTED:
+                np.testing.assert_allclose(a[layer][key][()], b[layer][key][()], rtol=1e-5, atol=1e-7)
+            # every layer's row i is the same image's i-th sample
+            np.testing.assert_array_equal(a[layer]["image_index"][()], a["relu3"]["image_index"][()])
+    with h5py.File(four) as f:  # same-sized layers share their positions
+        np.testing.assert_array_equal(f["conv1/position"][()], f["relu1/position"][()])
+
+
+def test_a_rerun_with_one_more_layer_collects_only_that_layer_and_keeps_the_others(tmp_path, monkeypatch):
+    import atlas.stages.collect as stage
+    from atlas.store import MADE, PARTIAL
+    from tests.synthetic import tiny_classifier
+
+    records, model = _photos(tmp_path / "images", 6), tiny_classifier()
+    settings = dict(positions=2, batch_size=4, workers=0)
+    out = collect(model, records, tmp_path / "s.h5", layers=["relu2", "relu3"], **settings)
+    with h5py.File(out, "a") as f:
+        made = {layer: f[layer].attrs[MADE] for layer in ("relu2", "relu3")}
+        f.create_group(f"{PARTIAL}/relu1")  # the leftover of a merge killed before it finished
+    real, seen = stage.collect_batch, []
+
+    def records_layers(model, images, rows, layers, *args):
+        seen.append(sorted(layers))
+        return real(model, images, rows, layers, *args)
+
+    monkeypatch.setattr(stage, "collect_batch", records_layers)
+    collect(model, records, out, layers=["relu1", "relu2", "relu3"], **settings)
+    assert seen == [["relu1"], ["relu1"]]  # two batches, of the new layer only
+    seen.clear()
+    collect(model, records, out, layers=["relu3", "relu1"], **settings)
+    assert seen == []  # nothing left to collect
+    monkeypatch.setattr(stage, "collect_batch", real)
+    alone = collect(model, records, tmp_path / "relu1.h5", layers=["relu1"], **settings)
+    with h5py.File(out) as f, h5py.File(alone) as g:
+        assert {layer: f[layer].attrs[MADE] for layer in ("relu2", "relu3")} == made  # untouched
+        assert PARTIAL not in f and sorted(k for k in f if k.startswith("relu")) == ["relu1", "relu2", "relu3"]
+        np.testing.assert_allclose(f["relu1/attributions"][()], g["relu1/attributions"][()], rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(f["relu1/position"][()], g["relu1/position"][()])

@@ -109,14 +109,16 @@ def test_demo_set_is_22_readable_photos_with_labels():
 def test_the_paper_config_on_the_demo_photos_runs_at_its_cpu_demo_settings(tmp_path, monkeypatch, caplog):
     """configs/inceptionv1.yaml takes one position per image: on the 22 demo photos it runs inceptionv1-cpu.yaml."""
     seen = {}
-    monkeypatch.setattr(pipeline, "_run_stages", lambda config, model, layer, records, *rest: seen.update(locals()))
+    monkeypatch.setattr(pipeline, "_run_stages", lambda configs, model, records, *rest: seen.update(locals()))
     monkeypatch.chdir(tmp_path)  # the config's data folder, data/imagenet/train, is not there
     with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
-        pipeline.run_atlas(CONFIG_DIR / "inceptionv1.yaml", None, "mixed4c", None, None, "cpu", tmp_path, "random")
+        pipeline.run_atlas(CONFIG_DIR / "inceptionv1.yaml", None, ["mixed4c"], None, None, "cpu", tmp_path, "random")
     cpu_demo = yaml.safe_load((CONFIG_DIR / "inceptionv1-cpu.yaml").read_text())
-    assert seen["config"]["collect"].positions == cpu_demo["collect"]["positions"] == 64
-    assert list(seen["config"]["grid"].sizes) == cpu_demo["grid"]["sizes"]
-    assert seen["layer"] == "mixed4c" and len(seen["records"]) == 22
+    assert list(seen["configs"]) == ["mixed4c"]
+    config = seen["configs"]["mixed4c"]
+    assert config["collect"].positions == cpu_demo["collect"]["positions"] == 64
+    assert list(config["grid"].sizes) == cpu_demo["grid"]["sizes"]
+    assert len(seen["records"]) == 22
     fallback = [r.message for r in caplog.records if "demo photos" in r.message]
     assert len(fallback) == 1 and "at the settings of configs/inceptionv1-cpu.yaml" in fallback[0]
 
@@ -229,3 +231,45 @@ def test_a_per_layer_override_applies_that_layers_settings_only(tmp_path):
         for layer in ("mixed3a", "mixed5b", "mixed4c", None)
     }
     assert neighbours == {"mixed3a": 200, "mixed5b": 15, "mixed4c": 5, None: 5}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_of_several_layers_makes_an_atlas_of_each_and_a_rerun_with_one_more_collects_only_it(tmp_path, caplog):
+    argv, out = tiny_run(tmp_path)
+    with caplog.at_level(logging.INFO):
+        assert make_atlas([*argv, "--layer", "relu2,relu3"]) == 0
+        plan = next(r.message for r in caplog.records if r.message.startswith("plan: "))
+        assert plan.startswith("plan: 8 images x 4 positions = 32 samples in each of 2 layers;")
+        assert stages_run(caplog)[:2] == ["collect", "project relu2"]
+        atlases = json.loads((out / "atlases.json").read_text())["atlases"]
+        assert [(a["id"], a["layer"]) for a in atlases] == [("layer-relu2", "relu2"), ("layer-relu3", "relu3")]
+        caplog.clear()
+        assert make_atlas([*argv, "--layer", "relu1,relu2,relu3"]) == 0
+    assert stages_run(caplog) == ["collect", *(f"{stage} relu1" for stage in pipeline.STAGES[1:])]
+    assert any("holds relu2, relu3: collecting only relu1" in r.message for r in caplog.records)
+    atlases = json.loads((out / "atlases.json").read_text())["atlases"]
+    assert sorted(a["layer"] for a in atlases) == ["relu1", "relu2", "relu3"]
+    with h5py.File(out / "store.h5") as f:
+        assert all(f[layer]["activations"].shape[0] == 32 for layer in ("relu1", "relu2", "relu3"))
+
+
+def test_the_layers_of_a_run_share_one_collect_section(tmp_path, capsys):
+    config = tmp_path / "layers.yaml"
+    run = {**TINY_RUN, "layers": {"relu2": {"collect": {"positions": 2}}}}
+    config.write_text(yaml.safe_dump({"model": "tiny", **run}))
+    argv = ["--config", str(config), "--model", "tests.synthetic:tiny_classifier", "--layer", "relu2,relu3"]
+    assert make_atlas([*argv, "--out", str(tmp_path / "run")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "layers relu2 and relu3 have different collect settings" in line and "\n" not in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_layers_list_in_a_config_names_the_runs_layers(tmp_path):
+    from atlas.config import run_layers
+
+    config = tmp_path / "layers.yaml"
+    config.write_text(yaml.safe_dump({**TINY_RUN, "layers": ["relu2", "relu3"]}))
+    assert run_layers(load_config(config, pipeline.stage_settings(), "relu2")) == ["relu2", "relu3"]
+    config.write_text(yaml.safe_dump({**TINY_RUN, "layer": "relu3", "layers": ["relu2"]}))
+    with pytest.raises(AtlasError, match="names both layer: and a layers: list"):
+        load_config(config, pipeline.stage_settings(), "relu2")

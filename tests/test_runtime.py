@@ -69,7 +69,7 @@ def test_one_pass_attributions_equal_autograd(net_inputs, max_rows):
     model, images, positions = net_inputs
     expected = autograd_reference(model, images, positions)
     with torch.no_grad():
-        act, got = attribution_pass(model, images, LAYER, positions, (16, 16), max_rows=max_rows)
+        act, got = attribution_pass(model, images, {LAYER: positions}, {LAYER: (16, 16)}, max_rows=max_rows)[LAYER]
         given = attributions(model, images, LAYER, act, positions, max_rows=max_rows)
     assert float(act.mean()) > 0.3 and float(expected.abs().max()) > 1e-3  # of normal size, not vanishing
     assert got.shape == (3, 4, CLASSES)
@@ -92,12 +92,12 @@ def test_the_layers_before_the_target_run_once(net_inputs):
 def test_channels_last_and_bf16_against_fp32(net_inputs):
     model, images, positions = net_inputs
     with torch.no_grad():
-        _, reference = attribution_pass(model, images, LAYER, positions, (16, 16))
+        _, reference = attribution_pass(model, images, {LAYER: positions}, {LAYER: (16, 16)})[LAYER]
         fast = resolve("collect", "cpu", memory_format="channels_last")
         fast.prepare(model)
-        _, last = attribution_pass(model, fast.inputs(images), LAYER, positions, (16, 16))
+        _, last = attribution_pass(model, fast.inputs(images), {LAYER: positions}, {LAYER: (16, 16)})[LAYER]
         with Runtime(torch.device("cpu"), "channels_last", "bf16").autocast():
-            _, half = attribution_pass(model, fast.inputs(images), LAYER, positions, (16, 16))
+            _, half = attribution_pass(model, fast.inputs(images), {LAYER: positions}, {LAYER: (16, 16)})[LAYER]
     model.to(memory_format=torch.contiguous_format)
     assert_relative(last, reference, 1e-4)  # the collect tolerance is 1e-3
     # bf16 runs under the JVP, but attributions are sums with much cancellation: 10-16 % off here, far from 1e-3,

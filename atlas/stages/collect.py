@@ -1,19 +1,22 @@
 """Stage 1, collect: activation vectors at random positions and their attributions to every class.
 
-For each image and layer, K random interior positions (never the border row or column, where
-padding distorts activations) are sampled from a generator seeded by (seed, image row, layer), so a
-rerun, a resumed run or a run split across workers samples the same positions. At each position we
+For each image, K random interior positions (never the border row or column, where padding distorts
+activations) are drawn as points of the image from a generator seeded by (seed, image row), so a rerun, a
+resumed run or a run split across workers samples the same positions, and the k-th sample of an image sits at
+the same place of the image in every layer of a run (the viewer's cross-layer highlight). At each position we
 keep the activation vector h and its attribution to every logit, h . d logit / d h, which is the
-Jacobian-vector product of the logits with the tangent h placed at that position. The tangent enters
-at the layer's forward hook inside the one forward pass that also records h: forward-mode AD
-(`torch.func.jvp`) vectorised over the K positions with `torch.func.vmap`, so the layers before the
-target run once and without tangents. Max pools pass the average-pool derivative (the paper's
+Jacobian-vector product of the logits with the tangent h placed at that position. The tangents of every layer
+enter at the layers' forward hooks inside the one forward pass that also records the activations:
+forward-mode AD (`torch.func.jvp`) vectorised over the positions of all layers with `torch.func.vmap`, so
+the images are decoded and the network runs once per batch however many layers a run collects
+(benchmarks/results.md, "collect, k layers"). Max pools pass the average-pool derivative (the paper's
 relaxed max-pool gradient). The pass runs in the memory format and precision of `atlas.runtime`'s
 policy (default channels_last, fp32), recorded in the store's root attrs.
 
 Work is written batch by batch into `<out>.parts/` (one .npz per batch, written atomically), then
 merged into the store; a killed run resumes from the finished batches, and the merged store has
-exactly the rows of an uninterrupted run.
+exactly the rows of an uninterrupted run. A store's layers are collected independently of each other on the
+same images: a rerun that asks for one more layer collects only that layer and adds its group to the store.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import logging
 import os
 import shutil
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,8 +49,11 @@ from atlas.store import (
     COLLECT_SETTINGS,
     COLLECTED,
     IMAGE_INDEX,
+    IMAGES,
+    PARTIAL,
     POSITION,
     ROW_CHUNK,
+    SKIPPED,
     STR,
     fingerprint,
     record_lineage,
@@ -93,10 +98,13 @@ class CollectSettings(Settings):
 
 # positions and attributions (pure functions over tensors) ---------------------------------------------
 def sample_positions(image_row: int, layer: str, height: int, width: int, count: int, seed: int) -> np.ndarray:
-    """`count` distinct interior (y, x) positions of an image, reproducible from (seed, row, layer).
+    """`count` distinct interior (y, x) positions of an image, reproducible from (seed, row).
 
-    Interior means rows 1..height-2 and columns 1..width-2. With count >= the interior size, all of
-    them in row-major order.
+    Interior means rows 1..height-2 and columns 1..width-2. The draws are points of the image, each taking the
+    layer position it falls in (a point falling in a position already taken gives way to the next draw): the k-th
+    sample of an image is at the same position in every layer of the same size and at the same place of the
+    image in a coarser or finer one, whichever other layers a run collects. With count >= the interior size,
+    all of them in row-major order.
     """
     ys, xs = np.mgrid[1 : height - 1, 1 : width - 1]
     interior = np.stack([ys.ravel(), xs.ravel()], axis=1).astype(np.int32)
@@ -104,8 +112,15 @@ def sample_positions(image_row: int, layer: str, height: int, width: int, count:
         raise AtlasError(f"layer {layer} is {height}x{width}: too small to have interior positions")
     if count >= len(interior):
         return interior
-    rng = np.random.default_rng([seed, image_row, zlib.crc32(layer.encode())])
-    return interior[np.sort(rng.choice(len(interior), size=count, replace=False))]
+    rng = np.random.default_rng([seed, image_row])
+    drawn = np.zeros(0, dtype=np.int64)
+    while True:  # a draw's stream does not depend on how many are drawn at a time
+        points = rng.random((2 * count, 2))
+        cells = (points * (height - 2, width - 2)).astype(np.int64)
+        drawn = np.concatenate([drawn, cells[:, 0] * (width - 2) + cells[:, 1]])
+        _, first = np.unique(drawn, return_index=True)
+        if len(first) >= count:
+            return interior[drawn[np.sort(first)[:count]]]
 
 
 class _RelaxedMaxPool:
@@ -123,55 +138,79 @@ class _RelaxedMaxPool:
 def attribution_pass(
     model: Classifier,
     images: torch.Tensor,
-    layer: str,
-    positions: torch.Tensor,
-    size: tuple[int, int],
+    positions: dict[str, torch.Tensor],
+    sizes: dict[str, tuple[int, int]],
     max_rows: int = 512,
-    activations: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass: the layer's activations [B, C, H, W] and attributions [B, K, classes] at `positions` [B, K, 2].
+    activations: dict[str, torch.Tensor] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One forward pass for every layer in `positions` (layer -> [B, K, 2]; `sizes`: layer -> its (H, W)):
+    layer -> (its activations [B, C, H, W], attributions [B, K, classes] at its positions).
 
-    The tangent enters at the layer's forward hook, h (the layer's own output, or `activations` when
-    given) masked to one position: the layers before it run once, unbatched and without tangents, and
-    the tail carries one tangent per position (vmap). `size` is the layer's (H, W). `max_rows` bounds
-    B x (positions per pass), i.e. the memory of one pass; each further pass runs the network again.
+    Each position is one tangent: h (the layer's own output, or `activations[layer]` when given) masked to that
+    position, entering at the layer's forward hook. The layers before the first of them run once, without
+    tangents; from there on the tail carries every position's tangent at once (vmap), and a tangent adds nothing
+    to the layers it enters after. `max_rows` bounds B x (tangents per pass), i.e. the memory of one pass; each
+    further pass runs the network again.
     """
-    module = model.layer_module(layer)
-    batch, count = positions.shape[:2]
+    modules = {layer: model.layer_module(layer) for layer in positions}
+    batch = images.shape[0]
     rows = torch.arange(batch, device=images.device)
-    zero = torch.zeros(batch, 1, *size, device=images.device)
-    seen: dict[str, torch.Tensor] = {}
-
-    def logits_with(scale: torch.Tensor) -> torch.Tensor:
-        def enter(_m: nn.Module, _i: tuple, out: torch.Tensor) -> torch.Tensor:
-            seen["h"] = out
-            h = out if activations is None else activations
-            # primal: out unchanged (scale is 0); tangent: h at the masked position, in the layer's dtype (autocast)
-            return out + h * scale.to(out.dtype)
-
-        hook = module.register_forward_hook(enter)
-        try:
-            return model(images)
-        finally:
-            hook.remove()
-
-    def one_hot(k: int) -> torch.Tensor:
-        mask = torch.zeros_like(zero)
-        mask[rows, 0, positions[:, k, 0], positions[:, k, 1]] = 1
-        return mask
-
+    slots = [(layer, k) for layer, where in positions.items() for k in range(where.shape[1])]
     per_pass = max(1, max_rows // batch)
+
+    def pass_of(chunk: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        entering = list(dict.fromkeys(layer for layer, _ in chunk))  # the layers whose tangents this pass carries
+
+        def logits_with(*scales: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            seen: dict[str, torch.Tensor] = {}
+
+            def hook(layer: str):
+                def enter(_m: nn.Module, _i: tuple, out: torch.Tensor) -> torch.Tensor:
+                    seen[layer] = out
+                    if layer not in entering:
+                        return out
+                    h = out if activations is None else activations[layer]
+                    # primal: out unchanged (scale is 0); tangent: h at the masked position, in the layer's dtype
+                    return out + h * scales[entering.index(layer)].to(out.dtype)
+
+                return enter
+
+            hooks = [module.register_forward_hook(hook(layer)) for layer, module in modules.items()]
+            try:
+                return model(images), seen
+            finally:
+                for handle in hooks:
+                    handle.remove()
+
+        zeros = tuple(torch.zeros(batch, 1, *sizes[layer], device=images.device) for layer in entering)
+
+        def masks(layer: str, k: int) -> tuple[torch.Tensor, ...]:
+            out = tuple(torch.zeros_like(zero) for zero in zeros)
+            where = positions[layer][:, k]
+            out[entering.index(layer)][rows, 0, where[:, 0], where[:, 1]] = 1
+            return out
+
+        tangents = tuple(torch.stack(parts) for parts in zip(*(masks(layer, k) for layer, k in chunk), strict=True))
+        attributions, seen = vmap(lambda *m: jvp(logits_with, zeros, m, has_aux=True)[1:])(*tangents)
+        by_layer = {layer: [] for layer in entering}
+        for (layer, _k), row in zip(chunk, attributions, strict=True):
+            by_layer[layer].append(row)
+        return {layer: torch.stack(parts, 1).float() for layer, parts in by_layer.items()}, seen
+
     pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
     relax = [pool.register_forward_hook(_RelaxedMaxPool(pool)) for pool in pools]
     try:
-        parts = []
-        for start in range(0, count, per_pass):
-            masks = torch.stack([one_hot(k) for k in range(start, min(count, start + per_pass))])
-            parts.append(vmap(lambda m: jvp(logits_with, (zero,), (m,))[1])(masks))
-        return seen["h"], torch.cat(parts).transpose(0, 1).float()
+        found: dict[str, list[torch.Tensor]] = {layer: [] for layer in positions}
+        seen: dict[str, torch.Tensor] = {}
+        for start in range(0, len(slots), per_pass):
+            got, seen = pass_of(slots[start : start + per_pass])
+            for layer, parts in got.items():
+                found[layer].append(parts)
+        # the activations do not depend on the tangents: vmap gives each tangent the same copy
+        return {layer: (seen[layer][0], torch.cat(parts, 1)) for layer, parts in found.items()}
     finally:
-        for hook in relax:
-            hook.remove()
+        for handle in relax:
+            handle.remove()
 
 
 def attributions(
@@ -188,7 +227,8 @@ def attributions(
     per pass), i.e. the memory of one vectorised pass. `collect_batch` uses `attribution_pass`, which
     takes h from the same pass.
     """
-    return attribution_pass(model, images, layer, positions, activations.shape[-2:], max_rows, activations)[1]
+    size = tuple(activations.shape[-2:])
+    return attribution_pass(model, images, {layer: positions}, {layer: size}, max_rows, {layer: activations})[layer][1]
 
 
 def collect_batch(
@@ -199,38 +239,41 @@ def collect_batch(
     positions: int,
     seed: int,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Activations, positions and attributions of one batch for every layer (one forward pass per layer)."""
+    """Activations, positions and attributions of one batch for every layer, from one forward pass."""
+    where = {
+        layer: np.stack([sample_positions(row, layer, height, width, positions, seed) for row in rows])
+        for layer, (_channels, height, width) in layers.items()
+    }
+    where_t = {layer: torch.from_numpy(w).to(images.device).long() for layer, w in where.items()}
+    with torch.no_grad():
+        found = attribution_pass(model, images, where_t, {layer: shape[1:] for layer, shape in layers.items()})
+    b = torch.arange(len(rows), device=images.device)[:, None]
     out = {}
-    for layer, (_channels, height, width) in layers.items():
-        where = np.stack([sample_positions(row, layer, height, width, positions, seed) for row in rows])
-        where_t = torch.from_numpy(where).to(images.device).long()
-        with torch.no_grad():
-            act, attr = attribution_pass(model, images, layer, where_t, (height, width))
-        b = torch.arange(len(rows), device=images.device)[:, None]
-        vectors = act.permute(0, 2, 3, 1)[b, where_t[..., 0], where_t[..., 1]]  # [B, K, C]
-        count = where.shape[1]
+    for layer, (act, attr) in found.items():
+        vectors = act.permute(0, 2, 3, 1)[b, where_t[layer][..., 0], where_t[layer][..., 1]]  # [B, K, C]
+        count = where[layer].shape[1]
         out[layer] = {
             ACTIVATIONS: vectors.reshape(len(rows) * count, -1).float().cpu().numpy(),
             IMAGE_INDEX: np.repeat(np.asarray(rows, dtype=np.int64), count),
-            POSITION: where.reshape(-1, 2).astype(np.int32),
+            POSITION: where[layer].reshape(-1, 2).astype(np.int32),
             ATTRIBUTIONS: attr.reshape(len(rows) * count, -1).cpu().numpy(),
         }
     return out
 
 
-def timed_rate(model: Classifier, layer: str, positions: int, images: int = 2) -> float:
-    """Images per second of `collect_batch` on `images` random inputs with `positions` each, after an untimed
-    one-image warm-up: a short measurement on this device for a run's plan, not a benchmark."""
-    name = model.resolve_layer(layer)
-    shape = next(tuple(shape) for layer_name, *shape in model.layer_shapes() if layer_name == name)
+def timed_rate(model: Classifier, layers: list[str], positions: int, images: int = 2) -> float:
+    """Images per second of `collect_batch` over `layers` on `images` random inputs with `positions` each, after
+    an untimed one-image warm-up: a short measurement on this device for a run's plan, not a benchmark."""
+    shapes = {name: tuple(shape) for name, *shape in model.layer_shapes()}
+    wanted = {name: shapes[name] for name in map(model.resolve_layer, layers)}
     device = next(model.parameters()).device
     runtime = resolve("collect", device)
     runtime.prepare(model)
     batch = runtime.inputs(torch.rand(images, 3, model.input_size, model.input_size))
     with runtime.autocast():
-        collect_batch(model, batch[:1], [0], {name: shape}, positions, 0)
+        collect_batch(model, batch[:1], [0], wanted, positions, 0)
         started = time.perf_counter()
-        collect_batch(model, batch, list(range(images)), {name: shape}, positions, 0)
+        collect_batch(model, batch, list(range(images)), wanted, positions, 0)
     return images / (time.perf_counter() - started)
 
 
@@ -285,47 +328,50 @@ def plan_collection(
     dataset: str,
     runtime: Runtime,
 ) -> CollectionPlan | None:
-    """Check the settings against `out` and its parts folder (made when new); None when `out` already holds them.
+    """Check the settings against `out` and its parts folder (made when new); None when `out` already holds
+    every layer asked for. The plan collects only the layers `out` lacks.
 
     The runtime's memory format and precision are part of the settings (they change the results in the last
     digits); its device is not, so a run may resume on another device.
     """
-    names = [model.resolve_layer(name) for name in (layers or [model.default_layer])]
-    shapes = {name: shape for name, *shape in model.layer_shapes() if name in names}
-    layer_shapes = {name: tuple(shapes[name]) for name in names}
-    check_counts(records, layer_shapes, positions)
+    names = list(dict.fromkeys(model.resolve_layer(name) for name in (layers or [model.default_layer])))
+    shapes = {name: tuple(shape) for name, *shape in model.layer_shapes()}
+    check_counts(records, {name: shapes[name] for name in names}, positions)
     check_number("batch_size", batch_size, 1)
-    meta = collection_settings(model, records, names, positions, seed, batch_size, dataset, runtime)
-    if collected(out, meta):
+    meta = collection_settings(model, records, positions, seed, batch_size, dataset, runtime)
+    have = collected_layers(out, meta)
+    if have is None and out.exists():
+        raise AtlasError(f"{out} exists and holds a different collection; remove it or choose another --out")
+    missing = [name for name in names if name not in (have or ())]
+    if not missing:
         log.info("%s is already complete for these inputs; nothing to do", out)
         return None
-    if out.exists():
-        raise AtlasError(f"{out} exists and holds a different collection; remove it or choose another --out")
-    parts = _parts_dir(out, meta)
+    if have:
+        log.info("%s holds %s: collecting only %s", out, ", ".join(sorted(have)), ", ".join(missing))
+    parts = _parts_dir(out, {**meta, "layers": missing})
     batches = [list(range(i, min(i + batch_size, len(records)))) for i in range(0, len(records), batch_size)]
     pending = missing_batches(parts, batches)
     if len(pending) < len(batches):
         log.info("resuming: %d of %d batches already done in %s", len(batches) - len(pending), len(batches), parts)
-    return CollectionPlan(meta, layer_shapes, parts, batches, pending)
+    return CollectionPlan(meta, {name: shapes[name] for name in missing}, parts, batches, pending)
 
 
 def collection_settings(
     model: Classifier,
     records: list[ImageRecord],
-    layers: list[str],
     positions: int,
     seed: int,
     batch_size: int,
     dataset: str,
     runtime: Runtime,
 ) -> dict:
-    """What a collection records (the root attr COLLECT_SETTINGS): a store holding these is finished with them."""
+    """What a collection records (the root attr COLLECT_SETTINGS), whichever layers it holds: a layer group in a
+    store with these settings is finished with them."""
     return {
         "model": model.name,
         "weights": model.weights,
         "input_size": model.input_size,
         "resize_size": model.resize_size,
-        "layers": layers,
         "positions": positions,
         "seed": seed,
         "dataset": dataset,
@@ -417,15 +463,22 @@ def _write_shard(path: Path, result: dict, skipped: list[tuple[int, str]]) -> No
     os.replace(tmp, path)  # atomic: a shard is either complete or absent
 
 
-def collected(out: Path, meta: dict) -> bool:
-    """Whether `out` is a finished collection with these settings (`collection_settings`)."""
-    if not out.exists():
-        return False
+def collected_layers(out: Path, meta: dict) -> set[str] | None:
+    """The layers `out` holds finished, when it is a collection with these settings (`collection_settings`);
+    None when it is missing, unreadable or made with other settings."""
     try:
         with h5py.File(out, "r") as f:
-            return settings_match(f, meta, COLLECT_SETTINGS)
+            if not settings_match(f, meta, COLLECT_SETTINGS):
+                return None
+            # a layer's group is moved to its name only once merged whole (merge_parts)
+            return {name for name, group in f.items() if isinstance(group, h5py.Group) and ACTIVATIONS in group}
     except OSError:
-        return False
+        return None
+
+
+def collected(out: Path, meta: dict, layers: list[str]) -> bool:
+    """Whether `out` holds every one of `layers`, collected with these settings."""
+    return set(layers) <= (collected_layers(out, meta) or set())
 
 
 def merge_parts(
@@ -436,55 +489,84 @@ def merge_parts(
     layer_shapes: dict[str, tuple[int, int, int]],
     class_names: list[str],
 ) -> None:
-    """Join the batch shards in row order into the store (streamed: one shard in memory at a time)."""
+    """Join the batch shards in row order into the store (streamed: one shard in memory at a time).
+
+    A new store is written whole under a temporary name; a store that holds other layers of these images gets the
+    new layers' groups, each written under a temporary name and moved into place when complete.
+    """
     shards = sorted(parts.glob("batch-*.npz"))
-    tmp = out.with_name(out.name + ".tmp")
-    skipped: list[str] = []
-    with h5py.File(tmp, "w") as f:
-        recorded = ("model", "weights", "input_size", "resize_size", "seed", "dataset", "positions")
-        f.attrs.update({k: meta[k] for k in (*recorded, "memory_format", "precision")})
-        f.create_dataset(CLASSES, data=np.array(class_names, dtype=object), dtype=STR)
-        f.attrs["code_version"] = __version__
-        record_settings(f, meta, COLLECT_SETTINGS)
-        images = f.create_group("images")
-        images.create_dataset("path", data=np.array([r.path for r in records], dtype=object), dtype=STR)
-        images.create_dataset("label", data=np.array([r.label for r in records], dtype=np.int64))
-        datasets: dict[str, dict[str, h5py.Dataset]] = {}
-        for layer, (channels, height, width) in layer_shapes.items():
-            group = f.create_group(layer)
-            group.attrs.update(channels=channels, height=height, width=width)
-            record_lineage(group, meta, "")
-            datasets[layer] = {}
-        for shard in progress_of(shards, desc="merge", unit="batch"):
-            with np.load(shard) as data:
-                skipped += [
-                    f"{records[r].path}: {why}"
-                    for r, why in zip(data["skipped_rows"], data["skipped_reasons"], strict=True)
-                ]
-                for layer in layer_shapes:
-                    for key in COLLECTED:
-                        name = f"{layer}/{key}"
-                        if name in data:
-                            _append(f[layer], datasets[layer], key, data[name])
-        for layer, (channels, _h, _w) in layer_shapes.items():
-            for key, tail, dtype in (
-                (ACTIVATIONS, (channels,), np.float32),
-                (IMAGE_INDEX, (), np.int64),
-                (POSITION, (2,), np.int32),
-                (ATTRIBUTIONS, (meta["classes"],), np.float32),
-            ):
-                if key not in datasets[layer]:  # every image was skipped
-                    _append(f[layer], datasets[layer], key, np.zeros((0, *tail), dtype=dtype))
-        images.create_dataset("skipped", data=np.array(skipped, dtype=object), dtype=STR)
+    adding = out.exists()
+    target = out if adding else out.with_name(out.name + ".tmp")
+    with h5py.File(target, "a" if adding else "w") as f:
+        if not adding:
+            recorded = ("model", "weights", "input_size", "resize_size", "seed", "dataset", "positions")
+            f.attrs.update({k: meta[k] for k in (*recorded, "memory_format", "precision")})
+            f.create_dataset(CLASSES, data=np.array(class_names, dtype=object), dtype=STR)
+            f.attrs["code_version"] = __version__
+            record_settings(f, meta, COLLECT_SETTINGS)
+            images = f.create_group(IMAGES)
+            images.create_dataset("path", data=np.array([r.path for r in records], dtype=object), dtype=STR)
+            images.create_dataset("label", data=np.array([r.label for r in records], dtype=np.int64))
+        if PARTIAL in f:  # a merge killed before it finished
+            del f[PARTIAL]
+        skipped = _merge_shards(f.create_group(PARTIAL), shards, records, meta, layer_shapes)
+        if not adding:
+            f[IMAGES].create_dataset(SKIPPED, data=np.array(skipped, dtype=object), dtype=STR)
+        elif skipped != f[IMAGES][SKIPPED].asstr()[()].tolist():
+            raise AtlasError(
+                f"the images of {out} changed since it was collected (other images could not be read): its layers "
+                f"would no longer share samples; collect again into a new store (--force collect)"
+            )
+        if len(skipped) == len(records):  # an empty store is no result: say why instead
+            raise AtlasError(f"none of the {len(records)} images could be read (the first: {skipped[0]})")
+        for layer in layer_shapes:
+            f.move(f"{PARTIAL}/{layer}", layer)
+        del f[PARTIAL]
     shutil.rmtree(parts)
-    if len(skipped) == len(records):  # an empty store is no result: say why instead
-        tmp.unlink()
-        raise AtlasError(f"none of the {len(records)} images could be read (the first: {skipped[0]})")
-    os.replace(tmp, out)
+    if not adding:
+        os.replace(target, out)
     if skipped:
         log.warning(
             "%d of %d images could not be read and were skipped (listed in /images/skipped)", len(skipped), len(records)
         )
+
+
+def _merge_shards(
+    into: h5py.Group,
+    shards: list[Path],
+    records: list[ImageRecord],
+    meta: dict,
+    layer_shapes: dict[str, tuple[int, int, int]],
+) -> list[str]:
+    """Append the shards' rows of each layer to its group in `into`; returns the skipped images' lines."""
+    skipped: list[str] = []
+    datasets: dict[str, dict[str, h5py.Dataset]] = {}
+    for layer, (channels, height, width) in layer_shapes.items():
+        group = into.create_group(layer)
+        group.attrs.update(channels=channels, height=height, width=width)
+        record_lineage(group, {**meta, "layer": layer}, "")
+        datasets[layer] = {}
+    for shard in progress_of(shards, desc="merge", unit="batch"):
+        with np.load(shard) as data:
+            skipped += [
+                f"{records[r].path}: {why}"
+                for r, why in zip(data["skipped_rows"], data["skipped_reasons"], strict=True)
+            ]
+            for layer in layer_shapes:
+                for key in COLLECTED:
+                    name = f"{layer}/{key}"
+                    if name in data:
+                        _append(into[layer], datasets[layer], key, data[name])
+    for layer, (channels, _h, _w) in layer_shapes.items():
+        for key, tail, dtype in (
+            (ACTIVATIONS, (channels,), np.float32),
+            (IMAGE_INDEX, (), np.int64),
+            (POSITION, (2,), np.int32),
+            (ATTRIBUTIONS, (meta["classes"],), np.float32),
+        ):
+            if key not in datasets[layer]:  # every image was skipped
+                _append(into[layer], datasets[layer], key, np.zeros((0, *tail), dtype=dtype))
+    return skipped
 
 
 def _append(group: h5py.Group, made: dict[str, h5py.Dataset], key: str, rows: np.ndarray) -> None:
