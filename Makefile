@@ -62,10 +62,12 @@ atlas: install
 		$(if $(WEIGHTS),--weights $(WEIGHTS)) \
 		$(if $(FORCE),--force $(filter-out 1,$(FORCE)))
 
-# a class atlas (or with VS, a two-class comparison) from STORE (default: `make atlas`'s) into OUT (default: its folder)
+# a class atlas (or with VS, a two-class comparison) from STORE (default: `make atlas`'s) into OUT (default: its folder);
+# LAYERS=a,b,c: one per layer, the class traced through them (layers.html shows them in a row)
 class-atlas: install
 	$(ATLAS) run class-atlas $(STORE) --class "$(CLASS)" $(if $(VS),--vs "$(VS)") \
-		$(if $(OUT),--out $(OUT)) $(if $(LAYER),--layer $(LAYER)) $(if $(CONFIG),--config $(CONFIG)) \
+		$(if $(OUT),--out $(OUT)) $(if $(or $(LAYERS),$(LAYER)),--layer $(or $(LAYERS),$(LAYER))) \
+		$(if $(CONFIG),--config $(CONFIG)) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(FORCE),--force)
 
 # Microscope pages for the units of one layer into OUT (default data/microscope); reruns reuse finished units

@@ -73,6 +73,8 @@ def _add_atlas(sub: argparse._SubParsersAction) -> None:
         pngs = sorted(index.parent.glob("layer-*/grid-*/atlas.png"))
         print(f"\natlas images: {', '.join(str(p) for p in pngs) or '(none)'}")
         print(f"viewer:       {index}  (serve it with `make view OUT={index.parent}` or `atlas view {index.parent}`)")
+        if args.layers and len(args.layers) > 1:
+            print(f"side by side: {index.parent / 'layers.html'}")
 
     p.set_defaults(run=run)
 
@@ -82,7 +84,13 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "store", nargs="?", type=Path, help="HDF5 store with activations and attributions (default: make atlas's)"
     )
-    p.add_argument("--layer", help="the store's layer (default: its only one)")
+    p.add_argument(
+        "--layer",
+        "--layers",
+        dest="layers",
+        type=layer_list,
+        help="the store's layer, or several as a,b,c: a class atlas of each (default: the store's only one)",
+    )
     p.add_argument("--class", dest="class_name", required=True, help="class name (case and spacing free) or index")
     p.add_argument("--vs", help="second class: lay the samples out by attribution difference (--class left)")
     p.add_argument("--out", type=Path, help="run folder (default: the store's; other atlases in it are kept)")
@@ -117,18 +125,20 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
         }
         overrides = {section: {k: v for k, v in values.items() if v is not None} for section, values in chosen.items()}
         started = time.perf_counter()
-        entries = run_class_atlas(
-            store,
-            out,
-            args.class_name,
-            args.vs,
-            args.layer,
-            args.config,
-            args.device,
-            overrides,
-            args.batch_size,
-            args.force,
-        )
+        entries = []
+        for layer in args.layers or [None]:  # the class traced through the layers: one class atlas each
+            entries += run_class_atlas(
+                store,
+                out,
+                args.class_name,
+                args.vs,
+                layer,
+                args.config,
+                args.device,
+                overrides,
+                args.batch_size,
+                args.force,
+            )
         print_written(entries, out, time.perf_counter() - started)
 
     p.set_defaults(run=run)

@@ -2,7 +2,8 @@
 Deep Zoom pyramids and dataset example crops (compose writes atlases into it, `atlas run microscope` its pages).
 
     index.html (or atlas.html), viewer.js, viewer.css, vendor/   the static viewer, copied from atlas/viewer
-    atlases.json                                                 {"atlases": [entry, ...]} (update_manifest)
+    atlases.json                                                 {"viewer": page, "atlases": [entry, ...]}
+    layers.html, layers.js, layers.css                           the layer atlases of one store side by side
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def move_viewer_beside_home(out_dir: Path) -> str:
     return VIEWER_BESIDE_HOME
 
 
-def update_manifest(out_dir: Path, entries: list[dict]) -> None:
-    """Add or replace `entries` (by id) in the run folder's atlases.json, keeping other atlases."""
+def update_manifest(out_dir: Path, entries: list[dict], viewer: str) -> None:
+    """Add or replace `entries` (by id) in the run folder's atlases.json, keeping other atlases; `viewer`: the
+    viewer's page (index.html, or atlas.html beside a Microscope home page), which layers.html embeds."""
     path = out_dir / MANIFEST
     atlases = []
     if path.exists():
@@ -63,7 +65,7 @@ def update_manifest(out_dir: Path, entries: list[dict]) -> None:
     new = {entry["id"]: entry for entry in entries}
     atlases = [new.pop(old["id"], old) for old in atlases] + list(new.values())
     temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({"atlases": atlases}, indent=1))
+    temporary.write_text(json.dumps({"viewer": viewer, "atlases": atlases}, indent=1))
     temporary.replace(path)
 
 

@@ -330,3 +330,5 @@ def print_written(entries: list[dict], out: Path, seconds: float) -> None:
         images = ", ".join(str(out / grid["image"]) for grid in entry["grids"])
         print(f"{entry['kind']:<10} {entry['class']}: {images}")
     print(f"viewer: {out / 'index.html'}  (serve it with `atlas view {out}`), {seconds:.0f} s")
+    if len({entry["layer"] for entry in entries}) > 1:
+        print(f"the class through the layers: {out / 'layers.html'}")

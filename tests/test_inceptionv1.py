@@ -129,9 +129,9 @@ def test_a_layer_no_zoo_model_owns_names_the_close_matches():
 
 
 def test_pick_model_uses_the_layer_only_when_nothing_else_names_the_model():
-    assert pick_model(None, "mixed4c", None) == ("inceptionv1", CONFIG_DIR / "inceptionv1.yaml")
-    assert pick_model("googlenet", "mixed4c", None)[0] == "googlenet"
-    assert pick_model(None, "mixed4c", "my.yaml") == (None, Path("my.yaml"))  # the config names the model
+    assert pick_model(None, ["mixed4c"], None) == ("inceptionv1", CONFIG_DIR / "inceptionv1.yaml")
+    assert pick_model("googlenet", ["mixed4c"], None)[0] == "googlenet"
+    assert pick_model(None, ["mixed4c"], "my.yaml") == (None, Path("my.yaml"))  # the config names the model
     assert pick_model(None, None, None) == (None, CONFIG_DIR / "efficientnet-lite0.yaml")
 
 

@@ -382,3 +382,88 @@ def test_labels_are_text_that_follows_the_zoom_and_the_class(tmp_path: Path) -> 
         page.wait_for_function("document.querySelectorAll('.labels .label').length === 0")
         assert "labels=0" in page.evaluate("() => location.hash")
     assert not errors, errors
+
+
+LAYERS = ("mixed4c", "mixed5b")
+
+
+def _two_layer_run(tmp_path: Path, size: int, icon_px: int) -> tuple[Path, Path]:
+    """A store with two rendered layers over the same sample rows (laid out differently), composed."""
+    store = write_rendered_store(tmp_path, sizes=(size,), n=600, icon_px=icon_px, seed=0)
+    (tmp_path / "other").mkdir()
+    other = write_rendered_store(tmp_path / "other", sizes=(size,), n=600, icon_px=icon_px, seed=1)
+    with h5py.File(store, "a") as f, h5py.File(other) as g:
+        g.copy("mixed4c", f, name="mixed5b")
+        for key in ("image_index", "position"):  # the same samples: the same images, at the same places
+            f[f"mixed5b/{key}"][...] = f[f"mixed4c/{key}"][()]
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=0))
+    return store, run
+
+
+def _hover_cell(page: object, frame: object, x: int, y: int, icon_px: int) -> None:
+    """Move the mouse over cell (x, y) of the atlas in `frame`, an iframe of `page`."""
+    inside = frame.evaluate(
+        "([x, y]) => { const item = window.atlasShownItem();"
+        " const p = item.imageToViewerElementCoordinates(new OpenSeadragon.Point(x, y));"
+        " const r = window.atlasViewer.canvas.getBoundingClientRect(); return [r.left + p.x, r.top + p.y]; }",
+        [(x + 0.5) * icon_px, (y + 0.5) * icon_px],
+    )
+    box = frame.frame_element().bounding_box()
+    page.mouse.move(box["x"] + inside[0], box["y"] + inside[1], steps=4)
+
+
+@needs_chromium
+def test_layers_side_by_side_outline_where_a_hovered_cells_samples_fall_in_the_other_layer(tmp_path: Path) -> None:
+    size, icon_px = 8, 40
+    store, run = _two_layer_run(tmp_path, size, icon_px)
+    manifest = json.loads((run / "atlases.json").read_text())
+    first = next(a for a in manifest["atlases"] if a["layer"] == "mixed4c")
+    # a class atlas of class 3 at mixed4c only (its files are the layer atlas's): the class row shows it there
+    manifest["atlases"].append(
+        {**first, "id": "class-mixed4c-3", "kind": "class", "class": "class 3", "class_index": 3}
+    )
+    (run / "atlases.json").write_text(json.dumps(manifest))
+    with h5py.File(store) as f:
+        cell_a, cell_b = f[f"mixed4c/grid/{size}/cell"][()], f[f"mixed5b/grid/{size}/cell"][()]
+        count = f[f"mixed4c/grid/{size}/count"][()]
+    y, x = np.unravel_index(np.argmax(count), count.shape)  # the fullest cell of mixed4c
+    expected = set(cell_b[cell_a == y * size + x].tolist())
+    assert 1 < len(expected) < size * size  # its samples fall in several cells of mixed5b, not everywhere
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1400, "height": 900}) as (page, url, errors):
+        page.goto(f"{url}layers.html")
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        assert page.locator(".panel h2").all_inner_texts()[0].startswith("mixed4c")
+        frames = [page.frame_locator(f'iframe[data-atlas="layer-{layer}"]') for layer in LAYERS]
+        for frame in frames:
+            frame.locator("body[data-ready='1']").wait_for()
+        source, target = (page.frame(url=lambda u, layer=layer: f"layer-{layer}" in u) for layer in LAYERS)
+        source.wait_for_function("window.atlasShownItem().getFullyLoaded()")
+        target.wait_for_function("window.atlasShownItem().getFullyLoaded()")
+        _hover_cell(page, source, int(x), int(y), icon_px)
+        target.wait_for_function("document.querySelector('.linked-cells')?.dataset.cells")
+        outlined = target.evaluate("document.querySelector('.linked-cells').dataset.cells")
+        assert {int(c) for c in outlined.split(",")} == expected
+        assert page.locator(".panel h2 .info").first.inner_text() == f"cell (x {x}, y {y}): {count[y, x]} samples"
+        screenshot = tmp_path / "layers.png"
+        page.screenshot(path=str(screenshot))
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(screenshot, ARTIFACTS / "layers.png")
+        # hovering the other way: mixed5b's cell outlines mixed4c's cells of the same samples
+        y2, x2 = divmod(int(cell_b[cell_a == y * size + x][0]), size)
+        _hover_cell(page, target, x2, y2, icon_px)
+        back = set(cell_a[cell_b == y2 * size + x2].tolist())
+        source.wait_for_function("document.querySelector('.linked-cells')?.dataset.cells")
+        got = source.evaluate("document.querySelector('.linked-cells').dataset.cells")
+        assert {int(c) for c in got.split(",")} == back
+        # a class: every layer shaded by it, and its class atlases in a second row
+        page.fill("#class-search", "class 3")
+        page.press("#class-search", "Enter")
+        page.locator("#class-row .panel").first.wait_for()
+        rows = page.locator("#class-row .panel")
+        assert rows.count() == 2
+        assert rows.nth(0).get_attribute("data-atlas") == "class-mixed4c-3"
+        assert "make class-atlas" in rows.nth(1).inner_text()
+        for frame in (source, target):
+            frame.wait_for_function("document.querySelector('.class-shade')?.dataset.class === '3'")
+    assert not errors, errors

@@ -158,7 +158,10 @@ def attribution_pass(
     slots = [(layer, k) for layer, where in positions.items() for k in range(where.shape[1])]
     per_pass = max(1, max_rows // batch)
 
-    def pass_of(chunk: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def pass_of(
+        chunk: list[tuple[str, int]], capture: set[str]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The attributions of the chunk's tangents, by layer, and the activations of the layers in `capture`."""
         entering = list(dict.fromkeys(layer for layer, _ in chunk))  # the layers whose tangents this pass carries
 
         def logits_with(*scales: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -166,7 +169,8 @@ def attribution_pass(
 
             def hook(layer: str):
                 def enter(_m: nn.Module, _i: tuple, out: torch.Tensor) -> torch.Tensor:
-                    seen[layer] = out
+                    if layer in capture:
+                        seen[layer] = out
                     if layer not in entering:
                         return out
                     h = out if activations is None else activations[layer]
@@ -175,7 +179,8 @@ def attribution_pass(
 
                 return enter
 
-            hooks = [module.register_forward_hook(hook(layer)) for layer, module in modules.items()]
+            hooked = [layer for layer in modules if layer in capture or layer in entering]
+            hooks = [modules[layer].register_forward_hook(hook(layer)) for layer in hooked]
             try:
                 return model(images), seen
             finally:
@@ -203,11 +208,12 @@ def attribution_pass(
         found: dict[str, list[torch.Tensor]] = {layer: [] for layer in positions}
         seen: dict[str, torch.Tensor] = {}
         for start in range(0, len(slots), per_pass):
-            got, seen = pass_of(slots[start : start + per_pass])
+            # the first pass records every layer's activations; they do not depend on the tangents
+            got, captured = pass_of(slots[start : start + per_pass], set(positions) - set(seen))
+            seen.update({layer: h[0] for layer, h in captured.items()})  # vmap gives each tangent the same copy
             for layer, parts in got.items():
                 found[layer].append(parts)
-        # the activations do not depend on the tangents: vmap gives each tangent the same copy
-        return {layer: (seen[layer][0], torch.cat(parts, 1)) for layer, parts in found.items()}
+        return {layer: (seen[layer], torch.cat(parts, 1)) for layer, parts in found.items()}
     finally:
         for handle in relax:
             handle.remove()

@@ -16,6 +16,10 @@ other atlas kinds (class atlases) can be added beside the layer atlases later:
                                                   (and on a heat-map: attribution to its class, opacity)
     <atlas id>/grid-<G>/attribution.bin           every cell's mean attribution to every class, quantised
                                                   (attribution_table): the viewer shades any class from it
+    <atlas id>/grid-<G>/samples.bin               the cell (y * G + x) of each sample, int32 little-endian in the
+                                                  store's row order: the layer atlases of one store share their
+                                                  rows (atlas.store), so layers.html shows where one layer's
+                                                  samples fall in another
     <atlas id>/classes.json                       the store's class names, for the viewer's class search
     patches/<layer>/<sample>.jpg                  dataset example patches, shared by all atlases of a layer
     patches/<atlas id>/<sample>.jpg               those of an atlas from a subset store (class atlases)
@@ -49,6 +53,7 @@ from atlas.store import (
     ATTRIBUTION,
     ATTRIBUTIONS,
     CELL,
+    COLLECT_SETTINGS,
     COUNT,
     GRIDS,
     ICON_COSINE,
@@ -400,6 +405,7 @@ def compose_atlas(
         cells = cells_json(grid, names, picked[grid.size], example_info)
         (grid_dir / "cells.json").write_text(json.dumps(cells, separators=(",", ":")))
         (grid_dir / "attribution.bin").write_bytes(attribution_table(grid_group(group, grid.size)[ATTRIBUTION][()]))
+        (grid_dir / "samples.bin").write_bytes(grid_group(group, grid.size)[CELL][()].astype("<i4").tobytes())
         levels = write_dzi(grid.image, grid_dir / "tiles", tile_format=settings.tile_format)
         log.info("%s grid %d: %d Deep Zoom levels written", layer, grid.size, levels)
         entry_grids.append(
@@ -409,6 +415,7 @@ def compose_atlas(
                 "image": f"{folder}/grid-{grid.size}/atlas.png",
                 "cells": f"{folder}/grid-{grid.size}/cells.json",
                 "attribution": f"{folder}/grid-{grid.size}/attribution.bin",
+                "samples": f"{folder}/grid-{grid.size}/samples.bin",
                 "tiles": f"{folder}/grid-{grid.size}/tiles.dzi",
             }
         )
@@ -452,7 +459,7 @@ def compose_run(
             icons = {str(size): made(store[f"{layer}/grid/{size}/icons"]) for size in sizes}
             entries.append({**head, **paths, "made_from": icons, "settings": fingerprint(settings)})
     index = install_viewer(out_dir)
-    update_manifest(out_dir, entries)
+    update_manifest(out_dir, entries, index.name)
     return index
 
 
@@ -465,6 +472,9 @@ def _manifest_entry(store: h5py.File, layer: str, heatmap_class: int | None, atl
         "class": None,
         "title": layer,
         "model": str(store.attrs.get("model", "")),
+        # the collection the atlas's samples come from, and how many: atlases with equal ones share their rows
+        "collection": fingerprint(json.loads(str(store.attrs.get(COLLECT_SETTINGS, "{}")))),
+        "samples": int(store[layer][ACTIVATIONS].shape[0]),
     }
     if heatmap_class is not None:
         classes = store[layer][ATTRIBUTIONS].shape[1]

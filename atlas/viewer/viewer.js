@@ -30,6 +30,9 @@
     visibilityRatio: 0.5,
     gestureSettingsMouse: { clickToZoom: false }, // a click pins a cell instead
   });
+  // embed=1: a panel of layers.html (the layers side by side), which draws the header and relays hovers
+  const embedded = new URLSearchParams(location.hash.slice(1)).get("embed") === "1" && window.parent !== window;
+  document.body.classList.toggle("embedded", embedded);
   window.atlasViewer = viewer; // for tests and the browser console
   window.atlasShownItem = () => state.items.get(state.shown); // the TiledImage on screen, for tests
   const CELL_PX = 64; // screen pixels a grid's cells need before zooming in shows it: its icons are legible
@@ -71,6 +74,11 @@
     // natural order: _blocks.6 before _blocks.10
     const layers = [...new Set(state.atlases.map((atlas) => atlas.layer))].sort(naturalOrder.compare);
     fillSelect(byId("layer"), layers.map((layer) => [layer, layer]), state.atlas.layer);
+    // layers.html where two or more layer atlases come from one store
+    const shared = state.atlases.filter(
+      (atlas) => atlas.kind === "layer" && atlas.collection && atlas.collection === state.atlas.collection
+    );
+    byId("layers-link").hidden = embedded || new Set(shared.map((atlas) => atlas.layer)).size < 2;
     const siblings = state.atlases.filter((atlas) => atlas.layer === state.atlas.layer);
     byId("class-choice").hidden = siblings.length < 2;
     const className = (atlas) => (atlas.kind === "layer" ? "all samples" : atlas.class ?? atlas.title);
@@ -90,7 +98,7 @@
     loadClassNames(atlas);
     const grids = grid === "auto" ? atlas.grids : [gridEntry(Number(grid))];
     viewer.addOnceHandler("open", () => {
-      highlightPlaced = shadePlaced = false; // opening clears the overlays
+      highlightPlaced = shadePlaced = linkedPlaced = false; // opening clears the overlays
       delete shade.dataset.grid;
       grids.forEach((entry, index) => state.items.set(entry.size, viewer.world.getItemAt(index)));
       if (keepView) viewer.viewport.fitBounds(keepView, true);
@@ -115,6 +123,7 @@
     if (document.body.dataset.ready !== "1") return;
     const centre = viewer.viewport.getCenter();
     const params = { atlas: state.atlas.id, grid: state.grid };
+    if (embedded) params.embed = 1;
     if (state.classIndex !== null) params.class = state.classIndex;
     if (!state.labels) params.labels = 0;
     params.zoom = viewer.viewport.getZoom().toFixed(4);
@@ -230,9 +239,17 @@
     highlightPlaced = false;
   }
 
+  // the cell shown (null: none) to layers.html, which highlights where its samples fall in the other layers
+  function tellParent(target) {
+    if (!embedded) return;
+    const cell = target ? { grid: target.grid, x: target.x, y: target.y } : null;
+    window.parent.postMessage({ type: "cell", atlas: state.atlas.id, cell }, "*");
+  }
+
   let ticket = 0; // answers to older hovers are dropped
   async function show(target) {
     const mine = ++ticket;
+    tellParent(target);
     if (!target) {
       removeHighlight();
       showHint();
@@ -432,6 +449,48 @@
     shadePlaced = true;
     Object.assign(shade.dataset, { grid, class: k });
   }
+
+  // Where the samples of a cell of another layer fall in this one (sent by layers.html): each cell outlined, as
+  // opaque as its share of those samples
+  const linked = Object.assign(document.createElement("canvas"), { className: "linked-cells" });
+  let linkedPlaced = false;
+  function drawLinked(grid, cells) {
+    const item = viewer.world.getItemAt(0);
+    if (!item || !cells.length || grid !== state.shown) {
+      if (linkedPlaced) viewer.removeOverlay(linked);
+      linkedPlaced = false;
+      linked.dataset.cells = "";
+      return;
+    }
+    const scale = 8; // canvas pixels per cell: room for an outline
+    Object.assign(linked, { width: grid * scale, height: grid * scale });
+    const context = linked.getContext("2d");
+    context.clearRect(0, 0, linked.width, linked.height);
+    const largest = Math.max(...cells.map(([, count]) => count));
+    for (const [index, count] of cells) {
+      const alpha = 0.35 + (0.65 * count) / largest;
+      context.fillStyle = `rgba(255, 140, 0, ${(0.35 * alpha).toFixed(3)})`;
+      context.strokeStyle = `rgba(230, 90, 0, ${alpha.toFixed(3)})`;
+      context.lineWidth = 2;
+      const [x, y] = [(index % grid) * scale, Math.floor(index / grid) * scale];
+      context.fillRect(x, y, scale, scale);
+      context.strokeRect(x + 1, y + 1, scale - 2, scale - 2);
+    }
+    const rect = item.getBounds();
+    if (linkedPlaced) viewer.updateOverlay(linked, rect);
+    else viewer.addOverlay(linked, rect);
+    linkedPlaced = true;
+    Object.assign(linked.dataset, { grid, cells: cells.map(([index]) => index).join(",") });
+  }
+
+  window.addEventListener("message", (event) => {
+    if (!embedded || event.source !== window.parent || !event.data) return;
+    if (event.data.type === "linked") drawLinked(event.data.grid, event.data.cells);
+    if (event.data.type === "class") {
+      byId("class-search").value = event.data.index === null ? "" : state.names[event.data.index] ?? "";
+      chooseClass(event.data.index);
+    }
+  });
 
   // A class atlas of the chosen class, where `atlas run class-atlas` made one, is a click away
   function offerClassAtlas() {
