@@ -267,9 +267,40 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "collect-runs-the-network-once-per-layer",
+        "atlas/stages/collect.py",
+        "found = attribution_pass(model, images, where_t, {layer: shape[1:] for layer, shape in layers.items()})",
+        "found = {n: attribution_pass(model, images, {n: where_t[n]}, {n: s[1:]})[n] for n, s in layers.items()}",
+        ("tests/test_collect.py::test_four_layers_are_decoded_and_run_once_per_batch_and_equal_four_one_layer_runs",),
+    ),
+    Mutant(
+        "positions-depend-on-the-layer",
+        "atlas/stages/collect.py",
+        "    rng = np.random.default_rng([seed, image_row])",
+        "    rng = np.random.default_rng([seed, image_row, sum(map(ord, layer))])",
+        ("tests/test_collect.py::test_four_layers_are_decoded_and_run_once_per_batch_and_equal_four_one_layer_runs",),
+    ),
+    Mutant(
+        "a-rerun-collects-every-layer-again",
+        "atlas/stages/collect.py",
+        "    missing = [name for name in names if name not in (have or ())]",
+        "    missing = list(names)",
+        ("tests/test_collect.py::test_a_rerun_with_one_more_layer_collects_only_that_layer_and_keeps_the_others",),
+    ),
+    Mutant(
+        "layers-page-outlines-the-hovered-cell-instead-of-its-samples",
+        "atlas/viewer/layers.js",
+        "for (const r of rows) counts.set(all[i][r], (counts.get(all[i][r]) ?? 0) + 1);",
+        "for (const r of rows) counts.set(index, (counts.get(index) ?? 0) + 1);",
+        (
+            "tests/test_viewer_browser.py::"
+            "test_layers_side_by_side_outline_where_a_hovered_cells_samples_fall_in_the_other_layer",
+        ),
+    ),
+    Mutant(
         "positions-unchecked",
         "atlas/stages/collect.py",
-        "    check_counts(records, layer_shapes, positions)\n",
+        "    check_counts(records, {name: shapes[name] for name in names}, positions)\n",
         "",
         ("tests/test_edges.py::test_positions_outside_the_layers_interior_are_refused",),
     ),
