@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Collection
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -345,6 +345,7 @@ def _run_stages(
 
     layers = list(configs)
     shapes = {name: tuple(s) for name, *s in model.layer_shapes()}
+    configs = shared_positions(configs, shapes)
     wanted = next(iter(configs.values()))["collect"]
     collect.check_counts(records, {layer: shapes[layer] for layer in layers}, wanted.positions)
     log.info("%s", run_plan(configs, model, len(records), device))
@@ -362,6 +363,31 @@ def _run_stages(
     run_stage("collect", collect.collected(store, settings, layers), collect_stage, force)
     for layer, config in configs.items():
         _run_layer(config, model, layer, store, run_dir, device, force, layer if len(layers) > 1 else "")
+
+
+def shared_positions(configs: dict[str, dict], shapes: dict[str, tuple]) -> dict[str, dict]:
+    """The configs of a run of several layers with at most as many positions as the smallest layer's interior has
+    (one log line when that is fewer than configured): the layers share their samples, so a 7x7 layer's 25 interior
+    positions bound them all. A run of one layer keeps its number, and `check_counts` refuses one too large."""
+    if len(configs) < 2:
+        return configs
+    layer = min(configs, key=lambda name: shapes[name][1] * shapes[name][2])
+    interior = (shapes[layer][1] - 2) * (shapes[layer][2] - 2)
+    positions = next(iter(configs.values()))["collect"].positions
+    if not isinstance(positions, int) or positions <= interior or interior < 1:
+        return configs
+    log.info(
+        "positions: %d per image, all of %s's interior (%dx%d), not the configured %d: the layers of a run share "
+        "their samples",
+        interior,
+        layer,
+        shapes[layer][1],
+        shapes[layer][2],
+        positions,
+    )
+    return {
+        name: {**config, "collect": replace(config["collect"], positions=interior)} for name, config in configs.items()
+    }
 
 
 def _run_layer(

@@ -273,3 +273,19 @@ def test_a_layers_list_in_a_config_names_the_runs_layers(tmp_path):
     config.write_text(yaml.safe_dump({**TINY_RUN, "layer": "relu3", "layers": ["relu2"]}))
     with pytest.raises(AtlasError, match="names both layer: and a layers: list"):
         load_config(config, pipeline.stage_settings(), "relu2")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_of_several_layers_takes_at_most_the_smallest_layers_interior_and_says_so(tmp_path, caplog):
+    argv, out = tiny_run(tmp_path)
+    config = yaml.safe_load(Path(argv[1]).read_text())
+    config["collect"]["positions"] = 9  # relu2 is 8 x 8 (36 interior positions), relu3 4 x 4 (4)
+    Path(argv[1]).write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+        assert make_atlas([*argv, "--layer", "relu2,relu3"]) == 0
+    assert any(
+        r.message.startswith("positions: 4 per image, all of relu3's interior (4x4), not the configured 9")
+        for r in caplog.records
+    )
+    with h5py.File(out / "store.h5") as f:
+        assert f["relu2/activations"].shape[0] == f["relu3/activations"].shape[0] == 8 * 4
