@@ -187,6 +187,95 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _add_dream(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dream", help="classic DeepDream on your photo at a layer: octaves and jitter (2015)")
+    p.add_argument("photo", help="image file to dream on")
+    p.add_argument("--layer", required=True, help="layer to dream at (`atlas layers MODEL`)")
+    p.add_argument("--out", required=True, type=Path, help="the dreamt photo, PNG")
+    p.add_argument("--model", default="efficientnet-lite0", help="model name (see `atlas models`)")
+    p.add_argument("--weights", help="weights file, or 'random' (default: the model's own)")
+    p.add_argument("--side", type=int, default=512, help="the photo's longer side is scaled to at most this (px)")
+    p.add_argument("--octaves", type=int, help="scales, each 1.4 times the last (default and the notebook's: 4)")
+    p.add_argument("--steps", type=int, help="gradient steps per octave (default and the notebook's: 10)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    def run(args: argparse.Namespace) -> None:
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from atlas.images import UNREADABLE, load_rgb
+        from atlas.models.zoo import load_model
+        from atlas.optvis.dream import OCTAVES, STEPS, dream
+
+        octaves = check_number("--octaves", OCTAVES if args.octaves is None else args.octaves, 1, 10)
+        steps = check_number("--steps", STEPS if args.steps is None else args.steps, 1)
+        side = check_number("--side", args.side, 32)
+        try:
+            photo = load_rgb(args.photo)
+        except UNREADABLE as err:
+            raise AtlasError(f"cannot read {args.photo}: {err}") from err
+        photo.thumbnail((side, side))
+        model = load_model(args.model, weights=args.weights, device=str(resolve("render", args.device).device))
+        layer = model.resolve_layer(args.layer)
+        pixels = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255).permute(2, 0, 1)
+        dreamt = dream(model, pixels, layer, octaves=octaves, steps=steps)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        image = (dreamt.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(image).save(args.out)
+        print(f"{args.out}: {args.photo} dreamt at {model.name} {layer} ({octaves} octaves x {steps} steps)")
+
+    p.set_defaults(run=run)
+
+
+def _add_circuit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "circuit", help="how a unit is built from a layer below: expanded weights, attributions, ablation"
+    )
+    p.add_argument("unit", help="LAYER:UNIT, e.g. mixed4c:447")
+    p.add_argument("--from", dest="below", required=True, help="the layer below, e.g. mixed4b")
+    p.add_argument("--model", default="efficientnet-lite0", help="model name (see `atlas models`)")
+    p.add_argument("--weights", help="weights file, or 'random' (default: the model's own)")
+    p.add_argument("--data", default="demo", help="images for the unit's top examples: folder, list or 'demo'")
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--top-k", type=int, default=8, help="the unit's top examples the attributions are taken on")
+    p.add_argument("--json", type=Path, help="also write the report here")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    def run(args: argparse.Namespace) -> None:
+        import json
+
+        from atlas.images import list_images
+        from atlas.microscope.circuits import unit_circuit
+        from atlas.models.zoo import load_model
+
+        layer, _, unit = args.unit.rpartition(":")
+        if not layer or not unit.isdigit():
+            raise AtlasError(f"{args.unit!r}: name the unit as LAYER:UNIT, e.g. mixed4c:447")
+        top_k = check_number("--top-k", args.top_k, 1)
+        model = load_model(args.model, weights=args.weights, device=str(resolve("render", args.device).device))
+        records = list_images(args.data, model.class_names, model.imagenet_index)[: args.limit]
+        report = unit_circuit(model, layer, int(unit), args.below, records, top_k=top_k)
+        name = f"{report['layer']}:{report['unit']}"
+        print(f"{name} from {report['below']}, on its top {len(report['examples'])} of {len(records)} images")
+        if "no_weights" in report:
+            print(f"  {report['no_weights']}")
+        for lens in report["lenses"]:
+            print(f"  {lens['how']}:")
+            for sign in ("positive", "negative"):
+                listed = ", ".join(f"{report['below']}:{c} {v:+.3g}" for c, v in lens[sign])
+                print(f"    {sign:<9} {listed or '(none)'}")
+        falls = ", ".join(
+            f"{c} {100 * fall:.0f} % (shares {100 * report['shared_examples'][c]:.0f} % of its top examples)"
+            for c, fall in sorted(report["ablation"].items(), key=lambda item: -item[1])
+        )
+        print(f"  zeroing each input, {name}'s activation on its top examples falls by: {falls}")
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
+
+    p.set_defaults(run=run)
+
+
 def _add_project(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("project", help="stage 2: 2-D layout of a layer's activations (UMAP or t-SNE), in [0, 1]")
     p.add_argument("store", help="HDF5 store with activations (`atlas collect`)")
@@ -300,6 +389,8 @@ COMMANDS = [
     _add_render,
     _add_compose,
     _add_view,
+    _add_dream,
+    _add_circuit,
     add_run,
 ]
 
