@@ -51,15 +51,15 @@ MUTANTS = [
     Mutant(
         "attributions-first-pass-positions",
         "atlas/stages/collect.py",
-        "[one_hot(k) for k in range(start, min(count, start + per_pass))]",
-        "[one_hot(k) for k in range(0, min(count, start + per_pass) - start)]",
-        ATTRIBUTIONS,
+        "pass_of(slots[start : start + per_pass], set(positions) - set(seen))",
+        "pass_of(slots[0 : len(slots[start : start + per_pass])], set(positions) - set(seen))",
+        (*ATTRIBUTIONS, "tests/test_runtime.py"),
     ),
     Mutant(
         "attributions-times-zero",
         "atlas/stages/collect.py",
-        'return seen["h"], torch.cat(parts).transpose(0, 1).float()',
-        'return seen["h"], 0 * torch.cat(parts).transpose(0, 1).float()',
+        "return {layer: torch.stack(parts, 1).float() for layer, parts in by_layer.items()}, seen",
+        "return {layer: 0 * torch.stack(parts, 1).float() for layer, parts in by_layer.items()}, seen",
         ATTRIBUTIONS,
     ),
     Mutant(
@@ -151,8 +151,8 @@ MUTANTS = [
     Mutant(
         "attributions-swap-y-and-x",
         "atlas/stages/collect.py",
-        "mask[rows, 0, positions[:, k, 0], positions[:, k, 1]] = 1",
-        "mask[rows, 0, positions[:, k, 1], positions[:, k, 0]] = 1",
+        "out[entering.index(layer)][rows, 0, where[:, 0], where[:, 1]] = 1",
+        "out[entering.index(layer)][rows, 0, where[:, 1], where[:, 0]] = 1",
         ATTRIBUTIONS,
     ),
     Mutant(
@@ -296,6 +296,20 @@ MUTANTS = [
             "tests/test_viewer_browser.py::"
             "test_layers_side_by_side_outline_where_a_hovered_cells_samples_fall_in_the_other_layer",
         ),
+    ),
+    Mutant(
+        "expanded-weights-through-the-relus",
+        "atlas/microscope/circuits.py",
+        "        if isinstance(module, nn.ReLU):",
+        "        if isinstance(module, nn.Identity):",
+        ("tests/test_circuits.py",),
+    ),
+    Mutant(
+        "ablation-zeroes-nothing",
+        "atlas/microscope/circuits.py",
+        "        zeroed[:, channel] = 0",
+        "        zeroed[:, channel] = zeroed[:, channel]",
+        ("tests/test_circuits.py",),
     ),
     Mutant(
         "positions-unchecked",
