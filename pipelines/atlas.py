@@ -369,20 +369,21 @@ def shared_positions(configs: dict[str, dict], shapes: dict[str, tuple]) -> dict
     """The configs of a run of several layers with at most as many positions as the smallest layer's interior has
     (one log line when that is fewer than configured): the layers share their samples, so a 7x7 layer's 25 interior
     positions bound them all. A run of one layer keeps its number, and `check_counts` refuses one too large."""
+    from atlas.stages.collect import smallest_interior
+
     if len(configs) < 2:
         return configs
-    layer = min(configs, key=lambda name: shapes[name][1] * shapes[name][2])
-    interior = (shapes[layer][1] - 2) * (shapes[layer][2] - 2)
-    positions = next(iter(configs.values()))["collect"].positions
-    if not isinstance(positions, int) or positions <= interior or interior < 1:
+    layer, height, width, interior = smallest_interior({name: shapes[name] for name in configs})
+    positions = next(iter(configs.values()))["collect"].positions  # an int >= 1 (CollectSettings)
+    if positions <= interior or interior < 1:  # none: check_counts says so
         return configs
     log.info(
         "positions: %d per image, all of %s's interior (%dx%d), not the configured %d: the layers of a run share "
         "their samples",
         interior,
         layer,
-        shapes[layer][1],
-        shapes[layer][2],
+        height,
+        width,
         positions,
     )
     return {

@@ -321,7 +321,7 @@ MUTANTS = [
     Mutant(
         "no-readable-image-is-a-success",
         "atlas/stages/collect.py",
-        "if len(skipped) == len(records):",
+        "if not adding and len(skipped) == len(records):",
         "if False:",
         ("tests/test_edges.py::test_a_folder_without_one_readable_image_is_an_error_not_an_empty_store",),
     ),

@@ -61,6 +61,7 @@ from atlas.store import (
     settings_json,
     settings_match,
 )
+from atlas.store import layers as store_layers
 
 log = logging.getLogger(__name__)
 
@@ -395,10 +396,16 @@ def check_counts(records: list[ImageRecord], layer_shapes: dict[str, tuple[int, 
     (they would be silently capped, while the store records the number asked for)."""
     if not records:
         raise AtlasError("no images to collect: the data source is empty (or --limit left none)")
-    layer, (_c, height, width) = min(layer_shapes.items(), key=lambda item: item[1][1] * item[1][2])
-    interior = (height - 2) * (width - 2)
+    layer, height, width, interior = smallest_interior(layer_shapes)
     where = f"layer {layer} is {height}x{width}: {interior} interior positions"
     check_number(f"positions ({where})", positions, 1, interior)
+
+
+def smallest_interior(layer_shapes: dict[str, tuple[int, int, int]]) -> tuple[str, int, int, int]:
+    """The layer with the fewest interior positions, its height and width, and that number: what bounds the
+    positions of a collection whose layers share their samples."""
+    layer, (_channels, height, width) = min(layer_shapes.items(), key=lambda item: item[1][1] * item[1][2])
+    return layer, height, width, (height - 2) * (width - 2)
 
 
 def missing_batches(parts: Path, batches: list[list[int]]) -> list[list[int]]:
@@ -476,8 +483,7 @@ def collected_layers(out: Path, meta: dict) -> set[str] | None:
         with h5py.File(out, "r") as f:
             if not settings_match(f, meta, COLLECT_SETTINGS):
                 return None
-            # a layer's group is moved to its name only once merged whole (merge_parts)
-            return {name for name, group in f.items() if isinstance(group, h5py.Group) and ACTIVATIONS in group}
+            return set(store_layers(f))  # a layer's group is moved to its name only once merged whole (merge_parts)
     except OSError:
         return None
 
@@ -523,12 +529,13 @@ def merge_parts(
                 f"the images of {out} changed since it was collected (other images could not be read): its layers "
                 f"would no longer share samples; collect again into a new store (--force collect)"
             )
-        if len(skipped) == len(records):  # an empty store is no result: say why instead
-            raise AtlasError(f"none of the {len(records)} images could be read (the first: {skipped[0]})")
         for layer in layer_shapes:
             f.move(f"{PARTIAL}/{layer}", layer)
         del f[PARTIAL]
     shutil.rmtree(parts)
+    if not adding and len(skipped) == len(records):  # an empty store is no result: say why instead
+        target.unlink()
+        raise AtlasError(f"none of the {len(records)} images could be read (the first: {skipped[0]})")
     if not adding:
         os.replace(target, out)
     if skipped:
