@@ -70,9 +70,11 @@ class-atlas: install
 		$(if $(CONFIG),--config $(CONFIG)) \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(FORCE),--force)
 
-# Microscope pages for the units of one layer into OUT (default data/microscope); reruns reuse finished units
+# Microscope pages for the units of a layer, or of LAYERS=a,b (each unit page of b shows its circuit from a, linked
+# to a's unit pages) or LAYERS=all, into OUT (default data/microscope); reruns reuse finished units
 microscope: install
-	$(ATLAS) run microscope $(if $(MODEL),--model $(MODEL)) $(if $(LAYER),--layer $(LAYER)) \
+	$(ATLAS) run microscope $(if $(MODEL),--model $(MODEL)) \
+		$(if $(or $(LAYERS),$(LAYER)),--layer $(or $(LAYERS),$(LAYER))) \
 		$(if $(DATA),--data $(DATA)) $(if $(UNITS),--units $(UNITS)) $(if $(STEPS),--steps $(STEPS)) \
 		$(if $(N),--limit $(N)) $(if $(DEVICE),--device $(DEVICE)) --out $(or $(OUT),data/microscope)
 

@@ -146,11 +146,19 @@ def _add_class_atlas(sub: argparse._SubParsersAction) -> None:
 
 def _add_microscope(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "microscope", help="a page per unit of a layer: feature visualisation, dataset examples, atlas cell"
+        "microscope",
+        help="a page per unit of one or more layers: feature visualisations, dataset examples, circuit, atlas cell",
     )
     p.add_argument("--model", default="efficientnet-lite0", help="model name (see `atlas layers`)")
     p.add_argument("--weights", help="weights file, or 'random' (default: the model's ImageNet weights)")
-    p.add_argument("--layer", help="layer (default: the model's atlas layer)")
+    p.add_argument(
+        "--layer",
+        "--layers",
+        dest="layers",
+        type=layer_list,
+        help="layer, or layers a,b,c (each but the lowest gets its circuit from the next one below), or 'all': the "
+        "model's Microscope layers (default: the model's atlas layer)",
+    )
     p.add_argument("--data", default="demo", help="image folder, text file of image paths, or 'demo'")
     p.add_argument("--units", help="N (the first N units) or a list such as 3,7,10-20 (default: every unit)")
     p.add_argument("--out", required=True, help="site folder (rerunning adds to it and reuses what is done)")
@@ -176,7 +184,7 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
         summary = run_microscope(
             args.model,
             args.out,
-            layer=args.layer,
+            layers=args.layers,
             data=args.data,
             units=args.units,
             lens=LensSettings.from_config(given(args, ("size", "steps", "param", "seed"))),
@@ -191,12 +199,15 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
             device=args.device,
             weights=args.weights,
         )
+        reused = "" if summary["dataset_pass"] else " (reused)"
         print(
-            f"{summary['model']} {summary['layer']}: {summary['units']} unit pages, {summary['rendered']} units "
-            f"rendered ({summary['reused']} reused) in {summary['units_s']:.0f} s; dataset examples "
-            f"{summary['examples_s']:.0f} s{'' if summary['dataset_pass'] else ' (reused)'}; DeepDream and "
-            f"caricatures {summary['layer_s']:.0f} s; site {summary['site_s']:.0f} s"
-            f"{'; linked to the atlas' if summary['atlas'] else ''}\n{summary['index']}"
+            f"{summary['model']} {', '.join(summary['layers'])}: "
+            + ", ".join(f"{layer} {count} unit pages" for layer, count in summary["pages"].items())
+            + f"; {summary['rendered']} units visualised and {summary['circuits']} circuits computed "
+            f"({summary['units_s'] + summary['circuits_s']:.0f} s); dataset examples {summary['examples_s']:.0f} s"
+            f"{reused}; DeepDream, dreams and caricatures {summary['layer_s']:.0f} s; site {summary['site_s']:.0f} s"
+            f"{'; linked to the atlas of ' + ', '.join(summary['atlas']) if summary['atlas'] else ''}\n"
+            f"{summary['index']}"
         )
 
     p.set_defaults(run=run)

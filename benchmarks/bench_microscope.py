@@ -28,7 +28,7 @@ def dataset_pass(images: int, device: str) -> dict:
     model = load_model(MODEL, device=device)
     records = list_images(SAMPLE)[:images]
     start = time.perf_counter()
-    top_activating(model, LAYER, records, top_k=8, batch_size=32, workers=2, progress=False)
+    top_activating(model, [LAYER], records, top_k=8, batch_size=32, workers=2, progress=False)
     return {"images_per_s": round(images / (time.perf_counter() - start), 1)}
 
 

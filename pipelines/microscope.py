@@ -1,7 +1,10 @@
-"""`atlas run microscope`: the Microscope lenses of one layer into a site folder (after OpenAI Microscope, reference 6).
+"""`atlas run microscope`: the Microscope lenses of one or more layers into a site folder (after OpenAI Microscope,
+reference 6).
 
-Computes what is missing into `<out>/microscope.h5` (atlas.microscope.results), in order: dataset
-examples, unit visualisations, DeepDream and caricatures, the atlas links; then writes the site.
+Computes what is missing into `<out>/microscope.h5` (atlas.microscope.results), in order: dataset examples (one
+pass for all the layers), circuits (each layer from the next one below it in the run), unit visualisations
+(channel, neuron, diversity), DeepDream, caricatures and a photo dreamt at each layer, the model graph and the
+atlas links; then writes the site.
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
 from atlas import AtlasError
 from atlas.images import list_images
+from atlas.microscope.circuits import circuit_inputs, circuit_lens, lower_neighbours, stored_circuits
+from atlas.microscope.dreams import dream_lens
 from atlas.microscope.examples import TOP_K, dataset_examples
+from atlas.microscope.graph import graph_layers, microscope_layers, store_graph
 from atlas.microscope.lenses import (
     CARICATURES,
+    DIVERSE,
+    DIVERSITY_WEIGHT,
+    UNIT_LENSES,
     LensSettings,
     default_photos,
     layer_lenses,
@@ -25,7 +32,7 @@ from atlas.microscope.lenses import (
     render_units,
 )
 from atlas.microscope.links import link_atlas
-from atlas.microscope.results import RESULTS, lens_group
+from atlas.microscope.results import RESULTS, done_units, lens_group
 from atlas.microscope.site import write_index, write_layer_site
 from atlas.models.classifier import Classifier
 from atlas.models.zoo import load_model
@@ -38,7 +45,7 @@ def run_microscope(
     model: str | Classifier,
     out: str | Path,
     *,
-    layer: str | None = None,
+    layers: Sequence[str] | None = None,
     data: str | Path = "demo",
     units: str | int | None = None,
     lens: LensSettings = LensSettings(),
@@ -54,56 +61,95 @@ def run_microscope(
     workers: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Compute what is missing of a layer's lenses into `out`/microscope.h5 and write the site; returns a summary.
+    """Compute what is missing of the lenses of `layers` into `out`/microscope.h5 and write the site; returns a
+    summary.
 
-    units: see `parse_units` (default: every unit). atlas: a run folder holding the layer's atlas (default:
+    layers: layer names, or ["all"] for the model's Microscope layers (default: the model's atlas layer). Each
+    layer but the lowest gets the circuit lens of its units from the next layer below it in the run, and the lower
+    units those circuits list are visualised too, so the links between the layers' unit pages all lead somewhere.
+    units: see `parse_units` (default: every unit), per layer. atlas: a run folder holding a layer's atlas (default:
     `out` itself); store: its HDF5 store with the grid means (default: <atlas>/store.h5).
     lens: how the unit visualisations, DeepDream and caricatures are optimised.
     """
     if top_k < 1 or caricatures < 0 or (batch_size is not None and batch_size < 1):
         raise AtlasError("top-k and batch size must be positive and caricatures not negative")
-    net, layer, channels = _prepare_layer(model, weights, device, layer, lens.size)
-    chosen = parse_units(units, channels)
+    net = _prepared_model(model, weights, device)
+    below_of = lower_neighbours(net, _run_layers(net, layers))  # in forward order
+    channels = {layer: _layer_channels(net, layer, lens.size) for layer in below_of}
+    chosen = {layer: parse_units(units, count) for layer, count in channels.items()}
     records = _checked_images(net, data, limit, photos)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    counts = {"rendered": 0, "circuits": 0, "layer_images": 0}
     with open_store(out / RESULTS, "a") as results:
         with _timed(timings, "examples_s"):
-            scanned = dataset_examples(results, net, layer, records, top_k=top_k, workers=workers)
+            scanned = dataset_examples(results, net, list(channels), records, top_k=top_k, workers=workers)
+        with _timed(timings, "circuits_s"):
+            shown = {layer: list(units_of) for layer, units_of in chosen.items()}  # with the inputs circuits list
+            for layer, below in below_of.items():
+                if below is not None:
+                    counts["circuits"] += circuit_lens(results, net, layer, below, chosen[layer], workers=workers)
+                    listed = stored_circuits(results, net.name, layer)
+                    inputs = [c for unit in chosen[layer] for c in circuit_inputs(listed[unit])]
+                    shown[below] = list(dict.fromkeys(shown[below] + inputs))
         with _timed(timings, "units_s"):
-            vis_settings = {"model": net.name, "weights": net.weights, "layer": layer, **lens.record()}
-            vis = lens_group(results, net.name, layer, "units", vis_settings)
-            rendered = render_units(vis, net, layer, chosen, channels, lens, batch_size=batch_size, progress=progress)
+            for layer, count in channels.items():
+                for kind, (group_name, _per_unit) in UNIT_LENSES.items():
+                    settings = {"model": net.name, "weights": net.weights, "layer": layer, **lens.record()}
+                    if kind == "diversity":
+                        settings |= {"images": DIVERSE, "weight": DIVERSITY_WEIGHT}
+                    group = lens_group(results, net.name, layer, group_name, settings)
+                    todo = shown[layer] if kind == "channel" else chosen[layer]  # thumbnails for the listed inputs
+                    counts["rendered"] += render_units(
+                        group, net, layer, todo, count, lens, kind=kind, batch_size=batch_size, progress=progress
+                    )
         with _timed(timings, "layer_s"):
             chosen_photos = list(photos) if photos else default_photos(records, caricatures)
-            layer_images = layer_lenses(results, net, layer, chosen_photos, lens)
+            for layer in channels:
+                counts["layer_images"] += layer_lenses(results, net, layer, chosen_photos, lens)
+                if chosen_photos:
+                    counts["layer_images"] += dream_lens(results, net, layer, chosen_photos[0])
         with _timed(timings, "site_s"):
-            done_units = np.flatnonzero(vis["done"][()]).tolist()
-            links = link_atlas(out, Path(atlas or out), Path(store) if store else None, net.name, layer, done_units)
-            pages = write_layer_site(out, results, net.name, layer, links)
+            store_graph(results, net, graph_layers(net, list(channels)))
+            pages, linked = {}, []
+            for layer in channels:
+                done = done_units(results, net.name, layer)
+                links = link_atlas(out, Path(atlas or out), Path(store) if store else None, net.name, layer, done)
+                linked += [layer] if links is not None else []
+                pages[layer] = len(write_layer_site(out, results, net.name, layer, links))
             index = write_index(out, results)
-    work = {"dataset_pass": scanned, "layer_images": layer_images, "atlas": links is not None}
-    counts = {"units": len(pages), "rendered": rendered, "reused": len(chosen) - rendered, **work}
+    work = {"dataset_pass": scanned, "atlas": linked, "pages": pages}
     seconds = {name: round(value, 1) for name, value in timings.items()}
-    return {"index": str(index), "model": net.name, "layer": layer, **counts, **seconds}
+    return {"index": str(index), "model": net.name, "layers": list(channels), **counts, **work, **seconds}
 
 
-def _prepare_layer(
-    model: str | Classifier, weights: str | None, device: str | None, layer: str | None, size: int
-) -> tuple[Classifier, str, int]:
-    """The model (loaded when named) in the renderer's policy, the layer's canonical name and its channels; an
-    AtlasError when the layer has no spatial map at the visualisation size."""
+def _prepared_model(model: str | Classifier, weights: str | None, device: str | None) -> Classifier:
+    """The model (loaded when named) in the renderer's policy (channels_last)."""
     net = (
         model
         if isinstance(model, Classifier)
         else load_model(model, weights=weights, device=resolve("render", device).device)
     )
-    resolve("render", model_device(net)).prepare(net)  # the renderer's policy: channels_last
-    layer = net.resolve_layer(layer or net.default_layer)
+    resolve("render", model_device(net)).prepare(net)
+    return net
+
+
+def _run_layers(net: Classifier, layers: Sequence[str] | None) -> list[str]:
+    """The run's layers by their canonical names: the given ones, the model's Microscope layers for ["all"], or
+    the model's atlas layer."""
+    if not layers:
+        return [net.resolve_layer(net.default_layer)]
+    if list(layers) == ["all"]:
+        return microscope_layers(net)
+    return list(dict.fromkeys(net.resolve_layer(layer) for layer in layers))
+
+
+def _layer_channels(net: Classifier, layer: str, size: int) -> int:
+    """The layer's channels; an AtlasError when it has no spatial map at the input or the visualisation size."""
     channels = layer_map(net, layer, net.input_size)[0]
     layer_map(net, layer, size)
-    return net, layer, channels
+    return channels
 
 
 def _checked_images(net: Classifier, data: str | Path, limit: int | None, photos: Sequence[str] | None) -> list:

@@ -144,3 +144,11 @@ def test_atlas_circuit_prints_the_inputs_from_both_lenses_and_the_ablation(tmp_p
     assert json.loads(report.read_text())["unit"] == 0
     assert main([*argv[:1], "layer2", *argv[2:]]) == 2
     assert "name the unit as LAYER:UNIT" in capsys.readouterr().err
+
+
+def hand_set_inception() -> Classifier:
+    """The hand-set network under InceptionV1's names: layer1 is mixed4b, layer2 mixed4c (its unit 0 built from
+    mixed4b's units A and B), for the microscope's pages of two layers."""
+    net = hand_set_network()
+    net.aliases = {"mixed4b": "layer1", "mixed4c": "layer2"}
+    return net

@@ -85,7 +85,7 @@ def test_top_k_examples_equal_brute_force(tmp_path: Path) -> None:
     model = tiny_classifier()
     folder = write_photos(tmp_path / "photos", count=11)
     records = [ImageRecord(str(p)) for p in sorted(folder.iterdir())]
-    best = top_activating(model, LAYER, records, top_k=4, batch_size=3, workers=0, progress=False)
+    best = top_activating(model, [LAYER], records, top_k=4, batch_size=3, workers=0, progress=False)[LAYER]
 
     items = [ImageDataset(records, model.resize_size, model.input_size)[i] for i in range(len(records))]
     rows, images, skipped = collate(items)
@@ -125,11 +125,11 @@ def test_merge_top_k_breaks_ties_by_the_earlier_row() -> None:
 def test_top_k_pads_when_fewer_images_than_k(tmp_path: Path) -> None:
     folder = write_photos(tmp_path / "photos", count=2)
     records = [ImageRecord(str(p)) for p in sorted(folder.iterdir())]
-    best = top_activating(tiny_classifier(), LAYER, records, top_k=3, workers=0, progress=False)
+    best = top_activating(tiny_classifier(), [LAYER], records, top_k=3, workers=0, progress=False)[LAYER]
     assert (best.row[:, 2] == -1).all() and np.isnan(best.value[:, 2]).all()
     assert sorted(best.row[0, :2]) == [1, 2]  # row 0 is the broken file
     with pytest.raises(AtlasError, match="none of the 1 images"):
-        top_activating(tiny_classifier(), LAYER, records[:1], workers=0, progress=False)
+        top_activating(tiny_classifier(), [LAYER], records[:1], workers=0, progress=False)
 
 
 def test_best_cells_is_the_highest_cosine_non_empty_cell() -> None:
@@ -165,10 +165,14 @@ def test_a_page_per_unit_and_rerun_reuses_finished_units(tmp_path: Path, monkeyp
     run = build_site(tmp_path, units="3", with_atlas=False)
     layer_dir = run / "tiny" / LAYER
     assert (run / "index.html").is_file() and (run / "tiny" / "index.html").is_file()
-    assert sorted(p.name for p in layer_dir.glob("unit-*.html")) == [f"unit-{u}.html" for u in range(3)]
+    assert sorted(p.name for p in layer_dir.glob("[0-9]*.html")) == [f"{u}.html" for u in range(3)]
     assert (layer_dir / "layer" / "deepdream.png").is_file() and (layer_dir / "layer" / "caricature-1.png").is_file()
-    unit_page = (layer_dir / "unit-1.html").read_text()
-    assert 'rel="prev" href="unit-0.html"' in unit_page and 'rel="next" href="unit-2.html"' in unit_page
+    assert (layer_dir / "layer" / "dream.jpg").is_file()  # the first photo dreamt at the layer
+    unit_page = (layer_dir / "1.html").read_text()
+    assert 'rel="prev" href="0.html"' in unit_page and 'rel="next" href="2.html"' in unit_page
+    assert 'src="neurons/1-0.png"' in unit_page and (layer_dir / "neurons" / "1-0.png").is_file()
+    diverse = re.findall(r'src="(diversity/1-\d\.png)"', unit_page)
+    assert len(diverse) == lenses.DIVERSE and all((layer_dir / src).is_file() for src in diverse)
     examples = re.findall(r'src="(examples/[^"]+)"', unit_page)
     assert len(examples) == 3 and all((layer_dir / src).is_file() for src in examples)
     wholes = re.findall(r'src="\.\./\.\./(tiny/images/[^"]+)"', unit_page)
@@ -193,8 +197,9 @@ def test_a_page_per_unit_and_rerun_reuses_finished_units(tmp_path: Path, monkeyp
     photos = str(tmp_path / "photos")
     assert main(["run", "microscope", "--model", TINY, "--layer", LAYER, "--data", photos, "--units", "5", "--out",
                  str(run), *FAST]) == 0  # fmt: skip
-    assert rendered == [2]  # units 3 and 4 only: no unit again, no DeepDream or caricature again
-    assert sorted(p.name for p in layer_dir.glob("unit-*.html")) == [f"unit-{u}.html" for u in range(5)]
+    # units 3 and 4 only, in each unit lens (diversity: DIVERSE images each): no DeepDream or caricature again
+    assert rendered == [2, 2, 2 * lenses.DIVERSE]
+    assert sorted(p.name for p in layer_dir.glob("[0-9]*.html")) == [f"{u}.html" for u in range(5)]
     with h5py.File(run / RESULTS) as f:
         group = f[f"tiny/{LAYER}/units/{f[f'tiny/{LAYER}/units'].attrs['latest']}"]
         np.testing.assert_array_equal(group["images"][:3], first)
@@ -202,7 +207,8 @@ def test_a_page_per_unit_and_rerun_reuses_finished_units(tmp_path: Path, monkeyp
     rendered.clear()  # other settings are other results: all five units again, kept beside the first ones
     assert main(["run", "microscope", "--model", TINY, "--layer", LAYER, "--data", photos, "--units", "5", "--out",
                  str(run), *FAST[2:], "--steps", "2"]) == 0  # fmt: skip
-    assert sorted(rendered) == [1, 2, 5]
+    # DeepDream, 2 caricatures, 5 channel and 5 neuron images, and 5 x DIVERSE diverse ones in batches of 16 images
+    assert sorted(rendered) == [1, 2, 4, 5, 5, 16]
     with h5py.File(run / RESULTS) as f:
         assert len(f[f"tiny/{LAYER}/units"]) == 2
 
@@ -214,7 +220,7 @@ def test_units_link_to_their_best_atlas_cell(tmp_path: Path) -> None:
     with h5py.File(run / "store.h5") as f:
         grids = {size: (f[f"{LAYER}/grid/{size}/mean"][()], f[f"{LAYER}/grid/{size}/count"][()]) for size in (4, 8)}
     for unit in range(2):
-        page = (run / "tiny" / LAYER / f"unit-{unit}.html").read_text()
+        page = (run / "tiny" / LAYER / f"{unit}.html").read_text()
         links = re.findall(r'class="atlas-cell" href="([^"]+)"', page)
         expected = []
         for size, (mean, count) in grids.items():
@@ -241,3 +247,44 @@ def test_bad_input_is_one_line_error(tmp_path: Path, capsys) -> None:
     manifest.parent.mkdir()
     manifest.write_text(json.dumps({"atlases": []}))
     assert find_layer_atlas(manifest.parent, "tiny", LAYER) is None
+
+
+HAND_SET = "tests.test_circuits:hand_set_inception"  # mixed4c:0 is built from mixed4b:1 and mixed4b:3
+
+
+def build_two_layer_site(folder: Path) -> Path:
+    """The microscope of the hand-set network's mixed4b and mixed4c (given in the wrong order), first unit each."""
+    run = folder / "site"
+    photos = write_photos(folder / "photos")
+    assert main(["run", "microscope", "--model", HAND_SET, "--layers", "mixed4c,mixed4b", "--data", str(photos),
+                 "--units", "1", "--out", str(run), *FAST]) == 0  # fmt: skip
+    return run
+
+
+def test_a_unit_page_lists_its_inputs_from_the_layer_below_and_links_to_their_pages(tmp_path: Path) -> None:
+    from tests.test_circuits import A, B
+
+    run = build_two_layer_site(tmp_path)
+    upper_dir, lower_dir = run / "hand-set" / "mixed4c", run / "hand-set" / "mixed4b"
+    page = (upper_dir / "0.html").read_text()
+    circuit = page[page.index('class="lens circuit"') :]
+    how = re.findall(r"<h3>([^<]+)</h3>", circuit)
+    assert how[0].startswith("expanded weights") and how[1].startswith("attribution") and how[2] == "Ablation"
+    positives = re.findall(r'<div class="inputs positive">(.*?)</div>', circuit, re.S)
+    assert len(positives) == 2  # one row per lens, both with the unit's own inputs first
+    for row in positives:
+        assert [int(u) for u in re.findall(r'data-unit="(\d+)"', row)][:2] == [A, B]
+        links = re.findall(r'class="input" href="([^"]+)"', row)
+        assert links[:2] == [f"../mixed4b/{A}.html", f"../mixed4b/{B}.html"]
+        assert all((upper_dir / link).is_file() for link in links)  # every listed input has its page
+    maps = re.findall(r'class="weights" src="([^"]+)"', circuit)
+    assert maps and all((upper_dir / src).is_file() for src in maps)  # expanded weights: a k x k map per input
+    ablated = [int(u) for u in re.findall(r"<td><a href=\"\.\./mixed4b/(\d+)\.html\">", circuit)]
+    assert ablated[:2] == [A, B]  # zeroing its own inputs drops it the most
+    lower = (lower_dir / f"{A}.html").read_text()
+    assert 'class="user" href="../mixed4c/0.html"' in lower  # and back up
+    assert 'class="lens circuit"' not in (lower_dir / "0.html").read_text()  # the lowest layer has no circuit
+    model_page = (run / "hand-set" / "index.html").read_text()
+    assert 'href="mixed4b/index.html"' in model_page and 'href="mixed4c/index.html"' in model_page
+    layer_page = (upper_dir / "index.html").read_text()
+    assert re.findall(r'src="\.\./(mixed4[bc])/layer/dream\.jpg"', layer_page) == ["mixed4b", "mixed4c"]

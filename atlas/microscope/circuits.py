@@ -8,15 +8,19 @@
 - `attribution_inputs`: for any model, activation x gradient of the unit (at its maximum in each of its top dataset
   examples, the crop Microscope shows) with respect to each lower channel, summed over positions and examples.
 - `ablation`: how much the unit's activation there falls when one lower channel is zeroed.
-- `unit_circuit`: all three for one unit over a dataset, and how far each top input's own top examples are the unit's.
+- `circuit_report`: all three for one unit on its top examples, and how far each top input's own top examples are
+  the unit's; `unit_circuit` finds those examples first (`atlas circuit`), `circuit_lens` reads them from the
+  microscope's results file and keeps the reports there (`atlas run microscope --layers below,layer`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,8 +29,11 @@ from torch import nn
 from atlas import AtlasError
 from atlas.images import ImageRecord, load_batches
 from atlas.microscope.examples import TOP_K, top_activating
+from atlas.microscope.results import latest_group, lens_group
 from atlas.models.classifier import Classifier
 from atlas.optvis import model_device
+from atlas.progress import progress
+from atlas.store import STR
 
 TOP = 8  # inputs listed each way, as many as a Circuits figure shows
 
@@ -180,6 +187,47 @@ def ablation(
     return falls
 
 
+def circuit_report(
+    model: Classifier,
+    layer: str,
+    unit: int,
+    below: str,
+    images: torch.Tensor,
+    positions: torch.Tensor,
+    below_rows: np.ndarray,
+    own_rows: Sequence[int],
+    top: int = TOP,
+) -> dict:
+    """How `layer`:`unit` is built from `below`, measured on its top examples (`images` with the unit's peak
+    `positions` [N, 2], dataset rows `own_rows`): the expanded weights (where the path is affine; else why not)
+    with the top inputs' k x k maps, the attributions, the ablation of the inputs either lists first, and for each
+    of those inputs the share of its own top examples (`below_rows` [C_below, k]) that are also the unit's."""
+    report: dict = {"layer": layer, "unit": unit, "below": below}
+    lenses = []
+    try:
+        lenses.append(expanded_weights(model, layer, unit, below, top))
+    except AtlasError as err:
+        report["no_weights"] = str(err)
+    lenses.append(attribution_inputs(model, layer, unit, below, images, positions, top))
+    report["lenses"] = [
+        {
+            "how": lens.how,
+            "positive": lens.positive,
+            "negative": lens.negative,
+            "maps": {} if lens.maps is None else {c: lens.maps[c].tolist() for c, _ in lens.positive + lens.negative},
+        }
+        for lens in lenses
+    ]
+    inputs = list(dict.fromkeys(c for lens in lenses for c, _ in lens.positive))
+    try:
+        report["ablation"] = ablation(model, layer, unit, below, images, positions, inputs)
+    except AtlasError as err:  # a unit silent on its own top examples: nothing to fall
+        report["ablation"], report["no_ablation"] = {}, str(err)
+    own = set(int(r) for r in own_rows)
+    report["shared_examples"] = {c: len(own & set(below_rows[c].tolist())) / max(1, len(own)) for c in inputs}
+    return report
+
+
 def unit_circuit(
     model: Classifier,
     layer: str,
@@ -190,34 +238,79 @@ def unit_circuit(
     top: int = TOP,
     workers: int | None = None,
 ) -> dict:
-    """How `layer`:`unit` is built from `below` over `records`: its top examples, the expanded weights (where the
-    path is affine; else why not), the attributions on those examples, the ablation of the inputs either lists
-    first, and for each of those inputs the share of its own top examples that are also the unit's."""
+    """`circuit_report` of `layer`:`unit` from `below` over `records`, whose top examples it finds first (one pass
+    for both layers); the report also lists the unit's examples."""
     layer, below = _check(model, layer, unit, below)
-    found = {name: top_activating(model, name, records, top_k=top_k, workers=workers) for name in (layer, below)}
+    found = top_activating(model, [layer, below], records, top_k=top_k, workers=workers)
     rows, where = found[layer].row[unit], found[layer].position[unit]
     kept = rows >= 0  # padding where fewer images than top_k were read
     rows, where = rows[kept], where[kept]
-    images = _images(model, records, rows.tolist(), workers)
+    images = example_images(model, [records[r].path for r in rows], workers)
     positions = torch.from_numpy(where).long().to(images.device)
-    report: dict = {"layer": layer, "unit": unit, "below": below, "examples": [records[r].path for r in rows]}
-    lenses = []
-    try:
-        lenses.append(expanded_weights(model, layer, unit, below, top))
-    except AtlasError as err:
-        report["no_weights"] = str(err)
-    lenses.append(attribution_inputs(model, layer, unit, below, images, positions, top))
-    inputs = list(dict.fromkeys(c for lens in lenses for c, _ in lens.positive))
-    report["lenses"] = [{"how": lens.how, "positive": lens.positive, "negative": lens.negative} for lens in lenses]
-    report["ablation"] = ablation(model, layer, unit, below, images, positions, inputs)
-    own = set(rows.tolist())
-    report["shared_examples"] = {c: len(own & set(found[below].row[c].tolist())) / max(1, len(own)) for c in inputs}
-    return report
+    report = circuit_report(model, layer, unit, below, images, positions, found[below].row, rows.tolist(), top)
+    return {**report, "examples": [records[r].path for r in rows]}
 
 
-def _images(model: Classifier, records: list[ImageRecord], rows: list[int], workers: int | None) -> torch.Tensor:
-    """The images at `rows`, as the model sees them (all readable: they are top examples)."""
+def example_images(model: Classifier, paths: Sequence[str], workers: int | None = None) -> torch.Tensor:
+    """Images as the model sees them (resize, centre crop), on its device; all readable: they are top examples."""
     sides = (model.resize_size, model.input_size)
-    ((got, batch, _skipped),) = list(load_batches(records, *sides, [rows], workers, progress=False))
-    order = [got.index(r) for r in rows]
-    return batch[order].to(model_device(model))
+    records = [ImageRecord(path) for path in paths]
+    ((got, batch, _skipped),) = list(load_batches(records, *sides, [list(range(len(paths)))], workers, progress=False))
+    return batch[[got.index(i) for i in range(len(paths))]].to(model_device(model))
+
+
+def lower_neighbours(model: Classifier, layers: Sequence[str]) -> dict[str, str | None]:
+    """Each of `layers`, in forward order, -> the nearest of them below it (None for the lowest): the layer its
+    circuit lens reads."""
+    order = {name: index for index, (name, *_shape) in enumerate(model.layer_shapes())}
+    ranked = sorted((model.resolve_layer(layer) for layer in layers), key=lambda layer: order[layer])
+    return {layer: ranked[i - 1] if i else None for i, layer in enumerate(ranked)}
+
+
+def circuit_lens(
+    results: h5py.File,
+    model: Classifier,
+    layer: str,
+    below: str,
+    units: Sequence[int],
+    top: int = TOP,
+    workers: int | None = None,
+) -> int:
+    """The `circuit_report` of each of `units` of `layer` from `below`, on the dataset examples stored for both
+    layers (atlas.microscope.examples), kept per unit as JSON unless it is; returns how many it computed."""
+    found = {name: latest_group(results, model.name, name, "examples") for name in (layer, below)}
+    if any(group is None or "value" not in group for group in found.values()):
+        raise AtlasError(f"the circuit lens of {layer} needs the dataset examples of {layer} and {below}")
+    keys = {name: group.name.rsplit("/", 1)[-1] for name, group in found.items()}
+    settings = {"model": model.name, "weights": model.weights, "layer": layer, "below": below, "top": top}
+    group = lens_group(results, model.name, layer, "circuit", {**settings, "examples": keys})
+    rows, positions = found[layer]["row"][()], found[layer]["position"][()]
+    if "done" not in group:
+        group.create_dataset("report", shape=(len(rows),), dtype=STR)
+        group.create_dataset("done", data=np.zeros(len(rows), bool))
+    todo = [unit for unit in units if not group["done"][unit]]
+    paths, below_rows = found[layer]["paths"].asstr()[()], found[below]["row"][()]
+    for unit in progress(todo, desc=f"circuits {layer}", unit="unit", disable=not todo):
+        kept = rows[unit] >= 0
+        images = example_images(model, paths[rows[unit][kept]].tolist(), workers)
+        peaks = torch.from_numpy(positions[unit][kept]).long().to(images.device)
+        report = circuit_report(model, layer, unit, below, images, peaks, below_rows, rows[unit][kept].tolist(), top)
+        group["report"][unit] = json.dumps(report)
+        group["done"][unit] = True  # after its report: a killed run redoes only this unit
+        results.flush()
+    return len(todo)
+
+
+def stored_circuits(results: h5py.File, model: str, layer: str) -> dict[int, dict]:
+    """Unit -> its circuit report, of the latest circuit lens of `layer` in the results file."""
+    group = latest_group(results, model, layer, "circuit")
+    if group is None or "done" not in group:
+        return {}
+    reports = group["report"].asstr()
+    return {int(unit): json.loads(reports[unit]) for unit in np.flatnonzero(group["done"][()])}
+
+
+def circuit_inputs(report: dict) -> list[int]:
+    """The lower units a circuit report lists, either way, in either lens."""
+    listed = (c for lens in report["lenses"] for sign in ("positive", "negative") for c, _ in lens[sign])
+    return list(dict.fromkeys(int(c) for c in listed))

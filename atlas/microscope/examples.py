@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import h5py
@@ -86,22 +87,24 @@ def merge_top_k(best: TopK, value: np.ndarray, rows: np.ndarray, position: np.nd
 
 def top_activating(
     model: Classifier,
-    layer: str,
+    layers: Sequence[str],
     records: list[ImageRecord],
     *,
     top_k: int = TOP_K,
     batch_size: int = 32,
     workers: int | None = None,
     progress: bool | None = None,
-) -> TopK:
-    """The top-k images of every unit of `layer` by its maximum over interior positions, in one streaming pass.
+) -> dict[str, TopK]:
+    """The top-k images of every unit of each of `layers` by its maximum over interior positions, in one streaming
+    pass over the images for all the layers.
 
     Images are read as `collect` reads them (resize, centre crop); unreadable ones are skipped. Returns
-    exactly k columns (padded as in `TopK.padded`).
+    exactly k columns per layer (padded as in `TopK.padded`).
     """
     device = model_device(model)
     batches = [list(range(i, min(i + batch_size, len(records)))) for i in range(0, len(records), batch_size)]
-    best, skipped = None, 0
+    best: dict[str, TopK] = {}
+    skipped = 0
     sides = (model.resize_size, model.input_size)
     for rows, images, unreadable in load_batches(records, *sides, batches, workers, progress=progress, desc="examples"):
         for row, reason in unreadable:
@@ -110,31 +113,34 @@ def top_activating(
         if not rows:
             continue
         with torch.no_grad():
-            value, position = unit_maxima(forward(model, images.to(device), [layer])[layer])
-        best = merge_top_k(best or TopK.empty(value.shape[1]), value, np.asarray(rows), position, top_k)
-    if best is None:
+            acts = forward(model, images.to(device), list(layers))
+        for layer in layers:
+            value, position = unit_maxima(acts[layer])
+            running = best.get(layer) or TopK.empty(value.shape[1])
+            best[layer] = merge_top_k(running, value, np.asarray(rows), position, top_k)
+    if not best:
         raise AtlasError(f"none of the {len(records)} images could be read")
     if skipped:
         log.warning("%d of %d images could not be read and were skipped", skipped, len(records))
-    return best.padded(top_k)
+    return {layer: found.padded(top_k) for layer, found in best.items()}
 
 
 def dataset_examples(
     results: h5py.File,
     model: Classifier,
-    layer: str,
+    layers: Sequence[str],
     records: list[ImageRecord],
     *,
     top_k: int,
     batch_size: int = 32,
     workers: int | None = None,
-) -> bool:
-    """Store the top-k examples of every unit of `layer`; False (and nothing done) when they are stored already."""
+) -> list[str]:
+    """Store the top-k examples of every unit of each of `layers` not stored yet, in one pass over the images;
+    returns the layers it scanned (none when all were stored)."""
     paths = [r.path for r in records]
-    settings = {
+    common = {
         "model": model.name,
         "weights": model.weights,
-        "layer": layer,
         "top_k": top_k,
         "border": BORDER,
         "input_size": model.input_size,
@@ -142,16 +148,19 @@ def dataset_examples(
         "images": len(paths),
         "images_sha1": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
     }
-    group = lens_group(results, model.name, layer, "examples", settings)
-    if "value" in group:
-        log.info("%s: dataset examples of these %d images are stored already", layer, len(paths))
-        return False
-    log.info("%s: top %d images of every unit over %d images", layer, top_k, len(paths))
-    best = top_activating(model, layer, records, top_k=top_k, batch_size=batch_size, workers=workers)
-    group.attrs["map_size"] = layer_map(model, layer, model.input_size)[1:]  # where the positions lie
-    group.create_dataset("paths", data=np.array(paths, dtype=object), dtype=STR)
-    group.create_dataset("row", data=best.row)
-    group.create_dataset("position", data=best.position)
-    group.create_dataset("value", data=best.value)  # last: its presence marks the group complete
+    groups = {layer: lens_group(results, model.name, layer, "examples", {**common, "layer": layer}) for layer in layers}
+    missing = [layer for layer, group in groups.items() if "value" not in group]
+    if not missing:
+        log.info("dataset examples of these %d images are stored already", len(paths))
+        return []
+    log.info("%s: top %d images of every unit over %d images", ", ".join(missing), top_k, len(paths))
+    found = top_activating(model, missing, records, top_k=top_k, batch_size=batch_size, workers=workers)
+    for layer in missing:
+        group, best = groups[layer], found[layer]
+        group.attrs["map_size"] = layer_map(model, layer, model.input_size)[1:]  # where the positions lie
+        group.create_dataset("paths", data=np.array(paths, dtype=object), dtype=STR)
+        group.create_dataset("row", data=best.row)
+        group.create_dataset("position", data=best.position)
+        group.create_dataset("value", data=best.value)  # last: its presence marks the group complete
     results.flush()
-    return True
+    return missing

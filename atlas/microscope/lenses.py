@@ -17,7 +17,7 @@ from atlas.images import UNREADABLE, ImageRecord, load_rgb, to_model_input
 from atlas.microscope.results import lens_group
 from atlas.models.classifier import Classifier
 from atlas.optvis import PARAM, TRANSFORMS, choose_batch_size, forward, model_device, optimize_images
-from atlas.optvis.objectives import caricature, channel, deepdream
+from atlas.optvis.objectives import Objective, caricature, channel, deepdream, diversity, neuron
 from atlas.optvis.param import param_spec
 from atlas.optvis.transform import image_key, preset
 from atlas.progress import progress as progress_of
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 SIZE = 128  # lucid's default image size, param.image(128)
 STEPS = 512  # lucid's render_vis threshold (reference 2.1)
 CARICATURES = 4  # photos caricatured per layer when none are given
+DIVERSE = 4  # images per unit in the diversity lens, and the weight of the diversity term: lucid's diversity
+DIVERSITY_WEIGHT = 100.0  # notebook (batch of 4, channel - 1e2 * diversity; ours is sign-flipped, so +)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,25 @@ def parse_units(spec: str | int | None, channels: int) -> list[int]:
     return units
 
 
+# The unit lenses (Microscope's unit-level feature visualisations): the results group each is kept in, and how
+# many images it makes per unit
+UNIT_LENSES = {"channel": ("units", 1), "neuron": ("neurons", 1), "diversity": ("diversity", DIVERSE)}
+
+
+def unit_objective(kind: str, layer: str, units: Sequence[int]) -> Objective:
+    """The objective of one batch of a unit lens, one image per unit (per UNIT_LENSES' count for diversity):
+    channel: the mean over the map; neuron: the centre position only; diversity: the channel objective of each of
+    DIVERSE images per unit, plus lucid's diversity term within each unit's images."""
+    if kind == "channel":
+        return channel(layer, list(units))
+    if kind == "neuron":
+        return neuron(layer, list(units))
+    if kind == "diversity":
+        repeated = [unit for unit in units for _ in range(DIVERSE)]
+        return channel(layer, repeated) + DIVERSITY_WEIGHT * diversity(layer, group=DIVERSE)
+    raise AtlasError(f"unknown unit lens {kind!r}: choose from {', '.join(UNIT_LENSES)}")
+
+
 def render_units(
     group: h5py.Group,
     model: Classifier,
@@ -95,44 +116,58 @@ def render_units(
     channels: int,
     settings: LensSettings,
     *,
+    kind: str = "channel",
     batch_size: int | None = None,
     progress: bool = True,
 ) -> int:
-    """Render the channel visualisation of each of `units` not yet done in `group`; returns how many it rendered.
+    """Render the `kind` lens (UNIT_LENSES) of each of `units` not yet done in `group`; returns how many it rendered.
 
-    Unit u always starts from the random key (seed, u), so its image does not depend on which run or
-    batch renders it. Results are written and flushed after every batch.
+    Stored per unit: images [S, S, 3] (or [n, S, S, 3] for a lens of n images per unit) and their objective.
+    Unit u's image i always starts from the random key (seed, u, i), so it does not depend on which run or batch
+    renders it. Results are written and flushed after every batch.
     """
-    side = settings.size
+    side, per_unit = settings.size, UNIT_LENSES[kind][1]
+    many = (per_unit,) if per_unit > 1 else ()
     if "done" not in group:
         group.create_dataset(
-            "images", shape=(channels, side, side, 3), dtype=np.uint8, chunks=(1, side, side, 3), fillvalue=255
+            "images",
+            shape=(channels, *many, side, side, 3),
+            dtype=np.uint8,
+            chunks=(1, *many, side, side, 3),
+            fillvalue=255,
         )
-        group.create_dataset("objective", data=np.full(channels, np.nan, np.float32))
+        group.create_dataset("objective", data=np.full((channels, *many), np.nan, np.float32))
         group.create_dataset("done", data=np.zeros(channels, bool))
     done = group["done"][()]
     todo = [u for u in units if not done[u]]
-    log.info("%s: %d of %d units to visualise (%d done before)", layer, len(todo), len(units), len(units) - len(todo))
+    log.info(
+        "%s %s: %d of %d units to visualise (%d done before)",
+        layer,
+        kind,
+        len(todo),
+        len(units),
+        len(units) - len(todo),
+    )
     if not todo:
         return 0
     mixed_precision = resolve("render", model_device(model)).precision == "bf16"
-    options = settings.optimiser_options()
+    options = {**settings.optimiser_options(), "mixed_precision": mixed_precision}
+
+    def keys(batch: Sequence[int]) -> list[int]:
+        return [image_key(settings.seed, unit, attempt) for unit in batch for attempt in range(per_unit)]
+
     if batch_size is None:
 
         def probe(n: int) -> object:
-            trial = {**options, "steps": 2, "mixed_precision": mixed_precision}
-            return optimize_images(model, channel(layer, [todo[0]] * n), list(range(n)), **trial)
+            trial = {**options, "steps": 2}
+            return optimize_images(model, unit_objective(kind, layer, [todo[0]] * n), keys([todo[0]] * n), **trial)
 
-        batch_size = choose_batch_size(model, probe)
+        batch_size = max(1, choose_batch_size(model, probe) // per_unit)
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-    for batch in progress_of(batches, desc=f"units {layer}", unit="batch", disable=not progress):
-        images, (values,) = optimize_images(
-            model,
-            channel(layer, batch),
-            [image_key(settings.seed, unit) for unit in batch],
-            **options,
-            mixed_precision=mixed_precision,
-        )
+    for batch in progress_of(batches, desc=f"{kind} {layer}", unit="batch", disable=not progress):
+        images, (values,) = optimize_images(model, unit_objective(kind, layer, batch), keys(batch), **options)
+        images = images.reshape(len(batch), *many, side, side, 3)
+        values = values.reshape(len(batch), *many)
         store_finished(group, (np.asarray(batch),), ("images", images), {"objective": values}, "done")
     return len(todo)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import h5py
+import numpy as np
 
 from atlas.store import fingerprint, record_settings
 
@@ -24,3 +25,9 @@ def latest_group(results: h5py.File, model: str, layer: str, lens: str) -> h5py.
     if parent is None or "latest" not in parent.attrs:
         return None
     return parent.get(str(parent.attrs["latest"]))
+
+
+def done_units(results: h5py.File, model: str, layer: str, lens: str = "units") -> list[int]:
+    """The units whose latest `lens` results are done (for "units": the units with a page)."""
+    group = latest_group(results, model, layer, lens)
+    return [int(unit) for unit in np.flatnonzero(group["done"][()])] if group is not None and "done" in group else []

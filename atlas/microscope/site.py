@@ -3,10 +3,13 @@
 Plain pages with relative links, so the site also works from file://:
 
     index.html, microscope.css, microscope.js     models and their layers
-    <model>/index.html                            the model's layers
-    <model>/<layer>/index.html                    DeepDream, caricatures and every unit
-    <model>/<layer>/unit-<n>.html                 one unit: visualisation, dataset examples, atlas cells
-    <model>/<layer>/vis/, layer/, examples/<key>/ its images; <model>/images/ dataset images as the model saw them
+    <model>/index.html                            the model's graph of layers, each linked to its page
+    <model>/<layer>/index.html                    DeepDream, caricatures, a photo dreamt at each depth, every unit
+    <model>/<layer>/<unit>.html                   one unit (a stable URL to cite): channel, neuron and diverse
+                                                  visualisations, dataset examples, its circuit from the layer
+                                                  below (linked to those units' pages), atlas cells
+    <model>/<layer>/vis/, neuron/, diversity/, circuit/, layer/, examples/<key>/
+                                                  its images; <model>/images/ dataset images as the model saw them
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from pathlib import Path
 
 import h5py
 import jinja2
+import markupsafe
 import numpy as np
 from PIL import Image
 
 from atlas.examples import patch_box
+from atlas.microscope.circuits import stored_circuits
+from atlas.microscope.graph import LayerGraph, graph_svg
 from atlas.microscope.links import AtlasLinks
-from atlas.microscope.results import latest_group
+from atlas.microscope.results import done_units, latest_group
 from atlas.site import VIEWER, VIEWER_BESIDE_HOME, image_id, write_patches
 
 TEMPLATES = VIEWER / "microscope"
@@ -103,21 +109,95 @@ def _example_figures(examples: h5py.Group, unit: int, root: str, model_dir: str,
     return figures
 
 
+def _weight_map(values: list[list[float]], scale: float, path: Path) -> None:
+    """A k x k map of expanded weights as a small picture: red positive, blue negative, white zero."""
+    share = np.clip(np.asarray(values) / max(scale, 1e-12), -1, 1)[..., None]
+    red, blue = np.array([214.0, 39, 40]), np.array([31.0, 119, 180])
+    rgb = 255 + np.where(share > 0, share * (red - 255), -share * (blue - 255))
+    picture = Image.fromarray(rgb.round().astype(np.uint8)).resize((12 * len(values),) * 2, Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+
+
+def _circuit_figure(report: dict, layer_dir: Path, below_pages: set[int]) -> dict:
+    """What a unit page shows of its circuit: per lens its inputs either way (linked where the lower unit has a
+    page, with its k x k expanded-weight map where there is one) and the ablation of its top inputs."""
+    below = slug(report["below"])
+    lenses = []
+    for lens in report["lenses"]:
+        maps = lens.get("maps", {})
+        scale = max((np.abs(m).max() for m in map(np.asarray, maps.values())), default=1.0)
+        listed = {}
+        for sign in ("positive", "negative"):
+            listed[sign] = []
+            for channel, value in lens[sign]:
+                entry = {"unit": channel, "value": value, "page": channel in below_pages, "map": None}
+                entry["href"], entry["thumb"] = f"../{below}/{channel}.html", f"../{below}/vis/{channel}.png"
+                if str(channel) in maps:
+                    entry["map"] = f"circuit/{report['unit']}-{channel}.png"
+                    _weight_map(maps[str(channel)], scale, layer_dir / entry["map"])
+                listed[sign].append(entry)
+        lenses.append({"how": lens["how"], **listed})
+    return {
+        "below": report["below"],
+        "lenses": lenses,
+        "no_weights": report.get("no_weights"),
+        "no_ablation": report.get("no_ablation"),
+        "ablation": sorted(((int(c), f) for c, f in report["ablation"].items()), key=lambda item: -item[1]),
+        "shared": {int(c): share for c, share in report["shared_examples"].items()},
+    }
+
+
+def _users(results: h5py.File, model: str, layer: str) -> dict[int, list[tuple[str, int, float]]]:
+    """Lower unit -> [(upper layer, unit, attribution)] of the stored circuits that list it as a positive input."""
+    users: dict[int, list[tuple[str, int, float]]] = {}
+    for upper in results[model]:
+        for unit, report in stored_circuits(results, model, upper).items():
+            if report["below"] == layer:
+                for channel, value in report["lenses"][-1]["positive"]:  # the attribution lens: any model has it
+                    users.setdefault(int(channel), []).append((upper, unit, value))
+    return users
+
+
+def _dreams(results: h5py.File, model: str, order: list[str]) -> list[dict]:
+    """The stored photo dreams of the model's layers, in forward order: [{layer, photo}]."""
+    dreams = []
+    for layer in sorted(results[model], key=lambda name: order.index(name) if name in order else len(order)):
+        group = latest_group(results, model, layer, "dream")
+        if group is not None and "image" in group:
+            dreams.append({"layer": layer, "photo": json.loads(group.attrs["settings"])["photo"]})
+    return dreams
+
+
 def write_layer_site(out: Path, results: h5py.File, model: str, layer: str, atlas: AtlasLinks | None) -> list[int]:
     """The layer page and a page per visualised unit (latest settings) of one layer; returns those units."""
-    vis = latest_group(results, model, layer, "units")
-    if vis is None or "done" not in vis:
+    units = done_units(results, model, layer)
+    if not units:
         return []
-    units = np.flatnonzero(vis["done"][()]).tolist()
+    vis = latest_group(results, model, layer, "units")
     examples = latest_group(results, model, layer, "examples")
     examples = examples if examples is not None and "value" in examples else None
     layer_dir = out / slug(model) / slug(layer)
+    (layer_dir / "layer").mkdir(parents=True, exist_ok=True)
     for unit in units:
         _save_png(vis["images"][unit], layer_dir / "vis" / f"{unit}.png")
+    extra = {}  # the other unit lenses: unit -> the images of each
+    for lens in ("neurons", "diversity"):
+        group = latest_group(results, model, layer, lens)
+        for unit in set(done_units(results, model, layer, lens)) & set(units):
+            images = group["images"][unit]
+            images = images if images.ndim == 4 else images[None]
+            extra.setdefault(unit, {})[lens] = [f"{lens}/{unit}-{i}.png" for i in range(len(images))]
+            for i, image in enumerate(images):
+                _save_png(image, layer_dir / lens / f"{unit}-{i}.png")
     dream = latest_group(results, model, layer, "deepdream")
     dream = dream if dream is not None and "image" in dream else None
     if dream is not None:
         _save_png(dream["image"][()], layer_dir / "layer" / "deepdream.png")
+    photo_dream = latest_group(results, model, layer, "dream")
+    if photo_dream is not None and "image" in photo_dream:
+        Image.fromarray(photo_dream["input"][()]).save(layer_dir / "layer" / "dream-photo.jpg", quality=90)
+        Image.fromarray(photo_dream["image"][()]).save(layer_dir / "layer" / "dream.jpg", quality=90)
     cartoons = latest_group(results, model, layer, "caricature")
     photos = cartoons["photos"].asstr()[()].tolist() if cartoons is not None and "images" in cartoons else []
     for i, (photo, image) in enumerate(zip(cartoons["inputs"], cartoons["images"], strict=True) if photos else []):
@@ -129,6 +209,11 @@ def write_layer_site(out: Path, results: h5py.File, model: str, layer: str, atla
             if stale.name != key:
                 shutil.rmtree(stale)
         write_example_images(examples, units, out / slug(model) / "images", layer_dir / "examples" / key)
+    circuits = stored_circuits(results, model, layer)
+    below_pages = {
+        name: set(done_units(results, model, name)) for name in {report["below"] for report in circuits.values()}
+    }
+    users = _users(results, model, layer)
 
     root = "../../"
     settings = json.loads(vis.attrs["settings"])
@@ -136,19 +221,25 @@ def write_layer_site(out: Path, results: h5py.File, model: str, layer: str, atla
     if examples is not None:
         common |= {"top_k": examples["row"].shape[1], "images": json.loads(examples.attrs["settings"])["images"]}
     for i, unit in enumerate(units):
+        report = circuits.get(unit)
         _render(
             "unit.html",
-            layer_dir / f"unit-{unit}.html",
+            layer_dir / f"{unit}.html",
             **common,
             title=f"{model} · {layer} · unit {unit}",
             crumbs=[(model, "../index.html"), (layer, "index.html"), (f"unit {unit}", None)],
+            layer=layer,
             unit=unit,
             previous=units[i - 1] if i else None,
             following=units[i + 1] if i + 1 < len(units) else None,
             objective=float(vis["objective"][unit]),
+            lenses={"neurons": [], "diversity": [], **extra.get(unit, {})},
             examples=None if examples is None else _example_figures(examples, unit, root, slug(model), key),
+            circuit=None if report is None else _circuit_figure(report, layer_dir, below_pages[report["below"]]),
+            users=sorted(users.get(unit, []), key=lambda use: -use[2]),
             cells=atlas.cells.get(unit, []) if atlas is not None else [],
         )
+    graph = json.loads(results[model].attrs.get("graph", '{"nodes": []}'))
     _render(
         "layer.html",
         layer_dir / "index.html",
@@ -159,6 +250,7 @@ def write_layer_site(out: Path, results: h5py.File, model: str, layer: str, atla
         layer=layer,
         units=units,
         dream_objective=float(dream.attrs["objective"]) if dream is not None else None,
+        dreams=_dreams(results, model, [node[0] for node in graph["nodes"]]),
         photos=photos,
         atlas=atlas,
     )
@@ -169,7 +261,8 @@ def _site_contents(results: h5py.File) -> dict[str, list[tuple[str, int, bool]]]
     """Model -> [(layer, visualised units, has a DeepDream)] of everything in the results file."""
     contents: dict[str, list[tuple[str, int, bool]]] = {}
     for model, layers in results.items():
-        for layer in layers:
+        order = [node[0] for node in json.loads(layers.attrs.get("graph", '{"nodes": []}'))["nodes"]]
+        for layer in sorted(layers, key=lambda name: (order.index(name) if name in order else len(order), name)):
             vis = latest_group(results, model, layer, "units")
             if vis is not None and "done" in vis:
                 dream = latest_group(results, model, layer, "deepdream")
@@ -184,6 +277,9 @@ def write_index(out: Path, results: h5py.File) -> Path:
     for name in ("microscope.css", "microscope.js"):
         shutil.copyfile(TEMPLATES / name, out / name)
     for model, layers in contents.items():
+        stored = json.loads(results[model].attrs.get("graph", '{"nodes": [], "edges": []}'))
+        graph = LayerGraph([tuple(node) for node in stored["nodes"]], [tuple(edge) for edge in stored["edges"]])
+        pages = {layer: f"{slug(layer)}/index.html" for layer, *_ in layers}
         _render(
             "model.html",
             out / slug(model) / "index.html",
@@ -192,6 +288,7 @@ def write_index(out: Path, results: h5py.File) -> Path:
             title=model,
             crumbs=[(model, None)],
             layers=layers,
+            graph=markupsafe.Markup(graph_svg(graph, pages.get)) if graph.nodes else None,
         )
     index = out / "index.html"
     _render(

@@ -254,19 +254,22 @@ def _centre_crop(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return t[..., top : top + height, left : left + width]
 
 
-def diversity(layer: str) -> Objective:
-    """Minus each image's mean cosine similarity of Gram matrices with the other images of the batch.
+def diversity(layer: str, group: int | None = None) -> Objective:
+    """Minus each image's mean cosine similarity of Gram matrices with the other images of its group.
 
     Lucid's diversity, with the sign flipped so that it is maximised like every other objective
-    (lucid returns +similarity and is used with a negative weight). Zero for a batch of one.
+    (lucid returns +similarity and is used with a negative weight). group: the batch is consecutive groups of
+    this many images, each made diverse on its own (several units' images in one batch); None: the whole batch.
+    Zero for a group of one.
     """
 
     def fn(acts: Activations) -> torch.Tensor:
         h = _acts(acts, layer).flatten(2)  # [B, C, HW]
-        grams = F.normalize(torch.bmm(h, h.transpose(1, 2)).flatten(1), dim=1)
-        similarity = grams @ grams.T
-        others = similarity.sum(1) - similarity.diagonal()
-        return -others / max(1, h.shape[0] - 1)
+        size = group or h.shape[0]
+        grams = F.normalize(torch.bmm(h, h.transpose(1, 2)).flatten(1), dim=1).unflatten(0, (-1, size))
+        similarity = grams @ grams.transpose(1, 2)  # [groups, size, size]
+        others = similarity.sum(2) - similarity.diagonal(dim1=1, dim2=2)
+        return (-others / max(1, size - 1)).flatten()
 
     return Objective(fn, [layer], f"diversity({layer})")
 
