@@ -76,7 +76,8 @@ microscope: install
 	$(ATLAS) run microscope $(if $(MODEL),--model $(MODEL)) \
 		$(if $(or $(LAYERS),$(LAYER)),--layer $(or $(LAYERS),$(LAYER))) \
 		$(if $(DATA),--data $(DATA)) $(if $(UNITS),--units $(UNITS)) $(if $(STEPS),--steps $(STEPS)) \
-		$(if $(N),--limit $(N)) $(if $(DEVICE),--device $(DEVICE)) --out $(or $(OUT),data/microscope)
+		$(if $(N),--limit $(N)) $(if $(DEVICE),--device $(DEVICE)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+		--out $(or $(OUT),data/microscope)
 
 view: install
 	@test -n "$(OUT)" || { echo "usage: make view OUT=<run folder written by atlas compose>"; exit 2; }

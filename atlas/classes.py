@@ -1,5 +1,5 @@
-"""Class names: the label sets the models use (ImageNet-1k, lucid InceptionV1's 1008 logits), and what a user
-types ("Great White Shark", "great_white_shark", "2", "n01484850") resolved to an index."""
+"""Class names: the label sets the models use (ImageNet-1k, lucid InceptionV1's 1008 logits, Places365's scenes),
+and what a user types ("Great White Shark", "great_white_shark", "2", "n01484850") resolved to an index."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from atlas import AtlasError
 
 INCEPTIONV1_LOGITS = 1008  # lucid's InceptionV1 head: 1000 ImageNet classes, a 'dummy' and 7 unused
+PLACES365_LOGITS = 365
 
 
 @cache
@@ -115,3 +116,16 @@ def inceptionv1_imagenet_index(imagenet_wnids: list[str]) -> list[int]:
     """For each ImageNet-1k class index (the order of `imagenet_wnids`), InceptionV1's logit of that class."""
     by_wnid = {wnid: index for wnid, index, _name in _inceptionv1_lines()}
     return [by_wnid[wnid] for wnid in imagenet_wnids]
+
+
+def places365_classes() -> list[str]:
+    """The 365 Places365 scene names in logit order: "airfield", ..., "apartment building/outdoor", ...
+
+    atlas/places365_classes.txt is CSAILVision/places365's categories_places365.txt (github.com/CSAILVision/places365,
+    commit 06218620), whose lines read "/a/apartment_building/outdoor 8": kept in its order, one name a line,
+    without the "/a/" prefix and the index, "_" written as a space ("/outdoor" and the like name sub-categories).
+    """
+    names = Path(__file__).with_name("places365_classes.txt").read_text().splitlines()
+    if len(names) != PLACES365_LOGITS:
+        raise AtlasError(f"places365_classes.txt has {len(names)} names, not {PLACES365_LOGITS}")
+    return names

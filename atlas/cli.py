@@ -37,13 +37,15 @@ def _add_layers(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model zoo: name, input size, default layer, weights source")
+    p = sub.add_parser("models", help="list the model zoo: name, input size, default layer, labels, weights source")
 
     def run(_args: argparse.Namespace) -> None:
         from atlas.models.registry import zoo_table
 
-        for name, size, layer, weights in zoo_table():
-            print(f"{name:<20}{size:<10}{layer:<14}{weights}")
+        rows = zoo_table()
+        widths = [max(len(row[i]) for row in rows) + 2 for i in range(4)]  # columns as wide as their longest entry
+        for *columns, weights in rows:
+            print("".join(f"{text:<{width}}" for text, width in zip(columns, widths, strict=True)) + weights)
         print("and any torchvision classifier by name, or your own as package.module:factory")
 
     p.set_defaults(run=run)

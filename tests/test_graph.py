@@ -123,8 +123,9 @@ def test_inplace_relus_give_the_chain():
 
 
 def test_torchvision_alexnet_is_a_chain():
-    layers = ["features.1", "features.4", "features.7", "features.9", "features.11"]
-    graph = layer_graph(load_model("alexnet", weights="random"), layers)
+    modules = ["features.1", "features.4", "features.7", "features.9", "features.11"]  # the ReLUs, in place
+    layers = ["conv1", "conv2", "conv3", "conv4", "conv5"]  # their Microscope names, as the graph reports them
+    graph = layer_graph(load_model("alexnet", weights="random"), modules)
     assert [name for name, *_ in graph.nodes] == layers
     assert graph.edges == list(zip(layers[:-1], layers[1:], strict=True))
 

@@ -21,7 +21,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImagenetNormalize(nn.Module):
-    """(x - mean) / std for a [0, 1] batch: torchvision's preprocessing, differentiable."""
+    """(x - mean) / std for a [0, 1] batch, differentiable: torchvision's preprocessing, or a timm model's (its
+    pretrained_cfg's mean and std)."""
 
     def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         super().__init__()

@@ -29,6 +29,13 @@ MIXED_CHANNELS = {
     "mixed5a": (832, 256, 160, 320, 48, 128, 128),
     "mixed5b": (832, 384, 192, 384, 48, 128, 128),
 }
+# the GoogLeNet paper's plan (Szegedy et al. 2014, table 1), which Caffe's GoogLeNet-Places365 follows: inception5h
+# differs in mixed4a's 3x3 (208 there, so 512 into mixed4b) and mixed5a's 5x5 bottleneck (32 there)
+PAPER_CHANNELS = MIXED_CHANNELS | {
+    "mixed4a": (480, 192, 96, 208, 16, 48, 64),
+    "mixed4b": (512, 160, 112, 224, 24, 64, 64),
+    "mixed5a": (832, 256, 160, 320, 32, 128, 128),
+}
 STRIDE2_POOL_BEFORE = {"mixed4a": "maxpool4", "mixed5a": "maxpool10"}  # lucid's names for the grid reductions
 # the graph's LRN: depth radius 4, bias 1, beta 0.5; alpha as in lucent's conversion (torch divides it by size)
 LRN = {"size": 9, "alpha": 9.99999974738e-05, "beta": 0.5, "k": 1.0}
@@ -82,8 +89,9 @@ class Concat(nn.Module):
 class InceptionV1(nn.Module):
     """The inception5h graph on input in [-117, 138] (255 x - 117 for x in [0, 1]); returns the 1008 logits."""
 
-    def __init__(self, classes: int = INCEPTIONV1_LOGITS):
+    def __init__(self, classes: int = INCEPTIONV1_LOGITS, channels: dict[str, tuple[int, ...]] = MIXED_CHANNELS):
         super().__init__()
+        self.channels = channels
         # registered in forward order, so listings of the layers read top to bottom
         self._conv("conv2d0", 3, 64, 7, stride=2)  # TF 'SAME' padded in forward (asymmetric on even input)
         self.maxpool0 = stride2_pool()
@@ -92,7 +100,7 @@ class InceptionV1(nn.Module):
         self._conv("conv2d2", 64, 192, 3)
         self.localresponsenorm1 = LocalResponseNorm(**LRN)
         self.maxpool1 = stride2_pool()
-        for name, (cin, c1, c3r, c3, c5r, c5, cpool) in MIXED_CHANNELS.items():
+        for name, (cin, c1, c3r, c3, c5r, c5, cpool) in channels.items():
             if name in STRIDE2_POOL_BEFORE:
                 setattr(self, STRIDE2_POOL_BEFORE[name], stride2_pool())
             self._conv(f"{name}_1x1", cin, c1, 1)
@@ -127,7 +135,7 @@ class InceptionV1(nn.Module):
         x = self.localresponsenorm0(self.maxpool0(x))
         x = self._conv_relu("conv2d2", self._conv_relu("conv2d1", x))
         x = self.maxpool1(self.localresponsenorm1(x))
-        for name in MIXED_CHANNELS:
+        for name in self.channels:
             if name in STRIDE2_POOL_BEFORE:
                 x = getattr(self, STRIDE2_POOL_BEFORE[name])(x)
             x = self._mixed(name, x)

