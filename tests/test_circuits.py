@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from atlas import AtlasError
-from atlas.microscope.circuits import ablation, attribution_inputs, expanded_weights, unit_circuit
+from atlas.microscope.circuits import (
+    ablation,
+    attribution_inputs,
+    expanded_weights,
+    lower_neighbours,
+    unit_circuit,
+)
 from atlas.microscope.examples import unit_maxima
 from atlas.models.classifier import Classifier
 from atlas.optvis import forward
@@ -98,6 +104,14 @@ def test_a_layer_that_is_not_below_is_refused(net):
         expanded_weights(net, "layer1", 0, "layer2")
     with pytest.raises(AtlasError, match="units 0..3"):
         expanded_weights(net, "layer2", 7, "layer1")
+
+
+def test_each_layer_reads_its_circuit_from_the_next_one_below_in_the_run(net):
+    assert lower_neighbours(net, ["layer2", "conv1", "layer1"]) == {
+        "conv1": None,
+        "layer1": "conv1",
+        "layer2": "layer1",
+    }
 
 
 def test_no_expanded_weights_through_a_smooth_nonlinearity():

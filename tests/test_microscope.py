@@ -104,6 +104,16 @@ def test_top_k_examples_equal_brute_force(tmp_path: Path) -> None:
             assert interior[y, x] and maps[row, unit, y, x] == maxima[row]
 
 
+def test_one_pass_over_several_layers_finds_what_one_pass_each_finds(tmp_path: Path) -> None:
+    model = tiny_classifier()
+    records = [ImageRecord(str(p)) for p in sorted(write_photos(tmp_path / "photos", count=7).iterdir())]
+    both = top_activating(model, ["1", LAYER], records, top_k=3, batch_size=2, workers=0, progress=False)
+    for layer in ("1", LAYER):
+        alone = top_activating(model, [layer], records, top_k=3, batch_size=2, workers=0, progress=False)[layer]
+        for field in ("value", "row", "position"):
+            np.testing.assert_array_equal(getattr(both[layer], field), getattr(alone, field))
+
+
 def test_unit_maxima_leave_out_the_border_unless_the_map_has_no_interior() -> None:
     acts = torch.zeros(1, 1, 4, 4)
     acts[0, 0, 0, 3], acts[0, 0, 2, 1] = 9.0, 5.0  # the larger one on the border
@@ -159,6 +169,21 @@ def test_parse_units() -> None:
     for bad in ("9", "1,x", "3-10", ","):
         with pytest.raises(AtlasError):
             parse_units(bad, 8)
+
+
+def test_the_unit_lenses_objectives() -> None:
+    acts = {LAYER: torch.rand(8, 3, 5, 5)}  # diversity: four images per unit, units 0 and 2 in one batch
+    channel, neuron = lenses.unit_objective("channel", LAYER, [2]), lenses.unit_objective("neuron", LAYER, [2])
+    torch.testing.assert_close(channel({LAYER: acts[LAYER][:1]}), acts[LAYER][:1, 2].mean((1, 2)))
+    torch.testing.assert_close(neuron({LAYER: acts[LAYER][:1]}), acts[LAYER][:1, 2, 2, 2])  # the centre only
+    diverse = lenses.unit_objective("diversity", LAYER, [0, 2])(acts)
+    expected = torch.cat([acts[LAYER][:4, 0].mean((1, 2)), acts[LAYER][4:, 2].mean((1, 2))])
+    assert lenses.DIVERSE == 4 and not torch.allclose(diverse, expected)  # the diversity term counts
+    from atlas.optvis.objectives import diversity
+
+    torch.testing.assert_close(diverse, expected + lenses.DIVERSITY_WEIGHT * diversity(LAYER, group=4)(acts))
+    with pytest.raises(AtlasError, match="unknown unit lens"):
+        lenses.unit_objective("pixel", LAYER, [0])
 
 
 def test_a_page_per_unit_and_rerun_reuses_finished_units(tmp_path: Path, monkeypatch) -> None:
@@ -286,5 +311,7 @@ def test_a_unit_page_lists_its_inputs_from_the_layer_below_and_links_to_their_pa
     assert 'class="lens circuit"' not in (lower_dir / "0.html").read_text()  # the lowest layer has no circuit
     model_page = (run / "hand-set" / "index.html").read_text()
     assert 'href="mixed4b/index.html"' in model_page and 'href="mixed4c/index.html"' in model_page
+    edges = re.findall(r'class="edge" data-from="([^"]+)" data-to="([^"]+)"', model_page)
+    assert ("mixed4b", "bottleneck_conv") in edges and ("conv2", "mixed4c") in edges  # the graph's edges
     layer_page = (upper_dir / "index.html").read_text()
     assert re.findall(r'src="\.\./(mixed4[bc])/layer/dream\.jpg"', layer_page) == ["mixed4b", "mixed4c"]

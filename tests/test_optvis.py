@@ -214,6 +214,15 @@ def test_objectives_are_per_image_and_compose():
         assert objective(acts).shape == (4,)
 
 
+def test_diversity_in_groups_compares_each_image_with_its_own_group_only():
+    same, other = torch.rand(5, 3, 3), torch.rand(2, 5, 3, 3)
+    batch = {"L": torch.stack([same, same, *other])}  # two units' images in one batch: a pair alike, a pair not
+    grouped = objectives.diversity("L", group=2)(batch)
+    torch.testing.assert_close(grouped[:2], objectives.diversity("L")({"L": batch["L"][:2]}))
+    torch.testing.assert_close(grouped[2:], objectives.diversity("L")({"L": other}))
+    assert (grouped[:2] < grouped[2:].min()).all()
+
+
 def test_diversity_prefers_different_images_and_caricature_prefers_the_reference():
     ref = torch.rand(5, 3, 3)
     same = {"L": ref.expand(3, 5, 3, 3).clone()}
