@@ -22,17 +22,16 @@ from atlas.microscope.examples import TOP_K, dataset_examples
 from atlas.microscope.graph import graph_layers, microscope_layers, store_graph
 from atlas.microscope.lenses import (
     CARICATURES,
-    DIVERSE,
-    DIVERSITY_WEIGHT,
     UNIT_LENSES,
     LensSettings,
     default_photos,
     layer_lenses,
     parse_units,
     render_units,
+    unit_lens_group,
 )
 from atlas.microscope.links import link_atlas
-from atlas.microscope.results import RESULTS, done_units, lens_group
+from atlas.microscope.results import RESULTS, done_units
 from atlas.microscope.site import write_index, write_layer_site
 from atlas.models.classifier import Classifier
 from atlas.models.zoo import load_model
@@ -95,11 +94,8 @@ def run_microscope(
                     shown[below] = list(dict.fromkeys(shown[below] + inputs))
         with _timed(timings, "units_s"):
             for layer, count in channels.items():
-                for kind, (group_name, _per_unit) in UNIT_LENSES.items():
-                    settings = {"model": net.name, "weights": net.weights, "layer": layer, **lens.record()}
-                    if kind == "diversity":
-                        settings |= {"images": DIVERSE, "weight": DIVERSITY_WEIGHT}
-                    group = lens_group(results, net.name, layer, group_name, settings)
+                for kind in UNIT_LENSES:
+                    group = unit_lens_group(results, net, layer, kind, lens)
                     todo = shown[layer] if kind == "channel" else chosen[layer]  # thumbnails for the listed inputs
                     counts["rendered"] += render_units(
                         group, net, layer, todo, count, lens, kind=kind, batch_size=batch_size, progress=progress
@@ -141,7 +137,7 @@ def _run_layers(net: Classifier, layers: Sequence[str] | None) -> list[str]:
     if not layers:
         return [net.resolve_layer(net.default_layer)]
     if list(layers) == ["all"]:
-        return microscope_layers(net)
+        return microscope_layers(net, spatial=True)
     return list(dict.fromkeys(net.resolve_layer(layer) for layer in layers))
 
 

@@ -315,3 +315,13 @@ def test_a_unit_page_lists_its_inputs_from_the_layer_below_and_links_to_their_pa
     assert ("mixed4b", "bottleneck_conv") in edges and ("conv2", "mixed4c") in edges  # the graph's edges
     layer_page = (upper_dir / "index.html").read_text()
     assert re.findall(r'src="\.\./(mixed4[bc])/layer/dream\.jpg"', layer_page) == ["mixed4b", "mixed4c"]
+
+
+def test_all_layers_are_the_models_microscope_layers_with_a_map() -> None:
+    from atlas.microscope.graph import microscope_layers
+    from atlas.models.zoo import load_model
+
+    alexnet = load_model("alexnet", weights="random")
+    assert microscope_layers(alexnet) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]  # the graph's
+    assert microscope_layers(alexnet, spatial=True) == ["conv1", "conv2", "conv3", "conv4", "conv5"]  # with units
+    assert microscope_layers(tiny_classifier()) == ["0", "1", "2", "3", "4", LAYER, "6"]  # top-level, with a map

@@ -84,15 +84,17 @@ def layer_graph(model: Classifier, layers: Sequence[str]) -> LayerGraph:
     return LayerGraph(nodes, sorted(edges, key=lambda e: (rank[e[1]], rank[e[0]])))
 
 
-def microscope_layers(model: Classifier) -> list[str]:
+def microscope_layers(model: Classifier, spatial: bool = False) -> list[str]:
     """The layers a Microscope shows of `model`, in forward order: a zoo model's `microscope_layers` (Microscope's
-    own names where they exist), else the top-level modules of its network with a spatial output."""
+    own names where they exist), else the top-level modules of its network with a spatial output. spatial: only
+    those with a spatial map (the ones with unit visualisations; not fc6)."""
+    maps = {name for name, *_shape in model.layer_shapes()}
     info = ZOO.get(model.name)
     if info is not None and info.microscope_layers:
-        return [model.resolve_layer(layer) for layer in info.microscope_layers]
-    spatial = {name for name, *_shape in model.layer_shapes()}
+        layers = [model.resolve_layer(layer) for layer in info.microscope_layers]
+        return [layer for layer in layers if layer in maps or not spatial]
     top = [model.resolve_layer(name) for name, _ in model.net.named_children()]
-    return [layer for layer in top if layer in spatial]
+    return [layer for layer in top if layer in maps]
 
 
 def graph_layers(model: Classifier, layers: Sequence[str]) -> list[str]:

@@ -108,6 +108,14 @@ def unit_objective(kind: str, layer: str, units: Sequence[int]) -> Objective:
     raise AtlasError(f"unknown unit lens {kind!r}: choose from {', '.join(UNIT_LENSES)}")
 
 
+def unit_lens_group(results: h5py.File, model: Classifier, layer: str, kind: str, settings: LensSettings) -> h5py.Group:
+    """The results group of the `kind` unit lens (UNIT_LENSES) of `layer` for these settings."""
+    record = {"model": model.name, "weights": model.weights, "layer": layer, **settings.record()}
+    if kind == "diversity":
+        record |= {"images": DIVERSE, "weight": DIVERSITY_WEIGHT}
+    return lens_group(results, model.name, layer, UNIT_LENSES[kind][0], record)
+
+
 def render_units(
     group: h5py.Group,
     model: Classifier,
