@@ -110,11 +110,13 @@ def _example_figures(examples: h5py.Group, unit: int, root: str, model_dir: str,
 
 
 def _weight_map(values: list[list[float]], scale: float, path: Path) -> None:
-    """A k x k map of expanded weights as a small picture: red positive, blue negative, white zero."""
+    """A k x k map of expanded weights (h x w at a map's edge) as a small picture: red positive, blue negative,
+    white zero."""
     share = np.clip(np.asarray(values) / max(scale, 1e-12), -1, 1)[..., None]
     red, blue = np.array([214.0, 39, 40]), np.array([31.0, 119, 180])
     rgb = 255 + np.where(share > 0, share * (red - 255), -share * (blue - 255))
-    picture = Image.fromarray(rgb.round().astype(np.uint8)).resize((12 * len(values),) * 2, Image.NEAREST)
+    height, width = share.shape[:2]
+    picture = Image.fromarray(rgb.round().astype(np.uint8)).resize((12 * width, 12 * height), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
 
