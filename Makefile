@@ -26,6 +26,8 @@ CLASS ?= great white shark
 VS ?=
 STORE ?=
 UNITS ?=
+# make microscope's unit lenses: LENSES=channel,neuron (default: channel, neuron and diversity)
+LENSES ?=
 STEPS ?=
 
 .PHONY: install test lint mutants atlas class-atlas microscope view bench gpu-check wheelhouse clean
@@ -76,6 +78,7 @@ microscope: install
 	$(ATLAS) run microscope $(if $(MODEL),--model $(MODEL)) \
 		$(if $(or $(LAYERS),$(LAYER)),--layer $(or $(LAYERS),$(LAYER))) \
 		$(if $(DATA),--data $(DATA)) $(if $(UNITS),--units $(UNITS)) $(if $(STEPS),--steps $(STEPS)) \
+		$(if $(LENSES),--lenses $(LENSES)) \
 		$(if $(N),--limit $(N)) $(if $(DEVICE),--device $(DEVICE)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
 		--out $(or $(OUT),data/microscope)
 

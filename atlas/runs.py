@@ -169,6 +169,12 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--photos", action="append", help="photo to caricature (repeatable; default: some from --data)")
     p.add_argument("--caricatures", type=int, default=4, help="photos from --data to caricature without --photos")
+    p.add_argument(
+        "--lenses",
+        type=layer_list,
+        help="unit lenses, of channel,neuron,diversity (default: all three; channel is the unit page's own, so always "
+        "in): fewer cost less (diversity optimises 4 images per unit)",
+    )
     p.add_argument("--atlas", help="run folder with this layer's atlas to link units to (default: --out)")
     p.add_argument("--store", help="that atlas's HDF5 store (default: ATLAS/store.h5)")
     p.add_argument("--batch-size", type=int, help="units optimised together (default: fit GPU memory; 16 on CPU)")
@@ -192,6 +198,7 @@ def _add_microscope(sub: argparse._SubParsersAction) -> None:
             limit=args.limit,
             photos=args.photos,
             caricatures=args.caricatures,
+            lenses=args.lenses,
             atlas=args.atlas,
             store=args.store,
             batch_size=args.batch_size,

@@ -22,8 +22,8 @@ from atlas.microscope.examples import TOP_K, dataset_examples
 from atlas.microscope.graph import graph_layers, microscope_layers, store_graph
 from atlas.microscope.lenses import (
     CARICATURES,
-    UNIT_LENSES,
     LensSettings,
+    checked_lenses,
     default_photos,
     layer_lenses,
     parse_units,
@@ -48,6 +48,7 @@ def run_microscope(
     data: str | Path = "demo",
     units: str | int | None = None,
     lens: LensSettings = LensSettings(),
+    lenses: Sequence[str] | None = None,
     top_k: int = TOP_K,
     limit: int | None = None,
     photos: Sequence[str] | None = None,
@@ -68,10 +69,12 @@ def run_microscope(
     units those circuits list are visualised too, so the links between the layers' unit pages all lead somewhere.
     units: see `parse_units` (default: every unit), per layer. atlas: a run folder holding a layer's atlas (default:
     `out` itself); store: its HDF5 store with the grid means (default: <atlas>/store.h5).
-    lens: how the unit visualisations, DeepDream and caricatures are optimised.
+    lens: how the unit visualisations, DeepDream and caricatures are optimised; lenses: the unit lenses to render
+    (UNIT_LENSES; default: all; "channel" is always among them).
     """
     if top_k < 1 or caricatures < 0 or (batch_size is not None and batch_size < 1):
         raise AtlasError("top-k and batch size must be positive and caricatures not negative")
+    kinds = checked_lenses(lenses)
     net = _prepared_model(model, weights, device)
     below_of = lower_neighbours(net, _run_layers(net, layers))  # in forward order
     channels = {layer: _layer_channels(net, layer, lens.size) for layer in below_of}
@@ -94,7 +97,7 @@ def run_microscope(
                     shown[below] = list(dict.fromkeys(shown[below] + inputs))
         with _timed(timings, "units_s"):
             for layer, count in channels.items():
-                for kind in UNIT_LENSES:
+                for kind in kinds:
                     group = unit_lens_group(results, net, layer, kind, lens)
                     todo = shown[layer] if kind == "channel" else chosen[layer]  # thumbnails for the listed inputs
                     counts["rendered"] += render_units(

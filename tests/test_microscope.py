@@ -267,6 +267,10 @@ def test_bad_input_is_one_line_error(tmp_path: Path, capsys) -> None:
     assert "outside the layer's 8 channels" in capsys.readouterr().err
     assert main([*base, "--layer", "mixed9z"]) == 2
     assert "unknown layer" in capsys.readouterr().err
+    assert main([*base, "--layer", LAYER, "--lenses", "channel,pixel"]) == 2
+    assert "unknown unit lens pixel" in capsys.readouterr().err
+    assert main([*base, "--layer", LAYER, "--lenses", "neuron"]) == 2
+    assert "keep it in --lenses" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # validated before anything is written
     manifest = tmp_path / "out" / "atlases.json"
     manifest.parent.mkdir()
@@ -325,3 +329,13 @@ def test_all_layers_are_the_models_microscope_layers_with_a_map() -> None:
     assert microscope_layers(alexnet) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]  # the graph's
     assert microscope_layers(alexnet, spatial=True) == ["conv1", "conv2", "conv3", "conv4", "conv5"]  # with units
     assert microscope_layers(tiny_classifier()) == ["0", "1", "2", "3", "4", LAYER, "6"]  # top-level, with a map
+
+
+def test_lenses_left_out_are_not_rendered(tmp_path: Path) -> None:
+    photos = str(write_photos(tmp_path / "photos"))
+    run = tmp_path / "run"
+    assert main(["run", "microscope", "--model", TINY, "--layer", LAYER, "--data", photos, "--units", "2", "--out",
+                 str(run), *FAST, "--lenses", "channel,neuron"]) == 0  # fmt: skip
+    layer_dir = run / "tiny" / LAYER
+    assert (layer_dir / "neurons" / "1-0.png").is_file() and not (layer_dir / "diversity").exists()
+    assert "Diversity" not in (layer_dir / "1.html").read_text()

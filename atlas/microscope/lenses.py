@@ -94,6 +94,18 @@ def parse_units(spec: str | int | None, channels: int) -> list[int]:
 UNIT_LENSES = {"channel": ("units", 1), "neuron": ("neurons", 1), "diversity": ("diversity", DIVERSE)}
 
 
+def checked_lenses(lenses: Sequence[str] | None) -> list[str]:
+    """The unit lenses to render, in UNIT_LENSES' order (None: all); an AtlasError naming an unknown one, or when
+    "channel", the lens every unit page is made of, is left out."""
+    chosen = set(UNIT_LENSES if lenses is None else lenses)
+    unknown = sorted(chosen - set(UNIT_LENSES))
+    if unknown:
+        raise AtlasError(f"unknown unit lens {', '.join(unknown)}: choose from {', '.join(UNIT_LENSES)}")
+    if "channel" not in chosen:
+        raise AtlasError("the channel lens makes the unit pages: keep it in --lenses")
+    return [kind for kind in UNIT_LENSES if kind in chosen]
+
+
 def unit_objective(kind: str, layer: str, units: Sequence[int]) -> Objective:
     """The objective of one batch of a unit lens, one image per unit (per UNIT_LENSES' count for diversity):
     channel: the mean over the map; neuron: the centre position only; diversity: the channel objective of each of
