@@ -202,29 +202,24 @@ def _add_dream(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     def run(args: argparse.Namespace) -> None:
-        import numpy as np
-        import torch
         from PIL import Image
 
         from atlas.images import UNREADABLE, load_rgb
         from atlas.models.zoo import load_model
-        from atlas.optvis.dream import OCTAVES, STEPS, dream
+        from atlas.optvis.dream import OCTAVES, STEPS, dream_picture
 
         octaves = check_number("--octaves", OCTAVES if args.octaves is None else args.octaves, 1, 10)
         steps = check_number("--steps", STEPS if args.steps is None else args.steps, 1)
         side = check_number("--side", args.side, 32)
         try:
-            photo = load_rgb(args.photo)
+            picture = load_rgb(args.photo)
         except UNREADABLE as err:
             raise AtlasError(f"cannot read {args.photo}: {err}") from err
-        photo.thumbnail((side, side))
         model = load_model(args.model, weights=args.weights, device=str(resolve("render", args.device).device))
         layer = model.resolve_layer(args.layer)
-        pixels = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255).permute(2, 0, 1)
-        dreamt = dream(model, pixels, layer, octaves=octaves, steps=steps)
+        _photo, dreamt = dream_picture(model, picture, layer, side, octaves=octaves, steps=steps)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        image = (dreamt.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(image).save(args.out)
+        Image.fromarray(dreamt).save(args.out)
         print(f"{args.out}: {args.photo} dreamt at {model.name} {layer} ({octaves} octaves x {steps} steps)")
 
     p.set_defaults(run=run)

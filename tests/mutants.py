@@ -356,8 +356,8 @@ MUTANTS = [
     Mutant(
         "used-by-from-the-wrong-layer",
         "atlas/microscope/site.py",
-        '            if report["below"] == layer:',
-        '            if report["layer"] == layer:',
+        '        if circuit is None or json.loads(circuit.attrs["settings"])["below"] != layer:',
+        '        if circuit is None or json.loads(circuit.attrs["settings"])["layer"] != layer:',
         ("tests/test_microscope.py::test_a_unit_page_lists_its_inputs_from_the_layer_below_and_links_to_their_pages",),
     ),
     Mutant(

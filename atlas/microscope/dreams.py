@@ -10,14 +10,11 @@ from __future__ import annotations
 import logging
 
 import h5py
-import numpy as np
-import torch
 
 from atlas.images import load_rgb
 from atlas.microscope.results import lens_group
 from atlas.models.classifier import Classifier
-from atlas.optvis import to_uint8
-from atlas.optvis.dream import OCTAVES, STEPS, dream
+from atlas.optvis.dream import OCTAVES, STEPS, dream_picture
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +27,8 @@ def dream_lens(results: h5py.File, model: Classifier, layer: str, photo: str) ->
     if "image" in group:
         return False
     log.info("%s: DeepDream on %s", layer, photo)
-    picture = load_rgb(photo)
-    picture.thumbnail((model.input_size, model.input_size))
-    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)
-    dreamt = dream(model, pixels, layer)
-    group.create_dataset("input", data=np.asarray(picture))
-    group.create_dataset("image", data=to_uint8(dreamt[None].cpu())[0])  # last: marks the group complete
+    picture, dreamt = dream_picture(model, load_rgb(photo), layer, model.input_size)
+    group.create_dataset("input", data=picture)
+    group.create_dataset("image", data=dreamt)  # last: marks the group complete
     results.flush()
     return True

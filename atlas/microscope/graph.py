@@ -88,13 +88,15 @@ def microscope_layers(model: Classifier, spatial: bool = False) -> list[str]:
     """The layers a Microscope shows of `model`, in forward order: a zoo model's `microscope_layers` (Microscope's
     own names where they exist), else the top-level modules of its network with a spatial output. spatial: only
     those with a spatial map (the ones with unit visualisations; not fc6)."""
-    maps = {name for name, *_shape in model.layer_shapes()}
     info = ZOO.get(model.name)
     if info is not None and info.microscope_layers:
         layers = [model.resolve_layer(layer) for layer in info.microscope_layers]
-        return [layer for layer in layers if layer in maps or not spatial]
-    top = [model.resolve_layer(name) for name, _ in model.net.named_children()]
-    return [layer for layer in top if layer in maps]
+        if not spatial:
+            return layers
+    else:
+        layers = [model.resolve_layer(name) for name, _ in model.net.named_children()]
+    maps = {name for name, *_shape in model.layer_shapes()}  # a forward pass: only where a map is asked about
+    return [layer for layer in layers if layer in maps]
 
 
 def graph_layers(model: Classifier, layers: Sequence[str]) -> list[str]:
@@ -106,12 +108,18 @@ def store_graph(results: h5py.File, model: Classifier, layers: Sequence[str]) ->
     """The graph of `layers`, kept as JSON in the model's group of the microscope's results file (attribute
     `graph`: {"layers", "nodes", "edges"}), where the site reads it; made again only when the layers change."""
     group = results.require_group(model.name)
-    stored = json.loads(group.attrs.get("graph", "{}"))
-    if stored.get("layers") == list(layers):
-        return LayerGraph([tuple(n) for n in stored["nodes"]], [tuple(e) for e in stored["edges"]])
+    if json.loads(group.attrs.get("graph", "{}")).get("layers") == list(layers):
+        return stored_graph(results, model.name)
     graph = layer_graph(model, layers)
     group.attrs["graph"] = json.dumps({"layers": list(layers), "nodes": graph.nodes, "edges": graph.edges})
     return graph
+
+
+def stored_graph(results: h5py.File, model: str) -> LayerGraph:
+    """The graph `store_graph` kept for `model` (empty when there is none)."""
+    stored = json.loads(results[model].attrs.get("graph", "{}")) if model in results else {}
+    nodes, edges = stored.get("nodes", []), stored.get("edges", [])
+    return LayerGraph([tuple(node) for node in nodes], [tuple(edge) for edge in edges])
 
 
 def _nearest_below(start: torch.autograd.graph.Node, owner: dict[torch.autograd.graph.Node, str]) -> set[str]:

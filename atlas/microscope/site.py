@@ -28,7 +28,7 @@ from PIL import Image
 
 from atlas.examples import patch_box
 from atlas.microscope.circuits import stored_circuits
-from atlas.microscope.graph import LayerGraph, graph_svg
+from atlas.microscope.graph import graph_svg, stored_graph
 from atlas.microscope.links import AtlasLinks
 from atlas.microscope.results import done_units, latest_group
 from atlas.site import VIEWER, VIEWER_BESIDE_HOME, image_id, write_patches
@@ -154,17 +154,25 @@ def _users(results: h5py.File, model: str, layer: str) -> dict[int, list[tuple[s
     """Lower unit -> [(upper layer, unit, attribution)] of the stored circuits that list it as a positive input."""
     users: dict[int, list[tuple[str, int, float]]] = {}
     for upper in results[model]:
+        circuit = latest_group(results, model, upper, "circuit")
+        if circuit is None or json.loads(circuit.attrs["settings"])["below"] != layer:
+            continue  # read from another layer: its reports need not be parsed
         for unit, report in stored_circuits(results, model, upper).items():
-            if report["below"] == layer:
-                for channel, value in report["lenses"][-1]["positive"]:  # the attribution lens: any model has it
-                    users.setdefault(int(channel), []).append((upper, unit, value))
+            for channel, value in report["lenses"][-1]["positive"]:  # the attribution lens: any model has it
+                users.setdefault(int(channel), []).append((upper, unit, value))
     return users
 
 
-def _dreams(results: h5py.File, model: str, order: list[str]) -> list[dict]:
+def _forward_order(results: h5py.File, model: str) -> list[str]:
+    """The model's layers in the results file, in the stored graph's (forward) order; layers not in it last."""
+    order = [node[0] for node in stored_graph(results, model).nodes]
+    return sorted(results[model], key=lambda name: (order.index(name) if name in order else len(order), name))
+
+
+def _dreams(results: h5py.File, model: str) -> list[dict]:
     """The stored photo dreams of the model's layers, in forward order: [{layer, photo}]."""
     dreams = []
-    for layer in sorted(results[model], key=lambda name: order.index(name) if name in order else len(order)):
+    for layer in _forward_order(results, model):
         group = latest_group(results, model, layer, "dream")
         if group is not None and "image" in group:
             dreams.append({"layer": layer, "photo": json.loads(group.attrs["settings"])["photo"]})
@@ -241,7 +249,6 @@ def write_layer_site(out: Path, results: h5py.File, model: str, layer: str, atla
             users=sorted(users.get(unit, []), key=lambda use: -use[2]),
             cells=atlas.cells.get(unit, []) if atlas is not None else [],
         )
-    graph = json.loads(results[model].attrs.get("graph", '{"nodes": []}'))
     _render(
         "layer.html",
         layer_dir / "index.html",
@@ -252,7 +259,7 @@ def write_layer_site(out: Path, results: h5py.File, model: str, layer: str, atla
         layer=layer,
         units=units,
         dream_objective=float(dream.attrs["objective"]) if dream is not None else None,
-        dreams=_dreams(results, model, [node[0] for node in graph["nodes"]]),
+        dreams=_dreams(results, model),
         photos=photos,
         atlas=atlas,
     )
@@ -262,9 +269,8 @@ def write_layer_site(out: Path, results: h5py.File, model: str, layer: str, atla
 def _site_contents(results: h5py.File) -> dict[str, list[tuple[str, int, bool]]]:
     """Model -> [(layer, visualised units, has a DeepDream)] of everything in the results file."""
     contents: dict[str, list[tuple[str, int, bool]]] = {}
-    for model, layers in results.items():
-        order = [node[0] for node in json.loads(layers.attrs.get("graph", '{"nodes": []}'))["nodes"]]
-        for layer in sorted(layers, key=lambda name: (order.index(name) if name in order else len(order), name)):
+    for model in results:
+        for layer in _forward_order(results, model):
             vis = latest_group(results, model, layer, "units")
             if vis is not None and "done" in vis:
                 dream = latest_group(results, model, layer, "deepdream")
@@ -279,8 +285,7 @@ def write_index(out: Path, results: h5py.File) -> Path:
     for name in ("microscope.css", "microscope.js"):
         shutil.copyfile(TEMPLATES / name, out / name)
     for model, layers in contents.items():
-        stored = json.loads(results[model].attrs.get("graph", '{"nodes": [], "edges": []}'))
-        graph = LayerGraph([tuple(node) for node in stored["nodes"]], [tuple(edge) for edge in stored["edges"]])
+        graph = stored_graph(results, model)
         pages = {layer: f"{slug(layer)}/index.html" for layer, *_ in layers}
         _render(
             "model.html",

@@ -9,12 +9,14 @@ gradient, jitter of 32 px.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from atlas import AtlasError
 from atlas.models.classifier import Classifier
-from atlas.optvis import forward, model_device
+from atlas.optvis import forward, model_device, to_uint8
 from atlas.optvis.objectives import deepdream
 
 OCTAVES = 4
@@ -60,6 +62,18 @@ def dream(
             image = _step(model, objective, layer, image, step_size, jitter, generator)
         detail = image - scaled
     return image[0].clamp(0, 1)
+
+
+def dream_picture(
+    model: Classifier, picture: Image.Image, layer: str, side: int, **options: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB picture, its longer side scaled to at most `side` px, and it dreamt at `layer` (`dream`'s keyword
+    `options`): uint8 [H, W, 3] each."""
+    picture = picture.copy()
+    picture.thumbnail((side, side))
+    photo = np.asarray(picture)
+    pixels = torch.from_numpy(photo.astype(np.float32) / 255).permute(2, 0, 1)
+    return photo, to_uint8(dream(model, pixels, layer, **options)[None])[0]
 
 
 def _step(
