@@ -320,6 +320,10 @@ STAGE_FLAGS = {
             "workers": "image-loading processes (none: up to 4); with --cluster: dask workers",
             "precision": "autocast precision: auto, fp32 or bf16 (atlas/runtime.py)",
             "memory_format": "model and input memory format: auto, contiguous or channels_last",
+            "attribution": "gradient (h . grad, the paper's), integrated (integrated gradients from the layer's mean "
+            "activation) or occlusion (none: the model's, `atlas models`)",
+            "attribution_steps": "integration points of --attribution integrated",
+            "baseline_images": "images whose mean activation is the baseline of integrated and occlusion",
         },
     ),
     "project": (

@@ -39,7 +39,16 @@ from atlas.images import ImageRecord
 from atlas.models.classifier import Classifier
 from atlas.models.zoo import load_model, weights_argument
 from atlas.runtime import resolve
-from atlas.stages.collect import CollectionPlan, merge_parts, missing_batches, plan_collection, write_batches
+from atlas.stages.collect import (
+    Attribution,
+    CollectionPlan,
+    attribution_record,
+    baselines_of,
+    merge_parts,
+    missing_batches,
+    plan_collection,
+    write_batches,
+)
 from atlas.stages.render import IconsDone, RenderSettings, render_icons, render_store
 
 log = logging.getLogger(__name__)
@@ -160,6 +169,7 @@ def _collect_task(
     loaders: int | None,
     precision: str,
     memory_format: str,
+    attribution: Attribution,
 ) -> None:
     """Write the shards of `batches` that are still missing."""
     todo = missing_batches(parts, batches)  # a rerun of a task whose worker died redoes only the unfinished
@@ -170,7 +180,7 @@ def _collect_task(
             net = _worker_model(model, weights, device)
             runtime = resolve("collect", device, precision, memory_format)
             write_batches(
-                net, records, todo, parts, layer_shapes, positions, seed, loaders, runtime, start, progress=False
+                net, records, todo, parts, layer_shapes, positions, seed, loaders, runtime, attribution, start, False
             )
 
 
@@ -218,6 +228,9 @@ def collect_on_cluster(
     batches_per_task: int | None = None,
     precision: str = "auto",
     memory_format: str = "auto",
+    attribution: str | None = None,
+    attribution_steps: int = 1,
+    baseline_images: int = 256,
 ) -> Path:
     """`atlas.stages.collect.collect` with the batches run as tasks on `client`'s workers; the same store, resumable.
 
@@ -229,9 +242,11 @@ def collect_on_cluster(
     planner = load_model(model, weights=weights)  # names, shapes and the store's metadata, as `collect` records them
     # collection's policy is the same on every device (atlas.runtime), so the settings resolved here are the workers'
     runtime = resolve("collect", "cpu", precision, memory_format)
-    plan = plan_collection(planner, records, out, layers, positions, seed, batch_size, dataset, runtime)
+    method = attribution_record(attribution or planner.attribution, attribution_steps, baseline_images)
+    plan = plan_collection(planner, records, out, layers, positions, seed, batch_size, dataset, runtime, method)
     if plan is None:
         return out
+    how = baselines_of(planner, records, plan, runtime, loaders)  # here, once: every worker gets the same
     readable = _absolute(records)  # what workers open; not stored
     workers = max(1, len(client.scheduler_info()["workers"]))
     groups = _runs(plan.pending, batches_per_task or _per_task(len(plan.pending), workers, MAX_BATCHES_PER_TASK))
@@ -252,6 +267,7 @@ def collect_on_cluster(
             loaders,
             precision,
             memory_format,
+            how,
             retries=RETRIES,
             pure=False,
         ): group

@@ -31,6 +31,7 @@ TOP_KEYS = {
     "threads",  # torch's intra-op threads (default: atlas.runtime.default_threads)
     "demo_config",  # the config (in configs/) a run uses instead when its data falls back to the demo photos
     "class_atlas",  # its sub-sections are checked by pipelines.class_atlas
+    "accentuated",  # a second icon set: render settings with accentuate set (pipelines.atlas.accentuated_settings)
 }
 
 
@@ -173,6 +174,7 @@ FLAG_TYPES = {
     "float": float,
     "float | None": float,
     "str": str,
+    "str | None": str,
     "float | str": _number_or_word,
     "tuple[int, ...]": _integers,
 }

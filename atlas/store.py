@@ -13,6 +13,8 @@ these. A later stage reads what an earlier one recorded here and never recompute
                                                      sample of an image is at the same place in every layer)
                              dataset, code_version   the data source as given; the atlas version that collected
                              memory_format, precision  collect's run-time policy (atlas/runtime.py)
+                             attribution             how the attributions were computed (atlas/attribution.py):
+                                                     gradient, integrated or occlusion
                              collect_meta            JSON of every collect setting but the layers
                                                      (`record_settings`; a rerun with equal settings collects only
                                                      the layers the store lacks and adds their groups; other
@@ -27,7 +29,12 @@ these. A later stage reads what an earlier one recorded here and never recompute
     /<layer>/activations   [N, C] float32   one activation vector per sampled position
     /<layer>/image_index   [N] int64        row in /images
     /<layer>/position      [N, 2] int32     (y, x) in the layer's activation map
-    /<layer>/attributions  [N, K] float32   h . d logit_k / d h at that position
+    /<layer>/attributions  [N, K] float32   the sample's attribution to logit k, by the root's `attribution`
+                                            method: h . d logit_k / d h at that position (gradient), integrated
+                                            gradients from the baseline, or logit_k(h) - logit_k(h with the
+                                            position set to the baseline) (occlusion)
+    /<layer>/baseline      [C] float32      integrated and occlusion only: the layer's mean activation over the
+                                            first `baseline_images` images (collect_meta), where they start from
     /<layer>/layout        [N, 2] float32   written by `project`, in [0, 1]; attrs: method, metric, seed ("none"
                                             when unseeded), device, and the method's parameters (UMAP: n_neighbors,
                                             min_dist, n_epochs, knn, sgd, init; t-SNE: perplexity, learning_rate;
@@ -52,6 +59,9 @@ these. A later stage reads what an earlier one recorded here and never recompute
         icon_cosine        [G, G] float32   cosine(icon's centre activation, cell mean); NaN where empty
         icon_objective     [G, G] float32   final objective of the kept attempt; NaN where empty
         icon_done          [G, G] bool      icons rendered so far (a rerun of `render` renders the rest)
+        accentuated/       the second icon set, written by `render` with `accentuate` set: icons, icon_cosine,
+                           icon_objective and icon_done as above, each icon the cell's most typical example patch
+                           accentuated (feature accentuation) instead of a feature visualisation from noise
 
 A class atlas's subset store (atlas.class_atlas.write_subset_store) has the same layout for one layer:
 the parent's root attrs plus `parent_store` (its path), the parent's /classes and /images, and in the
@@ -100,10 +110,12 @@ IMAGES, SKIPPED = "images", "skipped"  # /images/path, /images/label, /images/sk
 PARTIAL = ".partial"  # collect merges new layer groups here, then moves each complete one to its name
 # the datasets of a layer group and of its grids (the schema above): every stage names them by these
 ACTIVATIONS, IMAGE_INDEX, POSITION, ATTRIBUTIONS = "activations", "image_index", "position", "attributions"
+BASELINE = "baseline"  # a layer's mean activation, where integrated gradients and occlusion start from
 LAYOUT, WHITENING, GRIDS = "layout", "whitening", "grid"
 CELL, COUNT, MEAN, ATTRIBUTION = "cell", "count", "mean", "attribution"
 TOP_CLASSES, TOP_ATTRIBUTIONS = "top_classes", "top_attributions"
 ICONS, ICON_COSINE, ICON_OBJECTIVE, ICON_DONE = "icons", "icon_cosine", "icon_objective", "icon_done"
+ACCENTUATED = "accentuated"  # a grid's second icon set (accentuated example patches), a group of the same datasets
 COLLECTED = (ACTIVATIONS, IMAGE_INDEX, POSITION, ATTRIBUTIONS)  # what `collect` writes, one row per sample
 SAMPLE_ROWS = (*COLLECTED, LAYOUT)  # a layer's datasets with one row per sample
 GRIDDED = (CELL, COUNT, MEAN, ATTRIBUTION, TOP_CLASSES, TOP_ATTRIBUTIONS)  # what `grid` writes in a grid
@@ -340,6 +352,14 @@ def remade(node: Node) -> None:
 def made(node: Node | None) -> str:
     """The identity of a product ("" for none, or one written before lineage was recorded)."""
     return "" if node is None else str(node.attrs.get(MADE, ""))
+
+
+def icons_made(grid: h5py.Group) -> str:
+    """The identity of a grid's icons: its visualisations' and, where it has them, its accentuated icons' (what a
+    composed atlas is made from); "" when it has no visualisations."""
+    icons = made(grid.get(ICONS))
+    accentuated = made(grid.get(f"{ACCENTUATED}/{ICONS}"))
+    return f"{icons}+{accentuated}" if icons and accentuated else icons
 
 
 def fresh(node: Node | None, settings: object, made_from: str) -> bool:

@@ -27,6 +27,7 @@ from atlas import AtlasError
 from atlas.config import Settings, check_number, config_path, load_config, run_layers
 from atlas.models.registry import locate_weights, model_for_layer
 from atlas.store import (
+    ACCENTUATED,
     ACTIVATIONS,
     CELL,
     COLLECT_SETTINGS,
@@ -34,11 +35,11 @@ from atlas.store import (
     GRIDDED,
     GRIDS,
     ICON_DONE,
-    ICONS,
     LAYOUT,
     RENDERED,
     fingerprint,
     fresh,
+    icons_made,
     made,
 )
 
@@ -174,7 +175,7 @@ def composed(run_dir: Path, store: Path, atlas_id: str, layer: str, sizes: list[
     try:
         entries = {e["id"]: e for e in json.loads((run_dir / MANIFEST).read_text())["atlases"]}
         with h5py.File(store, "r") as f:
-            icons = {str(size): made(f[layer].get(f"{GRIDS}/{size}/{ICONS}")) for size in sizes}
+            icons = {str(size): icons_made(f[layer][f"{GRIDS}/{size}"]) for size in sizes}
     except (OSError, ValueError, KeyError, TypeError):
         return False
     entry = entries.get(atlas_id, {})
@@ -214,7 +215,7 @@ def drop_icons(store: Path, layer: str, sizes: list[int]) -> None:
     with h5py.File(store, "a") as f:
         for size in sizes:
             grid = f[layer][f"{GRIDS}/{size}"]
-            for name in (*RENDERED, ICON_DONE):
+            for name in (*RENDERED, ICON_DONE, ACCENTUATED):
                 if name in grid:
                     del grid[name]
 
@@ -258,6 +259,8 @@ def run_atlas(
     wanted = layers or (run_layers(base) if same_model else None)
     # the stages' settings of every layer, validated before any work
     configs = {name: load_config(config_file, stage_settings(), name) for name in (wanted or [None])}
+    for config in configs.values():
+        config["accentuated"] = accentuated_settings(config.get("accentuated"), str(config_file))
     check_shared_collection(configs)
     if limit is not None:
         check_number("--limit (N)", limit, 1)
@@ -283,6 +286,21 @@ def run_atlas(
     return run_dir / "index.html"
 
 
+def accentuated_settings(values: dict | None, where: str) -> Settings | None:
+    """A config's `accentuated:` section: the render settings of each grid's second icon set, its cells' most
+    typical example patches accentuated (atlas.stages.render); None when the config asks for none."""
+    from atlas.stages.render import RenderSettings
+
+    if not values:
+        return None
+    if not isinstance(values, dict):
+        raise AtlasError(f"config {where} (accentuated:) must be a mapping")
+    settings = RenderSettings.from_config(values, f"{where} (accentuated:)")
+    if settings.accentuate is None:
+        raise AtlasError(f"config {where} (accentuated:) needs accentuate: the distance an icon may move, in (0, 1]")
+    return settings
+
+
 def check_shared_collection(configs: dict[str | None, dict]) -> None:
     """One line when the layers of a run ask for different collect settings: one pass over the images collects
     them all, so they share their positions (a layer's sample i is every layer's sample i)."""
@@ -306,11 +324,11 @@ def run_plan(configs: dict[str, dict], model: Classifier, images: int, device: s
     channels = {name: s[0] for name, *s in model.layer_shapes()}
     icons, render_s = 0, 0.0
     for layer, config in configs.items():
-        settings = config["render"]
         made = sum(min(size * size, samples // config["grid"].min_count) for size in config["grid"].sizes)
         icons += made  # at most one per cell of min_count
-        rate = render.timed_rate(model, layer, channels[layer], settings)
-        render_s += made * settings.attempts * settings.steps / rate
+        for settings in filter(None, (config["render"], config.get("accentuated"))):
+            rate = render.timed_rate(model, layer, channels[layer], settings)
+            render_s += made * settings.attempts * settings.steps / rate
     collect_s = images / collect.timed_rate(model, list(configs), positions)
     sizes = list(dict.fromkeys(size for config in configs.values() for size in config["grid"].sizes))
     settings = first["render"]
@@ -357,8 +375,11 @@ def _run_stages(
         collect.collect(model, records, store, **collect_args)
 
     policy = resolve("collect", device, wanted.precision, wanted.memory_format)
+    method = collect.attribution_record(
+        wanted.attribution or model.attribution, wanted.attribution_steps, wanted.baseline_images
+    )
     settings = collect.collection_settings(
-        model, records, wanted.positions, wanted.seed, wanted.batch_size, dataset, policy
+        model, records, wanted.positions, wanted.seed, wanted.batch_size, dataset, policy, method
     )
     run_stage("collect", collect.collected(store, settings, layers), collect_stage, force)
     for layer, config in configs.items():
@@ -389,6 +410,14 @@ def shared_positions(configs: dict[str, dict], shapes: dict[str, tuple]) -> dict
     return {
         name: {**config, "collect": replace(config["collect"], positions=interior)} for name, config in configs.items()
     }
+
+
+def _render_all(store: Path, layer: str, sizes: list[int], settings: Settings, model: Classifier, device: str) -> None:
+    """Render the icons of these settings at every grid size (each resumes: only the icons not yet made)."""
+    from atlas.stages import render
+
+    for size in sizes:
+        render.render_store(store, layer, size, settings, model=model, device=device)
 
 
 def _run_layer(
@@ -422,12 +451,15 @@ def _run_layer(
     def render_stage() -> None:
         if "render" in force:
             drop_icons(store, layer, sizes)
-        for size in sizes:  # resumes: renders only the icons not yet made from the grid as it is
-            render.render_store(store, layer, size, icons, model=model, device=device)
+        _render_all(store, layer, sizes, icons, model, device)
 
     policy = resolve("render", device)
     done = all(render.rendered(store, layer, size, icons, policy, model) for size in sizes)
     run_stage("render", done, render_stage, force, of)
+    accentuated = config.get("accentuated")
+    if accentuated is not None:  # the second icon set, after the first: a forced render dropped both
+        done = all(render.rendered(store, layer, size, accentuated, policy, model) for size in sizes)
+        run_stage("accentuate", done, lambda: _render_all(store, layer, sizes, accentuated, model, device), (), of)
     drawn = config["compose"]
     run_stage(
         "compose",

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from atlas.attribution import attribution_pass
 from atlas.models.classifier import Classifier, capture
 from atlas.stages.collect import attributions, collect_batch
 
@@ -131,3 +132,116 @@ def test_collect_batch_stores_the_attributions_of_its_positions(case):
     np.testing.assert_allclose(out["activations"], vectors.reshape(20, -1).numpy(), rtol=1e-5, atol=1e-6)
     expected = reference(model, images, where).reshape(20, -1)
     _close(torch.from_numpy(out["attributions"]).double(), expected)
+
+
+# integrated gradients and occlusion from the layer's mean activation (issue 37) --------------------------------
+def reference_integrated(model: Classifier, images, positions, base: torch.Tensor, steps: int) -> np.ndarray:
+    """(h - base) . d logit_c / d h_p averaged over the midpoints alpha of the line from the mean map to h, one
+    backward pass per class and alpha, through a copy of the model with relaxed max pools."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.net.named_children()):
+        if isinstance(module, nn.MaxPool2d):
+            setattr(model.net, name, _RelaxedPool(module))
+    with torch.no_grad(), capture(model, [LAYER]) as acts:
+        model(images)
+    h, base = acts[LAYER].clone(), base.view(1, -1, 1, 1)
+    out = np.zeros((*positions.shape[:2], 10))
+    for alpha in [(j + 0.5) / steps for j in range(steps)]:
+        leaf = (base + alpha * (h - base)).requires_grad_(True)
+        hook = model.layer_module(LAYER).register_forward_hook(lambda _m, _i, _o, leaf=leaf: leaf)
+        logits = model(images)
+        hook.remove()
+        for c in range(10):
+            (grad,) = torch.autograd.grad(logits[:, c].sum(), leaf, retain_graph=True)
+            for b in range(positions.shape[0]):
+                for k, (y, x) in enumerate(positions[b].tolist()):
+                    out[b, k, c] += float((grad[b, :, y, x] * (h - base)[b, :, y, x]).sum()) / steps
+    return out
+
+
+def reference_occlusion(model: Classifier, images, positions, base: torch.Tensor) -> np.ndarray:
+    """logit(h) - logit(h with the one position set to base), one forward pass per position."""
+    with torch.no_grad(), capture(model, [LAYER]) as acts:
+        logits = model(images)
+    out = np.zeros((*positions.shape[:2], 10))
+    for k in range(positions.shape[1]):
+        changed = acts[LAYER].clone()
+        for b, (y, x) in enumerate(positions[:, k].tolist()):
+            changed[b, :, y, x] = base
+        hook = model.layer_module(LAYER).register_forward_hook(lambda _m, _i, _o, changed=changed: changed)
+        with torch.no_grad():
+            out[:, k] = (logits - model(images)).numpy()
+        hook.remove()
+    return out
+
+
+@pytest.mark.parametrize("max_rows", [512, 8])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_integrated_gradients_match_backward_passes_along_the_line_from_the_mean(case, steps, max_rows):
+    model, images, act, positions, _expected = case
+    base = act.mean((0, 2, 3))
+    with torch.no_grad():
+        fast = attributions(model, images, LAYER, act, positions, max_rows, "integrated", base, steps)
+    _close(fast, reference_integrated(model, images, positions, base, steps))
+
+
+@pytest.mark.parametrize("max_rows", [512, 8])
+def test_occlusion_matches_one_forward_pass_per_position(case, max_rows):
+    model, images, act, positions, _expected = case
+    base = act.mean((0, 2, 3))
+    with torch.no_grad():
+        fast = attributions(model, images, LAYER, act, positions, max_rows, "occlusion", base)
+    expected = reference_occlusion(model, images, positions, base)
+    assert np.abs(expected).max() > 0.01
+    # differences of two float32 logits of size ~1: equal to their rounding (1e-5), not to the difference's
+    np.testing.assert_allclose(fast.numpy(), expected, rtol=0, atol=1e-5)
+
+
+class _SaturatedHead(nn.Module):
+    """Three logits from a 2-channel map: 'saturated' = sum tanh(3 h0) (the class the model uses: it is far the
+    largest), 'linear' = 0.1 sum h0 (small, but with the larger gradient at h), 'other' = sum h1."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.tanh(3 * h[:, 0]).sum((1, 2)), 0.1 * h[:, 0].sum((1, 2)), h[:, 1].sum((1, 2))], 1)
+
+
+def saturated_classifier() -> Classifier:
+    """A 1x1 convolution makes h0 = 2 x (mean of the RGB input), h1 = 0, then _SaturatedHead: on a white image the
+    model says 'saturated' (logit 16 x tanh 6 ~ 16 against 3.2), where the first-order estimate h . grad says
+    'linear' (tanh is flat at 6)."""
+    conv = nn.Conv2d(3, 2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0] = 2 / 3
+    net = nn.Sequential(OrderedDict(layer=conv, head=_SaturatedHead()))
+    return Classifier("saturated", net, nn.Identity(), 4, ["saturated", "linear", "other"], "layer", "hand-set")
+
+
+def test_first_order_attribution_fails_where_the_counterfactual_is_right():
+    model = saturated_classifier()
+    images = torch.ones(1, 3, 4, 4)
+    positions = torch.tensor([[[1, 1], [2, 2]]])
+    with torch.no_grad(), capture(model, ["layer"]) as acts:
+        logits = model(images)
+    assert logits.argmax(1).item() == 0
+    base = torch.zeros(2)  # the mean activation of black images
+    by = {}
+    with torch.no_grad():
+        for method in ("gradient", "integrated", "occlusion"):
+            by[method] = attributions(model, images, "layer", acts["layer"], positions, 512, method, base, 8)[0]
+    assert (by["gradient"].argmax(1) == 1).all()  # h . grad points at 'linear'
+    for method in ("integrated", "occlusion"):
+        assert (by[method].argmax(1) == 0).all(), method
+    # each position's share of the counterfactual logit(h) - logit(mean map): tanh(6) for 'saturated', 0.2 'linear'
+    np.testing.assert_allclose(by["occlusion"][:, :2].numpy(), [[np.tanh(6), 0.2]] * 2, rtol=1e-5)
+    np.testing.assert_allclose(by["integrated"][:, :2].numpy(), [[np.tanh(6), 0.2]] * 2, rtol=1e-3)
+
+
+def test_a_method_that_needs_a_baseline_says_so():
+    model = saturated_classifier()
+    with pytest.raises(ValueError, match="mean activations"):
+        attribution_pass(model, torch.ones(1, 3, 4, 4), {"layer": torch.tensor([[[1, 1]]])}, {"layer": (4, 4)},
+                         method="integrated")  # fmt: skip
+    with pytest.raises(ValueError, match="choose one of gradient, integrated, occlusion"):
+        attribution_pass(model, torch.ones(1, 3, 4, 4), {"layer": torch.tensor([[[1, 1]]])}, {"layer": (4, 4)},
+                         method="saliency")  # fmt: skip

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,7 +45,8 @@ def test_positions_are_interior_distinct_and_reproducible():
 
 
 def test_store_schema_and_attribution_matches_autograd(tmp_path, lite0, sample_records):
-    out = collect(lite0, sample_records, tmp_path / "s.h5", positions=2, batch_size=4, workers=0, dataset="sample")
+    settings = dict(positions=2, batch_size=4, workers=0, dataset="sample", attribution="gradient")
+    out = collect(lite0, sample_records, tmp_path / "s.h5", **settings)
     with h5py.File(out) as f:
         layer = f["_blocks.10"]
         n = len(sample_records) * 2
@@ -335,3 +337,69 @@ def test_a_rerun_with_one_more_layer_collects_only_that_layer_and_keeps_the_othe
         assert PARTIAL not in f and sorted(k for k in f if k.startswith("relu")) == ["relu1", "relu2", "relu3"]
         np.testing.assert_allclose(f["relu1/attributions"][()], g["relu1/attributions"][()], rtol=1e-5, atol=1e-7)
         np.testing.assert_array_equal(f["relu1/position"][()], g["relu1/position"][()])
+
+
+def test_integrated_gradients_start_from_the_kept_mean_activation_and_the_store_records_them(tmp_path, monkeypatch):
+    """A collection by integrated gradients records its method and settings, stores each layer's baseline (the mean
+    activation of its first `baseline_images` images), computes its attributions from it, and a resumed run takes
+    the baseline kept in the parts folder rather than computing it again."""
+    import atlas.stages.collect as stage
+    from tests.synthetic import tiny_classifier
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    records, model = list_images(folder), tiny_classifier()
+    settings = dict(positions=2, batch_size=2, workers=0, attribution="integrated", attribution_steps=2)
+    out = collect(model, records, tmp_path / "s.h5", baseline_images=4, **settings)
+    images = torch.stack([to_model_input(load_rgb(r.path), model.resize_size, model.input_size) for r in records])
+    with torch.no_grad(), capture(model, ["relu3"]) as acts:
+        model(images)
+    h = acts["relu3"]
+    with h5py.File(out) as f:
+        assert f.attrs["attribution"] == "integrated"
+        meta = json.loads(f.attrs["collect_meta"])
+        assert (meta["attribution"], meta["attribution_steps"], meta["baseline_images"]) == ("integrated", 2, 4)
+        base = f["relu3/baseline"][()]
+        np.testing.assert_allclose(base, h[:4].mean((0, 2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+        where = torch.from_numpy(f["relu3/position"][()]).long().reshape(6, 2, 2)
+        with torch.no_grad():
+            expected = attributions(model, images, "relu3", h, where, 512, "integrated", torch.from_numpy(base), 2)
+        np.testing.assert_allclose(f["relu3/attributions"][()], expected.reshape(12, -1).numpy(), rtol=1e-4, atol=1e-6)
+
+    real = stage.collect_batch
+
+    def dies_after_one(model, images, rows, *args):
+        if rows[0] > 0:
+            raise KeyboardInterrupt
+        return real(model, images, rows, *args)
+
+    monkeypatch.setattr(stage, "collect_batch", dies_after_one)
+    resumed = tmp_path / "r.h5"
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, records, resumed, **settings)
+    kept = resumed.with_name("r.h5.parts") / stage.BASELINES_FILE
+    planted = np.full(16, 0.25, dtype=np.float32)
+    np.savez(kept, relu3=planted)  # a resumed run must use these numbers, not compute the mean again
+    monkeypatch.setattr(stage, "collect_batch", real)
+    collect(model, records, resumed, **settings)
+    with h5py.File(resumed) as f:
+        np.testing.assert_array_equal(f["relu3/baseline"][()], planted)
+
+
+def test_the_attribution_method_is_part_of_a_collections_settings(tmp_path, lite0):
+    """Lite0 collects by integrated gradients unless told otherwise (its registry default); a store collected one
+    way is never extended or reused another way."""
+    from tests.synthetic import tiny_classifier
+
+    records = list_images("demo", lite0.class_names)[:1]
+    out = collect(lite0, records, tmp_path / "lite0.h5", positions=1, workers=0)
+    with h5py.File(out) as f:
+        assert f.attrs["attribution"] == "integrated" and "baseline" in f["_blocks.10"]
+    tiny = collect(tiny_classifier(), records, tmp_path / "tiny.h5", positions=1, workers=0)
+    with h5py.File(tiny) as f:
+        assert f.attrs["attribution"] == "gradient" and "baseline" not in f["relu3"]
+    with pytest.raises(AtlasError, match="holds a different collection"):
+        collect(tiny_classifier(), records, tiny, positions=1, workers=0, attribution="occlusion")

@@ -115,6 +115,8 @@ def run_atlas_argv(tmp_path: Path, config: dict, *extra: str) -> list[str]:
         ("collect", {"positions": 0}, "collect: positions must be an integer at least 1, not 0"),
         ("collect", {"positions": 500}, "positions (layer relu3 is 4x4: 4 interior positions) must be an integer"),
         ("grid", {"sizes": [3, 0]}, "grid: sizes must be an integer at least 1, not 0"),
+        ("collect", {"attribution": "saliency"}, "collect: attribution 'saliency': choose one of gradient, integrated"),
+        ("collect", {"attribution_steps": 0}, "collect: attribution_steps must be an integer at least 1, not 0"),
     ],
 )
 def test_a_bad_config_number_stops_make_atlas_in_one_line_and_leaves_nothing(

@@ -55,6 +55,7 @@ class Classifier(nn.Module):
         aliases: dict[str, str] | None = None,
         resize_size: int | None = None,
         imagenet_index: list[int] | None = None,
+        attribution: str = "gradient",
     ):
         super().__init__()
         self.name = name
@@ -69,6 +70,8 @@ class Classifier(nn.Module):
         # the model's class index of each ImageNet-1k class (torchvision's order), where it is not the identity:
         # image labels (WordNet ids, the demo's indices) are ImageNet-1k indices
         self.imagenet_index = imagenet_index
+        # the attribution method a collection uses unless told otherwise (atlas.attribution.METHODS)
+        self.attribution = attribution
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

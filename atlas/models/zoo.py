@@ -270,6 +270,7 @@ def _zoo_model(info: ModelInfo, weights: str | None) -> Classifier:
         aliases=built.aliases,
         resize_size=info.resize_size,
         imagenet_index=_imagenet_index(info.labels),
+        attribution=info.attribution,
     )
 
 

@@ -27,16 +27,16 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
-from torch import nn
-from torch.func import jvp, vmap
 
 from atlas import AtlasError, __version__
+from atlas.attribution import FROM_BASELINE, METHODS, attribution_pass, mean_activation
+from atlas.attribution import attributions as attributions  # its home before atlas.attribution
 from atlas.config import Settings, check_number
 from atlas.images import ImageRecord, load_batches
 from atlas.models.classifier import Classifier
@@ -45,6 +45,7 @@ from atlas.runtime import MEMORY_FORMATS, PRECISIONS, Runtime, resolve
 from atlas.store import (
     ACTIVATIONS,
     ATTRIBUTIONS,
+    BASELINE,
     CLASSES,
     COLLECT_SETTINGS,
     COLLECTED,
@@ -65,6 +66,8 @@ from atlas.store import layers as store_layers
 
 log = logging.getLogger(__name__)
 
+BASELINES_FILE = "baselines.npz"  # in a collection's parts folder: each new layer's baseline (`baselines_of`)
+
 
 @dataclass(frozen=True)
 class CollectSettings(Settings):
@@ -72,6 +75,11 @@ class CollectSettings(Settings):
 
     One random position per image is the paper's (reference 1.1); batch_size 32 and the image-loading workers
     (None: up to 4) bound memory, not results; precision and memory_format: `atlas.runtime`'s policy.
+    attribution: one of `atlas.attribution.METHODS`, None for the model's own (`Classifier.attribution`, chosen
+    per model by benchmarks/bench_attributions.py); attribution_steps: the integration points of "integrated":
+    1, the gradient at the midpoint, ranked a photo's class better than 4 at a third of the time (median rank 3
+    against 5 on the 1000 sample photos, results.md "attributions"); baseline_images: the first images of the run
+    whose mean activation is the baseline of "integrated" and "occlusion" (256 images hold 256 x H x W positions).
     """
 
     positions: int = 1
@@ -80,6 +88,9 @@ class CollectSettings(Settings):
     workers: int | None = None
     precision: str = "auto"
     memory_format: str = "auto"
+    attribution: str | None = None
+    attribution_steps: int = 1
+    baseline_images: int = 256
 
     def __post_init__(self) -> None:
         """Raise AtlasError, naming the value and its range, on a setting that cannot work (the layer's interior
@@ -95,6 +106,30 @@ class CollectSettings(Settings):
             raise AtlasError(
                 f"collect: memory_format {self.memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}"
             )
+        if self.attribution is not None and self.attribution not in METHODS:
+            raise AtlasError(f"collect: attribution {self.attribution!r}: choose one of {', '.join(METHODS)}")
+        check_number("collect: attribution_steps", self.attribution_steps, 1)
+        check_number("collect: baseline_images", self.baseline_images, 1)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """A collection's attribution method as it runs: its name (`atlas.attribution.METHODS`), the integration
+    points of "integrated", and each layer's baseline (its mean activation [C]) for the methods that need one."""
+
+    method: str = "gradient"
+    steps: int = 1
+    baselines: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def attribution_record(method: str, steps: int, baseline_images: int) -> dict:
+    """What a collection records of its attribution method: only the settings the method reads (a gradient
+    collection's is the same whatever its unused steps)."""
+    return {
+        "attribution": method,
+        "attribution_steps": steps if method == "integrated" else 0,
+        "baseline_images": baseline_images if method in FROM_BASELINE else 0,
+    }
 
 
 # positions and attributions (pure functions over tensors) ---------------------------------------------
@@ -124,120 +159,6 @@ def sample_positions(image_row: int, layer: str, height: int, width: int, count:
             return interior[drawn[np.sort(first)[:count]]]
 
 
-class _RelaxedMaxPool:
-    """Max pool forward, average-pool derivative: the paper's continuous relaxation for attributions."""
-
-    def __init__(self, pool: nn.MaxPool2d):
-        self.pool = pool
-
-    def __call__(self, _module: nn.Module, inputs: tuple[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        p = self.pool
-        average = nn.functional.avg_pool2d(inputs[0], p.kernel_size, p.stride, p.padding, p.ceil_mode)
-        return out.detach() + average - average.detach()
-
-
-def attribution_pass(
-    model: Classifier,
-    images: torch.Tensor,
-    positions: dict[str, torch.Tensor],
-    sizes: dict[str, tuple[int, int]],
-    max_rows: int = 512,
-    activations: dict[str, torch.Tensor] | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """One forward pass for every layer in `positions` (layer -> [B, K, 2]; `sizes`: layer -> its (H, W)):
-    layer -> (its activations [B, C, H, W], attributions [B, K, classes] at its positions).
-
-    Each position is one tangent: h (the layer's own output, or `activations[layer]` when given) masked to that
-    position, entering at the layer's forward hook. The layers before the first of them run once, without
-    tangents; from there on the tail carries every position's tangent at once (vmap), and a tangent adds nothing
-    to the layers it enters after. `max_rows` bounds B x (tangents per pass), i.e. the memory of one pass; each
-    further pass runs the network again.
-    """
-    modules = {layer: model.layer_module(layer) for layer in positions}
-    batch = images.shape[0]
-    rows = torch.arange(batch, device=images.device)
-    slots = [(layer, k) for layer, where in positions.items() for k in range(where.shape[1])]
-    per_pass = max(1, max_rows // batch)
-
-    def pass_of(
-        chunk: list[tuple[str, int]], capture: set[str]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The attributions of the chunk's tangents, by layer, and the activations of the layers in `capture`."""
-        entering = list(dict.fromkeys(layer for layer, _ in chunk))  # the layers whose tangents this pass carries
-
-        def logits_with(*scales: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            seen: dict[str, torch.Tensor] = {}
-
-            def hook(layer: str):
-                def enter(_m: nn.Module, _i: tuple, out: torch.Tensor) -> torch.Tensor:
-                    if layer in capture:
-                        seen[layer] = out
-                    if layer not in entering:
-                        return out
-                    h = out if activations is None else activations[layer]
-                    # primal: out unchanged (scale is 0); tangent: h at the masked position, in the layer's dtype
-                    return out + h * scales[entering.index(layer)].to(out.dtype)
-
-                return enter
-
-            hooked = [layer for layer in modules if layer in capture or layer in entering]
-            hooks = [modules[layer].register_forward_hook(hook(layer)) for layer in hooked]
-            try:
-                return model(images), seen
-            finally:
-                for handle in hooks:
-                    handle.remove()
-
-        zeros = tuple(torch.zeros(batch, 1, *sizes[layer], device=images.device) for layer in entering)
-
-        def masks(layer: str, k: int) -> tuple[torch.Tensor, ...]:
-            out = tuple(torch.zeros_like(zero) for zero in zeros)
-            where = positions[layer][:, k]
-            out[entering.index(layer)][rows, 0, where[:, 0], where[:, 1]] = 1
-            return out
-
-        tangents = tuple(torch.stack(parts) for parts in zip(*(masks(layer, k) for layer, k in chunk), strict=True))
-        attributions, seen = vmap(lambda *m: jvp(logits_with, zeros, m, has_aux=True)[1:])(*tangents)
-        by_layer = {layer: [] for layer in entering}
-        for (layer, _k), row in zip(chunk, attributions, strict=True):
-            by_layer[layer].append(row)
-        return {layer: torch.stack(parts, 1).float() for layer, parts in by_layer.items()}, seen
-
-    pools = [m for m in model.modules() if isinstance(m, nn.MaxPool2d)]
-    relax = [pool.register_forward_hook(_RelaxedMaxPool(pool)) for pool in pools]
-    try:
-        found: dict[str, list[torch.Tensor]] = {layer: [] for layer in positions}
-        seen: dict[str, torch.Tensor] = {}
-        for start in range(0, len(slots), per_pass):
-            # the first pass records every layer's activations; they do not depend on the tangents
-            got, captured = pass_of(slots[start : start + per_pass], set(positions) - set(seen))
-            seen.update({layer: h[0] for layer, h in captured.items()})  # vmap gives each tangent the same copy
-            for layer, parts in got.items():
-                found[layer].append(parts)
-        return {layer: (seen[layer], torch.cat(parts, 1)) for layer, parts in found.items()}
-    finally:
-        for handle in relax:
-            handle.remove()
-
-
-def attributions(
-    model: Classifier,
-    images: torch.Tensor,
-    layer: str,
-    activations: torch.Tensor,
-    positions: torch.Tensor,
-    max_rows: int = 512,
-) -> torch.Tensor:
-    """h . grad_h logit_c for every class, at `positions` [B, K, 2] of `layer`: returns [B, K, classes].
-
-    `activations` is the layer's output h for `images` [B, C, H, W]. `max_rows` bounds B x (positions
-    per pass), i.e. the memory of one vectorised pass. `collect_batch` uses `attribution_pass`, which
-    takes h from the same pass.
-    """
-    size = tuple(activations.shape[-2:])
-    return attribution_pass(model, images, {layer: positions}, {layer: size}, max_rows, {layer: activations})[layer][1]
-
-
 def collect_batch(
     model: Classifier,
     images: torch.Tensor,
@@ -245,15 +166,21 @@ def collect_batch(
     layers: dict[str, tuple[int, int, int]],
     positions: int,
     seed: int,
+    attribution: Attribution = Attribution(),
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Activations, positions and attributions of one batch for every layer, from one forward pass."""
+    """Activations, positions and attributions of one batch for every layer (the gradient's from one forward pass;
+    the others' from one forward pass, then the layers one after another)."""
     where = {
         layer: np.stack([sample_positions(row, layer, height, width, positions, seed) for row in rows])
         for layer, (_channels, height, width) in layers.items()
     }
     where_t = {layer: torch.from_numpy(w).to(images.device).long() for layer, w in where.items()}
     with torch.no_grad():
-        found = attribution_pass(model, images, where_t, {layer: shape[1:] for layer, shape in layers.items()})
+        sizes = {layer: shape[1:] for layer, shape in layers.items()}
+        baselines = {layer: torch.from_numpy(b).to(images.device) for layer, b in attribution.baselines.items()}
+        found = attribution_pass(
+            model, images, where_t, sizes, method=attribution.method, baselines=baselines, steps=attribution.steps
+        )
     b = torch.arange(len(rows), device=images.device)[:, None]
     out = {}
     for layer, (act, attr) in found.items():
@@ -298,17 +225,25 @@ def collect(
     dataset: str = "",
     precision: str = "auto",
     memory_format: str = "auto",
+    attribution: str | None = None,
+    attribution_steps: int = 1,
+    baseline_images: int = 256,
 ) -> Path:
     """Collect activations and attributions of `records` into the HDF5 store `out`; resumable.
 
     Defaults follow the paper: one random position per image (`positions=1`). precision and
-    memory_format: `atlas.runtime.resolve` settings.
+    memory_format: `atlas.runtime.resolve` settings; attribution (None: the model's own), attribution_steps and
+    baseline_images: as `CollectSettings`.
     """
     out = Path(out)
     runtime = resolve("collect", device, precision, memory_format)
-    plan = plan_collection(model, records, out, layers, positions, seed, batch_size, dataset, runtime)
+    method = attribution_record(attribution or model.attribution, attribution_steps, baseline_images)
+    plan = plan_collection(model, records, out, layers, positions, seed, batch_size, dataset, runtime, method)
     if plan is not None:
-        write_batches(model, records, plan.pending, plan.parts, plan.layer_shapes, positions, seed, workers, runtime)
+        how = baselines_of(model, records, plan, runtime, workers)
+        write_batches(
+            model, records, plan.pending, plan.parts, plan.layer_shapes, positions, seed, workers, runtime, how
+        )
         merge_parts(plan.parts, out, records, plan.meta, plan.layer_shapes, model.class_names)
     return out
 
@@ -334,18 +269,20 @@ def plan_collection(
     batch_size: int,
     dataset: str,
     runtime: Runtime,
+    attribution: dict | None = None,
 ) -> CollectionPlan | None:
     """Check the settings against `out` and its parts folder (made when new); None when `out` already holds
     every layer asked for. The plan collects only the layers `out` lacks.
 
     The runtime's memory format and precision are part of the settings (they change the results in the last
-    digits); its device is not, so a run may resume on another device.
+    digits); its device is not, so a run may resume on another device. attribution: `attribution_record`'s
+    (None: the model's own method at CollectSettings' defaults).
     """
     names = list(dict.fromkeys(model.resolve_layer(name) for name in (layers or [model.default_layer])))
     shapes = {name: tuple(shape) for name, *shape in model.layer_shapes()}
     check_counts(records, {name: shapes[name] for name in names}, positions)
     check_number("batch_size", batch_size, 1)
-    meta = collection_settings(model, records, positions, seed, batch_size, dataset, runtime)
+    meta = collection_settings(model, records, positions, seed, batch_size, dataset, runtime, attribution)
     have = collected_layers(out, meta)
     if have is None and out.exists():
         raise AtlasError(f"{out} exists and holds a different collection; remove it or choose another --out")
@@ -371,9 +308,14 @@ def collection_settings(
     batch_size: int,
     dataset: str,
     runtime: Runtime,
+    attribution: dict | None = None,
 ) -> dict:
     """What a collection records (the root attr COLLECT_SETTINGS), whichever layers it holds: a layer group in a
-    store with these settings is finished with them."""
+    store with these settings is finished with them. attribution: `attribution_record`'s (None: the model's own
+    method at CollectSettings' defaults)."""
+    if attribution is None:
+        defaults = CollectSettings()
+        attribution = attribution_record(model.attribution, defaults.attribution_steps, defaults.baseline_images)
     return {
         "model": model.name,
         "weights": model.weights,
@@ -388,7 +330,50 @@ def collection_settings(
         "batch_size": batch_size,
         "memory_format": runtime.memory_format,
         "precision": runtime.precision,
+        **attribution,
     }
+
+
+def baselines_of(
+    model: Classifier, records: list[ImageRecord], plan: CollectionPlan, runtime: Runtime, workers: int | None
+) -> Attribution:
+    """The plan's attribution method with the baselines it needs: each new layer's mean activation over the first
+    `baseline_images` images, computed once and kept in the parts folder, so a resumed run or a cluster's workers
+    use the very same numbers (the store records them as each layer's BASELINE)."""
+    meta = plan.meta
+    method = Attribution(meta["attribution"], meta["attribution_steps"])
+    if method.method not in FROM_BASELINE:
+        return method
+    kept = plan.parts / BASELINES_FILE
+    if kept.exists():
+        with np.load(kept) as data:
+            return Attribution(method.method, method.steps, {layer: data[layer] for layer in plan.layer_shapes})
+    count = min(meta["baseline_images"], len(records))
+    batch = meta["batch_size"]
+    rows = [list(range(i, min(i + batch, count))) for i in range(0, count, batch)]
+    model = runtime.prepare(model)
+    sides = (model.resize_size, model.input_size)
+    loaded = load_batches(records, *sides, rows, workers, desc="baseline")
+    threads = torch.get_num_threads()
+    # one thread: the baseline enters every attribution, so its sums must not follow the thread count that the
+    # machine's load sets (atlas.runtime.default_threads); a few hundred forward passes
+    torch.set_num_threads(1)
+    with runtime.autocast():
+        images = (runtime.inputs(stacked) for _rows, stacked, _skipped in loaded if stacked is not None)
+        try:
+            means = mean_activation(model, images, list(plan.layer_shapes))
+        except ValueError:
+            raise AtlasError(
+                f"none of the first {count} images could be read: no mean activation for {meta['attribution']} "
+                f"attributions to start from"
+            ) from None
+        finally:
+            torch.set_num_threads(threads)
+    found = {layer: mean.float().cpu().numpy() for layer, mean in means.items()}
+    tmp = kept.with_name(f".{kept.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **found)
+    os.replace(tmp, kept)
+    return Attribution(method.method, method.steps, found)
 
 
 def check_counts(records: list[ImageRecord], layer_shapes: dict[str, tuple[int, int, int]], positions: object) -> None:
@@ -423,6 +408,7 @@ def write_batches(
     seed: int,
     workers: int | None,
     runtime: Runtime,
+    attribution: Attribution = Attribution(),
     start: int = 0,
     progress: bool | None = None,
 ) -> None:
@@ -437,7 +423,8 @@ def write_batches(
         result = {}
         if rows:
             with runtime.autocast():
-                result = collect_batch(model, runtime.inputs(stacked), rows, layer_shapes, positions, seed)
+                images = runtime.inputs(stacked)
+                result = collect_batch(model, images, rows, layer_shapes, positions, seed, attribution)
         first = min(rows + [row for row, _ in skipped])
         _write_shard(parts / _shard_name(first), result, skipped)
 
@@ -512,6 +499,7 @@ def merge_parts(
     with h5py.File(target, "a" if adding else "w") as f:
         if not adding:
             recorded = ("model", "weights", "input_size", "resize_size", "seed", "dataset", "positions")
+            recorded += ("attribution",)
             f.attrs.update({k: meta[k] for k in (*recorded, "memory_format", "precision")})
             f.create_dataset(CLASSES, data=np.array(class_names, dtype=object), dtype=STR)
             f.attrs["code_version"] = __version__
@@ -521,7 +509,7 @@ def merge_parts(
             images.create_dataset("label", data=np.array([r.label for r in records], dtype=np.int64))
         if PARTIAL in f:  # a merge killed before it finished
             del f[PARTIAL]
-        skipped = _merge_shards(f.create_group(PARTIAL), shards, records, meta, layer_shapes)
+        skipped = _merge_shards(f.create_group(PARTIAL), shards, parts / BASELINES_FILE, records, meta, layer_shapes)
         if not adding:
             f[IMAGES].create_dataset(SKIPPED, data=np.array(skipped, dtype=object), dtype=STR)
         elif skipped != f[IMAGES][SKIPPED].asstr()[()].tolist():
@@ -547,11 +535,13 @@ def merge_parts(
 def _merge_shards(
     into: h5py.Group,
     shards: list[Path],
+    baselines: Path,
     records: list[ImageRecord],
     meta: dict,
     layer_shapes: dict[str, tuple[int, int, int]],
 ) -> list[str]:
-    """Append the shards' rows of each layer to its group in `into`; returns the skipped images' lines."""
+    """Append the shards' rows of each layer to its group in `into`, with its baseline where the collection has
+    one (the file `baselines`); returns the skipped images' lines."""
     skipped: list[str] = []
     datasets: dict[str, dict[str, h5py.Dataset]] = {}
     for layer, (channels, height, width) in layer_shapes.items():
@@ -559,6 +549,9 @@ def _merge_shards(
         group.attrs.update(channels=channels, height=height, width=width)
         record_lineage(group, {**meta, "layer": layer}, "")
         datasets[layer] = {}
+        if baselines.exists():
+            with np.load(baselines) as data:
+                group.create_dataset(BASELINE, data=data[layer].astype(np.float32))
     for shard in progress_of(shards, desc="merge", unit="batch"):
         with np.load(shard) as data:
             skipped += [
