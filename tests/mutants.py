@@ -43,21 +43,21 @@ MUTANTS = [
     # the bugs of issue 16, one per row of its table
     Mutant(
         "attributions-plain-max-pool",
-        "atlas/stages/collect.py",
+        "atlas/attribution.py",
         "relax = [pool.register_forward_hook(_RelaxedMaxPool(pool)) for pool in pools]",
         "relax = []",
         ATTRIBUTIONS,
     ),
     Mutant(
         "attributions-first-pass-positions",
-        "atlas/stages/collect.py",
+        "atlas/attribution.py",
         "pass_of(slots[start : start + per_pass], set(positions) - set(seen))",
         "pass_of(slots[0 : len(slots[start : start + per_pass])], set(positions) - set(seen))",
         (*ATTRIBUTIONS, "tests/test_runtime.py"),
     ),
     Mutant(
         "attributions-times-zero",
-        "atlas/stages/collect.py",
+        "atlas/attribution.py",
         "return {layer: torch.stack(parts, 1).float() for layer, parts in by_layer.items()}, seen",
         "return {layer: 0 * torch.stack(parts, 1).float() for layer, parts in by_layer.items()}, seen",
         ATTRIBUTIONS,
@@ -150,7 +150,7 @@ MUTANTS = [
     ),
     Mutant(
         "attributions-swap-y-and-x",
-        "atlas/stages/collect.py",
+        "atlas/attribution.py",
         "out[entering.index(layer)][rows, 0, where[:, 0], where[:, 1]] = 1",
         "out[entering.index(layer)][rows, 0, where[:, 1], where[:, 0]] = 1",
         ATTRIBUTIONS,
@@ -269,8 +269,9 @@ MUTANTS = [
     Mutant(
         "collect-runs-the-network-once-per-layer",
         "atlas/stages/collect.py",
-        "found = attribution_pass(model, images, where_t, {layer: shape[1:] for layer, shape in layers.items()})",
-        "found = {n: attribution_pass(model, images, {n: where_t[n]}, {n: s[1:]})[n] for n, s in layers.items()}",
+        "        found = attribution_pass(\n            model, images, where_t, sizes,",
+        "        found = {n: attribution_pass(model, images, {n: where_t[n]}, {n: sizes[n]})[n] for n in layers}\n"
+        "        found = {} or found or (\n            model, images, where_t, sizes,",
         ("tests/test_collect.py::test_four_layers_are_decoded_and_run_once_per_batch_and_equal_four_one_layer_runs",),
     ),
     Mutant(
@@ -528,6 +529,83 @@ MUTANTS = [
         'TRANSFORMS = "crops"',
         'TRANSFORMS = "standard"',
         ("tests/test_optvis.py",),
+    ),
+    # issue 37: attributions from the layer's mean activation, and the second icon set
+    Mutant(
+        "integrated-gradients-from-zero",
+        "atlas/attribution.py",
+        "base = baselines[layer].to(h.device, h.dtype).view(1, -1, 1, 1)",
+        "base = 0 * baselines[layer].to(h.device, h.dtype).view(1, -1, 1, 1)",
+        ATTRIBUTIONS,
+    ),
+    Mutant(
+        "integrated-gradients-at-the-image",
+        "atlas/attribution.py",
+        "alphas = [(j + 0.5) / steps for j in range(steps)]",
+        "alphas = [1.0 for j in range(steps)]",
+        ATTRIBUTIONS,
+    ),
+    Mutant(
+        "baseline-methods-swap-y-and-x",
+        "atlas/attribution.py",
+        "masks[k, rows, 0, where[:, k, 0], where[:, k, 1]] = 1",
+        "masks[k, rows, 0, where[:, k, 1], where[:, k, 0]] = 1",
+        ATTRIBUTIONS,
+    ),
+    Mutant(
+        "occlusion-sign",
+        "atlas/attribution.py",
+        "parts.append(logits - _occluded(model, module, images, h, base, chunk))",
+        "parts.append(_occluded(model, module, images, h, base, chunk) - logits)",
+        ATTRIBUTIONS,
+    ),
+    Mutant(
+        "resumed-collection-computes-its-baseline-again",
+        "atlas/stages/collect.py",
+        "    if kept.exists():",
+        "    if False:",
+        (
+            "tests/test_collect.py::test_integrated_gradients_start_from_the_kept_mean_activation_and_the_store_records_them",
+        ),
+    ),
+    Mutant(
+        "baseline-over-every-image",
+        "atlas/stages/collect.py",
+        'count = min(meta["baseline_images"], len(records))',
+        "count = len(records)",
+        (
+            "tests/test_collect.py::test_integrated_gradients_start_from_the_kept_mean_activation_and_the_store_records_them",
+        ),
+    ),
+    Mutant(
+        "attribution-method-left-out-of-the-settings",
+        "atlas/stages/collect.py",
+        "        **attribution,\n    }",
+        "    }",
+        ("tests/test_collect.py::test_the_attribution_method_is_part_of_a_collections_settings",),
+    ),
+    Mutant(
+        "accentuated-icons-overwrite-the-visualisations",
+        "atlas/stages/render.py",
+        'grid = cells if recorded.get("accentuate") is None else cells.require_group(ACCENTUATED)',
+        "grid = cells",
+        ("tests/test_render.py::test_accentuated_icons_start_from_their_cells_most_typical_example_and_stay_near_it",),
+    ),
+    Mutant(
+        "compose-ignores-new-accentuated-icons",
+        "atlas/store.py",
+        'return f"{icons}+{accentuated}" if icons and accentuated else icons',
+        "return icons",
+        (
+            "tests/test_pipeline.py::test_an_accentuated_section_renders_a_second_icon_set_that_compose_shows_beside_the_first",
+        ),
+    ),
+    Mutant(
+        "viewer-icon-switch-keeps-the-visualisations",
+        "atlas/viewer/viewer.js",
+        "const tiles = (entry) => entry.views?.[icons] ?? entry.tiles;",
+        "const tiles = (entry) => entry.tiles;",
+        ("tests/test_viewer_browser.py::test_the_icon_switch_shows_visualisations_accentuated_examples_and_examples",),
     ),
 ]
 

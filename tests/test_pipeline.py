@@ -83,6 +83,10 @@ def test_shipped_configs_load_and_every_stage_key_is_a_setting(path):
     for layer in [raw.get("layer"), *(raw.get("layers") or {})]:
         config = load_config(path, pipeline.stage_settings(), layer)  # raises on a key the stage does not accept
         assert all(isinstance(config[name], kind) for name, kind in pipeline.stage_settings().items())
+        # issue 37: an atlas icon is a feature visualisation from noise; accentuated photos are a second icon set
+        assert config["render"].accentuate is None
+        accentuated = pipeline.accentuated_settings(config.get("accentuated"), str(path))
+        assert accentuated is None or accentuated.accentuate is not None
     assert raw["collect"] and raw["project"] and raw["grid"] and raw["render"]
     if "class_atlas" in raw:
         for comparison in (False, True):
@@ -220,6 +224,35 @@ def test_changed_settings_redo_their_stage_and_every_later_one_and_a_missing_atl
         Path(changed[1]).write_text(yaml.safe_dump(config))
         assert make_atlas(changed) == 0
         assert stages_run(caplog) == ["project", "grid", "render", "compose"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_accentuated_section_renders_a_second_icon_set_that_compose_shows_beside_the_first(tmp_path, caplog):
+    argv, out = tiny_run(tmp_path)
+    config = yaml.safe_load(Path(argv[1]).read_text())
+    config["accentuated"] = {**TINY_RUN["render"], "accentuate": 0.1, "steps": 1}
+    Path(argv[1]).write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+        assert make_atlas(argv) == 0
+        assert stages_run(caplog) == ["collect", "project", "grid", "render", "accentuate", "compose"]
+        caplog.clear()
+        assert make_atlas(argv) == 0
+        assert stages_run(caplog) == []
+        config["accentuated"]["steps"] = 2  # new accentuated icons: only they are made again, and composed
+        Path(argv[1]).write_text(yaml.safe_dump(config))
+        assert make_atlas(argv) == 0
+        assert stages_run(caplog) == ["accentuate", "compose"]
+    with h5py.File(out / "store.h5") as f:
+        grid = f["relu3/grid/3"]
+        assert grid["icon_done"][()].any() and grid["accentuated/icon_done"][()].any()
+        assert json.loads(grid["accentuated/icons"].attrs["settings"])["steps"] == 2
+    views = json.loads((out / "atlases.json").read_text())["atlases"][0]["grids"][0]["views"]
+    assert sorted(views) == ["accentuated", "examples", "visualisation"]
+    assert all((out / path).is_file() for path in views.values())
+    config["accentuated"].pop("accentuate")
+    Path(argv[1]).write_text(yaml.safe_dump(config))
+    with pytest.raises(AtlasError, match=r"\(accentuated:\) needs accentuate"):
+        pipeline.run_atlas(Path(argv[1]), "tests.synthetic:tiny_classifier", data=argv[-3], device="cpu", out=out)
 
 
 def test_a_per_layer_override_applies_that_layers_settings_only(tmp_path):

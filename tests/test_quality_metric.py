@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.bench_quality import embed, retrieval
+from benchmarks.bench_quality import class_agreement, embed, label_classes, photo_likeness, retrieval
 from tests.test_optvis import toy_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,3 +51,23 @@ def test_top5_counts_an_own_patch_among_the_five_nearest():
     found = retrieval(icon, np.array([0]), patches, np.array([1, 0, 2, 3]))
     assert found["retrieval_top1"] == 0.0 and found["retrieval_top5"] == 1.0
     assert found["cosine_own"] == pytest.approx(0.6) and found["cosine_other"] == pytest.approx(0.8 / 3)
+
+
+def test_photo_likeness_is_one_for_a_copied_photo_and_near_zero_for_noise():
+    patches, _ = _cells(count=4, per_cell=1)
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, patches.shape, dtype=np.uint8)
+    np.testing.assert_allclose(photo_likeness(patches, patches), 1.0)
+    brighter = np.clip(patches.astype(int) * 0.5 + 60, 0, 255).astype(np.uint8)  # the same picture, other levels
+    assert (photo_likeness(brighter, patches) > 0.99).all()
+    assert (np.abs(photo_likeness(noise, patches)) < 0.3).all()
+    assert (photo_likeness(255 - patches, patches) < -0.99).all()  # a negative is no copy either
+
+
+def test_class_agreement_counts_the_cells_whose_classes_meet_and_labels_rank_by_frequency():
+    seen = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13, 14, 15]])
+    assert class_agreement(seen, [np.array([5, 99]), np.array([0]), np.array([15, 11])]) == pytest.approx(2 / 3)
+    labels = np.array([3, 3, 7, -1, 7, 7, 2, 9, 9])
+    cell = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    found = label_classes(labels, cell, np.array([1, 0]), top=2)
+    assert [f.tolist() for f in found] == [[9, 2], [7, 3]]  # unlabelled (-1) photos count for nothing

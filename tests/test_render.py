@@ -15,6 +15,7 @@ from atlas import AtlasError
 from atlas.cli import main
 from atlas.models.classifier import Classifier, capture
 from atlas.optvis.transform import image_key
+from atlas.runtime import resolve
 from atlas.stages import render
 from atlas.stages.render import RenderSettings, render_icons, render_store
 from atlas.store import fingerprint
@@ -65,9 +66,9 @@ def grid_store(
     return path
 
 
-def read_icons(path: Path, layer: str = "relu3", grid: int = 3) -> dict[str, np.ndarray]:
+def read_icons(path: Path, layer: str = "relu3", grid: int = 3, icon_set: str = "") -> dict[str, np.ndarray]:
     with h5py.File(path) as f:
-        cells = f[f"{layer}/grid/{grid}"]
+        cells = f[f"{layer}/grid/{grid}/{icon_set}"]
         return {name: cells[name][()] for name in ("icons", "icon_objective", "icon_cosine", "icon_done")}
 
 
@@ -374,13 +375,24 @@ def test_accentuated_icons_start_from_their_cells_most_typical_example_and_stay_
     cosine = np.einsum("nc,nc->n", unit, means[cell] / np.linalg.norm(means[cell], axis=1, keepdims=True))
     typical = [np.flatnonzero(cell == c)[np.argmax(cosine[cell == c])] for c in range(9)]
 
+    visualisations = RenderSettings(size=16, steps=2, attempts=1)
+    render_store(path, grid=3, settings=visualisations, model=small_model, progress=False)
+    drawn = read_icons(path)
     start = RenderSettings(size=16, steps=0, attempts=1, accentuate=0.2)
     render_store(path, grid=3, settings=start, batch_size=4, model=small_model, progress=False)
-    begun = read_icons(path)["icons"].reshape(9, -1, 3).astype(int)
+    begun = read_icons(path, icon_set="accentuated")["icons"].reshape(9, -1, 3).astype(int)
     assert np.abs(begun - colours[typical][:, None]).max() <= 1
     render_store(path, grid=3, settings=dataclasses.replace(start, steps=6), model=small_model, progress=False)
-    moved = np.abs(read_icons(path)["icons"].reshape(9, -1, 3).astype(int) - begun).max(axis=(1, 2))
-    assert (moved <= 0.2 * 255 + 1).all() and (moved > 0).all()
+    accentuated = read_icons(path, icon_set="accentuated")
+    moved = np.abs(accentuated["icons"].reshape(9, -1, 3).astype(int) - begun).max(axis=(1, 2))
+    assert (moved <= 0.2 * 255 + 1).all() and (moved > 0).all() and accentuated["icon_done"].all()
+    # the accentuated icons are a second set: the feature visualisations stay, and both count as rendered
+    for name, values in read_icons(path).items():
+        np.testing.assert_array_equal(values, drawn[name])
+    runtime = resolve("render", "cpu")
+    for settings in (visualisations, dataclasses.replace(start, steps=6)):
+        assert render.rendered(path, "relu3", 3, settings, runtime, small_model)
+    assert not render.rendered(path, "relu3", 3, start, runtime, small_model)  # those were made with 6 steps
 
 
 def test_a_runs_plan_times_accentuated_icons_without_photos(small_model):

@@ -467,3 +467,71 @@ def test_layers_side_by_side_outline_where_a_hovered_cells_samples_fall_in_the_o
         for frame in (source, target):
             frame.wait_for_function("document.querySelector('.class-shade')?.dataset.class === '3'")
     assert not errors, errors
+
+
+def _add_accentuated_icons(store: Path, size: int, colour: tuple[int, int, int]) -> None:
+    """A grid's second icon set, as `atlas render` with `accentuate` leaves it: every icon one solid colour."""
+    with h5py.File(store, "a") as f:
+        grid = f[f"mixed4c/grid/{size}"]
+        shape = grid["icons"].shape
+        accentuated = grid.create_group("accentuated")
+        accentuated["icons"] = np.broadcast_to(np.array(colour, np.uint8), shape)
+        for name in ("icon_cosine", "icon_objective"):
+            accentuated[name] = grid[name][()]
+        accentuated["icon_done"] = np.ones(shape[:2], bool)
+
+
+def _shown_colour(page: object) -> list[int]:
+    """The colour at the centre of the pinned cell's icon, read from the canvas OpenSeadragon draws."""
+    return page.evaluate(
+        "() => { const v = window.atlasViewer, c = v.drawer.canvas, r = c.getBoundingClientRect();"
+        " const h = document.querySelector('.cell-highlight').getBoundingClientRect();"
+        " const x = (h.left + h.width / 2 - r.left) * c.width / r.width;"
+        " const y = (h.top + h.height / 2 - r.top) * c.height / r.height;"
+        " return [...c.getContext('2d').getImageData(Math.round(x), Math.round(y), 1, 1).data.slice(0, 3)]; }"
+    )
+
+
+@needs_chromium
+def test_the_icon_switch_shows_visualisations_accentuated_examples_and_examples(tmp_path: Path) -> None:
+    """compose draws a grid's accentuated icons and its typical examples as atlases of their own; the viewer's Icons
+    switch shows each at the same place, and a link keeps the choice."""
+    store = write_rendered_store(tmp_path, sizes=(4,), icon_px=ICON_PX)
+    _add_accentuated_icons(store, 4, (200, 30, 40))
+    run = tmp_path / "run"
+    compose_run(store, run, settings=ComposeSettings(examples=1))
+    views = json.loads((run / "atlases.json").read_text())["atlases"][0]["grids"][0]["views"]
+    assert views == {
+        "visualisation": "layer-mixed4c/grid-4/tiles.dzi",
+        "accentuated": "layer-mixed4c/grid-4/accentuated/tiles.dzi",
+        "examples": "layer-mixed4c/grid-4/examples/tiles.dzi",
+    }
+    cells = json.loads((run / "layer-mixed4c/grid-4/cells.json").read_text())["cells"]
+    cell = next(c for c in cells if not c["empty"] and c["examples"] and c["examples"][0]["patch"])
+    with h5py.File(store) as f:
+        visualisation = f["mixed4c/grid/4/icons"][cell["y"], cell["x"], 0, 0].tolist()
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1000, "height": 700}) as (page, url, errors):
+        page.goto(f"{url}#grid=4&cell={cell['x']},{cell['y']}&labels=0")
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()")
+        assert not page.locator("#icons-choice").is_hidden()
+        assert page.locator("#icons option").all_inner_texts() == [
+            "feature visualisations", "accentuated examples", "dataset examples"
+        ]  # fmt: skip
+        assert np.abs(np.array(_shown_colour(page)) - visualisation).max() <= 8  # JPEG tiles
+        page.select_option("#icons", "accentuated")
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()")
+        assert np.abs(np.array(_shown_colour(page)) - (200, 30, 40)).max() <= 8
+        assert "icons=accentuated" in page.url and f"cell={cell['x']}%2C{cell['y']}" in page.url
+        page.select_option("#icons", "examples")
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()")
+        shown = _shown_colour(page)
+        assert np.abs(np.array(shown) - visualisation).max() > 8 and np.abs(np.array(shown) - (200, 30, 40)).max() > 8
+        link = page.url
+        page.goto("about:blank")
+        page.goto(link)  # the link opens the examples again
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        assert page.locator("#icons").input_value() == "examples"
+    assert not errors, errors

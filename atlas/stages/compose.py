@@ -12,6 +12,11 @@ other atlas kinds (class atlases) can be added beside the layer atlases later:
     <atlas id>/grid-<G>/atlas.png                 the atlas of grid size G: one icon per cell, sized by density
     <atlas id>/grid-<G>/tiles.dzi, tiles_files/   its Deep Zoom pyramid (OpenSeadragon reads it); the viewer
                                                   shows the grid whose cells are large enough at the zoom
+    <atlas id>/grid-<G>/<view>/atlas.png, tiles.dzi, tiles_files/
+                                                  the same atlas drawn with other icons, which the viewer
+                                                  switches to (the manifest's grid "views"): "accentuated", the
+                                                  grid's accentuated icon set where render made one, and
+                                                  "examples", each cell's most typical example patch
     <atlas id>/grid-<G>/cells.json                cells of grid G: count, top classes, icon quality, examples
                                                   (and on a heat-map: attribution to its class, opacity)
     <atlas id>/grid-<G>/attribution.bin           every cell's mean attribution to every class, quantised
@@ -46,9 +51,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from atlas import AtlasError
 from atlas.config import Settings
-from atlas.examples import pick_examples, view_sizes
+from atlas.examples import example_crops, pick_examples, view_sizes
 from atlas.site import install_viewer, update_manifest, write_dzi, write_patches
 from atlas.store import (
+    ACCENTUATED,
     ACTIVATIONS,
     ATTRIBUTION,
     ATTRIBUTIONS,
@@ -70,7 +76,7 @@ from atlas.store import (
     class_names,
     fingerprint,
     grid_group,
-    made,
+    icons_made,
     open_store,
 )
 from atlas.store import Grid as GridView
@@ -111,6 +117,8 @@ class Grid:
     icon_objective: np.ndarray  # [G, G]
     image: Image.Image  # the atlas without labels, G * icon size square
     heatmap: Heatmap | None = None  # set on a class's heat-map atlas
+    # [G, G] each drawn icon's side, a fraction of the icon size (density_scale); 0: not drawn. None: not read
+    scale: np.ndarray | None = None
 
 
 def density_scale(count: np.ndarray, min_count: int) -> np.ndarray:
@@ -214,6 +222,7 @@ def read_grid(group: h5py.Group) -> Grid:
         scale = np.where(unfinished, 0.0, scale)
     canvas = atlas_canvas(group[ICONS], scale)
     return Grid(
+        scale=scale,
         size=size,
         min_count=min_count,
         count=count,
@@ -370,6 +379,33 @@ def _example_patches(
     return picked, example_info
 
 
+def _save_atlas(image: Image.Image, grid: Grid, names: list[str], settings: ComposeSettings, folder: Path) -> None:
+    """`folder`/atlas.png: the atlas image, with its labels when the settings ask for them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    picture = image.copy()
+    if settings.labels:
+        draw_labels(picture, grid, names)
+    picture.save(folder / "atlas.png", compress_level=3)  # fast enough for 12800 px atlases, still small
+
+
+def _other_views(store: h5py.File, layer: str, grid: Grid, picked: np.ndarray) -> list[tuple[str, Image.Image]]:
+    """The grid's atlas drawn with other icons, each cell where the visualisations' atlas draws one: its accentuated
+    icon (where render made that set, and the icon is done) and its most typical example patch (`picked`'s first)."""
+    group = grid_group(store[layer], grid.size)
+    icon_px = grid.image.width // grid.size
+    views = []
+    accentuated = group.get(ACCENTUATED)
+    if accentuated is not None and ICONS in accentuated:
+        done = accentuated[ICON_DONE][()] if ICON_DONE in accentuated else np.ones_like(grid.scale, bool)
+        views.append(("accentuated", Image.fromarray(atlas_canvas(accentuated[ICONS], np.where(done, grid.scale, 0)))))
+    if picked.shape[1]:
+        shown = (grid.scale > 0) & (picked[:, 0] >= 0).reshape(grid.scale.shape)
+        crops = np.full((*grid.scale.shape, icon_px, icon_px, 3), BACKGROUND, np.uint8)
+        crops[shown] = example_crops(store, layer, picked[shown.ravel(), 0].tolist(), icon_px)
+        views.append(("examples", Image.fromarray(atlas_canvas(crops, np.where(shown, grid.scale, 0)))))
+    return views
+
+
 def compose_atlas(
     store: h5py.File,
     layer: str,
@@ -397,19 +433,21 @@ def compose_atlas(
     for grid in grids:
         grid_dir = atlas_dir / f"grid-{grid.size}"
         grid_dir.mkdir(parents=True, exist_ok=True)
-        picture = grid.image.copy()
-        if settings.labels:
-            draw_labels(picture, grid, names)
-        picture.save(grid_dir / "atlas.png", compress_level=3)  # fast enough for 12800 px atlases, still small
-        del picture  # a labelled copy of the atlas: as large as the atlas itself
+        _save_atlas(grid.image, grid, names, settings, grid_dir)
         cells = cells_json(grid, names, picked[grid.size], example_info)
         (grid_dir / "cells.json").write_text(json.dumps(cells, separators=(",", ":")))
         (grid_dir / "attribution.bin").write_bytes(attribution_table(grid_group(group, grid.size)[ATTRIBUTION][()]))
         (grid_dir / "samples.bin").write_bytes(grid_group(group, grid.size)[CELL][()].astype("<i4").tobytes())
         levels = write_dzi(grid.image, grid_dir / "tiles", tile_format=settings.tile_format)
         log.info("%s grid %d: %d Deep Zoom levels written", layer, grid.size, levels)
+        views = {"visualisation": f"{folder}/grid-{grid.size}/tiles.dzi"}
+        for view, image in _other_views(store, layer, grid, picked[grid.size]):
+            _save_atlas(image, grid, names, settings, grid_dir / view)
+            write_dzi(image, grid_dir / view / "tiles", tile_format=settings.tile_format)
+            views[view] = f"{folder}/grid-{grid.size}/{view}/tiles.dzi"
         entry_grids.append(
             {
+                "views": views,
                 "size": grid.size,
                 "min_count": grid.min_count,
                 "image": f"{folder}/grid-{grid.size}/atlas.png",
@@ -456,7 +494,7 @@ def compose_run(
             head = heads[layer]
             patch_dir = f"patches/{head['id']}" if atlas is not None else None
             paths = compose_atlas(store, layer, sizes, out_dir, head["id"], settings, heatmap_class, patch_dir)
-            icons = {str(size): made(store[f"{layer}/grid/{size}/icons"]) for size in sizes}
+            icons = {str(size): icons_made(grid_group(store[layer], size)) for size in sizes}
             entries.append({**head, **paths, "made_from": icons, "settings": fingerprint(settings)})
     index = install_viewer(out_dir)
     update_manifest(out_dir, entries, index.name)

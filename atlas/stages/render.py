@@ -8,7 +8,8 @@ by its own final objective. Many cells share one batch, each chasing its own dir
 
 With `accentuate` set, an icon starts from its cell's most typical example patch instead of noise (feature
 accentuation, Hamblin et al. 2024) and stays within that distance of it; render then also reads the grid's
-`cell`, the layer's activations, image_index and position, and the photos (`atlas.examples`).
+`cell`, the layer's activations, image_index and position, and the photos (`atlas.examples`), and writes the
+grid's second icon set, `accentuated/` (the same datasets), beside its feature visualisations.
 
 Resumable: `icon_done` is written and flushed after every batch, and a rerun with the same settings
 renders only the cells that are not done. An icon depends only on (seed, cell, attempt), not on the
@@ -41,6 +42,7 @@ from atlas.optvis.transform import Transform, image_key, preset
 from atlas.progress import progress as progress_of
 from atlas.runtime import Runtime, resolve
 from atlas.store import (
+    ACCENTUATED,
     ACTIVATIONS,
     CELL,
     COUNT,
@@ -309,13 +311,21 @@ def _check_layer(model: Classifier, layer: str, channels: int, size: int) -> Non
         )
 
 
-def _prepare_outputs(grid: h5py.Group, recorded: dict, size: int) -> np.ndarray:
-    """Create the icon datasets, or keep them when they were made with the same settings; returns icon_done."""
-    side = grid[COUNT].shape[0]
+def icon_set(grid: h5py.Group, settings: RenderSettings) -> h5py.Group | None:
+    """The group that holds the grid's icons of these settings (None while it does not exist): the grid itself for
+    feature visualisations, its ACCENTUATED group for accentuated icons."""
+    return grid if settings.accentuate is None else grid.get(ACCENTUATED)
+
+
+def _prepare_outputs(cells: h5py.Group, recorded: dict, size: int) -> tuple[h5py.Group, np.ndarray]:
+    """Create the icon datasets of the grid `cells` (in its icon set for these settings), or keep them when they
+    were made with the same settings; returns the icon set's group and its icon_done."""
+    side = cells[COUNT].shape[0]
+    grid = cells if recorded.get("accentuate") is None else cells.require_group(ACCENTUATED)
     existing = grid.get(ICONS)
-    grid_made = made(grid)
+    grid_made = made(cells)
     if existing is not None and ICON_DONE in grid and fresh(existing, recorded, grid_made):
-        return grid[ICON_DONE][()]
+        return grid, grid[ICON_DONE][()]
     if existing is not None:
         log.info("%s: render settings or the grid changed, rendering every icon again", grid.name)
     for name in (ICONS, ICON_OBJECTIVE, ICON_COSINE, ICON_DONE):
@@ -329,7 +339,7 @@ def _prepare_outputs(grid: h5py.Group, recorded: dict, size: int) -> np.ndarray:
     grid.create_dataset(ICON_OBJECTIVE, data=np.full((side, side), np.nan, np.float32))
     grid.create_dataset(ICON_COSINE, data=np.full((side, side), np.nan, np.float32))
     grid.create_dataset(ICON_DONE, data=np.zeros((side, side), bool))
-    return grid[ICON_DONE][()]
+    return grid, grid[ICON_DONE][()]
 
 
 def typical_examples(store: h5py.File, layer: str, grid: int, cells: np.ndarray, size: int) -> np.ndarray:
@@ -366,14 +376,15 @@ def rendered(
     try:
         with open_store(path) as store:
             cells = store[layer].get(f"{GRIDS}/{grid}")
-            icons = None if cells is None else cells.get(ICONS)
-            if icons is None or ICON_DONE not in cells:
+            target = None if cells is None else icon_set(cells, settings)
+            icons = None if target is None else target.get(ICONS)
+            if icons is None or ICON_DONE not in target:
                 return False
             non_empty = Grid(store[layer], grid).non_empty()
             made_with = json.loads(str(icons.attrs.get(SETTINGS, "{}")))  # the store's model: what made them
             name, weights = (model.name, model.weights) if model else (made_with.get("model"), made_with.get("weights"))
             recorded = _recorded_settings(settings, str(name), str(weights), runtime)
-            return fresh(icons, recorded, made(cells)) and bool(cells[ICON_DONE][()][non_empty].all())
+            return fresh(icons, recorded, made(cells)) and bool(target[ICON_DONE][()][non_empty].all())
     except (AtlasError, KeyError, ValueError):
         return False
 
@@ -410,8 +421,8 @@ def render_store(
 
     start = time.perf_counter()
     with open_store(path, "r+") as store:
-        group = store[f"{cells.layer}/grid/{grid}"]
-        done = _prepare_outputs(group, _recorded_settings(settings, net.name, net.weights, runtime), settings.size)
+        recorded = _recorded_settings(settings, net.name, net.weights, runtime)
+        group, done = _prepare_outputs(store[f"{cells.layer}/grid/{grid}"], recorded, settings.size)
         todo = np.flatnonzero(cells.non_empty.ravel() & ~done.ravel())  # row-major cell ids, y * G + x
         total = int(cells.non_empty.sum())
         log.info("%s grid %d: %d of %d non-empty cells to render", cells.layer, grid, len(todo), total)

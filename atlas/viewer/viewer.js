@@ -16,6 +16,7 @@
     names: [], // the class names of the atlas's store (classes.json)
     classIndex: null, // the class every cell is shaded by, or null
     labels: true, // the top-class labels over the atlas
+    icons: "visualisation", // the icons drawn: a grid's views (visualisation, accentuated, examples)
     pointer: null, // last pointer position over the atlas, in viewer pixels
     pinned: null, // {grid, x, y} kept by a click
   };
@@ -85,6 +86,25 @@
     fillSelect(byId("class"), siblings.map((atlas) => [atlas.id, className(atlas)]), state.atlas.id);
     const grids = state.atlas.grids.map((grid) => [String(grid.size), `${grid.size} × ${grid.size}`]);
     fillSelect(byId("grid"), [["auto", "by zoom"], ...grids], state.grid);
+    const views = iconViews(state.atlas);
+    byId("icons-choice").hidden = views.length < 2;
+    fillSelect(byId("icons"), views.map((view) => [view, ICON_VIEWS[view] ?? view]), shownView(state.atlas));
+  }
+
+  const ICON_VIEWS = {
+    visualisation: "feature visualisations",
+    accentuated: "accentuated examples",
+    examples: "dataset examples",
+  };
+
+  // the icon sets every grid of an atlas has (compose's "views"; an atlas without them has its visualisations)
+  function iconViews(atlas) {
+    const sets = atlas.grids.map((grid) => Object.keys(grid.views ?? { visualisation: grid.tiles }));
+    return sets[0].filter((view) => sets.every((set) => set.includes(view)));
+  }
+
+  function shownView(atlas) {
+    return iconViews(atlas).includes(state.icons) ? state.icons : "visualisation";
   }
 
   // view: {zoom, x, y} of the viewport to restore; focus: a cell {grid, x, y} to pin (and zoom to, without a view)
@@ -114,7 +134,9 @@
     });
     // every grid's pyramid is in the world; only the shown one is opaque, and OpenSeadragon loads no tiles
     // of a transparent image
-    viewer.open(grids.map((entry, index) => ({ tileSource: entry.tiles, x: 0, y: 0, width: 1, index, opacity: 0 })));
+    const icons = shownView(atlas);
+    const tiles = (entry) => entry.views?.[icons] ?? entry.tiles;
+    viewer.open(grids.map((entry, index) => ({ tileSource: tiles(entry), x: 0, y: 0, width: 1, index, opacity: 0 })));
     showHint();
   }
 
@@ -126,6 +148,7 @@
     if (embedded) params.embed = 1;
     if (state.classIndex !== null) params.class = state.classIndex;
     if (!state.labels) params.labels = 0;
+    if (shownView(state.atlas) !== "visualisation") params.icons = shownView(state.atlas);
     params.zoom = viewer.viewport.getZoom().toFixed(4);
     Object.assign(params, { x: centre.x.toFixed(4), y: centre.y.toFixed(4) });
     if (state.pinned) {
@@ -625,6 +648,11 @@
     open(atlas, atlas.grids.some((grid) => String(grid.size) === state.grid) ? state.grid : "auto");
   });
   byId("grid").addEventListener("change", (event) => open(state.atlas, event.target.value));
+  byId("icons").addEventListener("change", (event) => {
+    state.icons = event.target.value;
+    const centre = viewer.viewport.getCenter(); // the same place, zoom and pinned cell, drawn with other icons
+    open(state.atlas, state.grid, state.pinned, { zoom: viewer.viewport.getZoom(), x: centre.x, y: centre.y });
+  });
   byId("class-search").addEventListener("change", (event) => {
     const wanted = event.target.value.trim().toLowerCase();
     const k = state.names.findIndex((name) => name.toLowerCase() === wanted);
@@ -664,6 +692,7 @@
       const k = Number(wanted.get("class") ?? NaN);
       state.classIndex = Number.isInteger(k) && k >= 0 ? k : null;
       state.labels = wanted.get("labels") !== "0";
+      state.icons = wanted.get("icons") ?? "visualisation";
       byId("labels").checked = state.labels;
       state.atlas = atlas; // parseCell reads its grids
       open(atlas, grid, parseCell(grid, wanted.get("cell"), wanted.get("cellgrid")), parseView(wanted));
