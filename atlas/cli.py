@@ -43,7 +43,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
         from atlas.models.registry import zoo_table
 
         rows = zoo_table()
-        widths = [max(len(row[i]) for row in rows) + 2 for i in range(4)]  # columns as wide as their longest entry
+        widths = [max(len(row[i]) for row in rows) + 2 for i in range(5)]  # columns as wide as their longest entry
         for *columns, weights in rows:
             print("".join(f"{text:<{width}}" for text, width in zip(columns, widths, strict=True)) + weights)
         print("and any torchvision classifier by name, or your own as package.module:factory")

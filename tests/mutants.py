@@ -269,9 +269,10 @@ MUTANTS = [
     Mutant(
         "collect-runs-the-network-once-per-layer",
         "atlas/stages/collect.py",
-        "        found = attribution_pass(\n            model, images, where_t, sizes,",
-        "        found = {n: attribution_pass(model, images, {n: where_t[n]}, {n: sizes[n]})[n] for n in layers}\n"
-        "        found = {} or found or (\n            model, images, where_t, sizes,",
+        "        found = attribution_pass(\n            model, images, where_t, sizes, method",
+        "        found = {n: attribution_pass(model, images, {n: where_t[n]}, {n: sizes[n]}, method=attribution.method,"
+        " baselines=baselines, steps=attribution.steps)[n] for n in layers}\n        print(\n            model, images,"
+        " where_t, sizes, method",
         ("tests/test_collect.py::test_four_layers_are_decoded_and_run_once_per_batch_and_equal_four_one_layer_runs",),
     ),
     Mutant(
@@ -558,6 +559,20 @@ MUTANTS = [
         "parts.append(logits - _occluded(model, module, images, h, base, chunk))",
         "parts.append(_occluded(model, module, images, h, base, chunk) - logits)",
         ATTRIBUTIONS,
+    ),
+    Mutant(
+        "lite0-labels-by-the-papers-gradient",
+        "configs/efficientnet-lite0.yaml",
+        "  attribution: integrated  #",
+        "  attribution: gradient    #",
+        ("tests/test_pipeline.py::test_on_the_demo_run_a_photos_class_shades_the_cells_that_hold_its_samples",),
+    ),
+    Mutant(
+        "lite0-defaults-to-the-papers-gradient",
+        "atlas/models/registry.py",
+        'attribution="integrated",',
+        'attribution="gradient",',
+        ("tests/test_zoo.py::test_atlas_models_lists_each_microscope_model_with_its_weights",),
     ),
     Mutant(
         "resumed-collection-computes-its-baseline-again",

@@ -194,6 +194,7 @@ def test_atlas_models_lists_each_microscope_model_with_its_weights(capsys):
     for name in MICROSCOPE_MODELS:
         info = ZOO[name]
         assert rows[name].split()[1:4] == [f"{info.input_size}x{info.input_size}", info.default_layer, info.labels]
-        assert rows[name].endswith(info.about)
+        assert rows[name].split()[4] == info.attribution and rows[name].endswith(info.about)
+    assert rows["efficientnet-lite0"].split()[4] == "integrated" and rows["inceptionv1"].split()[4] == "gradient"
     assert "no published PyTorch weights" in rows["inceptionv1-places365"]
     assert "places365" in rows["alexnet-places365"].split()

@@ -351,6 +351,9 @@ def _download(info: ModelInfo, path: Path) -> None:
     log.info("downloaded %s to %s (sha256 %s)", info.weights_url, path, got)
 
 
-def zoo_table() -> list[tuple[str, str, str, str, str]]:
-    """(name, input size, default layer, label set, weights source) for `atlas models`."""
-    return [(i.name, f"{i.input_size}x{i.input_size}", i.default_layer, i.labels, i.about) for i in ZOO.values()]
+def zoo_table() -> list[tuple[str, str, str, str, str, str]]:
+    """(name, input size, default layer, label set, attribution method, weights source) for `atlas models`."""
+    return [
+        (i.name, f"{i.input_size}x{i.input_size}", i.default_layer, i.labels, i.attribution, i.about)
+        for i in ZOO.values()
+    ]

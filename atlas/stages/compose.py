@@ -441,7 +441,9 @@ def compose_atlas(
         levels = write_dzi(grid.image, grid_dir / "tiles", tile_format=settings.tile_format)
         log.info("%s grid %d: %d Deep Zoom levels written", layer, grid.size, levels)
         views = {"visualisation": f"{folder}/grid-{grid.size}/tiles.dzi"}
-        for view, image in _other_views(store, layer, grid, picked[grid.size]):
+        # a heat-map atlas shows its faded visualisations only: other icons would show every cell at full strength
+        others = _other_views(store, layer, grid, picked[grid.size]) if heatmap_class is None else []
+        for view, image in others:
             _save_atlas(image, grid, names, settings, grid_dir / view)
             write_dzi(image, grid_dir / view / "tiles", tile_format=settings.tile_format)
             views[view] = f"{folder}/grid-{grid.size}/{view}/tiles.dzi"
