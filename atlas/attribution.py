@@ -177,6 +177,7 @@ def _baseline_pass(
     batch = images.shape[0]
     rows = torch.arange(batch, device=images.device)
     per_pass = max(1, max_rows // batch)
+    alphas = [(j + 0.5) / steps for j in range(steps)]  # integrated: the midpoint rule
     found = {}
     for layer, where in positions.items():
         module = model.layer_module(layer)
@@ -189,8 +190,7 @@ def _baseline_pass(
         for chunk in masks.split(per_pass):
             if method == "occlusion":
                 parts.append(logits - _occluded(model, module, images, h, base, chunk))
-            else:  # the midpoint rule
-                alphas = [(j + 0.5) / steps for j in range(steps)]
+            else:
                 parts.append(sum(_gradient_at(model, module, images, h, base, chunk, a) for a in alphas) / steps)
         found[layer] = (seen[layer], torch.cat(parts).transpose(0, 1).float())
     return found

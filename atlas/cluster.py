@@ -242,7 +242,7 @@ def collect_on_cluster(
     planner = load_model(model, weights=weights)  # names, shapes and the store's metadata, as `collect` records them
     # collection's policy is the same on every device (atlas.runtime), so the settings resolved here are the workers'
     runtime = resolve("collect", "cpu", precision, memory_format)
-    method = attribution_record(attribution or planner.attribution, attribution_steps, baseline_images)
+    method = attribution_record(planner, attribution, attribution_steps, baseline_images)
     plan = plan_collection(planner, records, out, layers, positions, seed, batch_size, dataset, runtime, method)
     if plan is None:
         return out

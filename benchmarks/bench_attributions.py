@@ -73,7 +73,10 @@ def measure(model_name: str, layer: str, images: int) -> list[dict]:
     loaded = [(rows, stacked) for rows, stacked, _ in load_batches(records, model.resize_size, model.input_size,
                                                                    batches, 0, progress=False) if rows]  # fmt: skip
     base = mean_activation(model, [stacked for _, stacked in loaded[: 256 // BATCH]], [layer])[layer]
-    logits = torch.cat([_logits_and_maps(model, layer, stacked)[0] for _, stacked in loaded])
+    passes = [_logits_and_maps(model, layer, stacked) for _, stacked in loaded]
+    batch_logits, side = [found for found, _ in passes], tuple(passes[0][1].shape[-2:])
+    del passes  # the maps: only their side is needed
+    logits = torch.cat(batch_logits)
     predicted = logits.argmax(1).numpy()
     image_rows = np.concatenate([rows for rows, _ in loaded])
     read_at = {row: i for i, row in enumerate(image_rows)}
@@ -95,7 +98,8 @@ def measure(model_name: str, layer: str, images: int) -> list[dict]:
                 samples = (group["image_index"][()], group["position"][()])
             name = method if method != "integrated" else f"integrated, {steps} step{'s' * (steps > 1)}"
             rows.append({"method": name, **_scores(attributions, samples, predicted, read_at),
-                         **_deletion(model, layer, loaded, attributions, samples, predicted, read_at, base),
+                         **_deletion(model, layer, loaded, batch_logits, side, attributions, samples, predicted,
+                                     read_at, base),
                          "seconds": seconds, "x_gradient": seconds / gradient_s})  # fmt: skip
         whole = logits - torch.cat([_with_positions_at(model, layer, stacked, 1.0, base) for _, stacked in loaded])
         index = samples[0]
@@ -103,7 +107,8 @@ def measure(model_name: str, layer: str, images: int) -> list[dict]:
         rows.append({"method": "reference: whole map", **_scores(whole.numpy()[[read_at[i] for i in index]], samples,
                                                                   predicted, read_at)})  # fmt: skip
         rows.append({"method": "reference: photo logits (trivial)", **_scores(trivial, samples, predicted, read_at),
-                     **_deletion(model, layer, loaded, trivial, samples, predicted, read_at, base)})  # fmt: skip
+                     **_deletion(model, layer, loaded, batch_logits, side, trivial, samples, predicted, read_at,
+                                 base)})  # fmt: skip
     return [{"model": model_name, "layer": layer, "photos": len(image_rows), "positions": POSITIONS, **row}
             for row in rows]  # fmt: skip
 
@@ -121,13 +126,13 @@ def _scores(attributions: np.ndarray, samples, predicted: np.ndarray, read_at: d
             "sample_top1": float(sample_top.mean())}  # fmt: skip
 
 
-def _deletion(model, layer, loaded, attributions, samples, predicted, read_at, base) -> dict:
+def _deletion(model, layer, loaded, batch_logits, side, attributions, samples, predicted, read_at, base) -> dict:
+    """`batch_logits`: each loaded batch's logits; `side`: the layer's (H, W)."""
     index, where = samples
     rng = np.random.default_rng(0)
     drops = {"top": [], "random": []}
-    for rows, stacked in loaded:
-        _logits, h = _logits_and_maps(model, layer, stacked)
-        masks = {kind: torch.zeros(len(rows), 1, *h.shape[-2:]) for kind in drops}
+    for (rows, stacked), logits in zip(loaded, batch_logits, strict=True):
+        masks = {kind: torch.zeros(len(rows), 1, *side) for kind in drops}
         for i, row in enumerate(rows):
             mine = np.flatnonzero(index == row)
             order = np.argsort(-attributions[mine, predicted[read_at[row]]], kind="stable")
@@ -135,7 +140,7 @@ def _deletion(model, layer, loaded, attributions, samples, predicted, read_at, b
                 y, x = where[mine[chosen]].T
                 masks[kind][i, 0, y, x] = 1
         target = torch.as_tensor(predicted[[read_at[r] for r in rows]])
-        before = _logits.gather(1, target[:, None])[:, 0]
+        before = logits.gather(1, target[:, None])[:, 0]
         for kind, mask in masks.items():
             after = _with_positions_at(model, layer, stacked, mask, base).gather(1, target[:, None])[:, 0]
             drops[kind].append((before - after).numpy())

@@ -375,9 +375,7 @@ def _run_stages(
         collect.collect(model, records, store, **collect_args)
 
     policy = resolve("collect", device, wanted.precision, wanted.memory_format)
-    method = collect.attribution_record(
-        wanted.attribution or model.attribution, wanted.attribution_steps, wanted.baseline_images
-    )
+    method = collect.attribution_record(model, wanted.attribution, wanted.attribution_steps, wanted.baseline_images)
     settings = collect.collection_settings(
         model, records, wanted.positions, wanted.seed, wanted.batch_size, dataset, policy, method
     )

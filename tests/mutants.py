@@ -602,8 +602,8 @@ MUTANTS = [
     Mutant(
         "accentuated-icons-overwrite-the-visualisations",
         "atlas/stages/render.py",
-        'grid = cells if recorded.get("accentuate") is None else cells.require_group(ACCENTUATED)',
-        "grid = cells",
+        "return grid.require_group(ACCENTUATED) if create else grid.get(ACCENTUATED)",
+        "return grid if create else grid.get(ACCENTUATED)",
         ("tests/test_render.py::test_accentuated_icons_start_from_their_cells_most_typical_example_and_stay_near_it",),
     ),
     Mutant(

@@ -19,6 +19,7 @@ from atlas.images import list_images, load_rgb, to_model_input
 from atlas.models.classifier import capture
 from atlas.models.zoo import load_model
 from atlas.stages.collect import attributions, collect, sample_positions
+from tests.test_pipeline import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,12 +215,7 @@ def test_an_interrupted_collection_keeps_its_finished_shards_and_collects_only_t
     import atlas.stages.collect as stage
     from tests.synthetic import tiny_classifier
 
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(10):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    records, model = list_images(folder), tiny_classifier()
+    records, model = list_images(write_folder(tmp_path / "images", 10)), tiny_classifier()
     settings = dict(positions=3, batch_size=2, workers=0)
     real, seen = stage.collect_batch, []
 
@@ -346,12 +342,7 @@ def test_integrated_gradients_start_from_the_kept_mean_activation_and_the_store_
     import atlas.stages.collect as stage
     from tests.synthetic import tiny_classifier
 
-    folder = tmp_path / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-    records, model = list_images(folder), tiny_classifier()
+    records, model = list_images(write_folder(tmp_path / "images", 6)), tiny_classifier()
     settings = dict(positions=2, batch_size=2, workers=0, attribution="integrated", attribution_steps=2)
     out = collect(model, records, tmp_path / "s.h5", baseline_images=4, **settings)
     images = torch.stack([to_model_input(load_rgb(r.path), model.resize_size, model.input_size) for r in records])

@@ -122,9 +122,10 @@ class Attribution:
     baselines: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def attribution_record(method: str, steps: int, baseline_images: int) -> dict:
-    """What a collection records of its attribution method: only the settings the method reads (a gradient
-    collection's is the same whatever its unused steps)."""
+def attribution_record(model: Classifier, method: str | None, steps: int, baseline_images: int) -> dict:
+    """What a collection records of its attribution method (None: the model's own): only the settings the method
+    reads (a gradient collection's is the same whatever its unused steps)."""
+    method = method or model.attribution
     return {
         "attribution": method,
         "attribution_steps": steps if method == "integrated" else 0,
@@ -237,7 +238,7 @@ def collect(
     """
     out = Path(out)
     runtime = resolve("collect", device, precision, memory_format)
-    method = attribution_record(attribution or model.attribution, attribution_steps, baseline_images)
+    method = attribution_record(model, attribution, attribution_steps, baseline_images)
     plan = plan_collection(model, records, out, layers, positions, seed, batch_size, dataset, runtime, method)
     if plan is not None:
         how = baselines_of(model, records, plan, runtime, workers)
@@ -315,7 +316,7 @@ def collection_settings(
     method at CollectSettings' defaults)."""
     if attribution is None:
         defaults = CollectSettings()
-        attribution = attribution_record(model.attribution, defaults.attribution_steps, defaults.baseline_images)
+        attribution = attribution_record(model, None, defaults.attribution_steps, defaults.baseline_images)
     return {
         "model": model.name,
         "weights": model.weights,
@@ -369,7 +370,7 @@ def baselines_of(
             ) from None
         finally:
             torch.set_num_threads(threads)
-    found = {layer: mean.float().cpu().numpy() for layer, mean in means.items()}
+    found = {layer: mean.cpu().numpy() for layer, mean in means.items()}
     tmp = kept.with_name(f".{kept.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **found)
     os.replace(tmp, kept)
@@ -544,14 +545,14 @@ def _merge_shards(
     one (the file `baselines`); returns the skipped images' lines."""
     skipped: list[str] = []
     datasets: dict[str, dict[str, h5py.Dataset]] = {}
+    kept = dict(np.load(baselines)) if baselines.exists() else {}
     for layer, (channels, height, width) in layer_shapes.items():
         group = into.create_group(layer)
         group.attrs.update(channels=channels, height=height, width=width)
         record_lineage(group, {**meta, "layer": layer}, "")
         datasets[layer] = {}
-        if baselines.exists():
-            with np.load(baselines) as data:
-                group.create_dataset(BASELINE, data=data[layer].astype(np.float32))
+        if kept:
+            group.create_dataset(BASELINE, data=kept[layer].astype(np.float32))
     for shard in progress_of(shards, desc="merge", unit="batch"):
         with np.load(shard) as data:
             skipped += [

@@ -456,7 +456,7 @@ def compose_atlas(
                 "cells": f"{folder}/grid-{grid.size}/cells.json",
                 "attribution": f"{folder}/grid-{grid.size}/attribution.bin",
                 "samples": f"{folder}/grid-{grid.size}/samples.bin",
-                "tiles": f"{folder}/grid-{grid.size}/tiles.dzi",
+                "tiles": views["visualisation"],
             }
         )
     (atlas_dir / "classes.json").write_text(json.dumps(names))

@@ -311,21 +311,22 @@ def _check_layer(model: Classifier, layer: str, channels: int, size: int) -> Non
         )
 
 
-def icon_set(grid: h5py.Group, settings: RenderSettings) -> h5py.Group | None:
-    """The group that holds the grid's icons of these settings (None while it does not exist): the grid itself for
-    feature visualisations, its ACCENTUATED group for accentuated icons."""
-    return grid if settings.accentuate is None else grid.get(ACCENTUATED)
+def icon_set(grid: h5py.Group, settings: RenderSettings, create: bool = False) -> h5py.Group | None:
+    """The group that holds the grid's icons of these settings (None while it does not exist, unless `create`): the
+    grid itself for feature visualisations, its ACCENTUATED group for accentuated icons."""
+    if settings.accentuate is None:
+        return grid
+    return grid.require_group(ACCENTUATED) if create else grid.get(ACCENTUATED)
 
 
-def _prepare_outputs(cells: h5py.Group, recorded: dict, size: int) -> tuple[h5py.Group, np.ndarray]:
-    """Create the icon datasets of the grid `cells` (in its icon set for these settings), or keep them when they
-    were made with the same settings; returns the icon set's group and its icon_done."""
+def _prepare_outputs(cells: h5py.Group, grid: h5py.Group, recorded: dict, size: int) -> np.ndarray:
+    """Create the icon datasets in `grid`, the icon set of the grid `cells` (`icon_set`), or keep them when they
+    were made with the same settings; returns its icon_done."""
     side = cells[COUNT].shape[0]
-    grid = cells if recorded.get("accentuate") is None else cells.require_group(ACCENTUATED)
     existing = grid.get(ICONS)
     grid_made = made(cells)
     if existing is not None and ICON_DONE in grid and fresh(existing, recorded, grid_made):
-        return grid, grid[ICON_DONE][()]
+        return grid[ICON_DONE][()]
     if existing is not None:
         log.info("%s: render settings or the grid changed, rendering every icon again", grid.name)
     for name in (ICONS, ICON_OBJECTIVE, ICON_COSINE, ICON_DONE):
@@ -339,7 +340,7 @@ def _prepare_outputs(cells: h5py.Group, recorded: dict, size: int) -> tuple[h5py
     grid.create_dataset(ICON_OBJECTIVE, data=np.full((side, side), np.nan, np.float32))
     grid.create_dataset(ICON_COSINE, data=np.full((side, side), np.nan, np.float32))
     grid.create_dataset(ICON_DONE, data=np.zeros((side, side), bool))
-    return grid, grid[ICON_DONE][()]
+    return grid[ICON_DONE][()]
 
 
 def typical_examples(store: h5py.File, layer: str, grid: int, cells: np.ndarray, size: int) -> np.ndarray:
@@ -422,7 +423,9 @@ def render_store(
     start = time.perf_counter()
     with open_store(path, "r+") as store:
         recorded = _recorded_settings(settings, net.name, net.weights, runtime)
-        group, done = _prepare_outputs(store[f"{cells.layer}/grid/{grid}"], recorded, settings.size)
+        cells_group = store[f"{cells.layer}/grid/{grid}"]
+        group = icon_set(cells_group, settings, create=True)
+        done = _prepare_outputs(cells_group, group, recorded, settings.size)
         todo = np.flatnonzero(cells.non_empty.ravel() & ~done.ravel())  # row-major cell ids, y * G + x
         total = int(cells.non_empty.sum())
         log.info("%s grid %d: %d of %d non-empty cells to render", cells.layer, grid, len(todo), total)
