@@ -198,3 +198,10 @@ def test_atlas_models_lists_each_microscope_model_with_its_weights(capsys):
     assert rows["efficientnet-lite0"].split()[4] == "integrated" and rows["inceptionv1"].split()[4] == "gradient"
     assert "no published PyTorch weights" in rows["inceptionv1-places365"]
     assert "places365" in rows["alexnet-places365"].split()
+
+
+def test_load_model_keeps_its_documented_import():
+    from atlas.models import load_model
+    from atlas.models.zoo import load_model as zoo_load_model
+
+    assert load_model is zoo_load_model
