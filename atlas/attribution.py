@@ -20,6 +20,7 @@ run once. Max pools pass the average-pool derivative (the paper's relaxed max-po
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -132,8 +133,10 @@ def _gradient_pass(
             return out
 
         tangents = tuple(torch.stack(parts) for parts in zip(*(masks(layer, k) for layer, k in chunk), strict=True))
-        attributions, seen = vmap(lambda *m: jvp(logits_with, zeros, m, has_aux=True)[1:])(*tangents)
-        by_layer = {layer: [] for layer in entering}
+        # with has_aux, jvp gives (output, tangent, aux); its annotation admits a pair too
+        jvp_with_aux = cast(Callable[..., tuple[Any, Any, Any]], jvp)
+        attributions, seen = vmap(lambda *m: jvp_with_aux(logits_with, zeros, m, has_aux=True)[1:])(*tangents)
+        by_layer: dict[str, list[torch.Tensor]] = {layer: [] for layer in entering}
         for (layer, _k), row in zip(chunk, attributions, strict=True):
             by_layer[layer].append(row)
         return {layer: torch.stack(parts, 1).float() for layer, parts in by_layer.items()}, seen
@@ -238,7 +241,7 @@ def attributions(
     `activations` is the layer's output h for `images` [B, C, H, W]; method, baseline (the layer's mean
     activation [C]) and steps as for `attribution_pass`, which `collect_batch` uses for several layers at once.
     """
-    size = tuple(activations.shape[-2:])
+    size = (activations.shape[-2], activations.shape[-1])
     baselines = None if baseline is None else {layer: baseline}
     found = attribution_pass(
         model, images, {layer: positions}, {layer: size}, max_rows, {layer: activations}, method, baselines, steps

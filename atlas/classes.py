@@ -18,7 +18,8 @@ PLACES365_LOGITS = 365
 def _imagenet_lines() -> tuple[tuple[str, str], ...]:
     """(wnid, name) of the 1000 ImageNet-1k classes, in logit order, from the shipped label file."""
     lines = Path(__file__).with_name("imagenet_classes.txt").read_text().splitlines()
-    return tuple(tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#"))
+    pairs = (line.split(" ", 1) for line in lines if line and not line.startswith("#"))
+    return tuple((wnid, name) for wnid, name in pairs)
 
 
 def imagenet_wnids() -> list[str]:
@@ -96,7 +97,7 @@ def wordnet_class(wnid: str, count: int) -> int:
 def _inceptionv1_lines() -> list[tuple[str, int, str]]:
     """(wnid, index, name) per line of the shipped label file, in logit order 1..1000."""
     lines = (Path(__file__).with_name("inceptionv1_classes.txt")).read_text().splitlines()
-    rows = []
+    rows: list[tuple[str, int, str]] = []
     for line in lines:
         if line and not line.startswith("#"):
             wnid, index, name = line.split(" ", 2)

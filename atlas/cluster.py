@@ -207,7 +207,7 @@ def _per_task(items: int, workers: int, most: int) -> int:
     return max(1, min(most, math.ceil(items / (TASKS_PER_WORKER * workers))))
 
 
-def _runs(items: Sequence, per_task: int) -> list:
+def _runs(items: Sequence | np.ndarray, per_task: int) -> list:
     """`items` in consecutive runs of `per_task`, one run a task."""
     return [items[i : i + per_task] for i in range(0, len(items), per_task)]
 

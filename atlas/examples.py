@@ -91,13 +91,14 @@ def example_crops(store: h5py.File, layer: str, samples: Sequence[int], size: in
     unreadable = 0
     for image, rows in by_image.items():
         try:
-            view = model_view(paths[image], input_size, resize_size)
+            picture = model_view(paths[image], input_size, resize_size)
         except UNREADABLE:
             unreadable += 1
             continue
         for row in rows:
-            box = patch_box(*position[samples[row]], *shape, input_size)
-            crops[row] = np.asarray(view.crop(box).resize((size, size), Image.BILINEAR))
+            y, x = position[samples[row]]
+            box = patch_box(y, x, *shape, input_size)
+            crops[row] = np.asarray(picture.crop(box).resize((size, size), Image.Resampling.BILINEAR))
     if unreadable:
         log.warning("%d of %d photos could not be read; their patches are grey", unreadable, len(by_image))
     return crops

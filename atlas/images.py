@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ WNID = re.compile(r"^(n\d{8})")
 # the most pixels an image may decode to: Pillow's own bomb bound (89.5 Mpx, 268 MB as RGB). A few-kilobyte PNG
 # can declare 200 Mpx; it is refused from its header, before any pixel is decoded. Large JPEGs decode at 1/2..1/8
 # size (`Image.draft`), so a JPEG counts by its reduced size.
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+MAX_PIXELS = cast(int, Image.MAX_IMAGE_PIXELS)  # Pillow's default is an int; None (no bound) is a user's choice
 # what load_rgb raises for a file that is no readable image (or one too large to decode)
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to report, not grey pixels
@@ -134,7 +135,7 @@ def load_rgb(path: str | Path, min_side: int | None = None, max_pixels: int = MA
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's warnings on odd metadata (and its bomb warning) say nothing here
-        image = Image.open(path)
+        image: Image.Image = Image.open(path)  # an ImageFile, replaced by plain Images below
         if min_side and image.format == "JPEG":
             image.draft("RGB", (min_side, min_side))
         if image.width * image.height > max_pixels:
@@ -163,7 +164,7 @@ def to_model_input(image: Image.Image, resize_size: int, crop_size: int) -> torc
     """Resize the short side to `resize_size`, centre-crop `crop_size`: a float (3, H, W) tensor in [0, 1]."""
     scale = resize_size / min(image.size)
     width, height = max(crop_size, round(image.width * scale)), max(crop_size, round(image.height * scale))
-    image = image.resize((width, height), Image.BILINEAR, reducing_gap=3.0)
+    image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
     left, top = (width - crop_size) // 2, (height - crop_size) // 2
     image = image.crop((left, top, left + crop_size, top + crop_size))
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()

@@ -38,15 +38,16 @@ def progress(
 
 def _logged(items: Iterable[T], total: int | None, desc: str, unit: str) -> Iterator[T]:
     started = last = time.monotonic()
-    next_count = max(1, round(EVERY_FRACTION * total)) if total else None
+    step = max(1, round(EVERY_FRACTION * total)) if total else None
+    next_count = step
     for done, item in enumerate(items, start=1):
         yield item
         now = time.monotonic()
         if done == total or (next_count is not None and done >= next_count) or now - last >= EVERY_S:
             log.info("%s", _line(desc, unit, done, total, now - started))
             last = now
-            if next_count is not None:
-                next_count = done + max(1, round(EVERY_FRACTION * total))
+            if step is not None:
+                next_count = done + step
 
 
 def _line(desc: str, unit: str, done: int, total: int | None, seconds: float) -> str:

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -36,6 +37,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 LOADAVG = Path("/proc/loadavg")  # Linux: "1.73 0.87 0.48 2/81 19581", the 4th field running/all threads
 STAGES_TOLERATING_BF16 = ("render",)  # collection's attributions do not (see the module docstring)
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 def default_device() -> str:
@@ -75,7 +77,7 @@ def set_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads (default: `default_threads()`) and return how many."""
     from atlas.config import check_number  # atlas.config stays free of torch; this module is not
 
-    count = default_threads() if threads is None else check_number("threads", threads, 1)
+    count = default_threads() if threads is None else int(check_number("threads", threads, 1))
     torch.set_num_threads(count)
     return count
 
@@ -122,13 +124,14 @@ class Runtime:
     def torch_memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.memory_format == "channels_last" else torch.contiguous_format
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare(self, model: M) -> M:
         """Move `model` to the device and memory format (in place, as nn.Module.to); set the CUDA switches."""
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        return model.to(self.device, memory_format=self.torch_memory_format).eval()
+        # nn.Module.to takes memory_format (as Tensor.to does), which torch's overloads of it leave out
+        return model.to(self.device, memory_format=self.torch_memory_format).eval()  # type: ignore[call-overload]
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """An image batch [B, 3, H, W] on the device in the memory format (asynchronous from pinned memory)."""

@@ -91,7 +91,7 @@ def write_dzi(
         width = math.ceil(full / 2 ** (top - level))
         # each level halves the one above; Pillow copies an image "resized" to its own size, so the finest
         # level takes the atlas itself (655 MB at 160)
-        base = base if base.width == width else base.resize((width, width), Image.LANCZOS, reducing_gap=3.0)
+        base = base if base.width == width else base.resize((width, width), Image.Resampling.LANCZOS, reducing_gap=3.0)
         _write_tiles(base, folder / str(level), tile_size, overlap, tile_format)
     stem.with_suffix(".dzi").write_text(
         '<?xml version="1.0" encoding="UTF-8"?>\n'

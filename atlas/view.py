@@ -36,6 +36,7 @@ def make_server(run_dir: str | Path, port: int = 8000) -> http.server.ThreadingH
 
 def url_of(server: http.server.ThreadingHTTPServer) -> str:
     host, port = server.server_address[:2]
+    assert isinstance(host, str)  # an IPv4 socket's address: its host is a str, never bytes
     return f"http://{host}:{port}/"
 
 

@@ -126,13 +126,13 @@ def expanded_weights(model: Classifier, layer: str, unit: int, below: str, top: 
             height, width = out.shape[-2:]
             (grad,) = torch.autograd.grad(out[0, unit, height // 2, width // 2], lower)
         grads.append(grad[0].detach().cpu().numpy())  # [C_in, H_in, W_in]
-    grad = grads[0]
-    if not np.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6 * max(1e-12, float(np.abs(grad).max()))):
+    weights = grads[0]
+    if not np.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6 * max(1e-12, float(np.abs(weights).max()))):
         raise AtlasError(f"no expanded weights: the path from {below} to {layer} is not linear apart from ReLUs")
-    support = np.nonzero(np.abs(grad).sum(0))
+    support = np.nonzero(np.abs(weights).sum(0))
     if len(support[0]) == 0:
         raise AtlasError(f"{layer}:{unit} does not depend on {below}")
-    maps = grad[:, support[0].min() : support[0].max() + 1, support[1].min() : support[1].max() + 1]
+    maps = weights[:, support[0].min() : support[0].max() + 1, support[1].min() : support[1].max() + 1]
     return _ranked(maps.sum((1, 2)), "expanded weights (ReLUs as identity, max pools as average)", top, maps)
 
 
@@ -256,6 +256,7 @@ def example_images(model: Classifier, paths: Sequence[str], workers: int | None 
     sides = (model.resize_size, model.input_size)
     records = [ImageRecord(path) for path in paths]
     ((got, batch, _skipped),) = list(load_batches(records, *sides, [list(range(len(paths)))], workers, progress=False))
+    assert batch is not None  # top examples were read before: all readable
     return batch[[got.index(i) for i in range(len(paths))]].to(model_device(model))
 
 
@@ -278,9 +279,12 @@ def circuit_lens(
 ) -> int:
     """The `circuit_report` of each of `units` of `layer` from `below`, on the dataset examples stored for both
     layers (atlas.microscope.examples), kept per unit as JSON unless it is; returns how many it computed."""
-    found = {name: latest_group(results, model.name, name, "examples") for name in (layer, below)}
-    if any(group is None or "value" not in group for group in found.values()):
-        raise AtlasError(f"the circuit lens of {layer} needs the dataset examples of {layer} and {below}")
+    found: dict[str, h5py.Group] = {}
+    for name in (layer, below):
+        examples = latest_group(results, model.name, name, "examples")
+        if examples is None or "value" not in examples:
+            raise AtlasError(f"the circuit lens of {layer} needs the dataset examples of {layer} and {below}")
+        found[name] = examples
     keys = {name: group.name.rsplit("/", 1)[-1] for name, group in found.items()}
     settings = {"model": model.name, "weights": model.weights, "layer": layer, "below": below, "top": top}
     group = lens_group(results, model.name, layer, "circuit", {**settings, "examples": keys})

@@ -112,6 +112,7 @@ def top_activating(
         skipped += len(unreadable)
         if not rows:
             continue
+        assert images is not None  # the batch of the readable rows
         with torch.no_grad():
             acts = forward(model, images.to(device), list(layers))
         for layer in layers:

@@ -165,13 +165,13 @@ def graph_svg(graph: LayerGraph, href: Callable[[str], str | None]) -> str:
         rows.setdefault(depth[name], []).append(name)
     node_w = CHAR_W * max([len(n) for n in depth] + [len(_label(*s)) for _, *s in graph.nodes] + [8]) + 20
     cols = max((len(row) for row in rows.values()), default=1)
-    width = 2 * MARGIN + cols * node_w + (cols - 1) * COL_GAP
+    width: float = 2 * MARGIN + cols * node_w + (cols - 1) * COL_GAP  # widened below for the lanes of long edges
     height = 2 * MARGIN + len(rows) * NODE_H + max(len(rows) - 1, 0) * ROW_GAP
     pos: dict[str, tuple[float, float]] = {}  # top-left corners
-    for d, row in rows.items():
+    for level, row in rows.items():
         left = MARGIN + (cols - len(row)) * (node_w + COL_GAP) / 2
         for i, name in enumerate(row):
-            pos[name] = (left + i * (node_w + COL_GAP), MARGIN + d * (NODE_H + ROW_GAP))
+            pos[name] = (left + i * (node_w + COL_GAP), MARGIN + level * (NODE_H + ROW_GAP))
 
     edges = []
     for lower, upper in graph.edges:

@@ -77,8 +77,10 @@ def write_example_images(examples: h5py.Group, units: list[int], images_dir: Pat
                 wanted.setdefault(int(row), []).append((f"{unit}-{rank}.jpg", tuple(positions[unit, rank])))
     if wanted:
         paths = examples["paths"].asstr()[()].tolist()
-        map_size = tuple(int(v) for v in examples.attrs["map_size"])
-        write_patches(wanted, paths, map_size, settings["input_size"], settings["resize_size"], patches_dir, images_dir)
+        height, width = (int(v) for v in examples.attrs["map_size"])
+        write_patches(
+            wanted, paths, (height, width), settings["input_size"], settings["resize_size"], patches_dir, images_dir
+        )
 
 
 def _example_figures(examples: h5py.Group, unit: int, root: str, model_dir: str, key: str) -> list[dict]:
@@ -116,7 +118,7 @@ def _weight_map(values: list[list[float]], scale: float, path: Path) -> None:
     red, blue = np.array([214.0, 39, 40]), np.array([31.0, 119, 180])
     rgb = 255 + np.where(share > 0, share * (red - 255), -share * (blue - 255))
     height, width = share.shape[:2]
-    picture = Image.fromarray(rgb.round().astype(np.uint8)).resize((12 * width, 12 * height), Image.NEAREST)
+    picture = Image.fromarray(rgb.round().astype(np.uint8)).resize((12 * width, 12 * height), Image.Resampling.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
 
@@ -129,7 +131,7 @@ def _circuit_figure(report: dict, layer_dir: Path, below_pages: set[int]) -> dic
     for lens in report["lenses"]:
         maps = lens.get("maps", {})
         scale = max((np.abs(m).max() for m in map(np.asarray, maps.values())), default=1.0)
-        listed = {}
+        listed: dict[str, list[dict]] = {}
         for sign in ("positive", "negative"):
             listed[sign] = []
             for channel, value in lens[sign]:
@@ -185,15 +187,18 @@ def write_layer_site(out: Path, results: h5py.File, model: str, layer: str, atla
     if not units:
         return []
     vis = latest_group(results, model, layer, "units")
+    assert vis is not None  # it holds the units done
     examples = latest_group(results, model, layer, "examples")
     examples = examples if examples is not None and "value" in examples else None
     layer_dir = out / slug(model) / slug(layer)
     (layer_dir / "layer").mkdir(parents=True, exist_ok=True)
     for unit in units:
         _save_png(vis["images"][unit], layer_dir / "vis" / f"{unit}.png")
-    extra = {}  # the other unit lenses: unit -> the images of each
+    extra: dict[int, dict[str, list[str]]] = {}  # the other unit lenses: unit -> the images of each
     for lens in ("neurons", "diversity"):
         group = latest_group(results, model, layer, lens)
+        if group is None:
+            continue  # no units done in this lens
         for unit in set(done_units(results, model, layer, lens)) & set(units):
             images = group["images"][unit]
             images = images if images.ndim == 4 else images[None]
@@ -210,9 +215,10 @@ def write_layer_site(out: Path, results: h5py.File, model: str, layer: str, atla
         Image.fromarray(photo_dream["image"][()]).save(layer_dir / "layer" / "dream.jpg", quality=90)
     cartoons = latest_group(results, model, layer, "caricature")
     photos = cartoons["photos"].asstr()[()].tolist() if cartoons is not None and "images" in cartoons else []
-    for i, (photo, image) in enumerate(zip(cartoons["inputs"], cartoons["images"], strict=True) if photos else []):
-        Image.fromarray(photo).save(layer_dir / "layer" / f"photo-{i}.jpg", quality=90)
-        _save_png(image, layer_dir / "layer" / f"caricature-{i}.png")
+    if cartoons is not None and photos:
+        for i, (photo, image) in enumerate(zip(cartoons["inputs"], cartoons["images"], strict=True)):
+            Image.fromarray(photo).save(layer_dir / "layer" / f"photo-{i}.jpg", quality=90)
+            _save_png(image, layer_dir / "layer" / f"caricature-{i}.png")
     key = examples.name.rsplit("/", 1)[-1] if examples is not None else ""
     if examples is not None:
         for stale in (layer_dir / "examples").glob("*"):  # patches of other example settings

@@ -10,6 +10,8 @@ norm instead of BatchNorm, TF 'SAME' padding, 1008 outputs, input range [-117, 1
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -37,8 +39,19 @@ PAPER_CHANNELS = MIXED_CHANNELS | {
     "mixed5a": (832, 256, 160, 320, 32, 128, 128),
 }
 STRIDE2_POOL_BEFORE = {"mixed4a": "maxpool4", "mixed5a": "maxpool10"}  # lucid's names for the grid reductions
+
+
+class LRNArgs(TypedDict):
+    """LocalResponseNorm's arguments, typed one by one (size is an int)."""
+
+    size: int
+    alpha: float
+    beta: float
+    k: float
+
+
 # the graph's LRN: depth radius 4, bias 1, beta 0.5; alpha as in lucent's conversion (torch divides it by size)
-LRN = {"size": 9, "alpha": 9.99999974738e-05, "beta": 0.5, "k": 1.0}
+LRN: LRNArgs = {"size": 9, "alpha": 9.99999974738e-05, "beta": 0.5, "k": 1.0}
 
 
 def tf_same_pad(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
@@ -89,7 +102,7 @@ class Concat(nn.Module):
 class InceptionV1(nn.Module):
     """The inception5h graph on input in [-117, 138] (255 x - 117 for x in [0, 1]); returns the 1008 logits."""
 
-    def __init__(self, classes: int = INCEPTIONV1_LOGITS, channels: dict[str, tuple[int, ...]] = MIXED_CHANNELS):
+    def __init__(self, classes: int = INCEPTIONV1_LOGITS, channels: Mapping[str, tuple[int, ...]] = MIXED_CHANNELS):
         super().__init__()
         self.channels = channels
         # registered in forward order, so listings of the layers read top to bottom

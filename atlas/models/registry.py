@@ -322,6 +322,7 @@ def locate_weights(model: str, weights: str | None) -> str | None:
             f"{model} has no published PyTorch weights: pass --weights FILE with a converted state dict "
             f"(make atlas WEIGHTS=FILE), or --weights random"
         )
+    assert info.weights_file is not None  # a "file" model names its file and where it comes from
     path = hub_dir() / "checkpoints" / info.weights_file
     if not path.is_file():
         _download(info, path)
@@ -333,6 +334,7 @@ def _download(info: ModelInfo, path: Path) -> None:
         f"cannot find the {info.name} weights {info.weights_file}: looked for {path}; "
         f"put the file there (from {info.weights_url}) or pass --weights FILE (make atlas WEIGHTS=FILE)"
     )
+    assert info.weights_url is not None  # a "file" model names its file and where it comes from
     try:
         response = urllib.request.urlopen(info.weights_url, timeout=5)
     except (urllib.error.URLError, OSError) as err:

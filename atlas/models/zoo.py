@@ -15,6 +15,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -127,11 +128,13 @@ def _torchvision_net(name: str, **kwargs: int) -> nn.Module:
     return torchvision.models.get_model_builder(name)(weights=None, **TORCHVISION_TRAINED.get(name, {}), **kwargs)
 
 
-# timm's blocks in forward order, which Microscope's names (TF-slim's end points) alias one to one
+# timm's blocks in forward order, which Microscope's names (TF-slim's end points) alias one to one; each a Sequential
 TIMM_BLOCKS: dict[str, Callable[[nn.Module], list[str]]] = {
-    "inception_v4": lambda net: [f"features.{i}" for i in range(len(net.features))],
+    "inception_v4": lambda net: [f"features.{i}" for i in range(len(cast(nn.Sequential, net.features)))],
     "resnetv2_50": lambda net: [
-        f"stages.{s}.blocks.{b}" for s, stage in enumerate(net.stages) for b in range(len(stage.blocks))
+        f"stages.{s}.blocks.{b}"
+        for s, stage in enumerate(cast(nn.Sequential, net.stages))
+        for b in range(len(cast(nn.Sequential, stage.blocks)))
     ],
 }
 
@@ -141,7 +144,9 @@ def _timm_architecture(name: str) -> Architecture:
     import timm
 
     info = ZOO[name]
-    net = timm.create_model(info.timm_tag, pretrained=False)
+    assert info.timm_tag is not None  # a "timm" model names its tag
+    # Any: timm's models carry their pretrained_cfg (a dict), an attribute nn.Module's typing does not know
+    net: Any = timm.create_model(info.timm_tag, pretrained=False)
     aliases = dict(zip(info.microscope_layers, TIMM_BLOCKS[name](net), strict=True))
     return Architecture(net, ImagenetNormalize(net.pretrained_cfg["mean"], net.pretrained_cfg["std"]), aliases)
 
@@ -157,11 +162,11 @@ def _load_state(net: nn.Module, source: str | Path | dict, origin: str) -> None:
         path = Path(source)
         if not path.is_file():
             raise AtlasError(f"weights file {path} does not exist")
-        source = torch.load(path, map_location="cpu", weights_only=True)  # also reads .safetensors (the HF hub's)
-        if isinstance(source, dict) and "state_dict" in source:
-            source = source["state_dict"]
+        loaded = torch.load(path, map_location="cpu", weights_only=True)  # also reads .safetensors (the HF hub's)
+        if isinstance(loaded, dict) and "state_dict" in loaded:
+            loaded = loaded["state_dict"]
         # without DataParallel's "module." path component (CSAIL's Places365 checkpoints: features.module.0.weight)
-        source = {".".join(p for p in key.split(".") if p != "module"): value for key, value in source.items()}
+        source = {".".join(p for p in key.split(".") if p != "module"): value for key, value in loaded.items()}
     own = net.state_dict()
     state = {key: value for key, value in source.items() if key in own or not key.startswith(AUXILIARY)}
     try:
@@ -178,6 +183,7 @@ def _own_weights(info: ModelInfo) -> tuple[str | Path | dict, str]:
     """
     if info.weights in ("file", "none"):
         path = locate_weights(info.name, None)  # torch's hub cache, downloaded on first use
+        assert path is not None  # for these models locate_weights gives a file or raises
         return path, str(path)
     if info.weights == "timm":
         return _timm_state(info)
@@ -207,6 +213,7 @@ def _timm_state(info: ModelInfo) -> tuple[dict, str]:
     """timm's pretrained weights of the model's tag, downloaded once from the Hugging Face hub (its cache)."""
     import timm
 
+    assert info.timm_tag is not None  # a "timm" model names its tag
     try:
         return timm.create_model(info.timm_tag, pretrained=True).state_dict(), f"timm {info.timm_tag}"
     except (OSError, RuntimeError) as err:  # huggingface_hub's LocalEntryNotFoundError is an OSError: offline

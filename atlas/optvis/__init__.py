@@ -77,7 +77,8 @@ def layer_map(model: Classifier, layer: str, size: int) -> tuple[int, int, int]:
         raise AtlasError(f"{size} px is too small for {model.name} layer {layer}: {err}") from err
     if acts.dim() != 4:
         raise AtlasError(f"layer {layer} of {model.name} gives {tuple(acts.shape)}, not a [B, C, H, W] activation map")
-    return tuple(acts.shape[1:])
+    channels, height, width = acts.shape[1:]
+    return channels, height, width
 
 
 def evaluate(model: Classifier, objectives: Sequence[Objective], images: torch.Tensor) -> list[torch.Tensor]:

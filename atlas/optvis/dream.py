@@ -9,6 +9,8 @@ gradient, jitter of 32 px.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from PIL import Image
 from atlas import AtlasError
 from atlas.models.classifier import Classifier
 from atlas.optvis import forward, model_device, to_uint8
-from atlas.optvis.objectives import deepdream
+from atlas.optvis.objectives import Objective, deepdream
 
 OCTAVES = 4
 OCTAVE_SCALE = 1.4
@@ -65,7 +67,7 @@ def dream(
 
 
 def dream_picture(
-    model: Classifier, picture: Image.Image, layer: str, side: int, **options: float
+    model: Classifier, picture: Image.Image, layer: str, side: int, **options: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """An RGB picture, its longer side scaled to at most `side` px, and it dreamt at `layer` (`dream`'s keyword
     `options`): uint8 [H, W, 3] each."""
@@ -78,7 +80,7 @@ def dream_picture(
 
 def _step(
     model: Classifier,
-    objective: object,
+    objective: Objective,
     layer: str,
     image: torch.Tensor,
     step_size: float,

@@ -186,7 +186,7 @@ def direction_neuron(
     return Objective(fn, [layer], f"direction_neuron({layer})")
 
 
-def whiten(vec: torch.Tensor, whitening: torch.Tensor | None) -> torch.Tensor:
+def whiten(vec: Sequence[float] | torch.Tensor, whitening: torch.Tensor | None) -> torch.Tensor:
     """S v for each row v (S symmetric), the target the atlas objective chases; v itself without S."""
     vec = torch.as_tensor(vec, dtype=torch.float32)
     if whitening is None:

@@ -17,7 +17,7 @@ begins as the start and never moves more than `radius` from it in any pixel (an 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +100,7 @@ def standardize(images: torch.Tensor) -> torch.Tensor:
 class ParamSpec:
     """A parameterisation by name: whether it is spectral or phase-only, and the optimiser it is tuned for."""
 
-    optimizer: type[torch.optim.Optimizer]
+    optimizer: Callable[..., torch.optim.Optimizer]  # an optimiser class, called with the parameters and lr
     lr: float
 
 
@@ -121,6 +121,12 @@ def param_spec(name: str) -> ParamSpec:
 
 class ImageParam(nn.Module):
     """A batch of images as trainable tensors (`kind`: fft, phase or pixel), then colour and sigmoid."""
+
+    # buffers, which nn.Module's typing gives as Tensor | Module; scale (fft) and magnitude (phase) by kind
+    start: torch.Tensor | None
+    scale: torch.Tensor
+    magnitude: torch.Tensor
+    color: torch.Tensor
 
     def __init__(
         self,

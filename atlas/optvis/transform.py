@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +26,10 @@ from atlas import AtlasError
 
 _MASK32 = 0xFFFFFFFF
 _HASH_MULTIPLIER = 0x45D9F3B  # a well-mixing odd constant below 2**31, so products of 32-bit values fit in int64
+_Bits = TypeVar("_Bits", torch.Tensor, int)  # _mix32 hashes a tensor to a tensor, an int to an int
 
 
-def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
+def _mix32(x: _Bits) -> _Bits:
     """A 32-bit integer hash (xor-shift-multiply); works on Python ints and int64 tensors alike."""
     x = x & _MASK32
     for _ in range(2):
