@@ -3,8 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# the one entry point of every run (atlas/cli.py); THREADS: torch's CPU threads
-ATLAS = $(PY) -m atlas.cli $(if $(THREADS),--threads $(THREADS))
+# the one entry point of every run (pipelines/cli.py); THREADS: torch's CPU threads
+ATLAS = $(PY) -m pipelines.cli $(if $(THREADS),--threads $(THREADS))
 # --isolated: ignore machine-wide pip settings (a local CPU-only torch wheel breaks PyPI's torchvision)
 PIP := $(PY) -m pip --isolated --disable-pip-version-check
 
@@ -46,6 +46,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: install
 	$(PY) -m ruff check atlas pipelines tests benchmarks
+	$(PY) -m ruff format --check atlas pipelines tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 # deliberate bugs, one at a time in a temporary copy, against the tests that guard them (tests/mutants.py);

@@ -63,10 +63,10 @@ class SelectSettings(Settings):
     winner: bool = True
     top: int = 3000
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.winner, bool):
-            raise AtlasError(f"select: winner must be true or false, not {self.winner!r}")
-        check_number("select: top", self.top, 0)
+    section = "select"
+    bounds = {"top": (0, None)}
+
+    def validate(self) -> None:
         if not self.winner and self.top == 0:
             raise AtlasError("select: choose the winner filter, the magnitude filter (top > 0) or both")
 
@@ -211,13 +211,12 @@ class ComparisonSettings(Settings):
     learning_rate: float | str = "auto"
     seed: int | None = 0
 
-    def __post_init__(self) -> None:
-        check_number("layout: percentile", self.percentile, 0.0, 100.0, kind=float)
-        check_number("layout: perplexity", self.perplexity, 1.0, kind=float)
+    section = "layout"
+    bounds = {"percentile": (0.0, 100.0), "perplexity": (1.0, None), "seed": (0, None)}
+
+    def validate(self) -> None:
         if self.learning_rate != "auto":
-            check_number("layout: learning_rate", self.learning_rate, 1e-6, kind=float)
-        if self.seed is not None:
-            check_number("layout: seed", self.seed, 0)
+            check_number("learning_rate", self.learning_rate, 1e-6, kind=float)
 
 
 def comparison_layout_store(

@@ -16,8 +16,10 @@ import dataclasses
 import difflib
 import math
 import numbers
+import types
+import typing
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import ClassVar, NoReturn, TypeVar
 
 import yaml
 
@@ -36,14 +38,70 @@ TOP_KEYS = {
 
 
 class Settings:
-    """Base of a stage's frozen settings dataclass (its fields' defaults are the stage's, stated once there)."""
+    """Base of a stage's frozen settings dataclass (its fields' defaults are the stage's, stated once there).
+
+    Its checks are declarative, after scikit-learn's `_parameter_constraints`: every field's value must be of its
+    annotated type (an int field takes no "50", a bool no 1; a float field takes an int and stores it as a float, so
+    4 and 4.0 are one setting; a tuple field takes a list, or one item), and a field named in `bounds` must lie in
+    its closed range. A subclass's `validate` then checks what depends on several fields or on a library.
+    """
+
+    bounds: ClassVar[dict[str, tuple[float, float | None]]] = {}  # field -> (low, high or None for no bound)
+    section: ClassVar[str] = ""  # the config section the settings are read from, named in their errors
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
+            name, value = f"{self.section}: {field.name}" if self.section else field.name, getattr(self, field.name)
+            if field.name in self.bounds and value is not None:
+                low, high = self.bounds[field.name]
+                kind = int if int in _options(hints[field.name]) else float
+                value = check_number(name, value, low, high, kind=kind)
+            else:
+                value = _typed(name, value, hints[field.name])
+            object.__setattr__(self, field.name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks across fields, after the types and bounds (a subclass's own)."""
 
     @classmethod
     def from_config(cls: type[S], values: dict, where: str | None = None) -> S:
         """The settings of a config section (or CLI flags): an unknown key is an AtlasError naming it, and the
-        dataclass validates the values."""
-        check_keys(values, {field.name for field in dataclasses.fields(cls)}, where or cls.__name__)
+        dataclass checks the values."""
+        check_keys(values, {field.name for field in dataclasses.fields(cls)}, where or cls.__name__)  # type: ignore[arg-type]
         return cls(**values)
+
+
+def _options(hint: object) -> tuple:
+    """The types a field's annotation allows: (int, NoneType) for `int | None`."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
+def _typed(name: str, value: object, hint: object) -> object:
+    """`value` checked against a field's type `hint` (and a float field's int made a float); an AtlasError naming
+    the field otherwise."""
+    options = _options(hint)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if typing.get_origin(option) is tuple:
+            (item, _ellipsis) = typing.get_args(option)
+            items = list(value) if isinstance(value, (list, tuple)) else [value]
+            return tuple(_typed(name, element, item) for element in items)
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if option is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    wanted = " or ".join(TYPE_NAMES.get(option, str(option)) for option in options)
+    raise AtlasError(f"{name} must be {wanted}, not {value!r}")
+
+
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a word", type(None): "none"}
 
 
 def config_path(model: str | None) -> Path:
@@ -66,7 +124,7 @@ def load_config(path: str | Path, sections: dict[str, type[Settings]], layer: st
     if not isinstance(config, dict):
         raise AtlasError(f"config {path} must be a mapping of settings, not {type(config).__name__}")
     check_keys(config, TOP_KEYS, str(path))
-    overrides = layer_overrides(config, str(path)).get(layer or config.get("layer"), {})
+    overrides = layer_overrides(config, str(path)).get(str(layer or config.get("layer")), {})
     merged = copy.deepcopy(config)
     for section, values in overrides.items():
         merged.setdefault(section, {}).update(values)
@@ -116,7 +174,8 @@ def check_number(name: str, value: object, low: float, high: float | None = None
     what = "an integer" if kind is int else "a number"
     allowed = f"from {low:,} to {high:,}" if high is not None else f"at least {low:,}"
     typed = isinstance(value, numbers.Integral if kind is int else numbers.Real) and not isinstance(value, bool)
-    if not typed or not math.isfinite(value) or value < low or (high is not None and value > high):
+    number = float(value) if typed and isinstance(value, numbers.Real) else math.nan
+    if not math.isfinite(number) or number < low or (high is not None and number > high):
         raise AtlasError(f"{name} must be {what} {allowed}, not {value!r}")
     return kind(value)
 
@@ -141,7 +200,7 @@ def add_flags(parser: argparse.ArgumentParser, settings: type[Settings], helps: 
     """A --flag for each field of `settings` named in `helps`, typed by the field's annotation. A flag has no default
     of its own (one not given is not passed, see `given`) and its help ends with the field's default: defaults are
     stated once, in the settings class. A true/false field gets --name and --no-name."""
-    fields = {field.name: field for field in dataclasses.fields(settings)}
+    fields = {field.name: field for field in dataclasses.fields(settings)}  # type: ignore[arg-type]  # a dataclass
     for name, text in helps.items():
         field = fields[name]
         shown = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
@@ -149,7 +208,7 @@ def add_flags(parser: argparse.ArgumentParser, settings: type[Settings], helps: 
         if field.type == "bool":
             options["action"] = argparse.BooleanOptionalAction
         else:
-            options["type"] = FLAG_TYPES[field.type]
+            options["type"] = FLAG_TYPES[str(field.type)]
         parser.add_argument("--" + name.replace("_", "-"), **options)
 
 

@@ -65,6 +65,9 @@ from atlas.store import iter_rows
 log = logging.getLogger(__name__)
 
 METHODS = ("umap", "tsne")
+# the parameters of one method only: a layout records its own method's (atlas.stages.project.layout_record)
+UMAP_ONLY = ("n_neighbors", "min_dist", "n_epochs", "knn", "sgd", "init")
+TSNE_ONLY = ("perplexity", "learning_rate")
 KNN_SEARCHES = ("auto", "umap-learn", "nndescent", "exact")
 SGD_ENGINES = ("torch", "umap-learn")
 INITS = ("pca", "spectral")
@@ -138,7 +141,10 @@ class LayoutSettings(Settings):
     sgd: str = "torch"
     init: str = "pca"
 
-    def __post_init__(self) -> None:
+    section = "project"
+    bounds = {"n_epochs": (1, None), "perplexity": (1.0, None), "seed": (0, None)}
+
+    def validate(self) -> None:
         """Raise AtlasError on a setting that cannot work, before any data is loaded."""
         if self.method not in METHODS:
             raise AtlasError(f"unknown projection method {self.method!r}; choose one of {METHODS}")
@@ -290,7 +296,7 @@ def _umap(source: np.ndarray | h5py.Dataset, settings: LayoutSettings, device: s
     x = read_rows(source, settings.metric)
     knn = resolve_knn(settings.knn, settings.metric, device, x.shape)
     n_neighbors, metric, seed = settings.n_neighbors, settings.metric, settings.seed
-    precomputed = (None, None, None)  # umap-learn searches itself
+    precomputed: tuple = (None, None, None)  # umap-learn searches itself
     if knn != "umap-learn":
         precomputed = (*_knn_graph(x, n_neighbors, metric, seed, device, knn), None)
     reducer = umap.UMAP(
@@ -363,7 +369,7 @@ def _umap_torch(source: np.ndarray | h5py.Dataset, settings: LayoutSettings, dev
 
 def _graph_and_start(
     source: np.ndarray | h5py.Dataset, settings: LayoutSettings, device: str, random_state: np.random.RandomState
-) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     """The fuzzy graph's edges and the initial layout: the only step that holds the rows (read here from a dataset)."""
     from scipy.sparse import coo_matrix
     from umap.spectral import spectral_layout
@@ -473,8 +479,8 @@ def optimize_layout(
     n_vertices = layout.shape[1]
     step = torch.zeros_like(layout)
     # int32 or int64 indices as given (scipy's are int32): no copy of the graph's two largest arrays on the CPU
-    head = torch.as_tensor(np.asarray(head), device=dev)
-    tail = torch.as_tensor(np.asarray(tail), device=dev)
+    heads = torch.as_tensor(np.asarray(head), device=dev)
+    tails = torch.as_tensor(np.asarray(tail), device=dev)
     period = torch.as_tensor(np.asarray(epochs_per_sample), dtype=torch.float32, device=dev)
     next_sample = period.clone()
     next_negatives = period / negative_sample_rate
@@ -492,7 +498,7 @@ def optimize_layout(
             due = [torch.nonzero(next_sample[block] <= epoch).squeeze(1).add_(block.start) for block in blocks]
             step.zero_()
             for sampled in due:
-                _attract(layout, step, head.index_select(0, sampled), tail.index_select(0, sampled), a, b)
+                _attract(layout, step, heads.index_select(0, sampled), tails.index_select(0, sampled), a, b)
             layout.add_(step, alpha=2.0 * learning_rate)
             step.zero_()
             for sampled in due:
@@ -502,7 +508,7 @@ def optimize_layout(
                 owed = (epoch - next_negatives.index_select(0, sampled)) / negative_period
                 counts = owed.long().clamp_min_(0)  # umap-learn truncates the same way
                 next_negatives.index_add_(0, sampled, counts * negative_period)
-                sources = head.index_select(0, sampled).repeat_interleave(counts)
+                sources = heads.index_select(0, sampled).repeat_interleave(counts)
                 others = torch.randint(n_vertices, sources.shape, generator=generator, device=dev)
                 _repel(layout, step, sources, others, a, b, repulsion_strength)
             layout.add_(step, alpha=learning_rate)

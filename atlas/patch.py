@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from atlas import AtlasError
-from atlas.config import Settings, check_number
+from atlas.config import Settings
 from atlas.images import UNREADABLE, ImageDataset, ImageRecord, collate, load_rgb
 from atlas.models.classifier import Classifier
 from atlas.progress import progress
@@ -67,6 +67,7 @@ def load_patch(spec: str) -> torch.Tensor:
     path = patch_file(spec)
     if path is None:
         icon = ICON_SPEC.match(spec)
+        assert icon is not None  # patch_file gives None for an icon's spec only
         x, y = parse_cell(icon["cell"])
         return _load_icon(icon["store"], icon["layer"], int(icon["grid"]), x, y)
     if not Path(path).is_file():
@@ -78,7 +79,9 @@ def load_patch(spec: str) -> torch.Tensor:
     except UNREADABLE as err:
         raise AtlasError(f"patch {path} cannot be read: {err}") from err
     if path != spec:
-        x0, y0, x1, y1 = (int(v) for v in CROP_SPEC.match(spec).group("x0", "y0", "x1", "y1"))
+        crop = CROP_SPEC.match(spec)
+        assert crop is not None  # patch_file gives another path than the spec for a crop's spec only
+        x0, y0, x1, y1 = (int(v) for v in crop.group("x0", "y0", "x1", "y1"))
         if not (0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height):
             raise AtlasError(f"patch crop {x0},{y0},{x1},{y1} is not inside {path} ({image.width}x{image.height})")
         image = image.crop((x0, y0, x1, y1))
@@ -146,15 +149,14 @@ class PatchSettings(Settings):
     examples: int = 8  # before/after pairs in the report's strip
     batch_size: int = 32
 
-    def __post_init__(self) -> None:
+    section = "patch"
+    bounds = {"seed": (0, None), "examples": (0, None), "batch_size": (1, None)}
+
+    def validate(self) -> None:
         object.__setattr__(self, "ratios", tuple(check_ratio(ratio) for ratio in self.ratios))
-        object.__setattr__(self, "corners", tuple(self.corners))
         unknown = [corner for corner in self.corners if corner not in CORNERS]
         if unknown or not self.ratios or not self.corners:
             raise AtlasError(f"a patch needs ratios and corners among {', '.join(CORNERS)}, not {self.corners}")
-        check_number("seed", self.seed, 0)
-        check_number("examples", self.examples, 0)
-        check_number("batch size", self.batch_size, 1)
 
 
 def check_ratio(ratio: float) -> float:
@@ -383,7 +385,7 @@ def _tally(
             flipped = with_patch.top1[j, patch_best[j]].item() == target
             kept = tally.flipped if flipped else tally.others
             if len(kept) < examples:
-                kept.append(Example(len(tally.counted), batch[k].clone(), patch_best[j].item(), noise_best[j].item()))
+                kept.append(Example(len(tally.counted), batch[k].clone(), int(patch_best[j]), int(noise_best[j])))
             tally.counted.append(rows[k])
         tally.own.append(labels[keep])
         tally.before.append(Predictions(*(values[keep] for values in first)))
@@ -491,7 +493,7 @@ def write_report(
 
 def _save_thumb(image: torch.Tensor, path: Path) -> None:
     pixels = (image.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-    Image.fromarray(pixels).resize((THUMB_PX, THUMB_PX), Image.BILINEAR).save(path, quality=85)
+    Image.fromarray(pixels).resize((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR).save(path, quality=85)
 
 
 def _pct(value: float) -> str:

@@ -87,12 +87,14 @@ model's canonical name, which never contains "/".
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol, TypeAlias
 
 import h5py
 import numpy as np
@@ -133,6 +135,17 @@ def open_store(path: str | Path, mode: str = "r") -> h5py.File:
         return h5py.File(path, mode)
     except OSError as err:
         raise AtlasError(f"cannot open {path} as an HDF5 store: {err}") from err
+
+
+@contextlib.contextmanager
+def opened(store: str | Path | h5py.File, mode: str = "r") -> Iterator[h5py.File]:
+    """The store as an open file: a path is opened (and closed after), an open file is used as it is, so that a
+    run opens its store once and hands it to every stage (pipelines.runner)."""
+    if isinstance(store, h5py.File):
+        yield store
+        return
+    with open_store(store, mode) as f:
+        yield f
 
 
 def layers(store: h5py.File) -> list[str]:
@@ -218,12 +231,12 @@ def fingerprint(settings: object) -> str:
     return hashlib.sha1(settings_json(settings).encode()).hexdigest()[:16]
 
 
-def record_settings(node: h5py.Group | h5py.Dataset, settings: object, name: str = SETTINGS) -> None:
+def record_settings(node: Node, settings: object, name: str = SETTINGS) -> None:
     """Record the settings that made `node` (as JSON in its attr `name`), for `settings_match` to compare."""
     node.attrs[name] = settings_json(settings)
 
 
-def settings_match(node: h5py.Group | h5py.Dataset, settings: object, name: str = SETTINGS) -> bool:
+def settings_match(node: Node, settings: object, name: str = SETTINGS) -> bool:
     """Whether `node` was made with these settings; False when it recorded none or unreadable ones (older stores)."""
     try:
         recorded = json.loads(str(node.attrs[name]))
@@ -332,7 +345,15 @@ def only_grid(layer: h5py.Group) -> int:
 
 
 # lineage -----------------------------------------------------------------------------------------
-Node = h5py.Group | h5py.Dataset
+class Product(Protocol):
+    """Anything that records its lineage in `attrs`: a group or dataset of the store, or a composed atlas's manifest
+    entry (atlas.stages.compose.ComposedAtlas)."""
+
+    @property
+    def attrs(self) -> Any: ...
+
+
+Node: TypeAlias = h5py.Group | h5py.Dataset | Product
 
 
 def record_lineage(node: Node, settings: object, made_from: str) -> None:
@@ -365,6 +386,6 @@ def icons_made(grid: h5py.Group) -> str:
 def fresh(node: Node | None, settings: object, made_from: str) -> bool:
     """Whether `node` exists, was made with these settings, and from the product whose identity is `made_from` now:
     the one freshness rule of the CLI and the pipelines."""
-    if not made(node) or not settings_match(node, settings):
+    if node is None or not made(node) or not settings_match(node, settings):
         return False
     return str(node.attrs.get(MADE_FROM, "")) == made_from

@@ -15,37 +15,21 @@ before torch and the stages are imported, so such a run stops within a second.
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from collections.abc import Callable, Collection
-from dataclasses import asdict, replace
+from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from atlas import AtlasError
 from atlas.config import Settings, check_number, config_path, load_config, run_layers
 from atlas.models.registry import locate_weights, model_for_layer
-from atlas.store import (
-    ACCENTUATED,
-    ACTIVATIONS,
-    CELL,
-    COLLECT_SETTINGS,
-    COLLECTED,
-    GRIDDED,
-    GRIDS,
-    ICON_DONE,
-    LAYOUT,
-    RENDERED,
-    fingerprint,
-    fresh,
-    icons_made,
-    made,
-)
+from pipelines.runner import RunContext, RunFolder, run_stage
 
 if TYPE_CHECKING:  # torch is imported only once the run's settings are checked
-    from atlas.images import ImageRecord
-    from atlas.models.classifier import Classifier
+    from atlas.stages import Stage
+
+    pass
 
 log = logging.getLogger("pipelines.atlas")
 
@@ -100,139 +84,6 @@ def run_data(data: str | None, config: dict) -> str:
 STAGES = ("collect", "project", "grid", "render", "compose")
 
 
-def run_stage(
-    stage: str, up_to_date: bool, work: Callable[[], object], force: Collection[str] = (), of: str = ""
-) -> bool:
-    """Run `work` unless its product is up to date (and the stage is not forced); returns whether it ran. `of`:
-    the layer it is run for, in a run of several."""
-    name = f"{stage} {of}" if of else stage
-    if up_to_date and stage not in force:
-        log.info("%s: up to date, skipped", name)
-        return False
-    started = time.perf_counter()
-    log.info("%s: running", name)
-    work()
-    log.info("%s: done in %.1f s", name, time.perf_counter() - started)
-    return True
-
-
-def collected(store: Path, layer: str | None = None) -> bool:
-    """Whether the store opens as a finished collection (its settings record) and, with `layer`, holds that
-    layer's every per-sample dataset, all with the same number of rows (more than none)."""
-    import h5py
-
-    try:
-        with h5py.File(store, "r") as f:
-            if COLLECT_SETTINGS not in f.attrs:
-                return False
-            if layer is None:
-                return True
-            group = f.get(layer)
-            if group is None or not all(n in group for n in COLLECTED):
-                return False
-            rows = {group[name].shape[0] for name in COLLECTED}
-    except OSError:  # missing, truncated or not HDF5
-        return False
-    return len(rows) == 1 and rows.pop() > 0
-
-
-def projected(store: Path, layer: str, recorded: dict) -> bool:
-    """Whether the layer has a layout of every sample, made with these settings from the collection as it is."""
-    import h5py
-
-    try:
-        with h5py.File(store, "r") as f:
-            layout = f[layer].get(LAYOUT)
-            rows = len(f[layer][ACTIVATIONS])
-            return fresh(layout, recorded, made(f[layer])) and layout.shape == (rows, 2)
-    except (OSError, KeyError):
-        return False
-
-
-def gridded(store: Path, layer: str, settings: Settings) -> bool:
-    """Whether every grid size exists with its cells of every sample, made with these settings from the layout."""
-    import h5py
-
-    try:
-        with h5py.File(store, "r") as f:
-            rows, layout = len(f[layer][ACTIVATIONS]), made(f[layer].get(LAYOUT))
-            grids = [f[layer].get(f"{GRIDS}/{size}") for size in settings.sizes]
-            return all(
-                fresh(g, settings, layout) and all(name in g for name in GRIDDED) and len(g[CELL]) == rows
-                for g in grids
-            )
-    except (OSError, KeyError):
-        return False
-
-
-def composed(run_dir: Path, store: Path, atlas_id: str, layer: str, sizes: list[int], settings: Settings) -> bool:
-    """Whether the run folder's manifest lists this atlas, composed with these settings from the icons as they are
-    now, and holds its viewer and every grid's atlas image."""
-    import h5py
-
-    from atlas.site import MANIFEST
-
-    try:
-        entries = {e["id"]: e for e in json.loads((run_dir / MANIFEST).read_text())["atlases"]}
-        with h5py.File(store, "r") as f:
-            icons = {str(size): icons_made(f[layer][f"{GRIDS}/{size}"]) for size in sizes}
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    entry = entries.get(atlas_id, {})
-    pngs = [run_dir / atlas_id / f"grid-{size}" / "atlas.png" for size in sizes]
-    return (
-        all(icons.values())
-        and entry.get("made_from") == icons
-        and entry.get("settings") == fingerprint(settings)
-        and (run_dir / "index.html").is_file()
-        and all(png.is_file() for png in pngs)
-    )
-
-
-def regrid_stale(store: Path, layer: str | None, size: int) -> bool:
-    """Grid the layer again, with the settings its grid recorded, when that grid was made from an earlier layout
-    (`atlas project` ran since), so that `atlas render` renders the layout as it is; returns whether it did."""
-    from atlas.stages.grid import GridSettings, grid_store
-    from atlas.store import MADE_FROM, SETTINGS, layer_group, open_store
-
-    with open_store(store) as f:
-        group = layer_group(f, layer)
-        cells = group.get(f"{GRIDS}/{size}")
-        if cells is None or SETTINGS not in cells.attrs:
-            return False  # no grid (render says so), or one from before lineage was recorded
-        if made(group.get(LAYOUT)) == str(cells.attrs.get(MADE_FROM, "")):
-            return False
-        name, recorded = group.name.strip("/"), GridSettings.from_config(json.loads(cells.attrs[SETTINGS]))
-    log.info("%s: the layout changed since grid %d was made: gridding it again", name, size)
-    grid_store(store, layer=name, **asdict(recorded))
-    return True
-
-
-def drop_icons(store: Path, layer: str, sizes: list[int]) -> None:
-    """Delete the layer's icons at these grid sizes, so that a forced render renders every one again."""
-    import h5py
-
-    with h5py.File(store, "a") as f:
-        for size in sizes:
-            grid = f[layer][f"{GRIDS}/{size}"]
-            for name in (*RENDERED, ICON_DONE, ACCENTUATED):
-                if name in grid:
-                    del grid[name]
-
-
-def fresh_store(store: Path, forced: bool) -> None:
-    """Before collect runs: remove a store that is not a finished collection (a rerun merges it anew from the
-    batch shards), and when forced, the store and its shards both. A finished store stays: collect adds the
-    layers it lacks."""
-    import shutil
-
-    parts = store.with_name(store.name + ".parts")
-    if forced and parts.exists():
-        shutil.rmtree(parts)
-    if store.exists() and (forced or not collected(store)):
-        store.unlink()
-
-
 def run_atlas(
     config_file: Path,
     model_name: str | None = None,
@@ -256,9 +107,10 @@ def run_atlas(
     if data == "demo" and base.get("demo_config"):
         config_file = Path(config_file).parent / base["demo_config"]
         base = load_config(config_file, {}, None)
-    wanted = layers or (run_layers(base) if same_model else None)
-    # the stages' settings of every layer, validated before any work
-    configs = {name: load_config(config_file, stage_settings(), name) for name in (wanted or [None])}
+    named = layers or (run_layers(base) if same_model else None)
+    wanted: list[str | None] = list(named) if named else [None]
+    # the stages' settings of every layer, validated before any work (None: the model's own layer)
+    configs = {name: load_config(config_file, stage_settings(), name) for name in wanted}
     for config in configs.values():
         config["accentuated"] = accentuated_settings(config.get("accentuated"), str(config_file))
     check_shared_collection(configs)
@@ -274,16 +126,22 @@ def run_atlas(
     log.info("%d torch threads", set_threads(threads or first.get("threads")))
 
     model = load_model(model_name, weights=weights, device=device)
-    configs = {model.resolve_layer(name or model.default_layer): config for name, config in configs.items()}
-    names = "+".join(configs)
-    run_dir = Path(out) if out else Path("data/runs") / f"{model_name}-{names}{f'-n{limit}' if limit else ''}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    by_layer = {model.resolve_layer(name or model.default_layer): config for name, config in configs.items()}
+    layers = list(by_layer)
+    folder = RunFolder(Path(out)) if out else RunFolder.named(model_name, layers, limit)
+    folder.path.mkdir(parents=True, exist_ok=True)
     log.info(
-        "model %s, %s %s, data %s -> %s", model_name, "layers" if len(configs) > 1 else "layer", names, data, run_dir
+        "model %s, %s %s, data %s -> %s",
+        model_name,
+        "layers" if len(layers) > 1 else "layer",
+        "+".join(layers),
+        data,
+        folder.path,
     )
     records = list_images(data, model.class_names, model.imagenet_index)[:limit]
-    _run_stages(configs, model, records, str(data), run_dir, device, force)
-    return run_dir / "index.html"
+    with RunContext(folder.store, folder.path, device, model, records, str(data), layers, frozenset(force)) as ctx:
+        _run_stages(ctx, by_layer)
+    return folder.index
 
 
 def accentuated_settings(values: dict | None, where: str) -> Settings | None:
@@ -313,23 +171,24 @@ def check_shared_collection(configs: dict[str | None, dict]) -> None:
             )
 
 
-def run_plan(configs: dict[str, dict], model: Classifier, images: int, device: str) -> str:
+def run_plan(configs: dict[str, dict], ctx: RunContext) -> str:
     """One line: images, samples, cells per grid, icons x attempts x steps, and the time that collect and render
-    should take, from a few seconds' timed warm-up of each on `device` (projection and composition not counted)."""
+    should take, from a few seconds' timed warm-up of each on the run's device (projection and composition not
+    counted)."""
     from atlas.stages import collect, render
 
+    assert ctx.model is not None
     first = next(iter(configs.values()))
     positions = first["collect"].positions  # checked against every layer's interior before the plan
-    samples = images * positions
-    channels = {name: s[0] for name, *s in model.layer_shapes()}
+    images, samples = len(ctx.records), len(ctx.records) * positions
     icons, render_s = 0, 0.0
     for layer, config in configs.items():
         made = sum(min(size * size, samples // config["grid"].min_count) for size in config["grid"].sizes)
         icons += made  # at most one per cell of min_count
         for settings in filter(None, (config["render"], config.get("accentuated"))):
-            rate = render.timed_rate(model, layer, channels[layer], settings)
+            rate = render.timed_rate(ctx.model, layer, ctx.shapes[layer][0], settings)
             render_s += made * settings.attempts * settings.steps / rate
-    collect_s = images / collect.timed_rate(model, list(configs), positions)
+    collect_s = images / collect.timed_rate(ctx.model, list(configs), positions)
     sizes = list(dict.fromkeys(size for config in configs.values() for size in config["grid"].sizes))
     settings = first["render"]
     each = f" in each of {len(configs)} layers" if len(configs) > 1 else ""
@@ -337,7 +196,7 @@ def run_plan(configs: dict[str, dict], model: Classifier, images: int, device: s
         f"plan: {images:,} images x {positions} positions = {samples:,} samples{each}; grids "
         f"{', '.join(f'{g}x{g}' for g in sizes)} ({', '.join(f'{g * g:,}' for g in sizes)} cells); at most {icons:,} "
         f"icons x {settings.attempts} attempts x {settings.steps} steps; estimate {_duration(collect_s + render_s)} "
-        f"(collect {_duration(collect_s)}, render {_duration(render_s)}, from a timed warm-up on {device})"
+        f"(collect {_duration(collect_s)}, render {_duration(render_s)}, from a timed warm-up on {ctx.device})"
     )
 
 
@@ -347,44 +206,30 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def _run_stages(
-    configs: dict[str, dict],
-    model: Classifier,
-    records: list[ImageRecord],
-    dataset: str,
-    run_dir: Path,
-    device: str,
-    force: Collection[str] = (),
-) -> None:
-    """collect (every layer at once) -> project -> grid -> render -> compose (each layer) into run_dir/store.h5,
-    each skipped when up to date."""
-    from atlas.runtime import resolve
+def _run_stages(ctx: RunContext, configs: dict[str, dict]) -> None:
+    """collect (every layer at once) -> project -> grid -> render -> accentuate -> compose (each layer) into the run
+    folder's store, each skipped when up to date (pipelines.runner)."""
     from atlas.stages import collect
+    from atlas.stages.collect import COLLECT
+    from atlas.stages.compose import COMPOSE
+    from atlas.stages.grid import GRID
+    from atlas.stages.project import PROJECT
+    from atlas.stages.render import ACCENTUATE, RENDER
 
-    layers = list(configs)
-    shapes = {name: tuple(s) for name, *s in model.layer_shapes()}
-    configs = shared_positions(configs, shapes)
+    configs = shared_positions(configs, ctx.shapes)
     wanted = next(iter(configs.values()))["collect"]
-    collect.check_counts(records, {layer: shapes[layer] for layer in layers}, wanted.positions)
-    log.info("%s", run_plan(configs, model, len(records), device))
-    store = run_dir / "store.h5"
-    collect_args = {**asdict(wanted), "layers": layers, "device": device, "dataset": dataset}
-
-    def collect_stage() -> None:
-        fresh_store(store, "collect" in force)
-        collect.collect(model, records, store, **collect_args)
-
-    policy = resolve("collect", device, wanted.precision, wanted.memory_format)
-    method = collect.attribution_record(model, wanted.attribution, wanted.attribution_steps, wanted.baseline_images)
-    settings = collect.collection_settings(
-        model, records, wanted.positions, wanted.seed, wanted.batch_size, dataset, policy, method
-    )
-    run_stage("collect", collect.collected(store, settings, layers), collect_stage, force)
+    collect.check_counts(ctx.records, {layer: ctx.shapes[layer] for layer in ctx.layers}, wanted.positions)
+    log.info("%s", run_plan(configs, ctx))
+    run_stage(ctx, COLLECT, wanted)
     for layer, config in configs.items():
-        _run_layer(config, model, layer, store, run_dir, device, force, layer if len(layers) > 1 else "")
+        ctx.grid_sizes = list(config["grid"].sizes)
+        stages: list[tuple[Stage, str]] = [(PROJECT, "project"), (GRID, "grid"), (RENDER, "render")]
+        for stage, section in [*stages, (ACCENTUATE, "accentuated"), (COMPOSE, "compose")]:
+            if config.get(section) is not None:  # accentuated: only where the config asks for a second icon set
+                run_stage(ctx, stage, config[section], layer, layer if len(configs) > 1 else "")
 
 
-def shared_positions(configs: dict[str, dict], shapes: dict[str, tuple]) -> dict[str, dict]:
+def shared_positions(configs: dict[str, dict], shapes: dict[str, tuple[int, int, int]]) -> dict[str, dict]:
     """The configs of a run of several layers with at most as many positions as the smallest layer's interior has
     (one log line when that is fewer than configured): the layers share their samples, so a 7x7 layer's 25 interior
     positions bound them all. A run of one layer keeps its number, and `check_counts` refuses one too large."""
@@ -408,61 +253,3 @@ def shared_positions(configs: dict[str, dict], shapes: dict[str, tuple]) -> dict
     return {
         name: {**config, "collect": replace(config["collect"], positions=interior)} for name, config in configs.items()
     }
-
-
-def _render_all(store: Path, layer: str, sizes: list[int], settings: Settings, model: Classifier, device: str) -> None:
-    """Render the icons of these settings at every grid size (each resumes: only the icons not yet made)."""
-    from atlas.stages import render
-
-    for size in sizes:
-        render.render_store(store, layer, size, settings, model=model, device=device)
-
-
-def _run_layer(
-    config: dict,
-    model: Classifier,
-    layer: str,
-    store: Path,
-    run_dir: Path,
-    device: str,
-    force: Collection[str],
-    of: str,
-) -> None:
-    """project -> grid -> render -> compose of one collected layer, each skipped when up to date."""
-    from atlas.runtime import resolve
-    from atlas.stages import compose, grid, project, render
-
-    sizes = list(config["grid"].sizes)
-    layout, icons, grids = config["project"], config["render"], config["grid"]
-    recorded = {"settings": layout, "device": device}
-    run_stage(
-        "project",
-        projected(store, layer, recorded),
-        lambda: project.project_store(store, layer, layout, device),
-        force,
-        of,
-    )
-    run_stage(
-        "grid", gridded(store, layer, grids), lambda: grid.grid_store(store, layer=layer, **asdict(grids)), force, of
-    )
-
-    def render_stage() -> None:
-        if "render" in force:
-            drop_icons(store, layer, sizes)
-        _render_all(store, layer, sizes, icons, model, device)
-
-    policy = resolve("render", device)
-    done = all(render.rendered(store, layer, size, icons, policy, model) for size in sizes)
-    run_stage("render", done, render_stage, force, of)
-    accentuated = config.get("accentuated")
-    if accentuated is not None:  # the second icon set, after the first: a forced render dropped both
-        done = all(render.rendered(store, layer, size, accentuated, policy, model) for size in sizes)
-        run_stage("accentuate", done, lambda: _render_all(store, layer, sizes, accentuated, model, device), (), of)
-    drawn = config["compose"]
-    run_stage(
-        "compose",
-        composed(run_dir, store, f"layer-{layer}", layer, sizes, drawn),
-        lambda: compose.compose_run(store, run_dir, [layer], settings=drawn),
-        force,
-        of,
-    )

@@ -17,6 +17,8 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import h5py
+
 from atlas import AtlasError
 from atlas.class_atlas import (
     ComparisonSettings,
@@ -28,13 +30,14 @@ from atlas.class_atlas import (
     write_subset_store,
 )
 from atlas.classes import resolve_class
-from atlas.config import CONFIG_DIR, config_path, load_config
+from atlas.config import CONFIG_DIR, Settings, config_path, load_config
 from atlas.runtime import resolve
 from atlas.site import MANIFEST
-from atlas.stages.compose import ComposeSettings, compose_run
-from atlas.stages.grid import RIDGE, GridSettings, grid_store
-from atlas.stages.project import LayoutSettings, project_store
-from atlas.stages.render import RenderSettings, render_store, rendered
+from atlas.stages import Context
+from atlas.stages.compose import ComposeSettings, ComposeStage
+from atlas.stages.grid import GRID, RIDGE, GridSettings
+from atlas.stages.project import PROJECT, LayoutSettings
+from atlas.stages.render import RENDER, RenderSettings
 from atlas.store import (
     ACTIVATIONS,
     ATTRIBUTIONS,
@@ -44,13 +47,13 @@ from atlas.store import (
     LAYOUT,
     WHITENING,
     Layer,
+    Node,
     class_names,
-    fresh,
     made,
     open_store,
     record_lineage,
 )
-from pipelines.atlas import composed, gridded, projected, run_stage
+from pipelines.runner import RunContext, RunFolder, run_stage
 
 log = logging.getLogger("pipelines.class_atlas")
 
@@ -58,7 +61,7 @@ log = logging.getLogger("pipelines.class_atlas")
 # there: every config's own `class_atlas:` overrides them (configs/efficientnet-lite0.yaml: CPU-sized renders).
 PAPER_CONFIG = CONFIG_DIR / "inceptionv1.yaml"
 COMPARE_SECTIONS = ("select", "layout", "grid", "render")
-SECTIONS = {
+SECTIONS: dict[str, type[Settings]] = {
     "select": SelectSettings,
     "project": LayoutSettings,
     "layout": ComparisonSettings,
@@ -183,44 +186,84 @@ def run_class_atlas(
     settings = class_settings(Path(config_file or config_path(parent.model)), layer, vs is not None, overrides)
     device = str(resolve("render", device).device)
     head = atlas_head(layer, classes, names)
-    work = out / "stores"
-    work.mkdir(parents=True, exist_ok=True)
-    subset = work / f"{head['id']}.h5"
-
-    select = settings["select"]
-    chosen = {**parent.identity, "classes": classes, "select": select}
-    run_stage(
-        "select",
-        selected(subset, layer, chosen, parent.made),
-        lambda: select_subset(store, subset, parent, classes, head["kind"], select, chosen, force),
+    (out / "stores").mkdir(parents=True, exist_ok=True)
+    subset = RunContext(
+        out / "stores" / f"{head['id']}.h5",
+        out,
+        device,
+        layers=[layer],
+        grid_sizes=list(settings["grid"].sizes),
+        render_options={"batch_size": batch_size},
     )
-    with open_store(subset) as subset_store:
-        samples = subset_store[layer][ACTIVATIONS].shape[0]
-    lay_out_and_render(subset, layer, classes, samples, settings, device, batch_size)
-    compose = settings["compose"]
-    head = {**head, "samples": samples}
-    sizes = list(settings["grid"].sizes)
-    run_stage(
-        "compose",
-        composed(out, subset, head["id"], layer, sizes, compose),
-        lambda: compose_run(subset, out, layers=[layer], settings=compose, atlas=head),
-    )
+    with subset:
+        chosen = {**parent.identity, "classes": classes, "select": settings["select"]}
+        run_stage(subset, Select(store, parent, classes, head["kind"], chosen, force), settings["select"], layer)
+        head = {**head, "samples": subset.store[layer][ACTIVATIONS].shape[0]}
+        lay_out_and_render(subset, layer, classes, head["samples"], settings)
+        run_stage(subset, ComposeStage(head=head), settings["compose"], layer)
     written = [head["id"]]
     if parent.grids:
-        written += compose_heatmaps(store, out, parent, classes, compose)
+        with RunContext(store, out, device, grid_sizes=parent.grids, mode="r") as layer_atlas:
+            for c in classes:  # each class's heat-map over the layer atlas (redone when its icons changed)
+                heatmap = ComposeStage(heatmap_class=c)
+                run_stage(layer_atlas, heatmap, settings["compose"], layer, f"heat-map {c}")
+                written.append(heatmap.atlas_id(layer))
     else:
         log.info("%s has no rendered layer atlas in %s: no heat-map composed", layer, store)
     manifest = json.loads((out / MANIFEST).read_text())["atlases"]
     return [entry for entry in manifest if entry["id"] in written]
 
 
-def selected(subset: Path, layer: str, chosen: dict, parent_made: str) -> bool:
-    """Whether the subset store holds the samples chosen this way from the parent layer as it is now."""
-    try:
-        with open_store(subset) as h5:
-            return fresh(h5.get(layer), chosen, parent_made)
-    except AtlasError:  # missing or unreadable: select again
-        return False
+@dataclass(frozen=True)
+class Select:
+    """The class atlas's first stage (atlas.stages.Stage): the subset store of the samples chosen for the classes,
+    made from the parent layer as it is (`chosen`: what identifies the choice)."""
+
+    parent_store: Path
+    parent: Parent
+    classes: list[int]
+    kind: str
+    chosen: dict
+    force: bool = False
+    name, settings, whole_run = "select", SelectSettings, False
+
+    def products(self, ctx: Context, layer: str | None, settings: SelectSettings) -> list[tuple[Node | None, str]]:
+        store = ctx.existing_store
+        return [(None if store is None else store.get(str(layer)), self.parent.made)]
+
+    def record(self, ctx: Context, layer: str | None, settings: SelectSettings) -> dict:
+        return self.chosen
+
+    def complete(self, ctx: Context, layer: str | None, node: h5py.Group | h5py.Dataset) -> bool:
+        return True
+
+    def run(self, ctx: Context, layer: str | None, settings: SelectSettings) -> None:
+        ctx.close_store()  # the subset store is written whole
+        chosen = (self.classes, self.kind, settings, self.chosen)
+        select_subset(self.parent_store, ctx.store_path, self.parent, *chosen, self.force)
+
+
+@dataclass(frozen=True)
+class ComparisonLayout:
+    """A comparison's layout stage (atlas.stages.Stage): attribution difference x 1-D t-SNE of the subset store."""
+
+    classes: list[int]
+    name, settings, whole_run = "layout", ComparisonSettings, False
+
+    def products(self, ctx: Context, layer: str | None, settings: ComparisonSettings) -> list[tuple[Node | None, str]]:
+        group = ctx.store[layer]
+        return [(group.get(LAYOUT), made(group))]
+
+    def record(self, ctx: Context, layer: str | None, settings: ComparisonSettings) -> dict:
+        return {"classes": self.classes, "settings": settings}
+
+    def complete(self, ctx: Context, layer: str | None, node: h5py.Group | h5py.Dataset) -> bool:
+        return True
+
+    def run(self, ctx: Context, layer: str | None, settings: ComparisonSettings) -> None:
+        ctx.close_store()  # written by path
+        class_a, class_b = self.classes
+        comparison_layout_store(ctx.store_path, class_a, class_b, layer=layer, **asdict(settings))
 
 
 def select_subset(
@@ -251,57 +294,23 @@ def select_subset(
         record_lineage(h5[parent.layer], chosen, parent.made)
 
 
-def lay_out_and_render(
-    subset: Path,
-    layer: str,
-    classes: list[int],
-    samples: int,
-    settings: dict,
-    device: str,
-    batch_size: int | None,
-) -> None:
+def lay_out_and_render(ctx: RunContext, layer: str, classes: list[int], samples: int, settings: dict) -> None:
     """The subset store's layout (t-SNE or UMAP; a comparison's own), grid and icons, each skipped when up to date."""
-    if len(classes) == 2:
-        layout = settings["layout"]  # lowers the perplexity itself when there are few samples
-        recorded = {"classes": classes, "settings": layout}
-        with open_store(subset) as h5:
-            laid_out = fresh(h5[layer].get(LAYOUT), recorded, made(h5[layer]))
-        run_stage("layout", laid_out, lambda: comparison_layout_store(subset, *classes, layer=layer, **asdict(layout)))
+    if len(classes) == 2:  # the comparison's layout lowers the perplexity itself when there are few samples
+        run_stage(ctx, ComparisonLayout(classes), settings["layout"], layer)
     else:
         project = settings["project"]
         perplexity = fit_perplexity(samples, project.perplexity)
         plane = replace(project, perplexity=perplexity, n_neighbors=min(project.n_neighbors, samples - 1))
-        recorded = {"settings": plane, "device": device}
-        run_stage("project", projected(subset, layer, recorded), lambda: project_store(subset, layer, plane, device))
-    grid = replace(settings["grid"], whitening=False)  # the subset store keeps the whole layer's whitening
-    run_stage("grid", gridded(subset, layer, grid), lambda: grid_store(subset, layer=layer, **asdict(grid)))
-    render, policy = settings["render"], resolve("render", device)
-
-    def render_stage() -> None:  # resumes: renders only the icons not yet made from the grid as it is
-        for size in grid.sizes:
-            render_store(subset, layer, size, render, batch_size=batch_size, device=device)
-
-    run_stage("render", all(rendered(subset, layer, size, render, policy) for size in grid.sizes), render_stage)
-
-
-def compose_heatmaps(store: Path, out: Path, parent: Parent, classes: list[int], compose: ComposeSettings) -> list[str]:
-    """Each class's attribution heat-map over the parent's layer atlas (redone when the parent's icons changed)."""
-    written = []
-    for c in classes:
-        atlas_id = f"heatmap-{parent.layer}-{c}"
-        run_stage(
-            f"heat-map {c}",
-            composed(out, store, atlas_id, parent.layer, parent.grids, compose),
-            lambda c=c: compose_run(store, out, layers=[parent.layer], settings=compose, heatmap_class=c),
-        )
-        written.append(atlas_id)
-    return written
+        run_stage(ctx, PROJECT, plane, layer)
+    run_stage(ctx, GRID, replace(settings["grid"], whitening=False), layer)  # keeps the whole layer's whitening
+    run_stage(ctx, RENDER, settings["render"], layer)  # resumes: renders only the icons not yet made
 
 
 def default_store() -> Path:
-    """The store `make atlas` writes with the default config: data/runs/<model>-<layer>/store.h5."""
+    """The store of the newest `make atlas` run of the default config (whatever its image limit)."""
     config = load_config(config_path(None), {})
-    return Path("data/runs") / f"{config['model']}-{config['layer']}" / "store.h5"
+    return RunFolder.latest(config["model"], config["layer"]).store
 
 
 def check_winners(counts: list[int], names: list[str], samples: int, force: bool) -> None:

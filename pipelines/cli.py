@@ -17,8 +17,9 @@ from pathlib import Path
 
 from atlas import AtlasError, __version__
 from atlas.config import PARAM_HELP, Parser, add_flags, check_number, given
-from atlas.runs import add_run
 from atlas.runtime import check_device, resolve, set_threads
+from pipelines.runner import RunContext, run_stage
+from pipelines.runs import add_run
 
 
 def _add_layers(sub: argparse._SubParsersAction) -> None:
@@ -130,9 +131,8 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> None:
         from atlas.stages.render import RenderSettings, render_store
-        from pipelines.atlas import regrid_stale
 
-        regrid_stale(Path(args.store), args.layer, args.grid)  # a render after `atlas project` renders its layout
+        _regrid_stale(Path(args.store), args.layer, args.grid)  # a render after `atlas project` renders its layout
         options = dict(
             layer=args.layer,
             grid=args.grid,
@@ -157,6 +157,23 @@ def _add_render(sub: argparse._SubParsersAction) -> None:
         )
 
     p.set_defaults(run=run)
+
+
+def _regrid_stale(store: Path, layer: str | None, size: int) -> None:
+    """Grid the layer again, with the settings its grid recorded, when `atlas project` ran since that grid was made
+    (the runner's grid stage, which skips a grid made from the layout as it is)."""
+    import json
+
+    from atlas.stages.grid import GRID, GridSettings
+    from atlas.store import GRIDS, SETTINGS, layer_group
+
+    with RunContext(store, store.parent) as ctx:
+        group = layer_group(ctx.store, layer)
+        cells = group.get(f"{GRIDS}/{size}")
+        if cells is None or SETTINGS not in cells.attrs:
+            return  # no grid (render says so), or one from before lineage was recorded
+        recorded = GridSettings.from_config(json.loads(cells.attrs[SETTINGS]))
+        run_stage(ctx, GRID, recorded, group.name.strip("/"))
 
 
 def _add_compose(sub: argparse._SubParsersAction) -> None:
@@ -208,9 +225,9 @@ def _add_dream(sub: argparse._SubParsersAction) -> None:
         from atlas.models.zoo import load_model
         from atlas.optvis.dream import OCTAVES, STEPS, dream_picture
 
-        octaves = check_number("--octaves", OCTAVES if args.octaves is None else args.octaves, 1, 10)
-        steps = check_number("--steps", STEPS if args.steps is None else args.steps, 1)
-        side = check_number("--side", args.side, 32)
+        octaves = int(check_number("--octaves", OCTAVES if args.octaves is None else args.octaves, 1, 10))
+        steps = int(check_number("--steps", STEPS if args.steps is None else args.steps, 1))
+        side = int(check_number("--side", args.side, 32))
         try:
             picture = load_rgb(args.photo)
         except UNREADABLE as err:
@@ -249,7 +266,7 @@ def _add_circuit(sub: argparse._SubParsersAction) -> None:
         layer, _, unit = args.unit.rpartition(":")
         if not layer or not unit.isdigit():
             raise AtlasError(f"{args.unit!r}: name the unit as LAYER:UNIT, e.g. mixed4c:447")
-        top_k = check_number("--top-k", args.top_k, 1)
+        top_k = int(check_number("--top-k", args.top_k, 1))
         model = load_model(args.model, weights=args.weights, device=str(resolve("render", args.device).device))
         records = list_images(args.data, model.class_names, model.imagenet_index)[: args.limit]
         report = unit_circuit(model, layer, int(unit), args.below, records, top_k=top_k)
@@ -411,8 +428,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# sub-commands that became runs: the old name prints one line naming the new one
+MOVED = {name: f"atlas run {name}" for name in ("class-atlas", "microscope", "patch")}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    command = next((word for word in argv if not word.startswith("-")), None)
+    if command in MOVED:
+        print(f"atlas {command}: moved: use `{MOVED[command]}` (same arguments)", file=sys.stderr)
+        return 2
     args = build_parser(next((word for word in argv if word in STAGE_FLAGS), None)).parse_args(argv)
     command = " ".join(["atlas", args.command, *([args.pipeline] if args.command == "run" else [])])
     logging.basicConfig(

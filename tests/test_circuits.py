@@ -143,7 +143,7 @@ def test_atlas_circuit_prints_the_inputs_from_both_lenses_and_the_ablation(tmp_p
 
     from PIL import Image
 
-    from atlas.cli import main
+    from pipelines.cli import main
 
     rng = np.random.default_rng(1)
     for i in range(6):

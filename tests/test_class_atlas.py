@@ -19,11 +19,11 @@ from atlas.class_atlas import (
     winner_counts,
     write_subset_store,
 )
-from atlas.cli import main
 from atlas.stages.compose import ComposeSettings, compose_run, heatmap_opacity
 from atlas.stages.grid import GridSettings, grid_store
 from atlas.stages.render import RenderSettings, render_store
 from pipelines.class_atlas import FEW_WINNERS, check_winners, class_settings, run_class_atlas
+from pipelines.cli import main
 from tests.synthetic import tiny_imagenet_classifier, write_synthetic_store
 from tests.test_compose import write_rendered_store
 

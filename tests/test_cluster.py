@@ -13,14 +13,15 @@ import pytest
 import torch
 
 from atlas import AtlasError
-from atlas.cli import main
 from atlas.cluster import _collect_task, collect_on_cluster, connect
 from atlas.images import list_images
 from atlas.models.classifier import Classifier
 from atlas.models.zoo import load_model
 from atlas.runtime import resolve
-from atlas.stages.collect import _shard_name, baselines_of, collect, plan_collection
+from atlas.shards import shard_name
+from atlas.stages.collect import baselines_of, collect, plan_collection
 from atlas.stages.render import RenderSettings, render_store
+from pipelines.cli import main
 from tests import synthetic
 from tests.synthetic import write_synthetic_store
 
@@ -129,13 +130,13 @@ def test_a_rerun_task_keeps_the_shards_already_written(tmp_path, records):
     model = load_model("efficientnet-lite0")
     runtime = resolve("collect", "cpu")
     plan = plan_collection(model, records[:2], tmp_path / "s.h5", None, 1, 0, 1, "", runtime)
-    finished = plan.parts / _shard_name(1)
+    finished = plan.parts / shard_name(1)
     finished.write_bytes(b"written before the worker died")
     how = baselines_of(model, records[:2], plan, runtime, 0)
     _collect_task("efficientnet-lite0", None, "cpu", records[:2], 0, plan.batches, plan.parts, plan.layer_shapes,
                   1, 0, 0, "auto", "auto", how)  # fmt: skip
     assert finished.read_bytes() == b"written before the worker died"
-    with np.load(plan.parts / _shard_name(0)) as shard:
+    with np.load(plan.parts / shard_name(0)) as shard:
         assert list(shard["_blocks.10/image_index"]) == [0]
 
 

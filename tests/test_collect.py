@@ -177,7 +177,7 @@ def test_unknown_layer_lists_close_matches(lite0):
 def test_killed_collection_resumes_to_the_same_store(tmp_path, imagenet_sample):
     data = tmp_path / "list.txt"
     data.write_text("\n".join(str(p) for p in sorted(imagenet_sample.glob("*.JPEG"))[:10]))
-    command = [sys.executable, "-m", "atlas.cli", "collect", "--data", str(data), "--positions", "2",
+    command = [sys.executable, "-m", "pipelines.cli", "collect", "--data", str(data), "--positions", "2",
                "--batch-size", "1", "--workers", "0", "--device", "cpu"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([*command, "--out", str(tmp_path / "whole.h5")], check=True, env=env, capture_output=True)
@@ -203,7 +203,7 @@ def test_killed_collection_resumes_to_the_same_store(tmp_path, imagenet_sample):
 @pytest.mark.parametrize(("model", "own_path"), [("inceptionv1", "mixed4c_3x3"), ("googlenet", "inception4c.branch1")])
 def test_layers_command_lists_paper_names(model, own_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "atlas.cli", "layers", model]
+    command = [sys.executable, "-m", "pipelines.cli", "layers", model]
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     rows = {line.split("\t")[0]: line.split("\t")[1:] for line in out.splitlines()}
     assert rows["mixed4c"] == ["512", "14", "14"]

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from atlas import AtlasError
-from atlas.cli import main
 from atlas.examples import patch_box
 from atlas.site import write_dzi
 from atlas.stages.compose import (
@@ -27,6 +26,7 @@ from atlas.stages.compose import (
 )
 from atlas.store import STR
 from atlas.view import serve_in_thread
+from pipelines.cli import main
 
 ICON_PX = 16
 INPUT_SIZE = 32

@@ -37,7 +37,7 @@ def test_a_dream_raises_the_layers_activation_and_keeps_the_photos_layout():
 
 
 def test_atlas_dream_writes_the_dreamt_photo_and_refuses_an_unreadable_one(tmp_path, capsys):
-    from atlas.cli import main
+    from pipelines.cli import main
 
     photo = tmp_path / "photo.png"
     Image.fromarray((_photo().permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(photo)

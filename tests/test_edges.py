@@ -15,9 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from atlas.cli import main
 from atlas.stages import collect as collect_stage
-from pipelines import atlas as pipeline
+from atlas.stages.collect import collected_layers
+from pipelines.cli import main
 from tests.test_pipeline import TINY_RUN, make_atlas, write_folder
 
 TINY = "tests.synthetic:tiny_classifier"  # relu3 is 4 x 4: 4 interior positions
@@ -117,6 +117,11 @@ def run_atlas_argv(tmp_path: Path, config: dict, *extra: str) -> list[str]:
         ("grid", {"sizes": [3, 0]}, "grid: sizes must be an integer at least 1, not 0"),
         ("collect", {"attribution": "saliency"}, "collect: attribution 'saliency': choose one of gradient, integrated"),
         ("collect", {"attribution_steps": 0}, "collect: attribution_steps must be an integer at least 1, not 0"),
+        # a wrong type is one line naming the key too, not a TypeError deep in a stage
+        ("project", {"n_neighbors": "50"}, "project: n_neighbors must be an integer, not '50'"),
+        ("compose", {"examples": "4"}, "compose: examples must be an integer, not '4'"),
+        ("render", {"steps": 1.5}, "render: steps must be an integer, not 1.5"),
+        ("grid", {"whitening": 1}, "grid: whitening must be true or false, not 1"),
     ],
 )
 def test_a_bad_config_number_stops_make_atlas_in_one_line_and_leaves_nothing(
@@ -157,13 +162,13 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes(tmp_path, capsys, monkeypatc
     assert len(err) == 1 and "interrupted" in err[0] and "rerun the same command" in err[0]
     assert list((tmp_path / "run" / "store.h5.parts").glob("batch-*.npz"))
     assert make_atlas(argv) == 0
-    assert pipeline.collected(tmp_path / "run" / "store.h5", "relu3")
+    assert "relu3" in collected_layers(tmp_path / "run" / "store.h5", None)
 
 
 def test_a_closed_pipe_is_silent():
     """`atlas layers ... | head -1`: the reader goes after one line, while far more than a pipe buffer is to come."""
     many = "m.Classifier.layer_shapes = lambda self: [(f'layer{i}', 1, 1, 1) for i in range(100_000)]"
-    run = f"from atlas.cli import main; sys.exit(main(['layers', '{TINY}']))"
+    run = f"from pipelines.cli import main; sys.exit(main(['layers', '{TINY}']))"
     script = f"import sys, atlas.models.classifier as m; {many}; {run}"
     command = f'set -o pipefail; {sys.executable} -c "{script}" | head -1'
     done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
@@ -173,8 +178,8 @@ def test_a_closed_pipe_is_silent():
 def test_stage_flags_come_from_the_settings_fields_with_their_defaults_stated_once():
     import dataclasses
 
-    from atlas.cli import STAGE_FLAGS, build_parser
     from atlas.config import Settings, add_flags, given
+    from pipelines.cli import STAGE_FLAGS, build_parser
 
     @dataclasses.dataclass(frozen=True)
     class Example(Settings):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from atlas import AtlasError
-from atlas.cli import main
 from atlas.stages.grid import cell_ids, grid_store, layer_whitening, top_classes
+from pipelines.cli import main
 from tests.synthetic import write_synthetic_store
 
 

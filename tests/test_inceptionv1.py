@@ -14,7 +14,6 @@ from PIL import Image
 
 from atlas import AtlasError
 from atlas.classes import imagenet_classes, inceptionv1_classes, normal_name, resolve_class
-from atlas.cli import main as cli_main
 from atlas.config import CONFIG_DIR
 from atlas.images import list_images
 from atlas.models.classifier import capture
@@ -22,6 +21,7 @@ from atlas.models.inceptionv1 import LocalResponseNorm
 from atlas.models.registry import ZOO, class_names, hub_dir, model_for_layer
 from atlas.models.zoo import load_model
 from pipelines.atlas import pick_model, run_data
+from pipelines.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,7 @@ def test_pick_model_uses_the_layer_only_when_nothing_else_names_the_model():
 
 
 def test_missing_data_folder_falls_back_to_the_demo(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+    with caplog.at_level(logging.INFO, logger="pipelines"):
         assert run_data(None, {"data": str(tmp_path / "imagenet" / "train")}) == "demo"
     assert [r.message for r in caplog.records if "demo photos" in r.message]
     assert run_data(None, {"data": str(tmp_path)}) == str(tmp_path)
@@ -153,7 +153,7 @@ def test_offline_without_the_weights_file_stops_with_one_line(tmp_path):
         "HTTPS_PROXY": "http://127.0.0.1:9",
     }
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "atlas.cli", "run", "atlas", "--layer", "mixed4c", "--out", str(out)]
+    command = [sys.executable, "-m", "pipelines.cli", "run", "atlas", "--layer", "mixed4c", "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

@@ -14,7 +14,6 @@ from PIL import Image
 from torch import nn
 
 from atlas import AtlasError
-from atlas.cli import main
 from atlas.images import ImageDataset, ImageRecord, collate
 from atlas.microscope import (
     RESULTS,
@@ -31,6 +30,7 @@ from atlas.microscope import examples as example_lens
 from atlas.models.classifier import Classifier, capture
 from atlas.site import VIEWER
 from atlas.stages.compose import ComposeSettings, compose_run
+from pipelines.cli import main
 from tests.test_compose import write_rendered_store
 
 LAYER = "mixed4c"  # the tiny model's alias, as in write_rendered_store's atlas

@@ -14,9 +14,9 @@ from torch import nn
 
 from atlas import AtlasError
 from atlas import patch as lab
-from atlas.cli import main
 from atlas.images import ImageRecord, list_images
 from atlas.models.classifier import Classifier
+from pipelines.cli import main
 from tests.synthetic import blank_png
 
 SIZE = 32  # input side of the fake models: 32 px keeps every test fast

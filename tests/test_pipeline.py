@@ -16,13 +16,14 @@ from PIL import Image
 from atlas import AtlasError
 from atlas.config import CONFIG_DIR, load_config
 from atlas.images import list_images, load_rgb
+from atlas.stages.collect import collected_layers
 from pipelines import atlas as pipeline
 from pipelines.class_atlas import class_settings
 
 
 def make_atlas(argv: list[str]) -> int:
     """`make atlas` with these flags: `atlas run atlas ...`."""
-    from atlas.cli import main
+    from pipelines.cli import main
 
     return main(["run", "atlas", *argv])
 
@@ -52,7 +53,7 @@ def test_make_atlas_runs_every_stage_and_a_rerun_skips_them(tmp_path, capsys, ca
     out = tmp_path / "run"
     argv = ["--config", str(config), "--model", "tests.synthetic:tiny_classifier", "--device", "cpu"]
     argv += ["--data", str(write_folder(tmp_path / "images", 12)), "--out", str(out)]
-    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+    with caplog.at_level(logging.INFO, logger="pipelines"):
         assert make_atlas(argv) == 0
     plan = next(r.message for r in caplog.records if r.message.startswith("plan: "))
     assert plan.startswith("plan: 12 images x 4 positions = 48 samples; grids 3x3 (9 cells); at most 9 icons x 1 ")
@@ -70,11 +71,45 @@ def test_make_atlas_runs_every_stage_and_a_rerun_skips_them(tmp_path, capsys, ca
         assert f["relu3/grid/3/icon_done"][()].sum() == (f["relu3/grid/3/count"][()] >= 1).sum() > 0
     stamp = (out / "store.h5").stat().st_mtime_ns
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+    with caplog.at_level(logging.INFO, logger="pipelines"):
         assert make_atlas(argv) == 0
     assert stages_run(caplog) == []  # the store says every stage is up to date
     assert (out / "store.h5").stat().st_mtime_ns == stamp  # nothing rewritten
     assert not (out / "pipeline.json").exists()  # the store is the only record
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_opens_its_store_at_most_three_times_a_rerun_once_and_measures_the_layers_once(tmp_path, monkeypatch):
+    """The runner opens the store once and hands it to every stage (pipelines.runner.RunContext): a fresh run opens
+    it to merge the collection, to ask the stages and to write their products; a rerun that finds everything fresh
+    only to ask. The model's layer shapes (a forward pass) are measured once per run."""
+    from atlas.models.classifier import Classifier
+
+    opens, measured = [], []
+    open_file, measure = h5py.File.__init__, Classifier._measure_layer_shapes
+
+    def counting_open(self, name, *args, **kwargs):
+        open_file(self, name, *args, **kwargs)
+        if Path(str(name)).name.startswith("store.h5"):  # the store, or the new store merged under a temporary name
+            opens.append(Path(str(name)).name)
+
+    def counting_measure(self):
+        measured.append(self.name)
+        return measure(self)
+
+    monkeypatch.setattr(h5py.File, "__init__", counting_open)
+    monkeypatch.setattr(Classifier, "_measure_layer_shapes", counting_measure)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump({"model": "tiny", **TINY_RUN, "accentuated": {**TINY_RUN["render"], "accentuate": 0.2}})
+    )
+    argv = ["--config", str(config), "--model", "tests.synthetic:tiny_classifier", "--device", "cpu"]
+    argv += ["--data", str(write_folder(tmp_path / "images", 8)), "--out", str(tmp_path / "run")]
+    assert make_atlas(argv) == 0
+    assert len(opens) <= 3 and len(measured) == 1, (opens, measured)
+    opens.clear(), measured.clear()
+    assert make_atlas(argv) == 0
+    assert opens == ["store.h5"] and len(measured) == 1
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -113,9 +148,9 @@ def test_demo_set_is_22_readable_photos_with_labels():
 def test_the_paper_config_on_the_demo_photos_runs_at_its_cpu_demo_settings(tmp_path, monkeypatch, caplog):
     """configs/inceptionv1.yaml takes one position per image: on the 22 demo photos it runs inceptionv1-cpu.yaml."""
     seen = {}
-    monkeypatch.setattr(pipeline, "_run_stages", lambda configs, model, records, *rest: seen.update(locals()))
+    monkeypatch.setattr(pipeline, "_run_stages", lambda ctx, configs: seen.update(configs=configs, records=ctx.records))
     monkeypatch.chdir(tmp_path)  # the config's data folder, data/imagenet/train, is not there
-    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+    with caplog.at_level(logging.INFO, logger="pipelines"):
         pipeline.run_atlas(CONFIG_DIR / "inceptionv1.yaml", None, ["mixed4c"], None, None, "cpu", tmp_path, "random")
     cpu_demo = yaml.safe_load((CONFIG_DIR / "inceptionv1-cpu.yaml").read_text())
     assert list(seen["configs"]) == ["mixed4c"]
@@ -140,7 +175,7 @@ def test_the_store_decides_a_deleted_or_truncated_store_is_rebuilt_and_force_red
     argv = ["--config", str(config), "--model", "tests.synthetic:tiny_classifier", "--device", "cpu"]
     argv += ["--data", str(write_folder(tmp_path / "images", 8)), "--out", str(out)]
     store = out / "store.h5"
-    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+    with caplog.at_level(logging.INFO, logger="pipelines"):
         assert make_atlas(argv) == 0
         complete = store.read_bytes()
         for damage in (lambda: store.write_bytes(complete[: len(complete) // 2]), store.unlink):
@@ -148,7 +183,7 @@ def test_the_store_decides_a_deleted_or_truncated_store_is_rebuilt_and_force_red
             caplog.clear()
             assert make_atlas(argv) == 0
             assert stages_run(caplog) == list(pipeline.STAGES)
-            assert pipeline.collected(store, "relu3") and all_icons_done(store)
+            assert "relu3" in collected_layers(store, None) and all_icons_done(store)
         caplog.clear()
         assert make_atlas([*argv, "--force", "render"]) == 0
         assert stages_run(caplog) == ["render", "compose"]
@@ -174,7 +209,7 @@ def tiny_run(tmp_path: Path, **render: object) -> tuple[list[str], Path]:
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_render_after_a_new_layout_renders_again_and_a_compose_after_new_icons_composes_again(tmp_path, caplog):
-    from atlas.cli import main as cli
+    from pipelines.cli import main as cli
 
     argv, out = tiny_run(tmp_path)
     store = out / "store.h5"
@@ -195,7 +230,7 @@ def test_a_render_after_a_new_layout_renders_again_and_a_compose_after_new_icons
     assert all_icons_done(store)
     # the pipeline sees new icons under an old atlas: it composes again, and only that
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+    with caplog.at_level(logging.INFO, logger="pipelines"):
         assert make_atlas(argv) == 0
     assert "compose" in stages_run(caplog) and "collect" not in stages_run(caplog)
     with h5py.File(store) as f:
@@ -211,7 +246,7 @@ def test_changed_settings_redo_their_stage_and_every_later_one_and_a_missing_atl
     argv, out = tiny_run(tmp_path)
     assert make_atlas(argv) == 0
     changed, _ = tiny_run(tmp_path, steps=3)
-    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+    with caplog.at_level(logging.INFO, logger="pipelines"):
         assert make_atlas(changed) == 0
         assert stages_run(caplog) == ["render", "compose"]
         caplog.clear()
@@ -232,7 +267,7 @@ def test_an_accentuated_section_renders_a_second_icon_set_that_compose_shows_bes
     config = yaml.safe_load(Path(argv[1]).read_text())
     config["accentuated"] = {**TINY_RUN["render"], "accentuate": 0.1, "steps": 1}
     Path(argv[1]).write_text(yaml.safe_dump(config))
-    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+    with caplog.at_level(logging.INFO, logger="pipelines"):
         assert make_atlas(argv) == 0
         assert stages_run(caplog) == ["collect", "project", "grid", "render", "accentuate", "compose"]
         caplog.clear()
@@ -314,7 +349,7 @@ def test_a_run_of_several_layers_takes_at_most_the_smallest_layers_interior_and_
     config = yaml.safe_load(Path(argv[1]).read_text())
     config["collect"]["positions"] = 9  # relu2 is 8 x 8 (36 interior positions), relu3 4 x 4 (4)
     Path(argv[1]).write_text(yaml.safe_dump(config))
-    with caplog.at_level(logging.INFO, logger="pipelines.atlas"):
+    with caplog.at_level(logging.INFO, logger="pipelines"):
         assert make_atlas([*argv, "--layer", "relu2,relu3"]) == 0
     assert any(
         r.message.startswith("positions: 4 per image, all of relu3's interior (4x4), not the configured 9")

@@ -9,9 +9,9 @@ import pytest
 from sklearn.neighbors import NearestNeighbors
 
 from atlas import AtlasError
-from atlas.cli import main
 from atlas.layout import LayoutSettings
 from atlas.stages.project import normalize_layout, project_store
+from pipelines.cli import main
 from tests.synthetic import write_synthetic_store
 
 FAST = {"n_neighbors": 15, "n_epochs": 60}  # small settings: the tests check plumbing and invariants, not beauty

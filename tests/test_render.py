@@ -12,13 +12,12 @@ import torch
 from PIL import Image
 
 from atlas import AtlasError
-from atlas.cli import main
 from atlas.models.classifier import Classifier, capture
 from atlas.optvis.transform import image_key
-from atlas.runtime import resolve
 from atlas.stages import render
 from atlas.stages.render import RenderSettings, render_icons, render_store
 from atlas.store import fingerprint
+from pipelines.cli import main
 from tests.synthetic import tiny_classifier, write_synthetic_store
 
 EMPTY = [(0, 0), (1, 2)]  # cells below min_count in the test grids
@@ -389,10 +388,12 @@ def test_accentuated_icons_start_from_their_cells_most_typical_example_and_stay_
     # the accentuated icons are a second set: the feature visualisations stay, and both count as rendered
     for name, values in read_icons(path).items():
         np.testing.assert_array_equal(values, drawn[name])
-    runtime = resolve("render", "cpu")
-    for settings in (visualisations, dataclasses.replace(start, steps=6)):
-        assert render.rendered(path, "relu3", 3, settings, runtime, small_model)
-    assert not render.rendered(path, "relu3", 3, start, runtime, small_model)  # those were made with 6 steps
+    from pipelines.runner import RunContext, up_to_date
+
+    with RunContext(Path(path), tmp_path, "cpu", small_model, grid_sizes=[3]) as ctx:
+        for settings in (visualisations, dataclasses.replace(start, steps=6)):
+            assert up_to_date(ctx, render.RENDER, settings, "relu3")
+        assert not up_to_date(ctx, render.RENDER, start, "relu3")  # those were made with 6 steps
 
 
 def test_a_runs_plan_times_accentuated_icons_without_photos(small_model):

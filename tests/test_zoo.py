@@ -15,10 +15,10 @@ from torch import nn
 
 from atlas import AtlasError
 from atlas.classes import resolve_class
-from atlas.cli import main as cli_main
 from atlas.images import list_images
 from atlas.models.registry import ZOO, class_names, locate_weights, model_for_layer
 from atlas.models.zoo import load_model
+from pipelines.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # OpenAI Microscope's eight models, under their zoo names

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from atlas import AtlasError
-from atlas.config import Settings, check_number
+from atlas.config import Settings
 from atlas.images import UNREADABLE, ImageRecord, load_rgb, to_model_input
 from atlas.microscope.results import lens_group
 from atlas.models.classifier import Classifier
@@ -48,10 +48,9 @@ class LensSettings(Settings):
     lr: float | None = None
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_number("size", self.size, 1)
-        check_number("steps", self.steps, 0)
-        check_number("seed", self.seed, 0)
+    bounds = {"size": (1, None), "steps": (0, None), "seed": (0, None)}
+
+    def validate(self) -> None:
         preset(self.transforms, self.size)  # validates the name
         if self.lr is None:
             object.__setattr__(self, "lr", param_spec(self.param).lr)  # also validates the parameterisation

@@ -24,6 +24,9 @@ class ImagenetNormalize(nn.Module):
     """(x - mean) / std for a [0, 1] batch, differentiable: torchvision's preprocessing, or a timm model's (its
     pretrained_cfg's mean and std)."""
 
+    mean: torch.Tensor  # buffers, which nn.Module's typing gives as Tensor | Module
+    std: torch.Tensor
+
     def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
@@ -103,7 +106,15 @@ class Classifier(nn.Module):
         return dict(self.net.named_modules())[path]
 
     def layer_shapes(self) -> list[tuple[str, int, int, int]]:
-        """(name, channels, height, width) of every module with a 4-D output at the input size."""
+        """(name, channels, height, width) of every module with a 4-D output at the input size: a forward pass the
+        first time, remembered after (a module's shapes do not change; a run asks for them at every stage)."""
+        known = self.__dict__.get("_layer_shapes")
+        if known is None or known[0] != self.input_size:
+            known = (self.input_size, self._measure_layer_shapes())
+            self.__dict__["_layer_shapes"] = known
+        return list(known[1])
+
+    def _measure_layer_shapes(self) -> list[tuple[str, int, int, int]]:
         by_path = {path: alias for alias, path in self.aliases.items()}
         shapes: dict[str, tuple[int, int, int]] = {}
         hooks = []

@@ -21,8 +21,8 @@ same images: a rerun that asks for one more layer collects only that layer and a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -34,39 +34,28 @@ import h5py
 import numpy as np
 import torch
 
-from atlas import AtlasError, __version__
+from atlas import AtlasError
 from atlas.attribution import FROM_BASELINE, METHODS, attribution_pass, mean_activation
 from atlas.attribution import attributions as attributions  # its home before atlas.attribution
 from atlas.config import Settings, check_number
 from atlas.images import ImageRecord, load_batches
 from atlas.models.classifier import Classifier
-from atlas.progress import progress as progress_of
 from atlas.runtime import MEMORY_FORMATS, PRECISIONS, Runtime, resolve
+from atlas.shards import BASELINES_FILE, layer_record, merge_parts, missing_batches, parts_dir, shard_name, write_shard
+from atlas.stages import Context
 from atlas.store import (
     ACTIVATIONS,
     ATTRIBUTIONS,
-    BASELINE,
-    CLASSES,
     COLLECT_SETTINGS,
     COLLECTED,
     IMAGE_INDEX,
-    IMAGES,
-    PARTIAL,
     POSITION,
-    ROW_CHUNK,
-    SKIPPED,
-    STR,
-    fingerprint,
-    record_lineage,
-    record_settings,
-    settings_json,
+    Node,
     settings_match,
 )
 from atlas.store import layers as store_layers
 
 log = logging.getLogger(__name__)
-
-BASELINES_FILE = "baselines.npz"  # in a collection's parts folder: each new layer's baseline (`baselines_of`)
 
 
 @dataclass(frozen=True)
@@ -92,14 +81,15 @@ class CollectSettings(Settings):
     attribution_steps: int = 1
     baseline_images: int = 256
 
-    def __post_init__(self) -> None:
-        """Raise AtlasError, naming the value and its range, on a setting that cannot work (the layer's interior
-        bounds positions too: `check_counts`, once the model is known)."""
-        check_number("collect: positions", self.positions, 1)
-        check_number("collect: seed", self.seed, 0)
-        check_number("collect: batch_size", self.batch_size, 1)
-        if self.workers is not None:
-            check_number("collect: workers", self.workers, 0)
+    # the layer's interior bounds positions too: `check_counts`, once the model is known
+    section = "collect"
+    bounds = {
+        **{"positions": (1, None), "seed": (0, None), "batch_size": (1, None), "workers": (0, None)},
+        **{"attribution_steps": (1, None), "baseline_images": (1, None)},
+    }
+
+    def validate(self) -> None:
+        """Raise AtlasError on a run-time policy or attribution method that does not exist."""
         if self.precision not in PRECISIONS:
             raise AtlasError(f"collect: precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.memory_format not in MEMORY_FORMATS:
@@ -108,8 +98,6 @@ class CollectSettings(Settings):
             )
         if self.attribution is not None and self.attribution not in METHODS:
             raise AtlasError(f"collect: attribution {self.attribution!r}: choose one of {', '.join(METHODS)}")
-        check_number("collect: attribution_steps", self.attribution_steps, 1)
-        check_number("collect: baseline_images", self.baseline_images, 1)
 
 
 @dataclass(frozen=True)
@@ -199,7 +187,7 @@ def collect_batch(
 def timed_rate(model: Classifier, layers: list[str], positions: int, images: int = 2) -> float:
     """Images per second of `collect_batch` over `layers` on `images` random inputs with `positions` each, after
     an untimed one-image warm-up: a short measurement on this device for a run's plan, not a benchmark."""
-    shapes = {name: tuple(shape) for name, *shape in model.layer_shapes()}
+    shapes = {name: (channels, height, width) for name, channels, height, width in model.layer_shapes()}
     wanted = {name: shapes[name] for name in map(model.resolve_layer, layers)}
     device = next(model.parameters()).device
     runtime = resolve("collect", device)
@@ -280,7 +268,7 @@ def plan_collection(
     (None: the model's own method at CollectSettings' defaults).
     """
     names = list(dict.fromkeys(model.resolve_layer(name) for name in (layers or [model.default_layer])))
-    shapes = {name: tuple(shape) for name, *shape in model.layer_shapes()}
+    shapes = {name: (channels, height, width) for name, channels, height, width in model.layer_shapes()}
     check_counts(records, {name: shapes[name] for name in names}, positions)
     check_number("batch_size", batch_size, 1)
     meta = collection_settings(model, records, positions, seed, batch_size, dataset, runtime, attribution)
@@ -293,7 +281,7 @@ def plan_collection(
         return None
     if have:
         log.info("%s holds %s: collecting only %s", out, ", ".join(sorted(have)), ", ".join(missing))
-    parts = _parts_dir(out, {**meta, "layers": missing})
+    parts = parts_dir(out, {**meta, "layers": missing})
     batches = [list(range(i, min(i + batch_size, len(records)))) for i in range(0, len(records), batch_size)]
     pending = missing_batches(parts, batches)
     if len(pending) < len(batches):
@@ -372,7 +360,7 @@ def baselines_of(
             torch.set_num_threads(threads)
     found = {layer: mean.cpu().numpy() for layer, mean in means.items()}
     tmp = kept.with_name(f".{kept.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **found)
+    np.savez(tmp, **found)  # type: ignore[arg-type]  # numpy's stub types **kwds as savez's allow_pickle
     os.replace(tmp, kept)
     return Attribution(method.method, method.steps, found)
 
@@ -392,11 +380,6 @@ def smallest_interior(layer_shapes: dict[str, tuple[int, int, int]]) -> tuple[st
     positions of a collection whose layers share their samples."""
     layer, (_channels, height, width) = min(layer_shapes.items(), key=lambda item: item[1][1] * item[1][2])
     return layer, height, width, (height - 2) * (width - 2)
-
-
-def missing_batches(parts: Path, batches: list[list[int]]) -> list[list[int]]:
-    """The batches that have no finished shard in `parts`."""
-    return [b for b in batches if not (parts / _shard_name(b[0])).exists()]
 
 
 def write_batches(
@@ -422,54 +405,22 @@ def write_batches(
     sides = (model.resize_size, model.input_size)
     for rows, stacked, skipped in load_batches(records, *sides, batches, workers, start, progress, pin, desc="collect"):
         result = {}
-        if rows:
+        if rows and stacked is not None:  # a batch of only unreadable images has no tensor
             with runtime.autocast():
                 images = runtime.inputs(stacked)
                 result = collect_batch(model, images, rows, layer_shapes, positions, seed, attribution)
         first = min(rows + [row for row, _ in skipped])
-        _write_shard(parts / _shard_name(first), result, skipped)
+        write_shard(parts / shard_name(first), result, skipped)
 
 
-def _shard_name(first_row: int) -> str:
-    return f"batch-{first_row:09d}.npz"
-
-
-def _parts_dir(out: Path, meta: dict) -> Path:
-    parts = out.with_name(out.name + ".parts")
-    meta_file = parts / "meta.json"
-    if parts.exists() and meta_file.exists():
-        if fingerprint(json.loads(meta_file.read_text())) != fingerprint(meta):
-            raise AtlasError(
-                f"{parts} holds an unfinished collection with other settings; rerun it with the same "
-                f"arguments, or delete {parts} to start over"
-            )
-        return parts
-    parts.mkdir(parents=True, exist_ok=True)
-    tmp = meta_file.with_suffix(".tmp")
-    tmp.write_text(settings_json(meta))
-    os.replace(tmp, meta_file)
-    return parts
-
-
-def _write_shard(path: Path, result: dict, skipped: list[tuple[int, str]]) -> None:
-    arrays = {f"{layer}/{key}": value for layer, fields in result.items() for key, value in fields.items()}
-    arrays["skipped_rows"] = np.array([row for row, _ in skipped], dtype=np.int64)
-    arrays["skipped_reasons"] = np.array([reason for _, reason in skipped], dtype=str)
-    for row, reason in skipped:
-        log.warning("skipped image %d: %s", row, reason)
-    # the temporary name is outside merge_parts' "batch-*.npz" and unique to this process, so a killed writer's
-    # leftover is never merged and two workers that happen to run the same batch do not clash
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # atomic: a shard is either complete or absent
-
-
-def collected_layers(out: Path, meta: dict) -> set[str] | None:
-    """The layers `out` holds finished, when it is a collection with these settings (`collection_settings`);
-    None when it is missing, unreadable or made with other settings."""
+def collected_layers(out: Path, meta: dict | None) -> set[str] | None:
+    """The layers `out` holds finished, when it is a collection with these settings (`collection_settings`; None:
+    any); None when it is missing, unreadable, unfinished or made with other settings."""
+    if not out.exists():
+        return None
     try:
         with h5py.File(out, "r") as f:
-            if not settings_match(f, meta, COLLECT_SETTINGS):
+            if COLLECT_SETTINGS not in f.attrs or (meta is not None and not settings_match(f, meta, COLLECT_SETTINGS)):
                 return None
             return set(store_layers(f))  # a layer's group is moved to its name only once merged whole (merge_parts)
     except OSError:
@@ -481,111 +432,42 @@ def collected(out: Path, meta: dict, layers: list[str]) -> bool:
     return set(layers) <= (collected_layers(out, meta) or set())
 
 
-def merge_parts(
-    parts: Path,
-    out: Path,
-    records: list[ImageRecord],
-    meta: dict,
-    layer_shapes: dict[str, tuple[int, int, int]],
-    class_names: list[str],
-) -> None:
-    """Join the batch shards in row order into the store (streamed: one shard in memory at a time).
+class CollectStage:
+    """The stage (atlas.stages.Stage): every layer of the run in one pass over the images (`whole_run`), each layer
+    group a product made from the images ("") with its collection's settings (`layer_record`)."""
 
-    A new store is written whole under a temporary name; a store that holds other layers of these images gets the
-    new layers' groups, each written under a temporary name and moved into place when complete.
-    """
-    shards = sorted(parts.glob("batch-*.npz"))
-    adding = out.exists()
-    target = out if adding else out.with_name(out.name + ".tmp")
-    with h5py.File(target, "a" if adding else "w") as f:
-        if not adding:
-            recorded = ("model", "weights", "input_size", "resize_size", "seed", "dataset", "positions")
-            recorded += ("attribution",)
-            f.attrs.update({k: meta[k] for k in (*recorded, "memory_format", "precision")})
-            f.create_dataset(CLASSES, data=np.array(class_names, dtype=object), dtype=STR)
-            f.attrs["code_version"] = __version__
-            record_settings(f, meta, COLLECT_SETTINGS)
-            images = f.create_group(IMAGES)
-            images.create_dataset("path", data=np.array([r.path for r in records], dtype=object), dtype=STR)
-            images.create_dataset("label", data=np.array([r.label for r in records], dtype=np.int64))
-        if PARTIAL in f:  # a merge killed before it finished
-            del f[PARTIAL]
-        skipped = _merge_shards(f.create_group(PARTIAL), shards, parts / BASELINES_FILE, records, meta, layer_shapes)
-        if not adding:
-            f[IMAGES].create_dataset(SKIPPED, data=np.array(skipped, dtype=object), dtype=STR)
-        elif skipped != f[IMAGES][SKIPPED].asstr()[()].tolist():
-            raise AtlasError(
-                f"the images of {out} changed since it was collected (other images could not be read): its layers "
-                f"would no longer share samples; collect again into a new store (--force collect)"
-            )
-        for layer in layer_shapes:
-            f.move(f"{PARTIAL}/{layer}", layer)
-        del f[PARTIAL]
-    shutil.rmtree(parts)
-    if not adding and len(skipped) == len(records):  # an empty store is no result: say why instead
-        target.unlink()
-        raise AtlasError(f"none of the {len(records)} images could be read (the first: {skipped[0]})")
-    if not adding:
-        os.replace(target, out)
-    if skipped:
-        log.warning(
-            "%d of %d images could not be read and were skipped (listed in /images/skipped)", len(skipped), len(records)
+    name, settings, whole_run = "collect", CollectSettings, True
+
+    def products(self, ctx: Context, layer: str | None, settings: CollectSettings) -> list[tuple[Node | None, str]]:
+        store = ctx.existing_store
+        return [(None if store is None else store.get(str(layer)), "")]
+
+    def record(self, ctx: Context, layer: str | None, settings: CollectSettings) -> dict:
+        assert ctx.model is not None  # a run that collects has its model
+        policy = ctx.runtime("collect", settings.precision, settings.memory_format)
+        how = attribution_record(ctx.model, settings.attribution, settings.attribution_steps, settings.baseline_images)
+        meta = collection_settings(
+            ctx.model, ctx.records, settings.positions, settings.seed, settings.batch_size, ctx.dataset, policy, how
         )
+        return layer_record(meta, str(layer))
+
+    def complete(self, ctx: Context, layer: str | None, node: h5py.Group) -> bool:
+        rows = {node[name].shape[0] for name in COLLECTED if name in node}
+        return all(name in node for name in COLLECTED) and len(rows) == 1 and rows.pop() > 0
+
+    def run(self, ctx: Context, layer: str | None, settings: CollectSettings) -> None:
+        """Collect what the store lacks: a store that is not a finished collection is merged anew from the batch
+        shards, and a forced one is collected again from the images."""
+        assert ctx.model is not None
+        ctx.close_store()  # collect writes the file itself
+        path, parts = ctx.store_path, ctx.store_path.with_name(ctx.store_path.name + ".parts")
+        forced = self.name in ctx.force
+        if forced and parts.exists():
+            shutil.rmtree(parts)
+        if path.exists() and (forced or collected_layers(path, None) is None):
+            path.unlink()
+        options = {**dataclasses.asdict(settings), "layers": ctx.layers, "dataset": ctx.dataset}
+        collect(ctx.model, ctx.records, path, device=ctx.device, **options)
 
 
-def _merge_shards(
-    into: h5py.Group,
-    shards: list[Path],
-    baselines: Path,
-    records: list[ImageRecord],
-    meta: dict,
-    layer_shapes: dict[str, tuple[int, int, int]],
-) -> list[str]:
-    """Append the shards' rows of each layer to its group in `into`, with its baseline where the collection has
-    one (the file `baselines`); returns the skipped images' lines."""
-    skipped: list[str] = []
-    datasets: dict[str, dict[str, h5py.Dataset]] = {}
-    kept = dict(np.load(baselines)) if baselines.exists() else {}
-    for layer, (channels, height, width) in layer_shapes.items():
-        group = into.create_group(layer)
-        group.attrs.update(channels=channels, height=height, width=width)
-        record_lineage(group, {**meta, "layer": layer}, "")
-        datasets[layer] = {}
-        if kept:
-            group.create_dataset(BASELINE, data=kept[layer].astype(np.float32))
-    for shard in progress_of(shards, desc="merge", unit="batch"):
-        with np.load(shard) as data:
-            skipped += [
-                f"{records[r].path}: {why}"
-                for r, why in zip(data["skipped_rows"], data["skipped_reasons"], strict=True)
-            ]
-            for layer in layer_shapes:
-                for key in COLLECTED:
-                    name = f"{layer}/{key}"
-                    if name in data:
-                        _append(into[layer], datasets[layer], key, data[name])
-    for layer, (channels, _h, _w) in layer_shapes.items():
-        for key, tail, dtype in (
-            (ACTIVATIONS, (channels,), np.float32),
-            (IMAGE_INDEX, (), np.int64),
-            (POSITION, (2,), np.int32),
-            (ATTRIBUTIONS, (meta["classes"],), np.float32),
-        ):
-            if key not in datasets[layer]:  # every image was skipped
-                _append(into[layer], datasets[layer], key, np.zeros((0, *tail), dtype=dtype))
-    return skipped
-
-
-def _append(group: h5py.Group, made: dict[str, h5py.Dataset], key: str, rows: np.ndarray) -> None:
-    if key not in made:
-        made[key] = group.create_dataset(
-            key,
-            shape=(0, *rows.shape[1:]),
-            maxshape=(None, *rows.shape[1:]),
-            dtype=rows.dtype,
-            chunks=(ROW_CHUNK, *rows.shape[1:]),
-        )
-    dset = made[key]
-    start = dset.shape[0]
-    dset.resize(start + len(rows), axis=0)
-    dset[start:] = rows
+COLLECT = CollectStage()

@@ -41,18 +41,20 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
-from functools import lru_cache
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from atlas import AtlasError
+from atlas.canvas import BACKGROUND, atlas_canvas, density_scale, fade_cells, label_image
 from atlas.config import Settings
 from atlas.examples import example_crops, pick_examples, view_sizes
-from atlas.site import install_viewer, update_manifest, write_dzi, write_patches
+from atlas.site import MANIFEST, install_viewer, update_manifest, write_dzi, write_patches
+from atlas.stages import Context
 from atlas.store import (
     ACCENTUATED,
     ACTIVATIONS,
@@ -67,27 +69,29 @@ from atlas.store import (
     ICON_OBJECTIVE,
     ICONS,
     IMAGE_INDEX,
+    MADE,
+    MADE_FROM,
     MEAN,
     POSITION,
     RENDERED,
+    SETTINGS,
     TOP_ATTRIBUTIONS,
     TOP_CLASSES,
     Layer,
+    Node,
     class_names,
     fingerprint,
     grid_group,
     icons_made,
-    open_store,
+    opened,
+    settings_json,
 )
 from atlas.store import Grid as GridView
 from atlas.store import layers as store_layers
 
 log = logging.getLogger(__name__)
 
-BACKGROUND = 255  # white canvas, empty cells stay white (lucid's make_canvas, reference 1.6)
 LABEL_SPACING_PX = 80  # about one label per 80 px of atlas; the paper's front-end draws one every ~40-60 px
-LABEL_FONT_PX = 11
-LABEL_STROKE_PX = 2  # white outline: labels stay legible over any icon
 LABEL_MIN_OPACITY = 0.5  # on a heat-map, only cells at least half shown are labelled: faded ones are not the class's
 TOP_COUNT = 5
 COMPOSED = (COUNT, CELL, ATTRIBUTION, MEAN, *RENDERED)  # what composing a grid reads of it
@@ -119,56 +123,6 @@ class Grid:
     heatmap: Heatmap | None = None  # set on a class's heat-map atlas
     # [G, G] each drawn icon's side, a fraction of the icon size (density_scale); 0: not drawn. None: not read
     scale: np.ndarray | None = None
-
-
-def density_scale(count: np.ndarray, min_count: int) -> np.ndarray:
-    """Icon side per cell as a fraction of the icon size: min(1, sqrt(n / average n)), 0 where empty.
-
-    The paper's front-end (reference 1.6: "Grid cells are also sized according to the density").
-    """
-    average = count.sum() / count.size
-    scale = np.minimum(1.0, np.sqrt(count / max(average, 1e-12)))
-    return np.where(count >= min_count, scale, 0.0)
-
-
-def atlas_canvas(icons: h5py.Dataset | np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Place each cell's icon, scaled by `scale` and centred in its cell, on a white G*PX square canvas."""
-    size, icon_px = icons.shape[0], icons.shape[2]
-    canvas = np.full((size * icon_px, size * icon_px, 3), BACKGROUND, np.uint8)
-    for y in range(size):
-        drawn = np.flatnonzero(scale[y] > 0)
-        if not len(drawn):
-            continue
-        row = icons[y]  # one read per row of cells keeps HDF5 access sequential
-        for x in drawn:
-            side = max(1, round(icon_px * scale[y, x]))
-            icon = row[x]
-            if side != icon_px:
-                icon = np.asarray(Image.fromarray(icon).resize((side, side), Image.LANCZOS))
-            top, left = y * icon_px + (icon_px - side) // 2, x * icon_px + (icon_px - side) // 2
-            canvas[top : top + side, left : left + side] = icon
-    return canvas
-
-
-@lru_cache(maxsize=8192)
-def label_image(name: str, width: int) -> Image.Image:
-    """`name` cut with an ellipsis to fit `width` px: black text with a white outline on a transparent ground.
-
-    Cached: an atlas repeats a few hundred class names over thousands of cells and pyramid levels.
-    """
-    font = ImageFont.load_default(size=LABEL_FONT_PX)
-    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
-    text = name
-    if measure.textlength(text, font=font) > width:
-        while text and measure.textlength(text + "…", font=font) > width:
-            text = text[:-1]
-        text = text + "…" if text else ""
-    left, top, right, bottom = measure.textbbox((0, 0), text, font=font, stroke_width=LABEL_STROKE_PX)
-    label = Image.new("RGBA", (right - left, bottom - top), (0, 0, 0, 0))
-    ImageDraw.Draw(label).text(
-        (-left, -top), text, font=font, fill=(0, 0, 0, 255), stroke_width=LABEL_STROKE_PX, stroke_fill=(255,) * 4
-    )
-    return label
 
 
 def draw_labels(image: Image.Image, grid: Grid, names: list[str]) -> None:
@@ -298,17 +252,6 @@ def heatmap_opacity(
     return np.where(kept, np.clip(attribution / largest, 0.0, 1.0), 0.0).astype(np.float32)
 
 
-def fade_cells(image: Image.Image, opacity: np.ndarray) -> Image.Image:
-    """Blend each cell of an atlas toward the white background by its opacity [G, G] in [0, 1] (1: as drawn)."""
-    pixels = np.asarray(image).copy()
-    cell_px = image.width // opacity.shape[0]
-    for y, row in enumerate(opacity.astype(np.float32)):  # a row of cells at a time: no full-size float copy
-        band = pixels[y * cell_px : (y + 1) * cell_px].astype(np.float32)
-        alpha = np.repeat(row, cell_px)[None, :, None]
-        pixels[y * cell_px : (y + 1) * cell_px] = np.round(BACKGROUND - (BACKGROUND - band) * alpha)
-    return Image.fromarray(pixels)
-
-
 @dataclass(frozen=True)
 class ComposeSettings(Settings):
     """How an atlas is drawn and written, validated once."""
@@ -317,7 +260,9 @@ class ComposeSettings(Settings):
     examples: int = 4  # dataset example patches per cell (the paper's viewer shows a few per cell)
     tile_format: str = "jpg"  # of the Deep Zoom tiles: jpg (small) or png (lossless)
 
-    def __post_init__(self) -> None:
+    section = "compose"
+
+    def validate(self) -> None:
         if self.tile_format not in ("jpg", "png"):
             raise AtlasError(f"tile format {self.tile_format!r} is not jpg or png")
         if self.examples < 0:
@@ -392,17 +337,19 @@ def _other_views(store: h5py.File, layer: str, grid: Grid, picked: np.ndarray) -
     """The grid's atlas drawn with other icons, each cell where the visualisations' atlas draws one: its accentuated
     icon (where render made that set, and the icon is done) and its most typical example patch (`picked`'s first)."""
     group = grid_group(store[layer], grid.size)
+    scale = grid.scale
+    assert scale is not None  # the visualisations' atlas is drawn first
     icon_px = grid.image.width // grid.size
     views = []
     accentuated = group.get(ACCENTUATED)
     if accentuated is not None and ICONS in accentuated:
-        done = accentuated[ICON_DONE][()] if ICON_DONE in accentuated else np.ones_like(grid.scale, bool)
-        views.append(("accentuated", Image.fromarray(atlas_canvas(accentuated[ICONS], np.where(done, grid.scale, 0)))))
+        done = accentuated[ICON_DONE][()] if ICON_DONE in accentuated else np.ones_like(scale, bool)
+        views.append(("accentuated", Image.fromarray(atlas_canvas(accentuated[ICONS], np.where(done, scale, 0)))))
     if picked.shape[1]:
-        shown = (grid.scale > 0) & (picked[:, 0] >= 0).reshape(grid.scale.shape)
-        crops = np.full((*grid.scale.shape, icon_px, icon_px, 3), BACKGROUND, np.uint8)
+        shown = (scale > 0) & (picked[:, 0] >= 0).reshape(scale.shape)
+        crops = np.full((*scale.shape, icon_px, icon_px, 3), BACKGROUND, np.uint8)
         crops[shown] = example_crops(store, layer, picked[shown.ravel(), 0].tolist(), icon_px)
-        views.append(("examples", Image.fromarray(atlas_canvas(crops, np.where(shown, grid.scale, 0)))))
+        views.append(("examples", Image.fromarray(atlas_canvas(crops, np.where(shown, scale, 0)))))
     return views
 
 
@@ -469,7 +416,7 @@ def compose_atlas(
 
 
 def compose_run(
-    store_path: str | Path,
+    store_path: str | Path | h5py.File,
     out_dir: str | Path,
     layers: list[str] | None = None,
     grids: list[int] | None = None,
@@ -486,7 +433,7 @@ def compose_run(
     class atlas's subset store; its example patches go to patches/<id>/, its sample numbers being its own.
     """
     out_dir = Path(out_dir)
-    with open_store(store_path) as store:
+    with opened(store_path) as store:
         plan = _plan(store, layers, grids)  # validate everything before writing anything
         if atlas is not None and (heatmap_class is not None or len(plan) != 1):
             raise AtlasError("an atlas of another kind comes from one layer of its store, with no heat-map")
@@ -496,8 +443,9 @@ def compose_run(
             head = heads[layer]
             patch_dir = f"patches/{head['id']}" if atlas is not None else None
             paths = compose_atlas(store, layer, sizes, out_dir, head["id"], settings, heatmap_class, patch_dir)
-            icons = {str(size): icons_made(grid_group(store[layer], size)) for size in sizes}
-            entries.append({**head, **paths, "made_from": icons, "settings": fingerprint(settings)})
+            icons = composed_from(store[layer], sizes)
+            made = uuid.uuid4().hex[:16]  # as atlas.store.remade: a new identity each time it is composed
+            entries.append({**head, **paths, "made_from": icons, "settings": asdict(settings), "made": made})
     index = install_viewer(out_dir)
     update_manifest(out_dir, entries, index.name)
     return index
@@ -555,3 +503,74 @@ def _plan(store: h5py.File, layers: list[str] | None, grids: list[int] | None) -
             raise AtlasError(f"layer {name!r}: grids {sizes} have different icon sizes {sorted(icon_sizes)}")
         plan[name] = sizes
     return plan
+
+
+def composed_from(layer: h5py.Group, sizes: list[int]) -> dict[str, str]:
+    """What a composed atlas is made from: the identity of each grid's icons (atlas.store.icons_made)."""
+    return {str(size): icons_made(grid_group(layer, size)) for size in sizes}
+
+
+@dataclass(frozen=True)
+class ComposedAtlas:
+    """A composed atlas's manifest entry seen as a product of the store's lineage (atlas.store.fresh): the settings
+    it was drawn with, its identity, and the icons it was composed from."""
+
+    entry: dict
+
+    @property
+    def attrs(self) -> dict:
+        made_from = self.entry.get("made_from")
+        return {
+            SETTINGS: settings_json(self.entry.get("settings")),
+            MADE: str(self.entry.get("made", "")),
+            MADE_FROM: settings_json(made_from) if made_from else "",
+        }
+
+
+class ComposeStage:
+    """The stage (atlas.stages.Stage): one atlas of the run folder, composed from a layer's icons as they are.
+
+    `head`: the manifest fields of an atlas of another kind (a class atlas's), as `compose_run`'s `atlas`;
+    `heatmap_class`: a layer atlas's attribution heat-map for that class instead."""
+
+    name, settings, whole_run = "compose", ComposeSettings, False
+
+    def __init__(self, head: dict | None = None, heatmap_class: int | None = None):
+        self.head, self.heatmap_class = head, heatmap_class
+
+    def atlas_id(self, layer: str | None) -> str:
+        if self.head is not None:
+            return str(self.head["id"])
+        return f"layer-{layer}" if self.heatmap_class is None else f"heatmap-{layer}-{self.heatmap_class}"
+
+    def products(self, ctx: Context, layer: str | None, settings: ComposeSettings) -> list[tuple[Node | None, str]]:
+        try:
+            icons = composed_from(ctx.store[layer], ctx.grid_sizes)
+            entries = json.loads((ctx.run_dir / MANIFEST).read_text())["atlases"]
+        except (OSError, ValueError, KeyError, TypeError, AtlasError):
+            return [(None, "")]
+        entry = next((e for e in entries if e.get("id") == self.atlas_id(layer)), None)
+        if entry is None or not all(icons.values()):
+            return [(None, "")]
+        return [(ComposedAtlas(entry), settings_json(icons))]
+
+    def record(self, ctx: Context, layer: str | None, settings: ComposeSettings) -> ComposeSettings:
+        return settings
+
+    def complete(self, ctx: Context, layer: str | None, node: ComposedAtlas) -> bool:
+        pngs = [ctx.run_dir / self.atlas_id(layer) / f"grid-{size}" / "atlas.png" for size in ctx.grid_sizes]
+        return (ctx.run_dir / "index.html").is_file() and all(png.is_file() for png in pngs)
+
+    def run(self, ctx: Context, layer: str | None, settings: ComposeSettings) -> None:
+        compose_run(
+            ctx.store,
+            ctx.run_dir,
+            [str(layer)],
+            ctx.grid_sizes,
+            settings,
+            heatmap_class=self.heatmap_class,
+            atlas=self.head,
+        )
+
+
+COMPOSE = ComposeStage()

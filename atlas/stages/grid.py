@@ -17,6 +17,7 @@ with no ridge, which blows up on near-dead ReLU channels. The renderer turns a t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -31,12 +32,14 @@ import torch
 
 from atlas import AtlasError
 from atlas.config import Settings, check_number
+from atlas.stages import Context
 from atlas.store import (
     ACTIVATIONS,
     ATTRIBUTION,
     ATTRIBUTIONS,
     CELL,
     COUNT,
+    GRIDDED,
     GRIDS,
     LAYOUT,
     MEAN,
@@ -44,9 +47,10 @@ from atlas.store import (
     TOP_CLASSES,
     WHITENING,
     Layer,
+    Node,
     iter_rows,
     made,
-    open_store,
+    opened,
     record_lineage,
     replace_dataset,
 )
@@ -76,18 +80,12 @@ class GridSettings(Settings):
     chunk_rows: int = CHUNK_ROWS
     whitening: bool = True
 
-    def __post_init__(self) -> None:
-        """Raise AtlasError, naming the value and its range, on a setting that cannot work."""
-        sizes = [self.sizes] if isinstance(self.sizes, int) else self.sizes
-        if not isinstance(sizes, Iterable) or isinstance(sizes, str):
-            raise AtlasError(f"grid sizes must be a list of integers, not {self.sizes!r}")
-        object.__setattr__(self, "sizes", tuple(_check_sizes(sizes, self.min_count)))
-        check_number("grid: ridge", self.ridge, 0.0, kind=float)
-        if self.whitening_rows is not None:
-            check_number("grid: whitening_rows", self.whitening_rows, 1)
-        check_number("grid: chunk_rows", self.chunk_rows, 1)
-        if not isinstance(self.whitening, bool):
-            raise AtlasError(f"grid: whitening must be true or false, not {self.whitening!r}")
+    section = "grid"
+    bounds = {"ridge": (0.0, None), "whitening_rows": (1, None), "chunk_rows": (1, None)}
+
+    def validate(self) -> None:
+        """Raise AtlasError, naming the value and its range, on grid sizes that cannot work."""
+        object.__setattr__(self, "sizes", tuple(_check_sizes(self.sizes, self.min_count)))
 
 
 def cell_ids(layout: np.ndarray, size: int) -> np.ndarray:
@@ -174,7 +172,7 @@ def _first_non_finite(dataset: h5py.Dataset) -> str:
 
 
 def _check_sizes(sizes: Iterable[int], min_count: int) -> list[int]:
-    sizes = sorted({check_number("grid: sizes", size, 1) for size in sizes})
+    sizes = sorted({int(check_number("grid: sizes", size, 1)) for size in sizes})
     if not sizes:
         raise AtlasError("no grid sizes given")
     check_number("grid: min_count", min_count, 1)
@@ -270,7 +268,7 @@ def layer_whitening(
 
 
 def grid_store(
-    path: str | Path,
+    path: str | Path | h5py.File,
     layer: str | None = None,
     sizes: Iterable[int] = DEFAULT_SIZES,
     min_count: int = DEFAULT_MIN_COUNT,
@@ -289,7 +287,7 @@ def grid_store(
     """
     sizes = _check_sizes(sizes, min_count)
     started = time.perf_counter()
-    with open_store(path) as store:
+    with opened(path) as store:
         view = Layer(store, layer, needs=(ACTIVATIONS, ATTRIBUTIONS, LAYOUT))
         layer, n = view.name, view.rows
         if n < 2:
@@ -327,7 +325,7 @@ def grid_store(
 
 
 def _write_grids(
-    path: str | Path,
+    path: str | Path | h5py.File,
     layer: str,
     grids: dict[int, dict[str, np.ndarray]],
     lineage: tuple[GridSettings, str],
@@ -336,7 +334,7 @@ def _write_grids(
     """Write each grid's arrays (replacing the old grid and its icons) and, when given, the whitening matrix; each
     grid records its settings and the layout it was made from (`lineage`)."""
     settings, layout_made = lineage
-    with open_store(path, "r+") as store:
+    with opened(path, "r+") as store:
         group = store[layer]
         if whitened is not None:
             matrix, samples = whitened
@@ -350,3 +348,27 @@ def _write_grids(
             record_lineage(grid, settings, layout_made)
             for name, data in arrays.items():
                 replace_dataset(grid, name, data)
+
+
+class GridStage:
+    """The stage (atlas.stages.Stage): a layer's grid of every size, from its layout as it is."""
+
+    name, settings, whole_run = "grid", GridSettings, False
+
+    def products(self, ctx: Context, layer: str | None, settings: GridSettings) -> list[tuple[Node | None, str]]:
+        group = ctx.store[layer]
+        layout = made(group.get(LAYOUT))
+        return [(group.get(f"{GRIDS}/{size}"), layout) for size in settings.sizes]
+
+    def record(self, ctx: Context, layer: str | None, settings: GridSettings) -> GridSettings:
+        return settings
+
+    def complete(self, ctx: Context, layer: str | None, node: h5py.Group) -> bool:
+        rows = ctx.store[layer][ACTIVATIONS].shape[0]
+        return all(name in node for name in GRIDDED) and len(node[CELL]) == rows
+
+    def run(self, ctx: Context, layer: str | None, settings: GridSettings) -> None:
+        grid_store(ctx.store, layer=layer, **dataclasses.asdict(settings))
+
+
+GRID = GridStage()

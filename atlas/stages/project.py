@@ -9,14 +9,17 @@ Output: `/<layer>/layout` [N, 2] float32 in [0, 1], attrs: the method and every 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from atlas import AtlasError
-from atlas.layout import LayoutSettings, embed, resolve_knn
-from atlas.store import ACTIVATIONS, GRIDS, LAYOUT, Layer, made, open_store, record_lineage, replace_dataset
+from atlas.layout import TSNE_ONLY, UMAP_ONLY, LayoutSettings, embed, resolve_knn
+from atlas.stages import Context
+from atlas.store import ACTIVATIONS, GRIDS, LAYOUT, Layer, Node, made, opened, record_lineage, replace_dataset
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def normalize_layout(
 
 def layout_attrs(settings: LayoutSettings, device: str, shape: tuple[int, int]) -> dict:
     """What `/<layer>/layout` records: method, metric, seed ("none" when unseeded), device and the method's own."""
-    attrs = dict(method=settings.method, metric=settings.metric, device=device)
+    attrs: dict[str, object] = dict(method=settings.method, metric=settings.metric, device=device)
     attrs["seed"] = "none" if settings.seed is None else settings.seed
     if settings.method == "tsne":
         return {**attrs, "perplexity": settings.perplexity, "learning_rate": settings.learning_rate}
@@ -52,8 +55,16 @@ def layout_attrs(settings: LayoutSettings, device: str, shape: tuple[int, int]) 
     return {**attrs, **umap, "knn": knn, "sgd": settings.sgd, "init": settings.init}
 
 
+def layout_record(settings: LayoutSettings, device: str) -> dict:
+    """What a layout records as its settings (atlas.store lineage): its method's own parameters and the device, so
+    that changing t-SNE's perplexity leaves a UMAP layout fresh."""
+    other = TSNE_ONLY if settings.method == "umap" else UMAP_ONLY
+    own = {name: value for name, value in dataclasses.asdict(settings).items() if name not in other}
+    return {"settings": own, "device": device}
+
+
 def project_store(
-    path: str | Path,
+    path: str | Path | h5py.File,
     layer: str | None = None,
     settings: LayoutSettings = LayoutSettings(),
     device: str = "cpu",
@@ -64,15 +75,37 @@ def project_store(
     """
     if settings.n_components != 2:
         raise AtlasError(f"a layer's layout is 2-D, not {settings.n_components}-D")
-    with open_store(path) as store:
+    with opened(path) as store:
         view = Layer(store, layer)
         layer, shape = view.name, view[ACTIVATIONS].shape
         layout = normalize_layout(embed(view[ACTIVATIONS], settings, device))
-    with open_store(path, "r+") as store:
+    with opened(path, "r+") as store:
         group = store[layer]
         if GRIDS in group:
             log.warning("%s has grids made from its previous layout: rerun `atlas grid`", layer)
         written = replace_dataset(group, LAYOUT, layout, **layout_attrs(settings, device, shape))
-        record_lineage(written, {"settings": settings, "device": device}, made(group))
+        record_lineage(written, layout_record(settings, device), made(group))
     log.info("wrote /%s/layout %s", layer, layout.shape)
     return layout
+
+
+class ProjectStage:
+    """The stage (atlas.stages.Stage): a layer's layout of every sample, from the layer as collected."""
+
+    name, settings, whole_run = "project", LayoutSettings, False
+
+    def products(self, ctx: Context, layer: str | None, settings: LayoutSettings) -> list[tuple[Node | None, str]]:
+        group = ctx.store[layer]
+        return [(group.get(LAYOUT), made(group))]
+
+    def record(self, ctx: Context, layer: str | None, settings: LayoutSettings) -> dict:
+        return layout_record(settings, ctx.device)
+
+    def complete(self, ctx: Context, layer: str | None, node: h5py.Dataset) -> bool:
+        return node.shape == (ctx.store[layer][ACTIVATIONS].shape[0], 2)
+
+    def run(self, ctx: Context, layer: str | None, settings: LayoutSettings) -> None:
+        project_store(ctx.store, layer, settings, ctx.device)
+
+
+PROJECT = ProjectStage()

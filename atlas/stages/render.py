@@ -41,6 +41,7 @@ from atlas.optvis.param import RADIUS, param_spec
 from atlas.optvis.transform import Transform, image_key, preset
 from atlas.progress import progress as progress_of
 from atlas.runtime import Runtime, resolve
+from atlas.stages import Context
 from atlas.store import (
     ACCENTUATED,
     ACTIVATIONS,
@@ -55,13 +56,15 @@ from atlas.store import (
     LAYOUT,
     MADE_FROM,
     MEAN,
+    RENDERED,
     SETTINGS,
     WHITENING,
     Grid,
     Layer,
+    Node,
     fresh,
     made,
-    open_store,
+    opened,
     record_lineage,
     remade,
     store_finished,
@@ -96,7 +99,10 @@ class RenderSettings(Settings):
     accentuate: float | None = None
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    section = "render"
+    bounds = {"seed": (0, None)}
+
+    def validate(self) -> None:
         if self.size < 1 or self.steps < 0 or self.attempts < 1:
             raise AtlasError("size and attempts must be positive and steps not negative")
         if self.lr is not None and not self.lr > 0:
@@ -107,8 +113,6 @@ class RenderSettings(Settings):
             raise AtlasError(f"accentuate must be a distance in (0, 1], not {self.accentuate}")
         preset(self.transforms, self.size)  # an AtlasError naming the known stacks
         param_spec(self.param)
-        for name in ("cossim_pow", "decay_power"):  # 4 and 4.0 are one setting
-            object.__setattr__(self, name, float(getattr(self, name)))
 
 
 def _render_batch(
@@ -273,8 +277,8 @@ class _Cells:
     weights: str | None
 
 
-def _read_cells(path: str | Path, layer: str | None, grid: int, whiten: bool) -> _Cells:
-    with open_store(path) as store:
+def _read_cells(path: str | Path | h5py.File, layer: str | None, grid: int, whiten: bool) -> _Cells:
+    with opened(path) as store:
         view = Layer(store, layer)
         group, cell_view = view.group, view.grid(grid, needs=(COUNT, MEAN))
         layout_made, grid_from = made(group.get(LAYOUT)), str(cell_view.group.attrs.get(MADE_FROM, ""))
@@ -369,29 +373,8 @@ def _recorded_settings(settings: RenderSettings, model: str, weights: str, runti
     return {**dataclasses.asdict(settings), "model": model, "weights": weights, **policy}
 
 
-def rendered(
-    path: str | Path, layer: str, grid: int, settings: RenderSettings, runtime: Runtime, model: Classifier | None = None
-) -> bool:
-    """Whether every non-empty cell of the grid has its icon, made with these settings, run-time policy and `model`
-    (default: the store's own) from the grid as it is now (then `render_store` would render nothing)."""
-    try:
-        with open_store(path) as store:
-            cells = store[layer].get(f"{GRIDS}/{grid}")
-            target = None if cells is None else icon_set(cells, settings)
-            icons = None if target is None else target.get(ICONS)
-            if icons is None or ICON_DONE not in target:
-                return False
-            non_empty = Grid(store[layer], grid).non_empty()
-            made_with = json.loads(str(icons.attrs.get(SETTINGS, "{}")))  # the store's model: what made them
-            name, weights = (model.name, model.weights) if model else (made_with.get("model"), made_with.get("weights"))
-            recorded = _recorded_settings(settings, str(name), str(weights), runtime)
-            return fresh(icons, recorded, made(cells)) and bool(target[ICON_DONE][()][non_empty].all())
-    except (AtlasError, KeyError, ValueError):
-        return False
-
-
 def render_store(
-    path: str | Path,
+    path: str | Path | h5py.File,
     layer: str | None = None,
     grid: int = 20,
     settings: RenderSettings = RenderSettings(),
@@ -421,10 +404,11 @@ def render_store(
     _check_layer(net, cells.layer, cells.means.shape[-1], settings.size)
 
     start = time.perf_counter()
-    with open_store(path, "r+") as store:
+    with opened(path, "r+") as store:
         recorded = _recorded_settings(settings, net.name, net.weights, runtime)
         cells_group = store[f"{cells.layer}/grid/{grid}"]
         group = icon_set(cells_group, settings, create=True)
+        assert group is not None  # made on demand
         done = _prepare_outputs(cells_group, group, recorded, settings.size)
         todo = np.flatnonzero(cells.non_empty.ravel() & ~done.ravel())  # row-major cell ids, y * G + x
         total = int(cells.non_empty.sum())
@@ -457,3 +441,52 @@ def render_store(
     return dict(
         layer=cells.layer, grid=grid, cells=total, rendered=len(todo), already_done=total - len(todo), seconds=seconds
     )
+
+
+class RenderStage:
+    """The stage (atlas.stages.Stage): the icons of every grid of a layer, each set from its grid as it is; named
+    "accentuate" for the second icon set (settings with `accentuate`). It resumes: a rerun renders only the icons
+    not yet made, and a forced one (`--force render`) renders them all again."""
+
+    settings, whole_run = RenderSettings, False
+
+    def __init__(self, name: str = "render"):
+        self.name = name
+
+    def products(self, ctx: Context, layer: str | None, settings: RenderSettings) -> list[tuple[Node | None, str]]:
+        found = []
+        for size in ctx.grid_sizes:
+            grid = ctx.store[f"{layer}/{GRIDS}/{size}"]
+            icons = icon_set(grid, settings)
+            found.append((None if icons is None else icons.get(ICONS), made(grid)))
+        return found
+
+    def record(self, ctx: Context, layer: str | None, settings: RenderSettings) -> dict:
+        """With no model given, the icons are the store's model's: the one their own record names, as it is the
+        one `render_store` would load again."""
+        if ctx.model is not None:
+            model, weights = ctx.model.name, ctx.model.weights
+        else:
+            made_with: dict[str, str] = {}
+            for node, _source in self.products(ctx, layer, settings):
+                made_with = json.loads(str(node.attrs.get(SETTINGS, "{}"))) if node is not None else made_with
+            model, weights = str(made_with.get("model")), str(made_with.get("weights"))
+        return _recorded_settings(settings, str(model), str(weights), ctx.runtime("render"))
+
+    def complete(self, ctx: Context, layer: str | None, node: h5py.Dataset) -> bool:
+        icons = node.parent
+        size = int(node.shape[0])
+        non_empty = Grid(ctx.store[layer], size).non_empty()
+        return ICON_DONE in icons and bool(icons[ICON_DONE][()][non_empty].all())
+
+    def run(self, ctx: Context, layer: str | None, settings: RenderSettings) -> None:
+        for size in ctx.grid_sizes:
+            grid = ctx.store[f"{layer}/{GRIDS}/{size}"]
+            if self.name in ctx.force:  # render them all again: drop both icon sets
+                for name in (*RENDERED, ICON_DONE, ACCENTUATED):
+                    if name in grid:
+                        del grid[name]
+            render_store(ctx.store, layer, size, settings, model=ctx.model, device=ctx.device, **ctx.render_options)
+
+
+RENDER, ACCENTUATE = RenderStage(), RenderStage("accentuate")
