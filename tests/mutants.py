@@ -64,8 +64,8 @@ MUTANTS = [
     ),
     Mutant(
         "resume-redoes-finished-shards",
-        "atlas/stages/collect.py",
-        "return [b for b in batches if not (parts / _shard_name(b[0])).exists()]",
+        "atlas/shards.py",
+        "return [b for b in batches if not (parts / shard_name(b[0])).exists()]",
         "return list(batches)",
         ("tests/test_collect.py::test_an_interrupted_collection_keeps_its_finished_shards_and_collects_only_the_rest",),
     ),
@@ -86,8 +86,8 @@ MUTANTS = [
     Mutant(
         "layout-sgd-moves-each-block-from-moved-positions",
         "atlas/layout.py",
-        "tail.index_select(0, sampled), a, b)\n            layout.add_(step, alpha=2.0 * learning_rate)",
-        "tail.index_select(0, sampled), a, b)\n                layout.add_(step, alpha=2.0 * learning_rate)\n"
+        "tails.index_select(0, sampled), a, b)\n            layout.add_(step, alpha=2.0 * learning_rate)",
+        "tails.index_select(0, sampled), a, b)\n                layout.add_(step, alpha=2.0 * learning_rate)\n"
         "                step.zero_()",
         ("tests/test_layout.py::test_optimize_layout_in_edge_blocks_moves_as_in_one_piece",),
     ),
@@ -136,15 +136,16 @@ MUTANTS = [
     # more of the same kinds
     Mutant(
         "pipeline-reruns-finished-stages",
-        "pipelines/atlas.py",
-        "    if up_to_date and stage not in force:",
+        "pipelines/runner.py",
+        "    if stage.name not in ctx.force and up_to_date(ctx, stage, settings, layer):",
         "    if False:",
         PIPELINE,
     ),
     Mutant(
         "config-accepts-unknown-keys",
         "atlas/config.py",
-        "        check_keys(values, {field.name for field in dataclasses.fields(cls)}, where or cls.__name__)\n",
+        "        check_keys(values, {field.name for field in dataclasses.fields(cls)}, where or cls.__name__)"
+        "  # type: ignore[arg-type]\n",
         "",
         (*PIPELINE, "tests/test_edges.py::test_a_key_the_run_sets_itself_is_refused_by_name"),
     ),
@@ -238,9 +239,9 @@ MUTANTS = [
     # issue 28: runs that looked fine and were not, and the one-line bugs of its mutation audit
     Mutant(
         "pipeline-trusts-its-memory-not-the-store",
-        "pipelines/atlas.py",
-        "    if up_to_date and stage not in force:",
-        "    if stage not in force:",
+        "pipelines/runner.py",
+        "    if stage.name not in ctx.force and up_to_date(ctx, stage, settings, layer):",
+        "    if stage.name not in ctx.force:",
         (
             "tests/test_pipeline.py::test_the_store_decides_a_deleted_or_truncated_store_is_rebuilt_and_force_redoes_stages",
         ),
@@ -406,7 +407,7 @@ MUTANTS = [
     ),
     Mutant(
         "no-readable-image-is-a-success",
-        "atlas/stages/collect.py",
+        "atlas/shards.py",
         "if not adding and len(skipped) == len(records):",
         "if False:",
         ("tests/test_edges.py::test_a_folder_without_one_readable_image_is_an_error_not_an_empty_store",),
@@ -421,8 +422,8 @@ MUTANTS = [
     Mutant(
         "per-layer-override-of-the-default-layer",
         "atlas/config.py",
-        '.get(layer or config.get("layer"), {})',
-        '.get(config.get("layer"), {})',
+        '.get(str(layer or config.get("layer")), {})',
+        '.get(str(config.get("layer")), {})',
         ("tests/test_pipeline.py::test_a_per_layer_override_applies_that_layers_settings_only",),
     ),
     Mutant(
@@ -476,7 +477,7 @@ MUTANTS = [
     ),
     Mutant(
         "shard-names-unpadded",
-        "atlas/stages/collect.py",
+        "atlas/shards.py",
         'return f"batch-{first_row:09d}.npz"',
         'return f"batch-{first_row}.npz"',
         ("tests/test_collect.py::test_a_merge_of_more_than_ten_shards_keeps_the_row_order",),
@@ -621,6 +622,51 @@ MUTANTS = [
         "const tiles = (entry) => entry.views?.[icons] ?? entry.tiles;",
         "const tiles = (entry) => entry.tiles;",
         ("tests/test_viewer_browser.py::test_the_icon_switch_shows_visualisations_accentuated_examples_and_examples",),
+    ),
+    # issue 41: one runner, the store opened once, typed settings
+    Mutant(
+        "settings-skip-their-types",
+        "atlas/config.py",
+        "                value = _typed(name, value, hints[field.name])",
+        "                pass",
+        (
+            "tests/test_settings.py",
+            "tests/test_edges.py::test_a_bad_config_number_stops_make_atlas_in_one_line_and_leaves_nothing",
+        ),
+    ),
+    Mutant(
+        "runner-opens-the-store-at-every-question",
+        "pipelines/runner.py",
+        "        if self._store is None and self.store_path.exists():",
+        "        if self.store_path.exists():",
+        (
+            "tests/test_pipeline.py::test_a_run_opens_its_store_at_most_three_times_a_rerun_once_and_measures_the_layers_once",
+        ),
+    ),
+    Mutant(
+        "layer-shapes-measured-at-every-ask",
+        "atlas/models/classifier.py",
+        "        if known is None or known[0] != self.input_size:",
+        "        if True:",
+        (
+            "tests/test_pipeline.py::test_a_run_opens_its_store_at_most_three_times_a_rerun_once_and_measures_the_layers_once",
+        ),
+    ),
+    Mutant(
+        "layout-records-the-other-methods-parameters",
+        "atlas/stages/project.py",
+        '    other = TSNE_ONLY if settings.method == "umap" else UMAP_ONLY',
+        "    other: tuple = ()",
+        ("tests/test_project.py::test_a_layout_records_its_own_methods_parameters_only",),
+    ),
+    Mutant(
+        "composed-atlas-records-default-settings",
+        "atlas/stages/compose.py",
+        '"settings": asdict(settings), "made": made}',
+        '"settings": asdict(ComposeSettings()), "made": made}',
+        (
+            "tests/test_pipeline.py::test_changed_settings_redo_their_stage_and_every_later_one_and_a_missing_atlas_image_is_composed_again",
+        ),
     ),
 ]
 

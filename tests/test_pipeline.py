@@ -259,6 +259,16 @@ def test_changed_settings_redo_their_stage_and_every_later_one_and_a_missing_atl
         Path(changed[1]).write_text(yaml.safe_dump(config))
         assert make_atlas(changed) == 0
         assert stages_run(caplog) == ["project", "grid", "render", "compose"]
+        caplog.clear()
+        config["compose"] = {"examples": 0}  # a changed compose: section composes again, once
+        Path(changed[1]).write_text(yaml.safe_dump(config))
+        assert make_atlas(changed) == 0 and make_atlas(changed) == 0
+        assert stages_run(caplog) == ["compose"]
+        caplog.clear()
+        config["project"]["perplexity"] = 7  # t-SNE's parameter: a UMAP layout stays as it is
+        Path(changed[1]).write_text(yaml.safe_dump(config))
+        assert make_atlas(changed) == 0
+        assert stages_run(caplog) == []
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from atlas import AtlasError
 from atlas.layout import LayoutSettings
-from atlas.stages.project import normalize_layout, project_store
+from atlas.stages.project import layout_record, normalize_layout, project_store
 from pipelines.cli import main
 from tests.synthetic import write_synthetic_store
 
@@ -132,3 +132,14 @@ def test_layout_settings_from_config_rejects_an_unknown_key_by_name():
     assert LayoutSettings.from_config({"n_neighbors": 15}) == LayoutSettings(n_neighbors=15)
     with pytest.raises(AtlasError, match="unknown key 'n_neighbours'.*did you mean n_neighbors"):
         LayoutSettings.from_config({"n_neighbours": 15})
+
+
+def test_a_layout_records_its_own_methods_parameters_only():
+    """Changing t-SNE's perplexity leaves a UMAP layout fresh, and UMAP's n_neighbors a t-SNE one; the method's own
+    parameters and the device are recorded."""
+    umap, tsne = LayoutSettings(), LayoutSettings(method="tsne")
+    assert layout_record(umap, "cpu") == layout_record(LayoutSettings(perplexity=7.0), "cpu")
+    assert layout_record(umap, "cpu") != layout_record(LayoutSettings(n_neighbors=9), "cpu")
+    assert layout_record(tsne, "cpu") == layout_record(LayoutSettings(method="tsne", n_neighbors=9), "cpu")
+    assert layout_record(tsne, "cpu") != layout_record(LayoutSettings(method="tsne", perplexity=7.0), "cpu")
+    assert layout_record(umap, "cpu") != layout_record(umap, "cuda")
