@@ -199,20 +199,26 @@ def embed(
     `x` may be an HDF5 dataset: it is then read here, and the torch UMAP drops the rows once it has the kNN
     graph and a PCA start (at 1M x 512 they are 2 GB of the 5 GB its layout SGD would otherwise hold).
     """
-    if len(x.shape) != 2:
-        raise AtlasError(f"expected a 2-D array of samples, got shape {x.shape}")
-    settings.check_samples(x.shape[0])
-    check_device(device)
+    _check_input(x, settings, device)
     started = time.perf_counter()
     result = _tsne(read_rows(x, settings.metric), settings) if settings.method == "tsne" else _umap(x, settings, device)
     log.info("%s of %d x %d in %.1f s", settings.method, *x.shape, time.perf_counter() - started)
     return result.astype(np.float32)
 
 
+def _check_input(x: np.ndarray | h5py.Dataset, settings: LayoutSettings, device: str) -> None:
+    if len(x.shape) != 2:
+        raise AtlasError(f"expected a 2-D array of samples, got shape {x.shape}")
+    settings.check_samples(x.shape[0])
+    check_device(device)
+
+
 class TorchUMAP(BaseEstimator):
     """UMAP with this module's torch path, as a scikit-learn estimator: `__init__` only stores the parameters
-    (defaults: `LayoutSettings`', the paper's), `fit_transform(X)` returns the raw embedding [N, n_components].
-    `X` may be an HDF5 dataset, which is then read and dropped as `embed` does."""
+    (defaults: `LayoutSettings`', the paper's); `fit(X)` computes the fuzzy graph (`graph_`, a sparse [N, N] matrix
+    of the symmetric memberships, as umap.UMAP's) and the raw embedding (`embedding_` [N, n_components] float32,
+    equal to `embed`'s); `fit_transform(X)` returns the embedding. `X` may be an HDF5 dataset, which is then read
+    and dropped as `embed` does."""
 
     def __init__(
         self,
@@ -230,7 +236,9 @@ class TorchUMAP(BaseEstimator):
         self.n_components, self.n_epochs, self.knn, self.init = n_components, n_epochs, knn, init
         self.random_state, self.device = random_state, device
 
-    def fit_transform(self, X: np.ndarray | h5py.Dataset, y: None = None) -> np.ndarray:  # noqa: N803 (sklearn's name)
+    def fit(self, X: np.ndarray | h5py.Dataset, y: None = None) -> TorchUMAP:  # noqa: N803 (sklearn's name)
+        from scipy.sparse import coo_matrix
+
         settings = LayoutSettings(
             method="umap",
             sgd="torch",
@@ -238,8 +246,16 @@ class TorchUMAP(BaseEstimator):
             **{name: getattr(self, name) for name in ("n_neighbors", "min_dist", "metric", "n_components")},
             **{name: getattr(self, name) for name in ("n_epochs", "knn", "init")},
         )
-        self.embedding_ = embed(X, settings, self.device)
-        return self.embedding_
+        _check_input(X, settings, self.device)
+        random_state = np.random.RandomState(settings.seed)
+        edges, initial = _graph_and_start(X, settings, self.device, random_state)
+        head, tail, weight = edges
+        self.graph_ = coo_matrix((weight, (head, tail)), shape=(len(initial), len(initial))).tocsr()
+        self.embedding_ = _lay_out(edges, initial, settings, self.device, random_state).astype(np.float32)
+        return self
+
+    def fit_transform(self, X: np.ndarray | h5py.Dataset, y: None = None) -> np.ndarray:  # noqa: N803 (sklearn's name)
+        return self.fit(X).embedding_
 
 
 def read_rows(x: np.ndarray | h5py.Dataset, metric: str) -> np.ndarray:
@@ -320,7 +336,8 @@ def _knn_graph(
     x: np.ndarray, n_neighbors: int, metric: str, seed: int | None, device: str, knn: str
 ) -> tuple[np.ndarray, np.ndarray]:
     from pynndescent import NNDescent
-    from umap.umap_ import nearest_neighbors
+
+    from atlas.umap_internals import nearest_neighbors
 
     started = time.perf_counter()
     random_state = np.random.RandomState(seed)
@@ -351,10 +368,22 @@ def _knn_graph(
 
 def _umap_torch(source: np.ndarray | h5py.Dataset, settings: LayoutSettings, device: str) -> np.ndarray:
     """umap-learn's fuzzy graph and initial layout, then `optimize_layout` on `device`, as umap.UMAP prepares them."""
-    from umap.umap_ import find_ab_params, noisy_scale_coords
-
     random_state = np.random.RandomState(settings.seed)
-    (head, tail, weight), initial = _graph_and_start(source, settings, device, random_state)
+    edges, initial = _graph_and_start(source, settings, device, random_state)
+    return _lay_out(edges, initial, settings, device, random_state)
+
+
+def _lay_out(
+    edges: tuple[np.ndarray, ...],
+    initial: np.ndarray,
+    settings: LayoutSettings,
+    device: str,
+    random_state: np.random.RandomState,
+) -> np.ndarray:
+    """The layout SGD of a fuzzy graph's edges (head, tail, weight) from an initial layout, as umap.UMAP runs it."""
+    from atlas.umap_internals import find_ab_params, noisy_scale_coords
+
+    head, tail, weight = edges
     n_epochs = settings.n_epochs or (500 if len(initial) <= 10_000 else 200)  # umap-learn's defaults
     sampled = weight >= weight.max() / n_epochs  # edges sampled less than once are dropped, as umap-learn does
     head, tail, weight = head[sampled], tail[sampled], weight[sampled]
@@ -372,7 +401,8 @@ def _graph_and_start(
 ) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     """The fuzzy graph's edges and the initial layout: the only step that holds the rows (read here from a dataset)."""
     from scipy.sparse import coo_matrix
-    from umap.spectral import spectral_layout
+
+    from atlas.umap_internals import spectral_layout
 
     x = read_rows(source, settings.metric)
     knn = resolve_knn(settings.knn, settings.metric, device, x.shape)
@@ -403,7 +433,7 @@ def fuzzy_graph(indices: np.ndarray, distances: np.ndarray, block: int = 1 << 22
     Self-loops and missing neighbours (-1) are dropped. Edge order: each row's kNN edges by tail, then the
     reverse of every edge whose reverse is not among them.
     """
-    from umap.umap_ import compute_membership_strengths, smooth_knn_dist
+    from atlas.umap_internals import compute_membership_strengths, smooth_knn_dist
 
     n, k = indices.shape
     distances = distances.astype(np.float32, copy=False)

@@ -668,6 +668,13 @@ MUTANTS = [
             "tests/test_pipeline.py::test_changed_settings_redo_their_stage_and_every_later_one_and_a_missing_atlas_image_is_composed_again",
         ),
     ),
+    Mutant(
+        "torch-umap-graph-loses-its-tails",
+        "atlas/layout.py",
+        "coo_matrix((weight, (head, tail)), shape=(len(initial), len(initial)))",
+        "coo_matrix((weight, (head, head)), shape=(len(initial), len(initial)))",
+        ("tests/test_layout.py::test_torch_umap_owns_the_engine_fit_keeps_the_fuzzy_graph_and_the_embedding",),
+    ),
 ]
 
 

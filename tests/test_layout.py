@@ -177,3 +177,28 @@ def test_torch_umap_is_a_scikit_learn_estimator_over_embed():
     want = embed(x, LayoutSettings(n_neighbors=10, n_epochs=40, metric="euclidean", seed=3))
     np.testing.assert_array_equal(estimator.fit_transform(x), want)
     assert estimator.embedding_.shape == (400, 2)
+
+
+def test_torch_umap_owns_the_engine_fit_keeps_the_fuzzy_graph_and_the_embedding():
+    rng = np.random.default_rng(7)
+    x = np.maximum(rng.normal(size=(300, 10)) + 2 * rng.normal(size=(3, 10))[np.arange(300) % 3], 0)
+    x = x.astype(np.float32)
+    fitted = TorchUMAP(n_neighbors=8, n_epochs=30, metric="euclidean", random_state=1).fit(x)
+    want = embed(x, LayoutSettings(n_neighbors=8, n_epochs=30, metric="euclidean", seed=1))
+    np.testing.assert_array_equal(fitted.embedding_, want)
+    graph = fitted.graph_
+    assert graph.shape == (300, 300) and abs(graph - graph.T).max() < 1e-6  # the fuzzy union is symmetric
+    assert graph.diagonal().sum() == 0 and (graph.getnnz(axis=1) >= 7).all() and graph.max() <= 1  # k less itself
+
+
+def test_umap_learns_internals_keep_the_parameters_layout_passes():
+    """atlas.umap_internals is the one place umap-learn's undocumented functions are imported: an upgrade that
+    renames or reorders their parameters fails here, not deep in a projection."""
+    import inspect
+
+    from atlas import umap_internals
+
+    for name, wanted in umap_internals.SIGNATURES.items():
+        function = getattr(umap_internals, name)
+        parameters = list(inspect.signature(getattr(function, "py_func", function)).parameters)
+        assert parameters[: len(wanted)] == list(wanted), (name, parameters)
