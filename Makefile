@@ -3,7 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# the one entry point of every run (pipelines/cli.py); THREADS: torch's CPU threads
+# the one entry point of every run (pipelines/cli.py); THREADS: torch's CPU threads. Path variables (OUT, DATA,
+# CONFIG, WEIGHTS, STORE) are quoted: they may hold spaces
 ATLAS = $(PY) -m pipelines.cli $(if $(THREADS),--threads $(THREADS))
 # --isolated: ignore machine-wide pip settings (a local CPU-only torch wheel breaks PyPI's torchvision)
 PIP := $(PY) -m pip --isolated --disable-pip-version-check
@@ -60,18 +61,18 @@ lint: install
 	$(PY) -m ruff format --check atlas pipelines tests benchmarks
 
 atlas: install
-	$(ATLAS) run atlas $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) \
-		$(if $(or $(LAYERS),$(LAYER)),--layer $(or $(LAYERS),$(LAYER))) $(if $(DATA),--data $(DATA)) \
-		$(if $(N),--limit $(N)) $(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out $(OUT)) \
-		$(if $(WEIGHTS),--weights $(WEIGHTS)) \
+	$(ATLAS) run atlas $(if $(CONFIG),--config "$(CONFIG)") $(if $(MODEL),--model $(MODEL)) \
+		$(if $(or $(LAYERS),$(LAYER)),--layer $(or $(LAYERS),$(LAYER))) $(if $(DATA),--data "$(DATA)") \
+		$(if $(N),--limit $(N)) $(if $(DEVICE),--device $(DEVICE)) $(if $(OUT),--out "$(OUT)") \
+		$(if $(WEIGHTS),--weights "$(WEIGHTS)") \
 		$(if $(FORCE),--force $(filter-out 1,$(FORCE)))
 
 # a class atlas (or with VS, a two-class comparison) from STORE (default: `make atlas`'s) into OUT (default: its folder);
 # LAYERS=a,b,c: one per layer, the class traced through them (layers.html shows them in a row)
 class-atlas: install
-	$(ATLAS) run class-atlas $(STORE) --class "$(CLASS)" $(if $(VS),--vs "$(VS)") \
-		$(if $(OUT),--out $(OUT)) $(if $(or $(LAYERS),$(LAYER)),--layer $(or $(LAYERS),$(LAYER))) \
-		$(if $(CONFIG),--config $(CONFIG)) \
+	$(ATLAS) run class-atlas $(if $(STORE),"$(STORE)") --class "$(CLASS)" $(if $(VS),--vs "$(VS)") \
+		$(if $(OUT),--out "$(OUT)") $(if $(or $(LAYERS),$(LAYER)),--layer $(or $(LAYERS),$(LAYER))) \
+		$(if $(CONFIG),--config "$(CONFIG)") \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(FORCE),--force)
 
 # Microscope pages for the units of a layer, or of LAYERS=a,b (each unit page of b shows its circuit from a, linked
@@ -79,14 +80,14 @@ class-atlas: install
 microscope: install
 	$(ATLAS) run microscope $(if $(MODEL),--model $(MODEL)) \
 		$(if $(or $(LAYERS),$(LAYER)),--layer $(or $(LAYERS),$(LAYER))) \
-		$(if $(DATA),--data $(DATA)) $(if $(UNITS),--units $(UNITS)) $(if $(STEPS),--steps $(STEPS)) \
+		$(if $(DATA),--data "$(DATA)") $(if $(UNITS),--units $(UNITS)) $(if $(STEPS),--steps $(STEPS)) \
 		$(if $(LENSES),--lenses $(LENSES)) \
-		$(if $(N),--limit $(N)) $(if $(DEVICE),--device $(DEVICE)) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
-		--out $(or $(OUT),data/microscope)
+		$(if $(N),--limit $(N)) $(if $(DEVICE),--device $(DEVICE)) $(if $(WEIGHTS),--weights "$(WEIGHTS)") \
+		--out "$(or $(OUT),data/microscope)"
 
 view: install
 	@test -n "$(OUT)" || { echo "usage: make view OUT=<run folder written by atlas compose>"; exit 2; }
-	$(ATLAS) view $(OUT)
+	$(ATLAS) view "$(OUT)"
 
 bench: install
 	# the quality benchmark's judge (EfficientNet-Lite1 weights): the `bench` extra
@@ -101,7 +102,7 @@ bench: install
 # DEVICE defaults to cuda; SMALL=1 runs it at toy size (`make gpu-check DEVICE=cpu SMALL=1`: about a minute). On the GPU
 # machine, without a venv: python3 -m benchmarks.gpu_check (after installing .whl/, see benchmarks/README.md)
 gpu-check: install
-	$(PY) -m benchmarks.gpu_check --device $(or $(DEVICE),cuda) $(if $(SMALL),--size toy) $(if $(OUT),--out $(OUT))
+	$(PY) -m benchmarks.gpu_check --device $(or $(DEVICE),cuda) $(if $(SMALL),--size toy) $(if $(OUT),--out "$(OUT)")
 
 # what the GPU machine lacks, for Python 3.12 on manylinux x86_64, into .whl/, and photos into data/gpu-photos/
 # (both ignored by git; carried to the machine by name)

@@ -19,7 +19,9 @@ run once. Max pools pass the average-pool derivative (the paper's relaxed max-po
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import torch
@@ -42,6 +44,14 @@ class _RelaxedMaxPool:
         p = self.pool
         average = nn.functional.avg_pool2d(inputs[0], p.kernel_size, p.stride, p.padding, p.ceil_mode)
         return out.detach() + average - average.detach()
+
+
+@contextlib.contextmanager
+def _quiet_vmap() -> Iterator[None]:
+    """vmap without torch's warning that asks every user to file an issue about a slower fallback (a pooling op)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+        yield
 
 
 def attribution_pass(
@@ -135,7 +145,8 @@ def _gradient_pass(
         tangents = tuple(torch.stack(parts) for parts in zip(*(masks(layer, k) for layer, k in chunk), strict=True))
         # with has_aux, jvp gives (output, tangent, aux); its annotation admits a pair too
         jvp_with_aux = cast(Callable[..., tuple[Any, Any, Any]], jvp)
-        attributions, seen = vmap(lambda *m: jvp_with_aux(logits_with, zeros, m, has_aux=True)[1:])(*tangents)
+        with _quiet_vmap():
+            attributions, seen = vmap(lambda *m: jvp_with_aux(logits_with, zeros, m, has_aux=True)[1:])(*tangents)
         by_layer: dict[str, list[torch.Tensor]] = {layer: [] for layer in entering}
         for (layer, _k), row in zip(chunk, attributions, strict=True):
             by_layer[layer].append(row)
@@ -203,7 +214,8 @@ def _occluded(
     model: Classifier, module: nn.Module, images: torch.Tensor, h: torch.Tensor, base: torch.Tensor, masks: torch.Tensor
 ) -> torch.Tensor:
     """The logits [M, B, classes] with each mask's position of h set to the baseline."""
-    return vmap(lambda mask: _with_output(model, module, images, lambda _out: h + mask * (base - h)))(masks)
+    with _quiet_vmap():
+        return vmap(lambda mask: _with_output(model, module, images, lambda _out: h + mask * (base - h)))(masks)
 
 
 def _gradient_at(
@@ -222,7 +234,8 @@ def _gradient_at(
         return _with_output(model, module, images, lambda _out: base + (alpha + scale) * (h - base))
 
     zero = torch.zeros_like(masks[0])
-    return vmap(lambda mask: jvp(along, (zero,), (mask,))[1])(masks).float()
+    with _quiet_vmap():
+        return vmap(lambda mask: jvp(along, (zero,), (mask,))[1])(masks).float()
 
 
 def attributions(

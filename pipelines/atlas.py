@@ -129,7 +129,7 @@ def run_atlas(
     by_layer = {model.resolve_layer(name or model.default_layer): config for name, config in configs.items()}
     layers = list(by_layer)
     folder = RunFolder(Path(out)) if out else RunFolder.named(model_name, layers, limit)
-    folder.path.mkdir(parents=True, exist_ok=True)
+    records = list_images(data, model.class_names, model.imagenet_index)[:limit]  # before anything is made
     log.info(
         "model %s, %s %s, data %s -> %s",
         model_name,
@@ -138,8 +138,12 @@ def run_atlas(
         data,
         folder.path,
     )
-    records = list_images(data, model.class_names, model.imagenet_index)[:limit]
-    with RunContext(folder.store, folder.path, device, model, records, str(data), layers, frozenset(force)) as ctx:
+    if weights == "random":
+        log.warning("random weights: the atlas shows an untrained network (grey icons, labels of no class)")
+    with (
+        folder.lock(),
+        RunContext(folder.store, folder.path, device, model, records, str(data), layers, frozenset(force)) as ctx,
+    ):
         _run_stages(ctx, by_layer)
     return folder.index
 

@@ -186,30 +186,31 @@ def run_class_atlas(
     settings = class_settings(Path(config_file or config_path(parent.model)), layer, vs is not None, overrides)
     device = str(resolve("render", device).device)
     head = atlas_head(layer, classes, names)
-    (out / "stores").mkdir(parents=True, exist_ok=True)
-    subset = RunContext(
-        out / "stores" / f"{head['id']}.h5",
-        out,
-        device,
-        layers=[layer],
-        grid_sizes=list(settings["grid"].sizes),
-        render_options={"batch_size": batch_size},
-    )
-    with subset:
-        chosen = {**parent.identity, "classes": classes, "select": settings["select"]}
-        run_stage(subset, Select(store, parent, classes, head["kind"], chosen, force), settings["select"], layer)
-        head = {**head, "samples": subset.store[layer][ACTIVATIONS].shape[0]}
-        lay_out_and_render(subset, layer, classes, head["samples"], settings)
-        run_stage(subset, ComposeStage(head=head), settings["compose"], layer)
-    written = [head["id"]]
-    if parent.grids:
-        with RunContext(store, out, device, grid_sizes=parent.grids, mode="r") as layer_atlas:
-            for c in classes:  # each class's heat-map over the layer atlas (redone when its icons changed)
-                heatmap = ComposeStage(heatmap_class=c)
-                run_stage(layer_atlas, heatmap, settings["compose"], layer, f"heat-map {c}")
-                written.append(heatmap.atlas_id(layer))
-    else:
-        log.info("%s has no rendered layer atlas in %s: no heat-map composed", layer, store)
+    with RunFolder(out).lock():  # the run folder is written by one run at a time
+        (out / "stores").mkdir(exist_ok=True)
+        subset = RunContext(
+            out / "stores" / f"{head['id']}.h5",
+            out,
+            device,
+            layers=[layer],
+            grid_sizes=list(settings["grid"].sizes),
+            render_options={"batch_size": batch_size},
+        )
+        with subset:
+            chosen = {**parent.identity, "classes": classes, "select": settings["select"]}
+            run_stage(subset, Select(store, parent, classes, head["kind"], chosen, force), settings["select"], layer)
+            head = {**head, "samples": subset.store[layer][ACTIVATIONS].shape[0]}
+            lay_out_and_render(subset, layer, classes, head["samples"], settings)
+            run_stage(subset, ComposeStage(head=head), settings["compose"], layer)
+        written = [head["id"]]
+        if parent.grids:
+            with RunContext(store, out, device, grid_sizes=parent.grids, mode="r") as layer_atlas:
+                for c in classes:  # each class's heat-map over the layer atlas (redone when its icons changed)
+                    heatmap = ComposeStage(heatmap_class=c)
+                    run_stage(layer_atlas, heatmap, settings["compose"], layer, f"heat-map {c}")
+                    written.append(heatmap.atlas_id(layer))
+        else:
+            log.info("%s has no rendered layer atlas in %s: no heat-map composed", layer, store)
     manifest = json.loads((out / MANIFEST).read_text())["atlases"]
     return [entry for entry in manifest if entry["id"] in written]
 

@@ -201,7 +201,7 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> None:
         from atlas.view import serve
 
-        serve(args.run_dir, port=args.port)
+        serve(args.run_dir, port=int(check_number("--port", args.port, 0, 65535)))
 
     p.set_defaults(run=run)
 

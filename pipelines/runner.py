@@ -5,7 +5,10 @@ and skips it only when every one is `atlas.store.fresh` and complete, unless the
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
@@ -44,6 +47,32 @@ class RunFolder:
     @property
     def index(self) -> Path:
         return self.path / "index.html"
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run folder (made here) for one run: a second run into it stops at once with one line naming the
+        first one's process, so no store, shard or atlas is written by two runs. A folder that cannot be made is
+        one line too."""
+        from filelock import FileLock, Timeout
+
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise AtlasError(f"cannot make the run folder {self.path}: {err.strerror}") from None
+        holder = self.path / ".lock.pid"
+        lock = FileLock(self.path / ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            pid = holder.read_text().strip() if holder.exists() else "?"
+            message = f"another run (process {pid}) is writing {self.path}: wait for it, or choose another --out"
+            raise AtlasError(message) from None
+        try:
+            holder.write_text(str(os.getpid()))
+            yield
+        finally:
+            holder.unlink(missing_ok=True)
+            lock.release()
 
     @classmethod
     def named(cls, model: str, layers: list[str], limit: int | None = None) -> RunFolder:

@@ -675,6 +675,15 @@ MUTANTS = [
         "coo_matrix((weight, (head, head)), shape=(len(initial), len(initial)))",
         ("tests/test_layout.py::test_torch_umap_owns_the_engine_fit_keeps_the_fuzzy_graph_and_the_embedding",),
     ),
+    Mutant(
+        "run-folder-never-held",
+        "pipelines/runner.py",
+        "            lock.acquire(timeout=0)",
+        "            pass",
+        (
+            "tests/test_edges.py::test_a_second_run_into_a_held_run_folder_stops_in_one_line_and_leaves_the_first_runs_work",
+        ),
+    ),
 ]
 
 

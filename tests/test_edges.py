@@ -197,3 +197,55 @@ def test_stage_flags_come_from_the_settings_fields_with_their_defaults_stated_on
     module, name, helps = STAGE_FLAGS["render"]
     assert set(helps) <= {field.name for field in dataclasses.fields(getattr(importlib.import_module(module), name))}
     assert (render.steps, render.whiten, render.size) == (9, False, None)  # not given: the class's default holds
+
+
+def test_a_second_run_into_a_held_run_folder_stops_in_one_line_and_leaves_the_first_runs_work(tmp_path, capsys):
+    """Two runs into one OUT: the one that finds the folder held exits 2 naming the holder's process, before it
+    writes anything; once the folder is free the same command runs."""
+    from filelock import FileLock
+
+    from tests.test_pipeline import tiny_run
+
+    argv, out = tiny_run(tmp_path)
+    out.mkdir()
+    (out / ".lock.pid").write_text("4242")
+    with FileLock(out / ".lock"):
+        one_error_line(capsys, make_atlas(argv), "another run (process 4242) is writing", str(out))
+        assert not (out / "store.h5").exists() and not list(out.glob("store.h5*"))
+    assert make_atlas(argv) == 0 and (out / "store.h5").is_file() and not (out / ".lock.pid").exists()
+
+
+@pytest.mark.parametrize("kind", ["a file in the way", "missing data"])
+def test_a_run_that_cannot_start_makes_no_run_folder(tmp_path, capsys, kind):
+    """A data folder that does not exist, or an OUT under a file: one line, exit 2, and no OUT left behind."""
+    from tests.test_pipeline import tiny_run
+
+    argv, out = tiny_run(tmp_path)
+    if kind == "missing data":
+        argv[argv.index("--data") + 1] = str(tmp_path / "no such folder")
+        one_error_line(capsys, make_atlas(argv), "no such folder")
+        assert not out.exists()
+    else:
+        (tmp_path / "file").write_text("")
+        argv[argv.index("--out") + 1] = str(tmp_path / "file" / "run")
+        one_error_line(capsys, make_atlas(argv), "cannot make the run folder", "Not a directory")
+
+
+def test_a_port_out_of_range_is_one_line(capsys):
+    from pipelines.cli import main
+
+    one_error_line(capsys, main(["view", ".", "--port", "99999"]), "--port must be an integer from 0 to 65,535")
+
+
+def test_make_quotes_the_paths_it_passes():
+    """OUT="data/runs/my run" reaches the command as one argument."""
+    import shlex
+
+    dry = subprocess.run(
+        ["make", "-n", "-o", ".venv/.installed", "atlas", "OUT=data/runs/my run", "DATA=my photos"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
+    words = shlex.split(dry.stdout.replace("\\\n", " "))
+    assert words[words.index("--out") + 1] == "data/runs/my run" and words[words.index("--data") + 1] == "my photos"
