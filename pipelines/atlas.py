@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from atlas import AtlasError
 from atlas.config import Settings, check_number, config_path, load_config, run_layers
 from atlas.models.registry import locate_weights, model_for_layer
-from pipelines.runner import RunContext, RunFolder, run_stage
+from pipelines.runner import RunContext, RunFolder, run_stage, up_to_date
 
 if TYPE_CHECKING:  # torch is imported only once the run's settings are checked
     from atlas.stages import Stage
@@ -223,14 +223,22 @@ def _run_stages(ctx: RunContext, configs: dict[str, dict]) -> None:
     configs = shared_positions(configs, ctx.shapes)
     wanted = next(iter(configs.values()))["collect"]
     collect.check_counts(ctx.records, {layer: ctx.shapes[layer] for layer in ctx.layers}, wanted.positions)
-    log.info("%s", run_plan(configs, ctx))
-    run_stage(ctx, COLLECT, wanted)
-    for layer, config in configs.items():
-        ctx.grid_sizes = list(config["grid"].sizes)
-        stages: list[tuple[Stage, str]] = [(PROJECT, "project"), (GRID, "grid"), (RENDER, "render")]
-        for stage, section in [*stages, (ACCENTUATE, "accentuated"), (COMPOSE, "compose")]:
-            if config.get(section) is not None:  # accentuated: only where the config asks for a second icon set
-                run_stage(ctx, stage, config[section], layer, layer if len(configs) > 1 else "")
+    sections: list[tuple[Stage, str]] = [(PROJECT, "project"), (GRID, "grid"), (RENDER, "render")]
+    sections += [(ACCENTUATE, "accentuated"), (COMPOSE, "compose")]
+    plan: list[tuple[Stage, object, str | None, list[int]]] = [(COLLECT, wanted, None, [])]
+    for name, config in configs.items():  # accentuated: only where the config asks for a second icon set
+        sizes = list(config["grid"].sizes)
+        plan += [(stage, config[section], name, sizes) for stage, section in sections if config.get(section)]
+    if ctx.force or not all(_fresh(ctx, *step) for step in plan):  # a rerun with nothing to do has no warm-up
+        log.info("%s", run_plan(configs, ctx))
+    for stage, settings, layer, sizes in plan:
+        ctx.grid_sizes = sizes
+        run_stage(ctx, stage, settings, layer, layer if len(configs) > 1 and layer else "")
+
+
+def _fresh(ctx: RunContext, stage: Stage, settings: object, layer: str | None, sizes: list[int]) -> bool:
+    ctx.grid_sizes = sizes
+    return up_to_date(ctx, stage, settings, layer)
 
 
 def shared_positions(configs: dict[str, dict], shapes: dict[str, tuple[int, int, int]]) -> dict[str, dict]:

@@ -74,6 +74,7 @@ def test_make_atlas_runs_every_stage_and_a_rerun_skips_them(tmp_path, capsys, ca
     with caplog.at_level(logging.INFO, logger="pipelines"):
         assert make_atlas(argv) == 0
     assert stages_run(caplog) == []  # the store says every stage is up to date
+    assert not [r for r in caplog.records if r.message.startswith("plan: ")]  # and no warm-up was timed for a plan
     assert (out / "store.h5").stat().st_mtime_ns == stamp  # nothing rewritten
     assert not (out / "pipeline.json").exists()  # the store is the only record
 
