@@ -170,8 +170,9 @@ def _collect_task(
     precision: str,
     memory_format: str,
     attribution: Attribution,
+    batch_size: int,
 ) -> None:
-    """Write the shards of `batches` that are still missing."""
+    """Write the shards of `batches` that are still missing, each run at the collection's batch size."""
     todo = missing_batches(parts, batches)  # a rerun of a task whose worker died redoes only the unfinished
     if todo:
         device = _worker_device(device)
@@ -179,8 +180,9 @@ def _collect_task(
         with _MODEL_LOCK:
             net = _worker_model(model, weights, device)
             runtime = resolve("collect", device, precision, memory_format)
+            shape = (positions, seed, loaders, runtime, attribution)
             write_batches(
-                net, records, todo, parts, layer_shapes, positions, seed, loaders, runtime, attribution, start, False
+                net, records, todo, parts, layer_shapes, *shape, start=start, progress=False, pad_to=batch_size
             )
 
 
@@ -268,6 +270,7 @@ def collect_on_cluster(
             precision,
             memory_format,
             how,
+            batch_size,
             retries=RETRIES,
             pure=False,
         ): group

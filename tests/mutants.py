@@ -684,6 +684,15 @@ MUTANTS = [
             "tests/test_edges.py::test_a_second_run_into_a_held_run_folder_stops_in_one_line_and_leaves_the_first_runs_work",
         ),
     ),
+    Mutant(
+        "last-batch-runs-at-its-own-shape",
+        "atlas/stages/collect.py",
+        "    if pad_to is not None and pad_to > kept:",
+        "    if False:",
+        (
+            "tests/test_collect.py::test_the_same_photos_give_the_same_store_at_one_and_two_threads_beside_a_busy_neighbour",
+        ),
+    ),
 ]
 
 

@@ -134,7 +134,7 @@ def test_a_rerun_task_keeps_the_shards_already_written(tmp_path, records):
     finished.write_bytes(b"written before the worker died")
     how = baselines_of(model, records[:2], plan, runtime, 0)
     _collect_task("efficientnet-lite0", None, "cpu", records[:2], 0, plan.batches, plan.parts, plan.layer_shapes,
-                  1, 0, 0, "auto", "auto", how)  # fmt: skip
+                  1, 0, 0, "auto", "auto", how, 1)  # fmt: skip
     assert finished.read_bytes() == b"written before the worker died"
     with np.load(plan.parts / shard_name(0)) as shard:
         assert list(shard["_blocks.10/image_index"]) == [0]

@@ -290,7 +290,8 @@ def test_four_layers_are_decoded_and_run_once_per_batch_and_equal_four_one_layer
     finally:
         hook.remove()
     assert sorted(decoded) == sorted(r.path for r in records)  # every image decoded once
-    assert forwards == [4, 4, 2]  # 10 images in batches of 4: one forward per batch for all four layers
+    # 10 images in batches of 4: one forward per batch for all four layers, the last 2 padded to 4 (a fixed shape)
+    assert forwards == [4, 4, 4]
     for layer in layers:
         one = collect(model, records, tmp_path / f"{layer}.h5", layers=[layer], **settings)
         with h5py.File(four) as a, h5py.File(one) as b:
@@ -394,3 +395,31 @@ def test_the_attribution_method_is_part_of_a_collections_settings(tmp_path, lite
         assert f.attrs["attribution"] == "gradient" and "baseline" not in f["relu3"]
     with pytest.raises(AtlasError, match="holds a different collection"):
         collect(tiny_classifier(), records, tiny, positions=1, workers=0, attribution="occlusion")
+
+
+def _collected_at(threads: int, out: Path, records: list, model) -> dict[str, np.ndarray]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        collect(model, records, out, layers=["_blocks.10"], positions=2, batch_size=32, dataset="x", workers=0)
+    finally:
+        torch.set_num_threads(before)
+    with h5py.File(out) as f:
+        return {name: f[f"_blocks.10/{name}"][()] for name in ("activations", "attributions", "position")}
+
+
+def test_the_same_photos_give_the_same_store_at_one_and_two_threads_beside_a_busy_neighbour(tmp_path):
+    """Issue 39: the CPU kernels split a batch's work by its shape and the thread count; every batch runs at the
+    collection's batch size (the last one, 8 of 40 images here, padded), so one and two threads, with another
+    process keeping a core busy, give bit-identical stores."""
+    model = load_model("efficientnet-lite0")
+    records = list_images(write_folder(tmp_path / "images", 40), model.class_names, model.imagenet_index)
+    one = _collected_at(1, tmp_path / "one.h5", records, model)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        two = _collected_at(2, tmp_path / "two.h5", records, model)
+    finally:
+        busy.kill()
+        busy.wait()
+    for name, values in one.items():
+        np.testing.assert_array_equal(values, two[name], err_msg=name)

@@ -156,9 +156,19 @@ def collect_batch(
     positions: int,
     seed: int,
     attribution: Attribution = Attribution(),
+    pad_to: int | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Activations, positions and attributions of one batch for every layer (the gradient's from one forward pass;
-    the others' from one forward pass, then the layers one after another)."""
+    the others' from one forward pass, then the layers one after another).
+
+    `pad_to`: run a shorter batch (the last one, or one with unreadable images) padded to this many images with
+    copies of its last, and keep only its own rows. The CPU kernels split a batch's work by its shape and the
+    thread count, so a fixed batch shape is what keeps a collection's numbers the same at 1 and 2 threads
+    (tests/test_collect.py; measured at batch 32: an unpadded last batch of 8 differed)."""
+    kept = len(rows)
+    if pad_to is not None and pad_to > kept:
+        images = torch.cat([images, images[-1:].expand(pad_to - kept, *images.shape[1:])])
+        rows = rows + [rows[-1]] * (pad_to - kept)
     where = {
         layer: np.stack([sample_positions(row, layer, height, width, positions, seed) for row in rows])
         for layer, (_channels, height, width) in layers.items()
@@ -170,16 +180,16 @@ def collect_batch(
         found = attribution_pass(
             model, images, where_t, sizes, method=attribution.method, baselines=baselines, steps=attribution.steps
         )
-    b = torch.arange(len(rows), device=images.device)[:, None]
+    b = torch.arange(kept, device=images.device)[:, None]
     out = {}
     for layer, (act, attr) in found.items():
-        vectors = act.permute(0, 2, 3, 1)[b, where_t[layer][..., 0], where_t[layer][..., 1]]  # [B, K, C]
+        vectors = act[:kept].permute(0, 2, 3, 1)[b, where_t[layer][:kept, :, 0], where_t[layer][:kept, :, 1]]
         count = where[layer].shape[1]
         out[layer] = {
-            ACTIVATIONS: vectors.reshape(len(rows) * count, -1).float().cpu().numpy(),
-            IMAGE_INDEX: np.repeat(np.asarray(rows, dtype=np.int64), count),
-            POSITION: where[layer].reshape(-1, 2).astype(np.int32),
-            ATTRIBUTIONS: attr.reshape(len(rows) * count, -1).cpu().numpy(),
+            ACTIVATIONS: vectors.reshape(kept * count, -1).float().cpu().numpy(),
+            IMAGE_INDEX: np.repeat(np.asarray(rows[:kept], dtype=np.int64), count),
+            POSITION: where[layer][:kept].reshape(-1, 2).astype(np.int32),
+            ATTRIBUTIONS: attr[:kept].reshape(kept * count, -1).cpu().numpy(),
         }
     return out
 
@@ -231,7 +241,17 @@ def collect(
     if plan is not None:
         how = baselines_of(model, records, plan, runtime, workers)
         write_batches(
-            model, records, plan.pending, plan.parts, plan.layer_shapes, positions, seed, workers, runtime, how
+            model,
+            records,
+            plan.pending,
+            plan.parts,
+            plan.layer_shapes,
+            positions,
+            seed,
+            workers,
+            runtime,
+            how,
+            pad_to=batch_size,
         )
         merge_parts(plan.parts, out, records, plan.meta, plan.layer_shapes, model.class_names)
     return out
@@ -395,10 +415,12 @@ def write_batches(
     attribution: Attribution = Attribution(),
     start: int = 0,
     progress: bool | None = None,
+    pad_to: int | None = None,
 ) -> None:
     """Collect `batches` (rows of the whole image list) into one shard each in `parts`, run as `runtime` says.
 
-    `records` holds the rows from `start` on, so a cluster task needs only its own slice of the list.
+    `records` holds the rows from `start` on, so a cluster task needs only its own slice of the list. `pad_to`: the
+    collection's batch size, the shape every batch runs at (`collect_batch`).
     """
     model = runtime.prepare(model)
     pin = runtime.device.type == "cuda"
@@ -408,7 +430,7 @@ def write_batches(
         if rows and stacked is not None:  # a batch of only unreadable images has no tensor
             with runtime.autocast():
                 images = runtime.inputs(stacked)
-                result = collect_batch(model, images, rows, layer_shapes, positions, seed, attribution)
+                result = collect_batch(model, images, rows, layer_shapes, positions, seed, attribution, pad_to)
         first = min(rows + [row for row, _ in skipped])
         write_shard(parts / shard_name(first), result, skipped)
 
