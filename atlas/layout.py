@@ -547,12 +547,26 @@ def optimize_layout(
     return layout.T.cpu().numpy()
 
 
+def _power(x: torch.Tensor, exponent: float) -> torch.Tensor:
+    """x ** exponent, on one thread on the CPU: torch's vectorised and scalar pow differ in the last bit, and how a
+    tensor is split between threads decides which elements take which, so the layout would depend on the thread
+    count (tests/test_layout.py)."""
+    if x.device.type != "cpu":
+        return x.pow(exponent)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return x.pow(exponent)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _attract(layout: torch.Tensor, step: torch.Tensor, heads: torch.Tensor, tails: torch.Tensor, a: float, b: float):
     """Add the clipped attraction of each edge (heads -> tails) to its head's step."""
     # gathered one coordinate row at a time: on the CPU, 1-D index_select beats selecting along dim 1
     offset = torch.stack([row.index_select(0, heads) - row.index_select(0, tails) for row in layout])
     squared = (offset * offset).sum(0)
-    power = squared.pow(b)
+    power = _power(squared, b)
     pull = (-2.0 * a * b) * power / (squared * (a * power + 1.0))
     pull = torch.where(squared > 0, pull, 0.0)
     # the scale goes on the sum, not index_add_'s `alpha`, which takes a far slower path on the CPU
@@ -571,7 +585,7 @@ def _repel(
     """Add the clipped repulsion of each negative sample (sources from others) to its source's step."""
     offset = torch.stack([row.index_select(0, sources) - row.index_select(0, others) for row in layout])
     squared = (offset * offset).sum(0)
-    push = (2.0 * strength * b) / ((0.001 + squared) * (a * squared.pow(b) + 1.0))
+    push = (2.0 * strength * b) / ((0.001 + squared) * (a * _power(squared, b) + 1.0))
     push = torch.where(squared > 0, push, 0.0)
     step.index_add_(1, sources, (push * offset).clamp_(-4.0, 4.0))
 

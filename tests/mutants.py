@@ -693,6 +693,13 @@ MUTANTS = [
             "tests/test_collect.py::test_the_same_photos_give_the_same_store_at_one_and_two_threads_beside_a_busy_neighbour",
         ),
     ),
+    Mutant(
+        "layout-pow-on-every-thread",
+        "atlas/layout.py",
+        '    if x.device.type != "cpu":\n        return x.pow(exponent)',
+        "    if True:\n        return x.pow(exponent)",
+        ("tests/test_layout.py::test_a_seeded_layout_is_the_same_at_one_and_two_threads",),
+    ),
 ]
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.neighbors import NearestNeighbors
 from threadpoolctl import threadpool_limits
 
@@ -202,3 +203,21 @@ def test_umap_learns_internals_keep_the_parameters_layout_passes():
         function = getattr(umap_internals, name)
         parameters = list(inspect.signature(getattr(function, "py_func", function)).parameters)
         assert parameters[: len(wanted)] == list(wanted), (name, parameters)
+
+
+@pytest.mark.parametrize("knn", ["exact", "nndescent"])
+def test_a_seeded_layout_is_the_same_at_one_and_two_threads(knn):
+    """Issue 39: the layout SGD's pow runs on one thread (torch's vector and scalar pow differ in the last bit, and
+    the split between threads decides which elements take which), so one and two threads give the same layout."""
+    rng = np.random.default_rng(11)
+    x = (rng.normal(size=(1500, 24)) + 3 * rng.normal(size=(6, 24))[np.arange(1500) % 6]).astype(np.float32)
+    settings = LayoutSettings(n_neighbors=15, n_epochs=60, knn=knn, metric="euclidean", seed=4)
+    before = torch.get_num_threads()
+    layouts = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            layouts.append(embed(x, settings))
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(*layouts)
