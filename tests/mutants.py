@@ -85,7 +85,7 @@ MUTANTS = [
     ),
     Mutant(
         "layout-sgd-moves-each-block-from-moved-positions",
-        "atlas/layout.py",
+        "atlas/layout_sgd.py",
         "tails.index_select(0, sampled), a, b)\n            layout.add_(step, alpha=2.0 * learning_rate)",
         "tails.index_select(0, sampled), a, b)\n                layout.add_(step, alpha=2.0 * learning_rate)\n"
         "                step.zero_()",
@@ -695,7 +695,7 @@ MUTANTS = [
     ),
     Mutant(
         "layout-pow-on-every-thread",
-        "atlas/layout.py",
+        "atlas/layout_sgd.py",
         '    if x.device.type != "cpu":\n        return x.pow(exponent)',
         "    if True:\n        return x.pow(exponent)",
         ("tests/test_layout.py::test_a_seeded_layout_is_the_same_at_one_and_two_threads",),
