@@ -216,13 +216,18 @@ def _run_stages(ctx: RunContext, configs: dict[str, dict]) -> None:
     from atlas.stages import collect
     from atlas.stages.collect import COLLECT
     from atlas.stages.compose import COMPOSE
-    from atlas.stages.grid import GRID
+    from atlas.stages.grid import GRID, check_room
     from atlas.stages.project import PROJECT
     from atlas.stages.render import ACCENTUATE, RENDER
 
+    model = ctx.model
+    assert model is not None  # a layer atlas run has its model
     configs = shared_positions(configs, ctx.shapes)
     wanted = next(iter(configs.values()))["collect"]
     collect.check_counts(ctx.records, {layer: ctx.shapes[layer] for layer in ctx.layers}, wanted.positions)
+    samples, classes = len(ctx.records) * wanted.positions, len(model.class_names)
+    for layer, config in configs.items():  # every grid fits this machine's memory, before collect starts
+        check_room(list(config["grid"].sizes), samples, ctx.shapes[layer][0], classes)
     sections: list[tuple[Stage, str]] = [(PROJECT, "project"), (GRID, "grid"), (RENDER, "render")]
     sections += [(ACCENTUATE, "accentuated"), (COMPOSE, "compose")]
     plan: list[tuple[Stage, object, str | None, list[int]]] = [(COLLECT, wanted, None, [])]
@@ -231,9 +236,9 @@ def _run_stages(ctx: RunContext, configs: dict[str, dict]) -> None:
         plan += [(stage, config[section], name, sizes) for stage, section in sections if config.get(section)]
     if ctx.force or not all(_fresh(ctx, *step) for step in plan):  # a rerun with nothing to do has no warm-up
         log.info("%s", run_plan(configs, ctx))
-    for stage, settings, layer, sizes in plan:
+    for stage, settings, at, sizes in plan:
         ctx.grid_sizes = sizes
-        run_stage(ctx, stage, settings, layer, layer if len(configs) > 1 and layer else "")
+        run_stage(ctx, stage, settings, at, at if len(configs) > 1 and at else "")
 
 
 def _fresh(ctx: RunContext, stage: Stage, settings: object, layer: str | None, sizes: list[int]) -> bool:

@@ -700,6 +700,13 @@ MUTANTS = [
         "    if True:\n        return x.pow(exponent)",
         ("tests/test_layout.py::test_a_seeded_layout_is_the_same_at_one_and_two_threads",),
     ),
+    Mutant(
+        "grid-room-checked-only-at-grid",
+        "pipelines/atlas.py",
+        '        check_room(list(config["grid"].sizes), samples, ctx.shapes[layer][0], classes)',
+        "        pass",
+        ("tests/test_edges.py::test_a_bad_config_number_stops_make_atlas_in_one_line_and_leaves_nothing",),
+    ),
 ]
 
 

@@ -122,6 +122,8 @@ def run_atlas_argv(tmp_path: Path, config: dict, *extra: str) -> list[str]:
         ("compose", {"examples": "4"}, "compose: examples must be an integer, not '4'"),
         ("render", {"steps": 1.5}, "render: steps must be an integer, not 1.5"),
         ("grid", {"whitening": 1}, "grid: whitening must be true or false, not 1"),
+        # a grid too large for this machine's memory is refused before collect, not after project
+        ("grid", {"sizes": [3, 100_000]}, "grid size 100000 is too large"),
     ],
 )
 def test_a_bad_config_number_stops_make_atlas_in_one_line_and_leaves_nothing(

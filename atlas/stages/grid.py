@@ -179,7 +179,7 @@ def _check_sizes(sizes: Iterable[int], min_count: int) -> list[int]:
     return sizes
 
 
-def _check_room(sizes: list[int], samples: int, channels: int, classes: int) -> None:
+def check_room(sizes: list[int], samples: int, channels: int, classes: int) -> None:
     """A one-line AtlasError, with the estimate, for a grid whose sums (float64) and means (float32) of activations
     and attributions would take more than half this machine's memory."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -292,7 +292,7 @@ def grid_store(
         layer, n = view.name, view.rows
         if n < 2:
             raise AtlasError(f"{view.group.name} has {n} samples: too few to grid")
-        _check_room(sizes, n, view.channels, view.classes)
+        check_room(sizes, n, view.channels, view.classes)
         cells = {size: cell_ids(_read_layout(view), size) for size in sizes}
         layout_made = made(view[LAYOUT])
         # sums are made for the sizes that no larger size is a multiple of; the others are block sums of those
