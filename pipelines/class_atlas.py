@@ -321,7 +321,7 @@ def check_winners(counts: list[int], names: list[str], samples: int, force: bool
         if count == 0 and not force:
             raise AtlasError(
                 f"no sample of the store has {name!r} as its top class (0 of {samples:,} winner samples): its atlas "
-                f"would show other classes; collect images of it, or force it (--force)"
+                f"would show other classes; collect images of it, or force it (--force; FORCE=1 with make)"
             )
         if count < FEW_WINNERS:
             log.warning(
