@@ -44,6 +44,7 @@ from atlas.stages.collect import (
     CollectionPlan,
     attribution_record,
     baselines_of,
+    math_batch,
     merge_parts,
     missing_batches,
     plan_collection,
@@ -182,7 +183,15 @@ def _collect_task(
             runtime = resolve("collect", device, precision, memory_format)
             shape = (positions, seed, loaders, runtime, attribution)
             write_batches(
-                net, records, todo, parts, layer_shapes, *shape, start=start, progress=False, pad_to=batch_size
+                net,
+                records,
+                todo,
+                parts,
+                layer_shapes,
+                *shape,
+                start=start,
+                progress=False,
+                pad_to=math_batch(batch_size),
             )
 
 

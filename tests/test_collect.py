@@ -18,7 +18,7 @@ from atlas import AtlasError
 from atlas.images import list_images, load_rgb, to_model_input
 from atlas.models.classifier import capture
 from atlas.models.zoo import load_model
-from atlas.stages.collect import attributions, collect, sample_positions
+from atlas.stages.collect import MATH_BATCH, attributions, collect, sample_positions
 from tests.test_pipeline import write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,8 +290,8 @@ def test_four_layers_are_decoded_and_run_once_per_batch_and_equal_four_one_layer
     finally:
         hook.remove()
     assert sorted(decoded) == sorted(r.path for r in records)  # every image decoded once
-    # 10 images in batches of 4: one forward per batch for all four layers, the last 2 padded to 4 (a fixed shape)
-    assert forwards == [4, 4, 4]
+    # 10 images in batches of 4: one forward per batch for all four layers, each run at the math batch of 32
+    assert forwards == [MATH_BATCH] * 3
     for layer in layers:
         one = collect(model, records, tmp_path / f"{layer}.h5", layers=[layer], **settings)
         with h5py.File(four) as a, h5py.File(one) as b:

@@ -148,6 +148,17 @@ def sample_positions(image_row: int, layer: str, height: int, width: int, count:
             return interior[drawn[np.sort(first)[:count]]]
 
 
+# The fewest images a batch's math runs on: the CPU kernels split a batch's work by its shape and the thread count,
+# and with Lite0 a batch of 8 gave other numbers at 1 and 2 threads, one of 32 the same (tests/test_collect.py)
+MATH_BATCH = 32
+
+
+def math_batch(batch_size: int) -> int:
+    """The shape every batch of a collection runs at: its batch size, and at least MATH_BATCH images (`collect_batch`
+    pads), so that a store depends neither on the thread count nor on a batch size below MATH_BATCH."""
+    return max(batch_size, MATH_BATCH)
+
+
 def collect_batch(
     model: Classifier,
     images: torch.Tensor,
@@ -161,10 +172,8 @@ def collect_batch(
     """Activations, positions and attributions of one batch for every layer (the gradient's from one forward pass;
     the others' from one forward pass, then the layers one after another).
 
-    `pad_to`: run a shorter batch (the last one, or one with unreadable images) padded to this many images with
-    copies of its last, and keep only its own rows. The CPU kernels split a batch's work by its shape and the
-    thread count, so a fixed batch shape is what keeps a collection's numbers the same at 1 and 2 threads
-    (tests/test_collect.py; measured at batch 32: an unpadded last batch of 8 differed)."""
+    `pad_to`: run a shorter batch (the last one, one with unreadable images, or any below MATH_BATCH) padded to this
+    many images with copies of its last, and keep only its own rows (`math_batch`)."""
     kept = len(rows)
     if pad_to is not None and pad_to > kept:
         images = torch.cat([images, images[-1:].expand(pad_to - kept, *images.shape[1:])])
@@ -251,7 +260,7 @@ def collect(
             workers,
             runtime,
             how,
-            pad_to=batch_size,
+            pad_to=math_batch(batch_size),
         )
         merge_parts(plan.parts, out, records, plan.meta, plan.layer_shapes, model.class_names)
     return out
