@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import h5py
 
 from atlas import AtlasError
-from atlas.site import MANIFEST
 from atlas.stages import Stage
 from atlas.store import fresh, open_store
 
@@ -39,10 +38,6 @@ class RunFolder:
     @property
     def store(self) -> Path:
         return self.path / "store.h5"
-
-    @property
-    def manifest(self) -> Path:
-        return self.path / MANIFEST
 
     @property
     def index(self) -> Path:
@@ -91,8 +86,8 @@ class RunFolder:
 @dataclass
 class RunContext:
     """What a run settles once and every stage reads (atlas.stages.Context): the store, opened once and kept open
-    (`store` is None until there is one), the model and its layer shapes, each stage's runtime, the run's layers
-    and images, and the stages to redo (`force`)."""
+    (`existing_store` is None until there is one), the model and its layer shapes, each stage's runtime, the run's
+    layers and images, and the stages to redo (`force`)."""
 
     store_path: Path
     run_dir: Path
@@ -171,8 +166,7 @@ def up_to_date(ctx: RunContext, stage: Stage, settings: object, layer: str | Non
         record = stage.record(ctx, name, settings)
         products = stage.products(ctx, name, settings)
         if not products or not all(
-            node is not None and fresh(node, record, source) and stage.complete(ctx, name, node)
-            for node, source in products
+            fresh(node, record, source) and stage.complete(ctx, name, node) for node, source in products
         ):
             return False
     return True

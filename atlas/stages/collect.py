@@ -458,11 +458,6 @@ def collected_layers(out: Path, meta: dict | None) -> set[str] | None:
         return None
 
 
-def collected(out: Path, meta: dict, layers: list[str]) -> bool:
-    """Whether `out` holds every one of `layers`, collected with these settings."""
-    return set(layers) <= (collected_layers(out, meta) or set())
-
-
 class CollectStage:
     """The stage (atlas.stages.Stage): every layer of the run in one pass over the images (`whole_run`), each layer
     group a product made from the images ("") with its collection's settings (`layer_record`)."""

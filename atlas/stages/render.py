@@ -465,13 +465,11 @@ class RenderStage:
         """With no model given, the icons are the store's model's: the one their own record names, as it is the
         one `render_store` would load again."""
         if ctx.model is not None:
-            model, weights = ctx.model.name, ctx.model.weights
-        else:
-            made_with: dict[str, str] = {}
-            for node, _source in self.products(ctx, layer, settings):
-                made_with = json.loads(str(node.attrs.get(SETTINGS, "{}"))) if node is not None else made_with
-            model, weights = str(made_with.get("model")), str(made_with.get("weights"))
-        return _recorded_settings(settings, str(model), str(weights), ctx.runtime("render"))
+            return _recorded_settings(settings, ctx.model.name, str(ctx.model.weights), ctx.runtime("render"))
+        icons = (node for node, _source in self.products(ctx, layer, settings) if node is not None)
+        made_with: dict = next((json.loads(str(node.attrs.get(SETTINGS, "{}"))) for node in icons), {})
+        model, weights = str(made_with.get("model")), str(made_with.get("weights"))
+        return _recorded_settings(settings, model, weights, ctx.runtime("render"))
 
     def complete(self, ctx: Context, layer: str | None, node: h5py.Dataset) -> bool:
         icons = node.parent
