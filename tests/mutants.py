@@ -39,6 +39,7 @@ RENDER = ("tests/test_render.py",)
 PATCH = ("tests/test_patch.py",)
 PIPELINE = ("tests/test_pipeline.py",)
 IMAGES = ("tests/test_images.py",)
+PROPERTIES = ("tests/test_properties.py",)
 MUTANTS = [
     # the bugs of issue 16, one per row of its table
     Mutant(
@@ -706,6 +707,77 @@ MUTANTS = [
         '        check_room(list(config["grid"].sizes), samples, ctx.shapes[layer][0], classes)',
         "        pass",
         ("tests/test_edges.py::test_a_bad_config_number_stops_make_atlas_in_one_line_and_leaves_nothing",),
+    ),
+    # issue 40 part 4: the pure functions' properties (tests/test_properties.py), one kind each
+    Mutant(
+        "cells-rows-and-columns-swapped",
+        "atlas/stages/grid.py",
+        "return (scaled[:, 1] * size + scaled[:, 0]).astype(np.int32)",
+        "return (scaled[:, 0] * size + scaled[:, 1]).astype(np.int32)",
+        PROPERTIES,
+    ),
+    Mutant(
+        "positions-depend-on-their-count",
+        "atlas/stages/collect.py",
+        "return interior[drawn[np.sort(first)[:count]]]",
+        "return interior[drawn[first[:count]]]",
+        PROPERTIES,
+    ),
+    Mutant(
+        "coarse-cells-nest-transposed",
+        "atlas/stages/grid.py",
+        "return sums.reshape(coarse, m, coarse, m, -1)",
+        "return sums.reshape(m, coarse, m, coarse, -1)",
+        PROPERTIES,
+    ),
+    Mutant(
+        "layout-axis-flipped",
+        "atlas/stages/project.py",
+        "return np.clip(scaled, 0.0, 1.0).astype(np.float32)",
+        "return np.clip(scaled * [1.0, -1.0] + [0.0, 1.0], 0.0, 1.0).astype(np.float32)",
+        PROPERTIES,
+    ),
+    Mutant(
+        "jitter-flips-rows",
+        "atlas/optvis/transform.py",
+        "rows = rand.integers(d + 1)[:, None] + torch.arange(h - d, device=images.device)",
+        "rows = rand.integers(d + 1)[:, None] + torch.arange(h - d, device=images.device).flip(0)",
+        PROPERTIES,
+    ),
+    Mutant(
+        "deep-images-inverted",
+        "atlas/images.py",
+        "pixels = (pixels - pixels.min()) / (span if span > 0 else 1.0) * 255.0",
+        "pixels = (pixels.max() - pixels) / (span if span > 0 else 1.0) * 255.0",
+        PROPERTIES,
+    ),
+    Mutant(
+        "model-input-transposed",
+        "atlas/images.py",
+        "/ 255.0).permute(2, 0, 1).contiguous()",
+        "/ 255.0).permute(2, 1, 0).contiguous()",
+        PROPERTIES,
+    ),
+    Mutant(
+        "icons-drop-cells-at-the-minimum-count",
+        "atlas/canvas.py",
+        "return np.where(count >= min_count, scale, 0.0)",
+        "return np.where(count > min_count, scale, 0.0)",
+        PROPERTIES,
+    ),
+    Mutant(
+        "top-classes-smallest-first",
+        "atlas/stages/grid.py",
+        'order = np.argsort(-values, axis=1, kind="stable")',
+        'order = np.argsort(values, axis=1, kind="stable")',
+        PROPERTIES,
+    ),
+    Mutant(
+        "labels-at-the-cell-top",
+        "atlas/stages/compose.py",
+        "image.paste(label, (round(left), round((y + 1) * cell_px - label.height)), label)",
+        "image.paste(label, (round(left), round(y * cell_px)), label)",
+        PROPERTIES,
     ),
 ]
 

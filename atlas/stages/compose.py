@@ -140,9 +140,10 @@ def draw_labels(image: Image.Image, grid: Grid, names: list[str]) -> None:
             if block[dy, dx] < grid.min_count:
                 continue
             y, x = block_y + dy, block_x + dx
-            label = label_image(names[grid.top_classes[y, x, 0]], int(step * cell_px) - 4)
-            # centred under its cell, but kept inside the block so that neighbouring labels never overlap
+            # centred under its cell, but kept inside the block so that neighbouring labels never overlap; the last
+            # block of a row can be narrower than the others
             block_left, block_right = block_x * cell_px + 2, min(block_x + step, grid.size) * cell_px - 2
+            label = label_image(names[grid.top_classes[y, x, 0]], int(block_right - block_left))
             left = np.clip((x + 0.5) * cell_px - label.width / 2, block_left, block_right - label.width)
             image.paste(label, (round(left), round((y + 1) * cell_px - label.height)), label)
 
