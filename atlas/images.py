@@ -6,6 +6,7 @@ read, or that would decode to more than `MAX_PIXELS`, is reported as skipped, ne
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import re
@@ -38,6 +39,20 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to repor
 class ImageRecord:
     path: str
     label: int = -1
+
+
+def images_identity(paths: list[str]) -> str:
+    """A digest of the image list: each path with its file's size, so that a photo replaced under the same name
+    makes the products made from it stale. Not the modification time: a copied or re-extracted dataset keeps its
+    store. A missing file counts as size -1 (reading it is what reports it)."""
+    digest = hashlib.sha1()
+    for path in paths:
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = -1
+        digest.update(f"{path}\t{size}\n".encode())
+    return digest.hexdigest()
 
 
 def list_images(

@@ -40,6 +40,7 @@ PATCH = ("tests/test_patch.py",)
 PIPELINE = ("tests/test_pipeline.py",)
 IMAGES = ("tests/test_images.py",)
 PROPERTIES = ("tests/test_properties.py",)
+RESUME = ("tests/test_resume.py",)
 MUTANTS = [
     # the bugs of issue 16, one per row of its table
     Mutant(
@@ -778,6 +779,42 @@ MUTANTS = [
         "image.paste(label, (round(left), round((y + 1) * cell_px - label.height)), label)",
         "image.paste(label, (round(left), round(y * cell_px)), label)",
         PROPERTIES,
+    ),
+    # issue 40 part 1: stopped, changed and forced runs (tests/test_resume.py)
+    Mutant(
+        "render-done-when-any-icon-is",
+        "atlas/stages/render.py",
+        "return ICON_DONE in icons and bool(icons[ICON_DONE][()][non_empty].all())",
+        "return ICON_DONE in icons and bool(icons[ICON_DONE][()][non_empty].any())",
+        RESUME,
+    ),
+    Mutant(
+        "compose-done-without-its-tiles",
+        "atlas/stages/compose.py",
+        'for name in ("atlas.png", "tiles.dzi"))]',
+        'for name in ("atlas.png",))]',
+        RESUME,
+    ),
+    Mutant(
+        "forced-collect-keeps-the-store",
+        "atlas/stages/collect.py",
+        "if path.exists() and (forced or collected_layers(path, None) is None):",
+        "if path.exists() and collected_layers(path, None) is None:",
+        RESUME,
+    ),
+    Mutant(
+        "photos-known-by-name-only",
+        "atlas/images.py",
+        'digest.update(f"{path}\\t{size}\\n".encode())',
+        'digest.update(f"{path}\\n".encode())',
+        RESUME,
+    ),
+    Mutant(
+        "grid-done-without-its-cells",
+        "atlas/stages/grid.py",
+        "return all(name in node for name in GRIDDED) and len(node[CELL]) == rows",
+        "return True",
+        RESUME,
     ),
 ]
 

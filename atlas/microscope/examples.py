@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from atlas import AtlasError
-from atlas.images import ImageRecord, load_batches
+from atlas.images import ImageRecord, images_identity, load_batches
 from atlas.microscope.results import lens_group
 from atlas.models.classifier import Classifier
 from atlas.optvis import forward, layer_map, model_device
@@ -147,7 +146,7 @@ def dataset_examples(
         "input_size": model.input_size,
         "resize_size": model.resize_size,
         "images": len(paths),
-        "images_sha1": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
+        "images_sha1": images_identity(paths),
     }
     groups = {layer: lens_group(results, model.name, layer, "examples", {**common, "layer": layer}) for layer in layers}
     missing = [layer for layer, group in groups.items() if "value" not in group]

@@ -22,7 +22,6 @@ same images: a rerun that asks for one more layer collects only that layer and a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
@@ -38,7 +37,7 @@ from atlas import AtlasError
 from atlas.attribution import FROM_BASELINE, METHODS, attribution_pass, mean_activation
 from atlas.attribution import attributions as attributions  # its home before atlas.attribution
 from atlas.config import Settings, check_number
-from atlas.images import ImageRecord, load_batches
+from atlas.images import ImageRecord, images_identity, load_batches
 from atlas.models.classifier import Classifier
 from atlas.runtime import MEMORY_FORMATS, PRECISIONS, Runtime, resolve
 from atlas.shards import BASELINES_FILE, layer_record, merge_parts, missing_batches, parts_dir, shard_name, write_shard
@@ -344,7 +343,7 @@ def collection_settings(
         "dataset": dataset,
         "classes": len(model.class_names),
         "images": len(records),
-        "images_sha1": hashlib.sha1("\n".join(r.path for r in records).encode()).hexdigest(),
+        "images_sha1": images_identity([r.path for r in records]),
         "batch_size": batch_size,
         "memory_format": runtime.memory_format,
         "precision": runtime.precision,

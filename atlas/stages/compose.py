@@ -559,8 +559,9 @@ class ComposeStage:
         return settings
 
     def complete(self, ctx: Context, layer: str | None, node: ComposedAtlas) -> bool:
-        pngs = [ctx.run_dir / self.atlas_id(layer) / f"grid-{size}" / "atlas.png" for size in ctx.grid_sizes]
-        return (ctx.run_dir / "index.html").is_file() and all(png.is_file() for png in pngs)
+        grids = [ctx.run_dir / self.atlas_id(layer) / f"grid-{size}" for size in ctx.grid_sizes]
+        files = [ctx.run_dir / "index.html", *(grid / name for grid in grids for name in ("atlas.png", "tiles.dzi"))]
+        return all(file.is_file() for file in files)
 
     def run(self, ctx: Context, layer: str | None, settings: ComposeSettings) -> None:
         compose_run(
