@@ -11,13 +11,15 @@ For each attribution method (`atlas.attribution.METHODS`), `collect` runs end to
   larger. A per-image attribution that ranks no position (a trivial answer) wins half of them;
 - seconds: the collection's wall time, and x_gradient its ratio to the paper's gradient method.
 
-Two reference rows are no methods: "whole map" is logit(h) - logit(every position set to the mean activation),
+The reference rows are no methods: "whole map" is logit(h) - logit(every position set to the mean activation),
 the counterfactual that the sampled positions' attributions estimate, and "photo logits" is the trivial answer that
 gives every sample its photo's logits: it ranks perfectly and ranks no position, which is why the deletion check
-is part of the benchmark.
+is part of the benchmark. "whole map, integrated K steps" is integrated gradients' own sum over every position of
+the map (one forward-mode pass per step with the whole map as the tangent): the most that K steps can reach,
+before sampling loses more. It shows how many steps the method needs on the layer (`WHOLE_MAP_STEPS`).
 
 ATTRIBUTION_LAYERS=model:layer,... names other layers (default: the default layer of each offline zoo model);
-ATTRIBUTION_IMAGES=N takes the first N photos.
+ATTRIBUTION_IMAGES=N takes the first N photos; ATTRIBUTION_METHODS=none measures the reference rows only.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ POSITIONS = 16  # of a 14 x 14 layer's 144 interior positions; the demo takes 64
 DELETED = 4  # a quarter of each photo's samples
 BATCH = 16
 METHODS = (("gradient", 1), ("integrated", 1), ("integrated", 4), ("occlusion", 1))
+WHOLE_MAP_STEPS = (1, 2, 4, 8, 16)
 OFFLINE_LAYERS = "efficientnet-lite0:_blocks.10"  # the zoo's offline models (the others need downloaded weights)
 
 
@@ -60,7 +63,33 @@ def _with_positions_at(model, layer: str, images: torch.Tensor, masks: torch.Ten
         handle.remove()
 
 
-def measure(model_name: str, layer: str, images: int) -> list[dict]:
+def _whole_map_integrated(model, layer: str, images: torch.Tensor, base: torch.Tensor, steps: int) -> torch.Tensor:
+    """(h - m) . mean over the midpoints alpha of grad logit at m + alpha (h - m), over the whole map: [B, classes]."""
+    from torch.func import jvp
+
+    from atlas.models.classifier import capture
+
+    with torch.no_grad(), capture(model, [layer]) as seen:
+        model(images)
+    h, m = seen[layer], base.view(1, -1, 1, 1)
+    module = model.layer_module(layer)
+    total = torch.zeros(len(images), len(model.class_names))
+    for j in range(steps):
+        alpha = (j + 0.5) / steps
+
+        def logits_at(scale: torch.Tensor, alpha: float = alpha) -> torch.Tensor:
+            handle = module.register_forward_hook(lambda _m, _i, _out: m + (alpha + scale) * (h - m))
+            try:
+                return model(images)
+            finally:
+                handle.remove()
+
+        zero = torch.zeros(len(images), 1, 1, 1)
+        total += jvp(logits_at, (zero,), (torch.ones_like(zero),))[1].detach() / steps
+    return total
+
+
+def measure(model_name: str, layer: str, images: int, methods=METHODS) -> list[dict]:
     from atlas.attribution import mean_activation
     from atlas.images import list_images, load_batches
     from atlas.models.zoo import load_model
@@ -86,7 +115,7 @@ def measure(model_name: str, layer: str, images: int) -> list[dict]:
         settings = dict(layers=[layer], positions=POSITIONS, batch_size=BATCH, workers=0, dataset=str(SAMPLE))
         collect(model, records[-2:], Path(tmp) / "warm.h5", **settings)  # warm-up
         samples = None
-        for method, steps in METHODS:
+        for method, steps in methods:
             out = Path(tmp) / f"{method}-{steps}.h5"
             start = time.perf_counter()
             collect(model, records, out, attribution=method, attribution_steps=steps, **settings)
@@ -101,8 +130,17 @@ def measure(model_name: str, layer: str, images: int) -> list[dict]:
                          **_deletion(model, layer, loaded, batch_logits, side, attributions, samples, predicted,
                                      read_at, base),
                          "seconds": seconds, "x_gradient": seconds / gradient_s})  # fmt: skip
+        if samples is None:  # no method ran: the positions a collection would sample, for the reference rows
+            collect(model, records, Path(tmp) / "positions.h5", **settings)
+            with h5py.File(Path(tmp) / "positions.h5", "r") as f:
+                samples = (f[layer]["image_index"][()], f[layer]["position"][()])
         whole = logits - torch.cat([_with_positions_at(model, layer, stacked, 1.0, base) for _, stacked in loaded])
         index = samples[0]
+        for steps in WHOLE_MAP_STEPS:
+            summed = torch.cat([_whole_map_integrated(model, layer, stacked, base, steps) for _, stacked in loaded])
+            name = f"reference: whole map, integrated {steps} step{'s' * (steps > 1)}"
+            rows.append({"method": name, **_scores(summed.numpy()[[read_at[i] for i in index]], samples, predicted,
+                                                   read_at)})  # fmt: skip
         trivial = logits.numpy()[[read_at[i] for i in index]]
         rows.append({"method": "reference: whole map", **_scores(whole.numpy()[[read_at[i] for i in index]], samples,
                                                                   predicted, read_at)})  # fmt: skip
@@ -153,8 +191,9 @@ def run() -> list[dict]:
     if not SAMPLE.is_dir():
         return [{"method": "all", "note": f"skipped: no {SAMPLE}"}]
     images = int(os.environ.get("ATTRIBUTION_IMAGES", "1000"))
+    methods = () if os.environ.get("ATTRIBUTION_METHODS") == "none" else METHODS
     rows = []
     for spec in os.environ.get("ATTRIBUTION_LAYERS", OFFLINE_LAYERS).split(","):
         model_name, layer = spec.split(":", 1)
-        rows += measure(model_name, layer, images)
+        rows += measure(model_name, layer, images, methods)
     return rows

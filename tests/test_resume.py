@@ -152,7 +152,8 @@ def test_a_changed_input_remakes_exactly_the_products_made_from_it(change, remad
         argv = run_argv(tmp_path, out, images, **{change: sections[change]})
     if change in ("photos", "collect"):  # finished work is never dropped unasked: one line, then --force collect
         assert make_atlas(argv) == 2
-        assert "holds a different collection" in capsys.readouterr().err
+        error = capsys.readouterr().err
+        assert "holds a different collection" in error and "--force collect" in error and len(error.splitlines()) == 1
         argv = [*argv, "--force", "collect"]
     assert make_atlas(argv) == 0
     after = stamps(out)

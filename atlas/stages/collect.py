@@ -302,7 +302,10 @@ def plan_collection(
     meta = collection_settings(model, records, positions, seed, batch_size, dataset, runtime, attribution)
     have = collected_layers(out, meta)
     if have is None and out.exists():
-        raise AtlasError(f"{out} exists and holds a different collection; remove it or choose another --out")
+        raise AtlasError(
+            f"{out} exists and holds a different collection (other photos, model or collect settings): collect "
+            "again with --force collect (make: FORCE=collect), remove it, or choose another --out"
+        )
     missing = [name for name in names if name not in (have or ())]
     if not missing:
         log.info("%s is already complete for these inputs; nothing to do", out)
