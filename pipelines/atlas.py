@@ -228,6 +228,9 @@ def _run_stages(ctx: RunContext, configs: dict[str, dict]) -> None:
     samples, classes = len(ctx.records) * wanted.positions, len(model.class_names)
     for layer, config in configs.items():  # every grid fits this machine's memory, before collect starts
         check_room(list(config["grid"].sizes), samples, ctx.shapes[layer][0], classes)
+        for section in ("render", "accentuated"):  # an icon of no steps is its start: noise, or a photo
+            if config.get(section) and config[section].steps < 1:
+                raise AtlasError(f"{section}: steps 0 would draw each icon's starting image; an atlas needs at least 1")
     sections: list[tuple[Stage, str]] = [(PROJECT, "project"), (GRID, "grid"), (RENDER, "render")]
     sections += [(ACCENTUATE, "accentuated"), (COMPOSE, "compose")]
     plan: list[tuple[Stage, object, str | None, list[int]]] = [(COLLECT, wanted, None, [])]

@@ -782,6 +782,13 @@ MUTANTS = [
     ),
     # issue 40 part 1: stopped, changed and forced runs (tests/test_resume.py)
     Mutant(
+        "a-run-of-zero-steps-accepted",
+        "pipelines/atlas.py",
+        "if config.get(section) and config[section].steps < 1:",
+        "if config.get(section) and config[section].steps < 0:",
+        ("tests/test_edges.py",),
+    ),
+    Mutant(
         "render-done-when-any-icon-is",
         "atlas/stages/render.py",
         "return ICON_DONE in icons and bool(icons[ICON_DONE][()][non_empty].all())",

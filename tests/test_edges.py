@@ -124,6 +124,8 @@ def run_atlas_argv(tmp_path: Path, config: dict, *extra: str) -> list[str]:
         ("grid", {"whitening": 1}, "grid: whitening must be true or false, not 1"),
         # a grid too large for this machine's memory is refused before collect, not after project
         ("grid", {"sizes": [3, 100_000]}, "grid size 100000 is too large"),
+        # an icon of no steps is its starting noise: refused before collect, not drawn as an atlas
+        ("render", {"steps": 0}, "render: steps 0 would draw each icon's starting image"),
     ],
 )
 def test_a_bad_config_number_stops_make_atlas_in_one_line_and_leaves_nothing(
