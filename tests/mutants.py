@@ -789,6 +789,15 @@ MUTANTS = [
         ("tests/test_edges.py",),
     ),
     Mutant(
+        "linked-cells-filled-not-outlined",
+        "atlas/viewer/viewer.js",
+        "context.strokeRect(x + line / 2, y + line / 2, scale - line, scale - line);",
+        "context.fillStyle = context.strokeStyle;\n      context.fillRect(x, y, scale, scale);",
+        (
+            "tests/test_viewer_browser.py::test_layers_side_by_side_outline_where_a_hovered_cells_samples_fall_in_the_other_layer",
+        ),
+    ),
+    Mutant(
         "render-done-when-any-icon-is",
         "atlas/stages/render.py",
         "return ICON_DONE in icons and bool(icons[ICON_DONE][()][non_empty].all())",

@@ -444,6 +444,16 @@ def test_layers_side_by_side_outline_where_a_hovered_cells_samples_fall_in_the_o
         target.wait_for_function("document.querySelector('.linked-cells')?.dataset.cells")
         outlined = target.evaluate("document.querySelector('.linked-cells').dataset.cells")
         assert {int(c) for c in outlined.split(",")} == expected
+        # outlines, not fills: each outlined cell's middle stays clear, so its icon shows; its edge is drawn
+        alphas = target.evaluate(
+            "(grid) => { const c = document.querySelector('.linked-cells'); const s = c.width / grid;"
+            " const g = c.getContext('2d'); return c.dataset.cells.split(',').map(Number).map((i) => {"
+            " const x = (i % grid) * s, y = Math.floor(i / grid) * s;"
+            " return [g.getImageData(x + s / 2, y + s / 2, 1, 1).data[3], g.getImageData(x, y + s / 2, 1, 1).data[3]];"
+            " }); }",
+            size,
+        )
+        assert all(middle == 0 and edge > 0 for middle, edge in alphas), alphas
         assert page.locator(".panel h2 .info").first.inner_text() == f"cell (x {x}, y {y}): {count[y, x]} samples"
         screenshot = tmp_path / "layers.png"
         page.screenshot(path=str(screenshot))

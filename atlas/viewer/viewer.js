@@ -485,19 +485,21 @@
       linked.dataset.cells = "";
       return;
     }
-    const scale = 8; // canvas pixels per cell: room for an outline
+    // canvas pixels per cell: a thin outline at any grid size (the canvas is stretched over the whole atlas), in
+    // at most about 2048 x 2048 pixels
+    const scale = Math.max(4, Math.min(32, Math.floor(2048 / grid)));
+    const line = Math.max(1, Math.round(scale / 10));
     Object.assign(linked, { width: grid * scale, height: grid * scale });
     const context = linked.getContext("2d");
     context.clearRect(0, 0, linked.width, linked.height);
     const largest = Math.max(...cells.map(([, count]) => count));
+    context.lineWidth = line;
     for (const [index, count] of cells) {
+      // an outline only, as opaque as the cell's share of the samples: the icon inside stays in view
       const alpha = 0.35 + (0.65 * count) / largest;
-      context.fillStyle = `rgba(255, 140, 0, ${(0.35 * alpha).toFixed(3)})`;
       context.strokeStyle = `rgba(230, 90, 0, ${alpha.toFixed(3)})`;
-      context.lineWidth = 2;
       const [x, y] = [(index % grid) * scale, Math.floor(index / grid) * scale];
-      context.fillRect(x, y, scale, scale);
-      context.strokeRect(x + 1, y + 1, scale - 2, scale - 2);
+      context.strokeRect(x + line / 2, y + line / 2, scale - line, scale - line);
     }
     const rect = item.getBounds();
     if (linkedPlaced) viewer.updateOverlay(linked, rect);
