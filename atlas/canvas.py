@@ -64,6 +64,14 @@ def label_image(name: str, width: int) -> Image.Image:
     return label
 
 
+def draw_legend(image: Image.Image, left: str, right: str) -> None:
+    """Name the two sides of a two-class comparison in the top corners: "<- left" and "right ->"."""
+    half = image.width // 2 - 8
+    for text, at_left in ((f"<- {left}", True), (f"{right} ->", False)):
+        label = label_image(text, half)
+        image.paste(label, (4 if at_left else image.width - label.width - 4, 4), label)
+
+
 def fade_cells(image: Image.Image, opacity: np.ndarray) -> Image.Image:
     """Blend each cell of an atlas toward the white background by its opacity [G, G] in [0, 1] (1: as drawn)."""
     pixels = np.asarray(image).copy()

@@ -798,6 +798,13 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "comparison-legend-sides-swapped",
+        "atlas/stages/compose.py",
+        "legend = None if sides is None else (names[sides[0]], names[sides[1]])",
+        "legend = None if sides is None else (names[sides[1]], names[sides[0]])",
+        ("tests/test_class_atlas.py",),
+    ),
+    Mutant(
         "render-done-when-any-icon-is",
         "atlas/stages/render.py",
         "return ICON_DONE in icons and bool(icons[ICON_DONE][()][non_empty].all())",

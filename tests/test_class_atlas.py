@@ -214,16 +214,23 @@ def test_class_settings_take_the_config_and_catch_typos(tmp_path):
         class_settings(config, "relu3", comparison=False)
 
 
-def test_cli_class_atlas_and_comparison_end_to_end(store, tmp_path, capsys):
+def test_cli_class_atlas_and_comparison_end_to_end(store, tmp_path, capsys, monkeypatch):
+    from atlas import canvas
+
+    drawn: list[str] = []  # every text written into an atlas image
+    label_image = canvas.label_image
+    monkeypatch.setattr(canvas, "label_image", lambda text, width: drawn.append(text) or label_image(text, width))
     run = tmp_path / "run"
     run.mkdir()
     other = {"id": "layer-other", "kind": "layer", "layer": "other", "grids": [], "tiles": {}}
     (run / "atlases.json").write_text(json.dumps({"atlases": [other]}))
     tiny = ["--top", "20", "--size", "32", "--steps", "8", "--attempts", "1", "--device", "cpu"]
     assert main(["run", "class-atlas", str(store), "--class", "Great_White  shark", "--out", str(run), *tiny]) == 0
+    assert not [text for text in drawn if "->" in text or "<-" in text]  # one class: no sides to name
     assert (
         main(["run", "class-atlas", str(store), "--class", "2", "--vs", "tiger shark", "--out", str(run), *tiny]) == 0
     )
+    assert {"<- great white shark", "tiger shark ->"} <= set(drawn)  # the comparison names its left and right
     manifest = json.loads((run / "atlases.json").read_text())["atlases"]
     assert [a["id"] for a in manifest] == ["layer-other", "class-relu3-2", "compare-relu3-2-3"]
     assert [a["class"] for a in manifest[1:]] == ["great white shark", "great white shark vs tiger shark"]

@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image
 
 from atlas import AtlasError
-from atlas.canvas import BACKGROUND, atlas_canvas, density_scale, fade_cells, label_image
+from atlas.canvas import BACKGROUND, atlas_canvas, density_scale, draw_legend, fade_cells, label_image
 from atlas.config import Settings
 from atlas.examples import example_crops, pick_examples, view_sizes
 from atlas.site import MANIFEST, install_viewer, update_manifest, write_dzi, write_patches
@@ -325,12 +325,22 @@ def _example_patches(
     return picked, example_info
 
 
-def _save_atlas(image: Image.Image, grid: Grid, names: list[str], settings: ComposeSettings, folder: Path) -> None:
-    """`folder`/atlas.png: the atlas image, with its labels when the settings ask for them."""
+def _save_atlas(
+    image: Image.Image,
+    grid: Grid,
+    names: list[str],
+    settings: ComposeSettings,
+    folder: Path,
+    legend: tuple[str, str] | None = None,
+) -> None:
+    """`folder`/atlas.png: the atlas image, with its labels when the settings ask for them, and a comparison's
+    `legend` (its left and right classes)."""
     folder.mkdir(parents=True, exist_ok=True)
     picture = image.copy()
     if settings.labels:
         draw_labels(picture, grid, names)
+    if legend is not None:
+        draw_legend(picture, *legend)
     picture.save(folder / "atlas.png", compress_level=3)  # fast enough for 12800 px atlases, still small
 
 
@@ -363,17 +373,20 @@ def compose_atlas(
     settings: ComposeSettings,
     heatmap_class: int | None = None,
     patch_dir: str | None = None,
+    sides: tuple[int, int] | None = None,
 ) -> dict:
     """Write one atlas (its grids of `layer` at `sizes`) under `out_dir`/`folder`; return its manifest paths.
 
     heatmap_class: fade each cell by its attribution to this class (heatmap_opacity).
     patch_dir: the example patches' folder in `out_dir`, default patches/<layer>.
+    sides: a two-class comparison's classes, left and right, named in the atlas images' top corners.
     """
     group = store[layer]
     atlas_dir = out_dir / folder
     grids = _draw_grids(group, sizes, heatmap_class)
     names = class_names(store, grid_group(group, sizes[0])[ATTRIBUTION].shape[-1])
     patch_dir = patch_dir or f"patches/{layer}"
+    legend = None if sides is None else (names[sides[0]], names[sides[1]])
     picked, example_info = _example_patches(
         store, group, grids, settings.examples, out_dir / patch_dir, patch_dir, names
     )
@@ -381,7 +394,7 @@ def compose_atlas(
     for grid in grids:
         grid_dir = atlas_dir / f"grid-{grid.size}"
         grid_dir.mkdir(parents=True, exist_ok=True)
-        _save_atlas(grid.image, grid, names, settings, grid_dir)
+        _save_atlas(grid.image, grid, names, settings, grid_dir, legend)
         cells = cells_json(grid, names, picked[grid.size], example_info)
         (grid_dir / "cells.json").write_text(json.dumps(cells, separators=(",", ":")))
         (grid_dir / "attribution.bin").write_bytes(attribution_table(grid_group(group, grid.size)[ATTRIBUTION][()]))
@@ -392,7 +405,7 @@ def compose_atlas(
         # a heat-map atlas shows its faded visualisations only: other icons would show every cell at full strength
         others = _other_views(store, layer, grid, picked[grid.size]) if heatmap_class is None else []
         for view, image in others:
-            _save_atlas(image, grid, names, settings, grid_dir / view)
+            _save_atlas(image, grid, names, settings, grid_dir / view, legend)
             write_dzi(image, grid_dir / view / "tiles", tile_format=settings.tile_format)
             views[view] = f"{folder}/grid-{grid.size}/{view}/tiles.dzi"
         entry_grids.append(
@@ -443,7 +456,8 @@ def compose_run(
         for layer, sizes in plan.items():
             head = heads[layer]
             patch_dir = f"patches/{head['id']}" if atlas is not None else None
-            paths = compose_atlas(store, layer, sizes, out_dir, head["id"], settings, heatmap_class, patch_dir)
+            sides = tuple(head["classes"]) if head.get("kind") == "comparison" else None
+            paths = compose_atlas(store, layer, sizes, out_dir, head["id"], settings, heatmap_class, patch_dir, sides)
             icons = composed_from(store[layer], sizes)
             made = uuid.uuid4().hex[:16]  # as atlas.store.remade: a new identity each time it is composed
             entries.append({**head, **paths, "made_from": icons, "settings": asdict(settings), "made": made})
