@@ -805,6 +805,15 @@ MUTANTS = [
         ("tests/test_class_atlas.py",),
     ),
     Mutant(
+        "home-view-shows-a-finer-grid",
+        "atlas/viewer/viewer.js",
+        "const cellPx = Math.max(CELL_PX, (viewer.viewport.getHomeZoom() * width) / sizes[0]);",
+        "const cellPx = CELL_PX;",
+        (
+            "tests/test_viewer_browser.py::test_the_home_view_shows_the_coarsest_grid_even_when_every_grid_is_legible_there",
+        ),
+    ),
+    Mutant(
         "render-done-when-any-icon-is",
         "atlas/stages/render.py",
         "return ICON_DONE in icons and bool(icons[ICON_DONE][()][non_empty].all())",

@@ -255,6 +255,21 @@ def test_zoom_switches_the_grid_and_its_shading(tmp_path: Path) -> None:
 
 
 @needs_chromium
+def test_the_home_view_shows_the_coarsest_grid_even_when_every_grid_is_legible_there(tmp_path: Path) -> None:
+    """Grids of 2 and 4 cells of 80 px: at home even the finer one's cells are large, yet the home view is the
+    coarsest grid, zooming in reaches the finer one and zooming out comes back (only the Grid box could, before)."""
+    _store, run = _named_run(tmp_path, (2, 4))
+    with served_page(run, tmp_path / "chromium-profile", {"width": 1400, "height": 900}) as (page, url, errors):
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        page.wait_for_function("window.atlasShownItem().getFullyLoaded()")
+        assert page.locator("#status").get_attribute("data-grid") == "2"
+        _zoom_until(page, 4, 1.1)
+        _zoom_until(page, 2, 1 / 1.1)
+    assert not errors, errors
+
+
+@needs_chromium
 def test_a_copied_link_opens_the_same_view(tmp_path: Path) -> None:
     store, run = _named_run(tmp_path, (COARSE, FINE))
     with served_page(run, tmp_path / "chromium-profile", {"width": 1200, "height": 800}) as (page, url, errors):

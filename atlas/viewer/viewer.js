@@ -192,11 +192,15 @@
     show(target);
   }
 
-  // The finest grid whose cells cover CELL_PX screen pixels at the current zoom, else the coarsest
+  // The finest grid whose cells cover CELL_PX screen pixels at the current zoom, else the coarsest. The home view
+  // always shows the coarsest: where even the finest grid's cells are that large at home, a grid's cells must be
+  // as large as the coarsest's are there, so zooming in walks through the grids and zooming out comes back
   function autoGrid() {
-    const atlasPx = viewer.viewport.getZoom(true) * viewer.viewport.getContainerSize().x;
+    const width = viewer.viewport.getContainerSize().x;
+    const atlasPx = viewer.viewport.getZoom(true) * width;
     const sizes = state.atlas.grids.map((entry) => entry.size).sort((a, b) => a - b);
-    return sizes.filter((size) => atlasPx / size >= CELL_PX).pop() ?? sizes[0];
+    const cellPx = Math.max(CELL_PX, (viewer.viewport.getHomeZoom() * width) / sizes[0]);
+    return sizes.filter((size) => atlasPx / size >= cellPx - 1e-6).pop() ?? sizes[0];
   }
 
   function shownGrid() {
