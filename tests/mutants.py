@@ -814,6 +814,15 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "class-atlas-suggestion-without-its-store",
+        "atlas/viewer/layers.js",
+        'make class-atlas${layerAtlas.store ? ` STORE="${layerAtlas.store}"` : ""} CLASS=',
+        "make class-atlas CLASS=",
+        (
+            "tests/test_viewer_browser.py::test_layers_side_by_side_outline_where_a_hovered_cells_samples_fall_in_the_other_layer",
+        ),
+    ),
+    Mutant(
         "render-done-when-any-icon-is",
         "atlas/stages/render.py",
         "return ICON_DONE in icons and bool(icons[ICON_DONE][()][non_empty].all())",

@@ -488,7 +488,8 @@ def test_layers_side_by_side_outline_where_a_hovered_cells_samples_fall_in_the_o
         rows = page.locator("#class-row .panel")
         assert rows.count() == 2
         assert rows.nth(0).get_attribute("data-atlas") == "class-mixed4c-3"
-        assert "make class-atlas" in rows.nth(1).inner_text()
+        # the suggested command names the layer atlas's store: without STORE= it would look for another run
+        assert f'make class-atlas STORE="{store.resolve()}" CLASS="class 3"' in rows.nth(1).inner_text()
         for frame in (source, target):
             frame.wait_for_function("document.querySelector('.class-shade')?.dataset.class === '3'")
     assert not errors, errors

@@ -460,7 +460,11 @@ def compose_run(
             paths = compose_atlas(store, layer, sizes, out_dir, head["id"], settings, heatmap_class, patch_dir, sides)
             icons = composed_from(store[layer], sizes)
             made = uuid.uuid4().hex[:16]  # as atlas.store.remade: a new identity each time it is composed
-            entries.append({**head, **paths, "made_from": icons, "settings": asdict(settings), "made": made})
+            # the store's path: what the layers page's `make class-atlas STORE=...` suggestion names
+            where = str(Path(store.filename).resolve())
+            entries.append(
+                {**head, **paths, "made_from": icons, "settings": asdict(settings), "made": made, "store": where}
+            )
     index = install_viewer(out_dir)
     update_manifest(out_dir, entries, index.name)
     return index

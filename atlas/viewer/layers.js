@@ -89,7 +89,7 @@
         );
         const body = found
           ? el("iframe", { src: viewerUrl(found, null), title: found.title })
-          : el("div", { className: "note" }, `No class atlas of ${name} at ${layerAtlas.layer}: make class-atlas CLASS="${name}" LAYERS=${state.atlases.map((a) => a.layer).join(",")}`);
+          : el("div", { className: "note" }, `No class atlas of ${name} at ${layerAtlas.layer}: make class-atlas${layerAtlas.store ? ` STORE="${layerAtlas.store}"` : ""} CLASS="${name}" LAYERS=${state.atlases.map((a) => a.layer).join(",")}`);
         const panel = el("div", { className: "panel class-panel" }, el("h2", {}, `${layerAtlas.layer}: ${name}`), body);
         panel.dataset.layer = layerAtlas.layer;
         if (found) panel.dataset.atlas = found.id;
