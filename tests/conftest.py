@@ -1,12 +1,20 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 from threadpoolctl import threadpool_limits
 
 from tests.synthetic import write_synthetic_store
+
+# Property tests draw new examples on every local run, to find new bugs; CI (.ci/run sets CI=1) draws the same ones
+# every time, so that a red CI names a change, not a lucky draw
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenet-sample"
 
