@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ WNID = re.compile(r"^(n\d{8})")
 # the most pixels an image may decode to: Pillow's own bomb bound (89.5 Mpx, 268 MB as RGB). A few-kilobyte PNG
 # can declare 200 Mpx; it is refused from its header, before any pixel is decoded. Large JPEGs decode at 1/2..1/8
 # size (`Image.draft`), so a JPEG counts by its reduced size.
-MAX_PIXELS = cast(int, Image.MAX_IMAGE_PIXELS)  # Pillow's default is an int; None (no bound) is a user's choice
+MAX_PIXELS: int | None = Image.MAX_IMAGE_PIXELS  # Pillow's default; None (no bound) is a user's choice
 # what load_rgb raises for a file that is no readable image (or one too large to decode)
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to report, not grey pixels
@@ -140,7 +139,7 @@ def demo_images(imagenet_index: list[int] | None = None) -> list[ImageRecord]:
     return records
 
 
-def load_rgb(path: str | Path, min_side: int | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_rgb(path: str | Path, min_side: int | None = None, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
     """Decode any image PIL can read into 8-bit RGB.
 
     Transparent images are composited on mid-grey (the colour the renderer pads with); 16-bit and
@@ -153,7 +152,7 @@ def load_rgb(path: str | Path, min_side: int | None = None, max_pixels: int = MA
         image: Image.Image = Image.open(path)  # an ImageFile, replaced by plain Images below
         if min_side and image.format == "JPEG":
             image.draft("RGB", (min_side, min_side))
-        if image.width * image.height > max_pixels:
+        if max_pixels is not None and image.width * image.height > max_pixels:
             raise Image.DecompressionBombError(
                 f"{image.width}x{image.height} is {image.width * image.height} pixels, over the bound of {max_pixels}"
             )

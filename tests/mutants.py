@@ -161,7 +161,7 @@ MUTANTS = [
     Mutant(
         "images-no-pixel-bound",
         "atlas/images.py",
-        "if image.width * image.height > max_pixels:",
+        "if max_pixels is not None and image.width * image.height > max_pixels:",
         "if False:",
         IMAGES,
     ),
@@ -664,8 +664,8 @@ MUTANTS = [
     Mutant(
         "composed-atlas-records-default-settings",
         "atlas/stages/compose.py",
-        '"settings": asdict(settings), "made": made}',
-        '"settings": asdict(ComposeSettings()), "made": made}',
+        '"settings": asdict(settings), "made": made, "store": where}',
+        '"settings": asdict(ComposeSettings()), "made": made, "store": where}',
         (
             "tests/test_pipeline.py::test_changed_settings_redo_their_stage_and_every_later_one_and_a_missing_atlas_image_is_composed_again",
         ),
@@ -821,6 +821,13 @@ MUTANTS = [
         (
             "tests/test_viewer_browser.py::test_layers_side_by_side_outline_where_a_hovered_cells_samples_fall_in_the_other_layer",
         ),
+    ),
+    Mutant(
+        "no-pixel-bound-crashes",
+        "atlas/images.py",
+        "if max_pixels is not None and image.width * image.height > max_pixels:",
+        "if image.width * image.height > max_pixels:",
+        IMAGES,
     ),
     Mutant(
         "render-done-when-any-icon-is",

@@ -46,6 +46,12 @@ def test_an_image_over_the_bound_but_under_pillows_error_is_refused_before_decod
         load_rgb(path)
 
 
+def test_no_pixel_bound_is_a_users_choice_not_a_crash(tmp_path):
+    """Image.MAX_IMAGE_PIXELS = None before atlas is imported makes the default bound None: no bound, no TypeError."""
+    path = blank_png(tmp_path / "small.png", 30, 20)
+    assert load_rgb(path, max_pixels=None).size == (30, 20)
+
+
 def test_a_large_jpeg_decodes_at_reduced_size_to_the_same_crop(tmp_path):
     photo = smooth_photo(2000, 1500)
     photo.save(tmp_path / "photo.jpg", quality=95)
