@@ -64,29 +64,20 @@ def _with_positions_at(model, layer: str, images: torch.Tensor, masks: torch.Ten
 
 
 def _whole_map_integrated(model, layer: str, images: torch.Tensor, base: torch.Tensor, steps: int) -> torch.Tensor:
-    """(h - m) . mean over the midpoints alpha of grad logit at m + alpha (h - m), over the whole map: [B, classes]."""
-    from torch.func import jvp
-
+    """(h - m) . mean over the midpoints alpha of grad logit at m + alpha (h - m), over the whole map: [B, classes].
+    The integrated method's own integrand (`atlas.attribution._gradient_at`) with one mask that covers every
+    position."""
+    from atlas.attribution import _gradient_at
     from atlas.models.classifier import capture
 
-    with torch.no_grad(), capture(model, [layer]) as seen:
-        model(images)
-    h, m = seen[layer], base.view(1, -1, 1, 1)
-    module = model.layer_module(layer)
-    total = torch.zeros(len(images), len(model.class_names))
-    for j in range(steps):
-        alpha = (j + 0.5) / steps
-
-        def logits_at(scale: torch.Tensor, alpha: float = alpha) -> torch.Tensor:
-            handle = module.register_forward_hook(lambda _m, _i, _out: m + (alpha + scale) * (h - m))
-            try:
-                return model(images)
-            finally:
-                handle.remove()
-
-        zero = torch.zeros(len(images), 1, 1, 1)
-        total += jvp(logits_at, (zero,), (torch.ones_like(zero),))[1].detach() / steps
-    return total
+    with torch.no_grad():  # as collect runs it: no autograd graph is kept
+        with capture(model, [layer]) as seen:
+            model(images)
+        h = seen[layer]
+        whole = torch.ones(1, len(images), 1, *h.shape[-2:], dtype=h.dtype)
+        module, m = model.layer_module(layer), base.view(1, -1, 1, 1)
+        alphas = [(j + 0.5) / steps for j in range(steps)]
+        return sum(_gradient_at(model, module, images, h, m, whole, alpha)[0] for alpha in alphas) / steps
 
 
 def measure(model_name: str, layer: str, images: int, methods=METHODS) -> list[dict]:

@@ -15,11 +15,14 @@ x_plain is each row's rate over the plain loop's; the issue's target is 2.0.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from benchmarks.common import plain_pixel_loop
 
 LAYER = "_blocks.10"
 ICONS, SIZE, STEPS, REPEATS = 16, 80, 40, 2
@@ -47,21 +50,6 @@ def _render(model, directions: np.ndarray, steps: int) -> None:
                  progress=False)  # fmt: skip
 
 
-def _plain(model, directions: np.ndarray, steps: int) -> None:
-    from atlas.models.classifier import capture
-    from atlas.optvis.objectives import atlas_direction
-
-    objective = atlas_direction(LAYER, torch.as_tensor(directions))
-    pixels = torch.rand(len(directions), 3, SIZE, SIZE, requires_grad=True)
-    optimizer = torch.optim.Adam([pixels], lr=0.05)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        with capture(model, [LAYER]) as acts:
-            model(pixels)
-        (-objective(acts).sum()).backward()
-        optimizer.step()
-
-
 def _timed(run: Callable[[int], None]) -> tuple[float, float]:
     """(warm-up seconds, best icon-steps/s)."""
     start = time.perf_counter()
@@ -83,24 +71,25 @@ def run() -> list[dict]:
     directions = np.random.default_rng(0).gamma(2.0, 1.0, size=(ICONS, 112)).astype(np.float32)
     hooks = optvis.forward
     rows = []
-    cases: list[tuple[str, Callable, Callable | None]] = [
-        ("plain pixel loop (NCHW fp32, whole network)", _plain, None),
-        ("render, hooks (as it is)", _render, hooks),
-        ("render, hook-free (traced)", _render, _traced_forward(compiled=False)),
-        ("render, hook-free, compiled", _render, _traced_forward(compiled=True)),
+    rendered = functools.partial(_render, model, directions)
+    cases: list[tuple[str, Callable[[int], None], Callable | None]] = [
+        ("plain pixel loop (NCHW fp32, whole network)", plain_pixel_loop(model, LAYER, directions, SIZE), None),
+        ("render, hooks (as it is)", rendered, hooks),
+        ("render, hook-free (traced)", rendered, _traced_forward(compiled=False)),
+        ("render, hook-free, compiled", rendered, _traced_forward(compiled=True)),
     ]
     for name, renderer, forward in cases:
         optvis.forward = forward or hooks  # type: ignore[assignment]
         try:
-            warm, rate = _timed(lambda steps, renderer=renderer: renderer(model, directions, steps))
+            warm, rate = _timed(renderer)
             rows.append({"renderer": name, "icons": ICONS, "size": SIZE, "steps": STEPS,
                          "threads": torch.get_num_threads(), "warm_s": warm, "icon_steps_per_s": rate})  # fmt: skip
         except Exception as err:  # a forward that cannot be traced or compiled here: say why
             rows.append({"renderer": name, "note": f"failed: {type(err).__name__}: {str(err).splitlines()[0]}"})
         finally:
             optvis.forward = hooks
-    plain = rows[0].get("icon_steps_per_s")
+    baseline = rows[0].get("icon_steps_per_s")
     for row in rows:
-        if plain and "icon_steps_per_s" in row:
-            row["x_plain"] = row["icon_steps_per_s"] / plain
+        if baseline and "icon_steps_per_s" in row:
+            row["x_plain"] = row["icon_steps_per_s"] / baseline
     return rows

@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: run a measurement in a fresh process so its peak memory is its own."""
+"""Shared benchmark helpers: run a measurement in a fresh process so its peak memory is its own, and the plain
+pixel loop that the renderer is measured against."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,3 +47,27 @@ def in_subprocess(
         raise RuntimeError(f"{module}.{function} failed:\n{done.stderr[-3000:]}")
     line = next(line for line in done.stdout.splitlines() if line.startswith("@@"))
     return json.loads(line[2:])
+
+
+def plain_pixel_loop(model, layer: str, directions, size: int = 80, device: str = "cpu") -> Callable[[int], None]:
+    """The plain way to render the atlas objective of `directions` [N, C] at `layer`: raw pixels [N, 3, size, size],
+    Adam 0.05, the whole network in NCHW fp32 every step (no early stop, no transforms). Returns run(steps), which
+    goes on from where the last call stopped."""
+    import torch
+
+    from atlas.models.classifier import capture
+    from atlas.optvis.objectives import atlas_direction
+
+    objective = atlas_direction(layer, torch.as_tensor(directions, device=device))
+    pixels = torch.rand(len(directions), 3, size, size, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([pixels], lr=0.05)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            with capture(model, [layer]) as acts:
+                model(pixels)
+            (-objective(acts).sum()).backward()
+            optimizer.step()
+
+    return run

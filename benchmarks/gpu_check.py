@@ -302,21 +302,9 @@ def _render_rate(ctx: Context, model: torch.nn.Module, directions: np.ndarray, b
 
 def _pixel_loop_rate(ctx: Context, model: torch.nn.Module, directions: np.ndarray) -> float:
     """The plain way: raw pixels, Adam, the whole network forward every step (no early stop, no transforms)."""
-    from atlas.models.classifier import capture
-    from atlas.optvis.objectives import atlas_direction
+    from benchmarks.common import plain_pixel_loop
 
-    objective = atlas_direction(RENDER_LAYER, torch.as_tensor(directions, device=ctx.device))
-    pixels = torch.rand(len(directions), 3, 80, 80, device=ctx.device, requires_grad=True)
-    optimizer = torch.optim.Adam([pixels], lr=0.05)
-
-    def run(steps: int) -> None:
-        for _ in range(steps):
-            optimizer.zero_grad()
-            with capture(model, [RENDER_LAYER]) as acts:
-                model(pixels)
-            (-objective(acts).sum()).backward()
-            optimizer.step()
-
+    run = plain_pixel_loop(model, RENDER_LAYER, directions, device=ctx.device)
     return _steps_rate(ctx, run, len(directions), ctx.size.render_steps)
 
 

@@ -452,6 +452,8 @@ def compose_run(
         if atlas is not None and (heatmap_class is not None or len(plan) != 1):
             raise AtlasError("an atlas of another kind comes from one layer of its store, with no heat-map")
         heads = {layer: _manifest_entry(store, layer, heatmap_class, atlas) for layer in plan}
+        # the store's path: what the layers page's `make class-atlas STORE=...` suggestion names
+        where = str(Path(store.filename).resolve())
         entries = []
         for layer, sizes in plan.items():
             head = heads[layer]
@@ -460,8 +462,6 @@ def compose_run(
             paths = compose_atlas(store, layer, sizes, out_dir, head["id"], settings, heatmap_class, patch_dir, sides)
             icons = composed_from(store[layer], sizes)
             made = uuid.uuid4().hex[:16]  # as atlas.store.remade: a new identity each time it is composed
-            # the store's path: what the layers page's `make class-atlas STORE=...` suggestion names
-            where = str(Path(store.filename).resolve())
             entries.append(
                 {**head, **paths, "made_from": icons, "settings": asdict(settings), "made": made, "store": where}
             )
